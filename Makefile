@@ -1,0 +1,33 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# timm needs torchvision; this pair is the one whose wheels install offline-friendly and import together.
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+DEMO   := demo
+
+.PHONY: env demo test bench clean
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PIN)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+demo: env
+	rm -rf $(DEMO)
+	$(BIN)/python -m mergekit_lite.examples $(DEMO)/models llama 3
+	$(BIN)/merge inspect $(DEMO)/models/base
+	$(BIN)/merge inspect $(DEMO)/models/base --against $(DEMO)/models/expert1 --top 5
+
+test: env
+	$(BIN)/python -m pytest -q
+
+bench: env
+	$(BIN)/python bench/writer_memory.py
+
+clean:
+	rm -rf $(DEMO) bench/out .pytest_cache

@@ -1,0 +1,231 @@
+"""Open a checkpoint (HF / timm directory, sharded or not, or one file) and read tensors lazily.
+
+Only headers are read when a checkpoint is opened; a tensor's bytes are read, memory-mapped, when asked for
+and go straight to the requested device.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergekit_lite.checkpoint.safetensors_format import TensorInfo, read_header
+from mergekit_lite.errors import CheckpointError
+
+SAFETENSORS_SINGLE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_SINGLE = ("pytorch_model.bin", "model.pt", "model.pth")
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+@dataclass
+class Checkpoint:
+    """An opened checkpoint: what it holds (from headers) and how to fetch each tensor."""
+
+    path: Path
+    format: str  # "safetensors", "safetensors-sharded", "pickle", "pickle-sharded"
+    tensors: dict[str, TensorInfo]
+    config: dict[str, Any] | None
+    shards: list[Path]
+    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+    _pickled: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    @property
+    def directory(self) -> Path:
+        return self.path if self.path.is_dir() else self.path.parent
+
+    @property
+    def kind(self) -> str:
+        """'timm', 'transformers' or 'tensors' (no config to say)."""
+        if self.config is None:
+            return "tensors"
+        if "architecture" in self.config:
+            return "timm"
+        return "transformers"
+
+    def get(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Read one tensor onto `device`."""
+        try:
+            info = self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: has no tensor {name!r}") from None
+        if info.file.suffix in PICKLE_SUFFIXES:
+            return self._pickled_state(info.file)[name].to(device)
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._open_safetensors(info.file, device)
+        try:
+            tensor = handle.get_tensor(name)
+        except Exception as exc:  # the library raises its own error types for corrupt data
+            raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: {exc}") from exc
+        return tensor if tensor.device == torch.device(device) else tensor.to(device)
+
+    def _open_safetensors(self, file: Path, device: torch.device | str) -> Any:
+        from safetensors import safe_open
+
+        dev = torch.device(device)
+        target = "cpu" if dev.type == "cpu" else str(dev)
+        try:
+            handle = safe_open(str(file), framework="pt", device=target)
+        except Exception as exc:
+            raise CheckpointError(f"{file}: cannot open as safetensors: {exc}") from exc
+        self._handles[file] = handle
+        return handle
+
+    def _pickled_state(self, file: Path) -> dict[str, torch.Tensor]:
+        if file not in self._pickled:
+            self._pickled[file] = load_pickled(file)
+        return self._pickled[file]
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._pickled.clear()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(info.numel for info in self.tensors.values())
+
+
+def open_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
+    """Open a checkpoint directory or file; every user mistake becomes a CheckpointError naming the path."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_file():
+        return _open_file(path, allow_pickle)
+    config = _read_config(path)
+    index = path / SAFETENSORS_INDEX
+    if index.is_file():
+        return _open_sharded(path, index, config, "safetensors-sharded", allow_pickle)
+    single = path / SAFETENSORS_SINGLE
+    if single.is_file():
+        return _from_files(path, [single], config, "safetensors")
+    others = sorted(path.glob("*.safetensors"))
+    if len(others) == 1:
+        return _from_files(path, others, config, "safetensors")
+    if (path / PICKLE_INDEX).is_file() or any((path / name).is_file() for name in PICKLE_SINGLE):
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{path}: holds only pickled weights (.bin/.pt), which can run code when loaded; "
+                "pass --allow-pickle to load them with torch.load(weights_only=True)"
+            )
+        if (path / PICKLE_INDEX).is_file():
+            return _open_sharded(path, path / PICKLE_INDEX, config, "pickle-sharded", allow_pickle)
+        file = next(path / name for name in PICKLE_SINGLE if (path / name).is_file())
+        return _from_pickle(path, file, config)
+    if len(others) > 1:
+        raise CheckpointError(
+            f"{path}: holds {len(others)} .safetensors files but no {SAFETENSORS_INDEX} to say how they fit together"
+        )
+    raise CheckpointError(
+        f"{path}: no weights found (looked for {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, or pickled weights)"
+    )
+
+
+def _open_file(path: Path, allow_pickle: bool) -> Checkpoint:
+    config = _read_config(path.parent) if (path.parent / "config.json").is_file() else None
+    if path.suffix == ".safetensors":
+        return _from_files(path, [path], config, "safetensors")
+    if path.suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{path}: pickled weights can run code when loaded; pass --allow-pickle to load them with "
+                "torch.load(weights_only=True)"
+            )
+        return _from_pickle(path, path, config)
+    if path.name.endswith(".index.json"):
+        return _open_sharded(path.parent, path, config, "safetensors-sharded", allow_pickle)
+    raise CheckpointError(f"{path}: unsupported format (expected .safetensors, a checkpoint directory, or .bin/.pt)")
+
+
+def _read_config(directory: Path) -> dict[str, Any] | None:
+    file = directory / "config.json"
+    if not file.is_file():
+        return None
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file}: not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: must hold a JSON object")
+    return config
+
+
+def _from_files(path: Path, files: list[Path], config: dict | None, fmt: str) -> Checkpoint:
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        for name, info in read_header(file).tensors.items():
+            if name in tensors:
+                raise CheckpointError(f"{path}: tensor {name!r} appears in both {tensors[name].file.name} and {file.name}")
+            tensors[name] = info
+    return Checkpoint(path=path, format=fmt, tensors=tensors, config=config, shards=files)
+
+
+def _open_sharded(directory: Path, index: Path, config: dict | None, fmt: str, allow_pickle: bool) -> Checkpoint:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: not a valid index file (needs a 'weight_map' object): {exc}") from exc
+    root = directory.resolve()
+    shard_names = sorted(set(weight_map.values()))
+    files = [_shard_path(index, root, name) for name in shard_names]
+    if fmt.startswith("pickle"):
+        ckpt = Checkpoint(path=directory, format=fmt, tensors={}, config=config, shards=files)
+        for file in files:
+            for name, tensor in ckpt._pickled_state(file).items():
+                ckpt.tensors[name] = _info_of(name, tensor, file)
+    else:
+        ckpt = _from_files(directory, files, config, fmt)
+    missing = [name for name in weight_map if name not in ckpt.tensors]
+    if missing:
+        raise CheckpointError(f"{index}: names {len(missing)} tensor(s) its shards do not hold, e.g. {missing[0]!r}")
+    return ckpt
+
+
+def _shard_path(index: Path, root: Path, name: object) -> Path:
+    """A shard path from an index: relative, inside the checkpoint directory, and present."""
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{index}: shard name {name!r} is not a file name")
+    candidate = (root / name).resolve()
+    if Path(name).is_absolute() or not candidate.is_relative_to(root):
+        raise CheckpointError(f"{index}: shard path {name!r} points outside {root}; refusing to read it")
+    if not candidate.is_file():
+        raise CheckpointError(f"{index}: names shard {name!r}, which does not exist in {root}")
+    return candidate
+
+
+def load_pickled(file: Path) -> dict[str, torch.Tensor]:
+    """Load pickled weights with weights_only=True, so the pickle can build tensors but run no code."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise CheckpointError(f"{file}: cannot load pickled weights safely: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{file}: does not hold a flat dict of tensors")
+    return state
+
+
+def _info_of(name: str, tensor: torch.Tensor, file: Path) -> TensorInfo:
+    return TensorInfo(
+        name=name, shape=tuple(tensor.shape), dtype=tensor.dtype, file=file, nbytes=tensor.numel() * tensor.element_size()
+    )
+
+
+def _from_pickle(path: Path, file: Path, config: dict | None) -> Checkpoint:
+    ckpt = Checkpoint(path=path, format="pickle", tensors={}, config=config, shards=[file])
+    for name, tensor in ckpt._pickled_state(file).items():
+        ckpt.tensors[name] = _info_of(name, tensor, file)
+    return ckpt

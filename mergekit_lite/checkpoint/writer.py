@@ -1,0 +1,224 @@
+"""Streaming, sharded, atomic checkpoint writer.
+
+All output names, shapes and dtypes are known before any math runs, so every shard's header is written first
+and each tensor's bytes go straight to their final offset as soon as they exist: memory stays at one tensor,
+not one shard. Everything is written into a hidden sibling directory that is renamed into place only once
+complete, so an interrupted merge never leaves a half-written checkpoint at the target path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergekit_lite.checkpoint.safetensors_format import element_size, encode_header
+from mergekit_lite.errors import UserError
+
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+SUPPORT_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "preprocessor_config.json",
+)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * element_size(self.dtype)
+
+
+def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Split tensors, in order, into shards of at most max_shard_bytes (a larger tensor gets a shard alone)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards if shards[0] else []
+
+
+def shard_file_names(count: int) -> list[str]:
+    if count <= 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def check_output_path(out_dir: Path, force: bool) -> None:
+    """Refuse an output path we may not write, before any work is done."""
+    if out_dir.exists() and not force:
+        raise UserError(f"{out_dir}: already exists; pass --force to replace it")
+    if out_dir.exists() and not out_dir.is_dir() and not out_dir.is_file():
+        raise UserError(f"{out_dir}: exists and is neither a file nor a directory")
+    parent = out_dir.absolute().parent
+    if not parent.is_dir():
+        raise UserError(f"{out_dir}: parent directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{out_dir}: parent directory {parent} is not writable")
+
+
+class CheckpointWriter:
+    """Write a checkpoint of known tensors into `out_dir`, atomically; use as a context manager.
+
+    `write(name, tensor)` may be called in any order; leaving the block without an exception publishes the
+    directory, an exception removes the partial one.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        specs: list[TensorSpec],
+        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+        force: bool = False,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        check_output_path(self.out_dir, force)
+        self.force = force
+        self.specs = {spec.name: spec for spec in specs}
+        if len(self.specs) != len(specs):
+            raise ValueError("duplicate tensor names in writer plan")
+        self.shards = plan_shards(specs, max_shard_bytes)
+        self.shard_names = shard_file_names(len(self.shards))
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.tmp_dir = self.out_dir.absolute().parent / f".{self.out_dir.name}.partial-{os.getpid()}"
+        self._location: dict[str, tuple[int, int]] = {}  # name -> (fd, absolute offset)
+        self._fds: list[int] = []
+        self._pending = set(self.specs)
+
+    def __enter__(self) -> CheckpointWriter:
+        if self.tmp_dir.exists():
+            shutil.rmtree(self.tmp_dir)
+        self.tmp_dir.mkdir()
+        try:
+            for shard, file_name in zip(self.shards, self.shard_names):
+                header, offsets = encode_header([(s.name, s.dtype, s.shape) for s in shard], self.metadata)
+                fd = os.open(self.tmp_dir / file_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds.append(fd)
+                _write_all(fd, header, 0)
+                os.ftruncate(fd, len(header) + sum(s.nbytes for s in shard))
+                for spec, offset in zip(shard, offsets):
+                    self._location[spec.name] = (fd, len(header) + offset)
+        except BaseException:
+            self._abort()
+            raise
+        return self
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self.specs.get(name)
+        if spec is None:
+            raise KeyError(f"tensor {name!r} is not in the writer's plan")
+        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise ValueError(f"{name}: planned {spec.dtype} {spec.shape}, got {tensor.dtype} {tuple(tensor.shape)}")
+        fd, offset = self._location[name]
+        _write_all(fd, tensor_bytes(tensor), offset)
+        self._pending.discard(name)
+
+    def add_file(self, relative_name: str, content: str | bytes) -> None:
+        data = content.encode("utf-8") if isinstance(content, str) else content
+        (self.tmp_dir / relative_name).write_bytes(data)
+
+    def copy_support_files(self, source_dir: Path, config_updates: dict | None = None) -> list[str]:
+        """Copy config.json (with updates) and tokenizer / generation files from a source checkpoint."""
+        copied = []
+        config_file = source_dir / "config.json"
+        if config_file.is_file():
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+            config.update(config_updates or {})
+            self.add_file("config.json", json.dumps(config, indent=2) + "\n")
+            copied.append("config.json")
+        for name in SUPPORT_FILES:
+            if (source_dir / name).is_file():
+                shutil.copyfile(source_dir / name, self.tmp_dir / name)
+                copied.append(name)
+        return copied
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._abort()
+            return
+        try:
+            if self._pending:
+                raise RuntimeError(f"{len(self._pending)} planned tensor(s) were never written, e.g. {min(self._pending)}")
+            for fd in self._fds:
+                os.fsync(fd)
+            self._close_fds()
+            if len(self.shards) > 1:
+                self.add_file("model.safetensors.index.json", json.dumps(self._index(), indent=2) + "\n")
+            self._publish()
+        except BaseException:
+            self._abort()
+            raise
+
+    @property
+    def files(self) -> list[str]:
+        return list(self.shard_names) if self.shards else []
+
+    def _index(self) -> dict:
+        weight_map = {spec.name: file for shard, file in zip(self.shards, self.shard_names) for spec in shard}
+        total = sum(spec.nbytes for spec in self.specs.values())
+        return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+
+    def _publish(self) -> None:
+        old = None
+        if self.out_dir.exists() or self.out_dir.is_symlink():
+            if not self.force:
+                raise UserError(f"{self.out_dir}: appeared while merging; pass --force to replace it")
+            old = self.out_dir.absolute().parent / f".{self.out_dir.name}.old-{os.getpid()}"
+            os.replace(self.out_dir, old)
+        os.replace(self.tmp_dir, self.out_dir)
+        _fsync_dir(self.out_dir.absolute().parent)
+        if old is not None:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+    def _close_fds(self) -> None:
+        while self._fds:
+            os.close(self._fds.pop())
+
+    def _abort(self) -> None:
+        self._close_fds()
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's raw little-endian bytes, without a copy when it is already contiguous on the CPU."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

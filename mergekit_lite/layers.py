@@ -1,0 +1,26 @@
+"""Which layer a tensor belongs to, from its name: used by gradient parameters and per-layer statistics."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+_LAYER_NUMBER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+_CONFIG_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "depth")
+
+
+def layer_index(name: str) -> int | None:
+    """The first integer path component of a tensor name (`model.layers.7.mlp...` -> 7), or None."""
+    match = _LAYER_NUMBER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def count_layers(config: dict[str, Any] | None, names: Iterable[str]) -> int:
+    """Layer count from config.json when it says, else one more than the largest layer index in the names."""
+    for key in _CONFIG_LAYER_KEYS:
+        value = (config or {}).get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    indices = [i for i in (layer_index(n) for n in names) if i is not None]
+    return max(indices) + 1 if indices else 0
