@@ -20,8 +20,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: env
 	rm -rf $(DEMO)
 	$(BIN)/python -m mergekit_lite.examples $(DEMO)/models llama 3
-	$(BIN)/merge inspect $(DEMO)/models/base
 	$(BIN)/merge inspect $(DEMO)/models/base --against $(DEMO)/models/expert1 --top 5
+	$(BIN)/merge validate recipes/ties.yaml
+	$(BIN)/merge run recipes/ties.yaml $(DEMO)/merged
+	$(BIN)/merge report $(DEMO)/merged --top 8
 
 test: env
 	$(BIN)/python -m pytest -q

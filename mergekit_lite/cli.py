@@ -167,6 +167,170 @@ def _print_comparison(result: dict, top: int) -> None:
         out.print(f"  shape differs: {row['name']} {row['a']} vs {row['b']}", highlight=False)
 
 
+class RichProgress:
+    """A progress bar (tensors and bytes) on stderr; nothing when stderr is not a terminal or --quiet."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._bar = None
+
+    def start(self, tensors: int, nbytes: int, label: str) -> None:
+        if not self.enabled:
+            return
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TextColumn("{task.fields[tensors]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False,
+        )
+        self._bar.start()
+        self._total_tensors = tensors
+        self._done = 0
+        self._task = self._bar.add_task(label, total=nbytes, tensors=f"0/{tensors} tensors")
+
+    def advance(self, nbytes: int) -> None:
+        if self._bar is not None:
+            self._done += 1
+            self._bar.update(self._task, advance=nbytes, tensors=f"{self._done}/{self._total_tensors} tensors")
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+@app.command()
+@guarded
+def run(
+    recipe: Path = typer.Argument(..., help="YAML recipe (mergekit format)."),
+    out_dir: Optional[Path] = typer.Argument(None, help="Output directory; may instead be given as 'output:' in the recipe."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Where to write the JSON report [default: OUT_DIR/merge_report.json]."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it exists (only once the merge has succeeded)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for random methods (DARE, DELLA); overrides the recipe."),
+    shard_size: Optional[str] = typer.Option(None, "--shard-size", help="Largest output shard, e.g. 5GB or 500MB."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also read pickled .bin/.pt inputs (weights_only=True)."),
+) -> None:
+    """Merge the checkpoints a recipe names and write OUT_DIR (weights, config, tokenizer, model card, report)."""
+    from mergekit_lite.merge import MergeOptions, merge_recipe_file
+
+    options = MergeOptions(device=device, force=force, seed=seed, shard_size=shard_size, allow_pickle=allow_pickle,
+                           report_path=report)
+    progress = RichProgress(enabled=not quiet and err.is_terminal)
+    result = merge_recipe_file(recipe, out_dir, options, progress=progress)
+    if quiet:
+        return
+    timings = result["timings_seconds"]
+    out.print(
+        f"[bold green]merged[/] {result['output']['tensors']} tensors with {result['method']} into "
+        f"{result['output']['path']} ({_human_bytes(result['output']['bytes'])}) on {result['device']} in "
+        f"{timings['total']:.1f} s (read {timings['read']:.1f} s, compute {timings['compute']:.1f} s, "
+        f"write {timings['write']:.1f} s); peak RSS {_human_bytes(result['peak_memory']['rss_bytes'])}",
+        highlight=False,
+    )
+    out.print(f"report: {report or Path(result['output']['path']) / 'merge_report.json'}", highlight=False)
+    for warning in result["warnings"]:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
+@app.command()
+@guarded
+def validate(
+    recipe: Path = typer.Argument(..., help="YAML recipe to check."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also read pickled .bin/.pt inputs (weights_only=True)."),
+) -> None:
+    """Check a recipe and its inputs (paths, shapes, missing tensors) from file headers, without merging."""
+    from mergekit_lite.merge import validate_recipe_file
+
+    parsed, plan = validate_recipe_file(recipe, allow_pickle=allow_pickle)
+    merged = sum(1 for t in plan.tensors if t.merge)
+    out.print(
+        f"[bold green]ok[/]: {plan.method.name} over {len(plan.sources.experts)} model(s)"
+        + (f" and base {plan.sources.base.path}" if plan.sources.base is not None else "")
+        + f"; {len(plan.tensors)} output tensors ({merged} merged, {len(plan.tensors) - merged} copied), "
+        f"{_human_bytes(plan.total_bytes)}",
+        highlight=False,
+    )
+    for warning in plan.warnings:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
+@app.command()
+@guarded
+def methods(as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")) -> None:
+    """List the merge methods and their parameters, with defaults."""
+    from mergekit_lite.methods import METHODS
+
+    if as_json:
+        listing = {
+            name: {"summary": m.summary, "needs_base": m.needs_base,
+                   "parameters": [{"name": p.name, "type": p.kind.__name__, "default": p.default, "scope": p.scope,
+                                   "help": p.help} for p in m.params]}
+            for name, m in METHODS.items()
+        }
+        print(json.dumps(listing, indent=2))
+        return
+    for name, method in METHODS.items():
+        out.print(f"[bold]{name}[/]  {method.summary}" + ("" if method.needs_base else "  (no base_model needed)"), highlight=False)
+        for p in method.params:
+            where = "per model or global" if p.scope == "model" else "global"
+            out.print(f"    {p.name:<11} {p.kind.__name__:<5} default {p.default!s:<7} {where:<20} {p.help}", highlight=False)
+
+
+@app.command("report")
+@guarded
+def show_report(
+    path: Path = typer.Argument(..., help="A merge_report.json, or the merged directory holding one."),
+    top: int = typer.Option(10, "--top", min=1, help="How many tensors to list."),
+) -> None:
+    """Summarise a merge report: inputs, output, timings, memory, and per-tensor statistics."""
+    file = path / "merge_report.json" if path.is_dir() else path
+    try:
+        report = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{file}: no such report") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{file}: not a readable JSON report: {exc}") from exc
+    if not isinstance(report, dict) or not str(report.get("schema", "")).startswith("mergekit_lite.report/"):
+        raise UserError(f"{file}: not a mergekit_lite report (no schema field)")
+    timings, memory = report["timings_seconds"], report["peak_memory"]
+    out.print(f"[bold]{report['method']}[/] merge, {report['created']}, seed {report['seed']}, device {report['device']}", highlight=False)
+    for item in report["inputs"]:
+        out.print(f"  {item['role']:<6}{item['path']}  ({item['tensors']} tensors, {_human_bytes(item['bytes'])})", highlight=False)
+    output = report["output"]
+    out.print(f"  output {output['path']}  ({output['tensors']} tensors, {_human_bytes(output['bytes'])} in "
+              f"{len(output['files'])} file(s))", highlight=False)
+    out.print("  time   " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()), highlight=False)
+    out.print(f"  memory peak RSS {_human_bytes(memory['rss_bytes'])}"
+              + (f", CUDA {_human_bytes(memory['cuda_bytes'])}" if "cuda_bytes" in memory else ""), highlight=False)
+    merged = [t for t in report["tensors"] if "norm" in t]
+    merged.sort(key=lambda t: t.get("delta_norm", 0.0) / (t["norm"] or 1.0), reverse=True)
+    table = Table(title=f"{min(top, len(merged))} most changed tensors (of {len(merged)} merged)")
+    table.add_column("tensor", no_wrap=True)
+    for column in ("‖Δ‖/‖θ‖", "kept per model", "sign agreement"):
+        table.add_column(column)
+    for row in merged[:top]:
+        kept = row.get("kept_fraction")
+        agreement = row.get("sign_agreement")
+        table.add_row(
+            row["name"],
+            f"{row.get('delta_norm', 0.0) / (row['norm'] or 1.0):.4g}",
+            " ".join(f"{k:.2f}" for k in kept) if kept else "-",
+            f"{agreement:.3f}" if agreement is not None else "-",
+        )
+    out.print(table)
+    for warning in report["warnings"]:
+        out.print(f"  [yellow]warning:[/] {warning}", highlight=False)
+
+
 def main() -> None:
     app(prog_name="merge")
 

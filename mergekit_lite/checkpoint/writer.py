@@ -140,15 +140,19 @@ class CheckpointWriter:
         data = content.encode("utf-8") if isinstance(content, str) else content
         (self.tmp_dir / relative_name).write_bytes(data)
 
-    def copy_support_files(self, source_dir: Path, config_updates: dict | None = None) -> list[str]:
-        """Copy config.json (with updates) and tokenizer / generation files from a source checkpoint."""
-        copied = []
+    def copy_config(self, source_dir: Path, updates: dict | None = None) -> bool:
+        """Copy config.json from a source checkpoint, with `updates` applied; False when it has none."""
         config_file = source_dir / "config.json"
-        if config_file.is_file():
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-            config.update(config_updates or {})
-            self.add_file("config.json", json.dumps(config, indent=2) + "\n")
-            copied.append("config.json")
+        if not config_file.is_file():
+            return False
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config.update(updates or {})
+        self.add_file("config.json", json.dumps(config, indent=2) + "\n")
+        return True
+
+    def copy_support_files(self, source_dir: Path) -> list[str]:
+        """Copy tokenizer, generation and preprocessing files (known names only) from a source checkpoint."""
+        copied = []
         for name in SUPPORT_FILES:
             if (source_dir / name).is_file():
                 shutil.copyfile(source_dir / name, self.tmp_dir / name)

@@ -1,0 +1,127 @@
+"""The library entry point behind `merge run`: recipe file in, published checkpoint and report out."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mergekit_lite.checkpoint import CheckpointWriter
+from mergekit_lite.engine import MergePlan, MergeResult, Progress, plan_merge, run_merge
+from mergekit_lite.errors import RecipeError, UserError
+from mergekit_lite.recipe import Recipe, load_recipe
+from mergekit_lite.report import build_report, model_card
+
+REPORT_NAME = "merge_report.json"
+RECIPE_NAME = "merge_recipe.yaml"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+          "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+
+def parse_size(value: str | int) -> int:
+    """'5GB', '500MiB' or a number of bytes -> bytes."""
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE.match(str(value))
+        if not match:
+            raise RecipeError(f"shard_size {value!r} is not a size like 5GB, 500MB or 1048576")
+        unit = (match.group(2) or "").upper().removesuffix("B")
+        size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise RecipeError(f"shard_size {value!r} must be positive")
+    return size
+
+
+@dataclass
+class MergeOptions:
+    device: str = "auto"
+    force: bool = False
+    seed: int | None = None
+    shard_size: str | int | None = None
+    allow_pickle: bool = False
+    report_path: Path | None = None
+
+
+def resolve_output(recipe: Recipe, out_dir: str | Path | None) -> Path:
+    if out_dir is not None:
+        return Path(out_dir)
+    if recipe.output:
+        return Path(recipe.output)
+    raise UserError("no output directory: give OUT_DIR on the command line or an 'output:' key in the recipe")
+
+
+def tokenizer_dir(recipe: Recipe, plan: MergePlan) -> Path:
+    """Where tokenizer files come from: tokenizer_source (base or a path), else base_model, else the first model."""
+    source = recipe.tokenizer_source
+    if source in (None, "base"):
+        if recipe.base_model:
+            return _directory(Path(recipe.base_model))
+        if source == "base":
+            raise RecipeError("tokenizer_source: base needs base_model")
+        return plan.sources.reference.directory
+    if source == "union":
+        raise RecipeError("tokenizer_source: union (merging vocabularies) is not supported; name base or a model path")
+    path = Path(source)
+    if not path.exists():
+        raise RecipeError(f"tokenizer_source {source!r}: no such directory")
+    return _directory(path)
+
+
+def _directory(path: Path) -> Path:
+    return path if path.is_dir() else path.parent
+
+
+def merge_recipe_file(recipe_path: str | Path, out_dir: str | Path | None, options: MergeOptions,
+                      progress: Progress | None = None) -> dict[str, Any]:
+    """Validate, plan, merge and publish; returns the report (also written to the output or --report)."""
+    recipe, _lines = load_recipe(recipe_path)
+    recipe_text = Path(recipe_path).read_text(encoding="utf-8")
+    out = resolve_output(recipe, out_dir)
+    plan = plan_merge(recipe, allow_pickle=options.allow_pickle)
+    tokenizer_source = tokenizer_dir(recipe, plan)
+    shard = options.shard_size if options.shard_size is not None else recipe.shard_size
+    report: dict[str, Any] = {}
+
+    def finalize(result: MergeResult, writer: CheckpointWriter) -> None:
+        reference = plan.sources.reference.directory
+        out_dtype = recipe.out_dtype or recipe.dtype
+        writer.copy_config(reference, _dtype_updates(reference, out_dtype) if out_dtype else None)
+        writer.copy_support_files(tokenizer_source)
+        writer.add_file(RECIPE_NAME, recipe_text)
+        writer.add_file("README.md", model_card(result, recipe_text))
+        report.update(build_report(result, out, writer.tmp_dir))
+        if options.report_path is None:
+            writer.add_file(REPORT_NAME, json.dumps(report, indent=2) + "\n")
+
+    run_merge(plan, out, device=options.device, force=options.force, seed=options.seed,
+              shard_bytes=parse_size(shard) if shard is not None else None, progress=progress, finalize=finalize)
+    if options.report_path is not None:
+        options.report_path.parent.mkdir(parents=True, exist_ok=True)
+        options.report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def _dtype_updates(reference: Path, dtype: str) -> dict[str, str]:
+    """Record the output dtype under the key(s) this config already uses (transformers renamed it)."""
+    from mergekit_lite.recipe import DTYPES
+
+    config_file = reference / "config.json"
+    keys = []
+    if config_file.is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        keys = [k for k in ("torch_dtype", "dtype") if k in config]
+    return {key: DTYPES[dtype] for key in keys or ["torch_dtype"]}
+
+
+def validate_recipe_file(recipe_path: str | Path, allow_pickle: bool = False) -> tuple[Recipe, MergePlan]:
+    """Check a recipe and its inputs (paths, shapes, missing tensors) from headers alone; merges nothing."""
+    recipe, _ = load_recipe(recipe_path)
+    plan = plan_merge(recipe, allow_pickle=allow_pickle)
+    tokenizer_dir(recipe, plan)
+    if recipe.shard_size is not None:
+        parse_size(recipe.shard_size)
+    return recipe, plan

@@ -1,0 +1,32 @@
+"""The registry of tensor-wise merge methods: one module each, registered by name."""
+
+from __future__ import annotations
+
+from mergekit_lite.errors import RecipeError
+from mergekit_lite.methods import (
+    breadcrumbs,
+    dare_linear,
+    dare_ties,
+    della,
+    linear,
+    model_stock,
+    slerp,
+    task_arithmetic,
+    ties,
+)
+from mergekit_lite.methods.base import MergeInputs, MergeMethod, MergeOutput, ParamSpec
+
+METHODS: dict[str, MergeMethod] = {
+    module.METHOD.name: module.METHOD
+    for module in (linear, task_arithmetic, ties, dare_linear, dare_ties, slerp, breadcrumbs, della, model_stock)
+}
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise RecipeError(f"unknown merge_method {name!r}; available: {', '.join(sorted(METHODS))}") from None
+
+
+__all__ = ["METHODS", "MergeInputs", "MergeMethod", "MergeOutput", "ParamSpec", "get_method"]

@@ -1,0 +1,246 @@
+"""YAML recipe -> validated Recipe, in mergekit's format; resolves a parameter's value for one tensor.
+
+A parameter value is a scalar, a list of `{filter: substring, value: v}` (first match on the tensor name
+wins, an entry without filter is the fallback), or a gradient: a list of numbers interpolated over the
+layer index.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mergekit_lite.errors import RecipeError
+from mergekit_lite.methods import MergeMethod, get_method
+
+Scalar = Union[bool, int, float, str]
+
+
+class FilterEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filter: str | None = None
+    value: Union[Scalar, list[float]]
+
+
+ParamValue = Union[Scalar, list[FilterEntry], list[float]]
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @field_validator("model")
+    @classmethod
+    def _plain_path(cls, value: str) -> str:
+        if "+" in value and not Path(value).exists():
+            raise ValueError("LoRA references (model+lora) are not supported; merge the adapter into the model first")
+        return value
+
+
+class Recipe(BaseModel):
+    """A merge recipe. mergekit keys run unchanged; `output`, `seed`, `shard_size`, `device` are ours."""
+
+    model_config = ConfigDict(extra="forbid")
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry] = Field(default_factory=list)
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    name: str | None = None
+    output: str | None = None
+    seed: int | None = None
+    shard_size: str | int | None = None
+    device: str | None = None
+    allow_pickle: bool = False
+    chat_template: str | None = None
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _known_dtype(cls, value: str | None) -> str | None:
+        if value is not None and value not in DTYPES:
+            raise ValueError(f"unknown dtype {value!r}; use one of {', '.join(DTYPES)}")
+        return value
+
+
+DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _line_map(node: yaml.Node, path: tuple = (), lines: dict | None = None) -> dict[tuple, int]:
+    """Line number (1-based) of every key and item in a composed YAML document, by its path."""
+    lines = {} if lines is None else lines
+    lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            child = path + (key.value,)
+            lines[child] = key.start_mark.line + 1
+            _line_map(value, child, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _line_map(item, path + (index,), lines)
+    return lines
+
+
+def _where(source: str, lines: dict[tuple, int], loc: tuple) -> str:
+    for cut in range(len(loc), -1, -1):
+        if loc[:cut] in lines:
+            return f"{source}:{lines[loc[:cut]]}"
+    return source
+
+
+def _dotted(loc: tuple) -> str:
+    parts = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts)
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    """Drop pydantic's union-branch labels (e.g. 'float', 'list[FilterEntry]') from an error location."""
+    return tuple(p for p in loc if isinstance(p, int) or ("[" not in p and p not in ("bool", "int", "float", "str")))
+
+
+def load_recipe(path: str | Path) -> tuple[Recipe, dict[tuple, int]]:
+    """Parse and validate a recipe file; errors name the file, line and key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot read recipe: {exc}") from exc
+    return parse_recipe(text, str(path))
+
+
+def parse_recipe(text: str, source: str = "<recipe>") -> tuple[Recipe, dict[tuple, int]]:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{where}: invalid YAML: {problem}") from exc
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a YAML mapping with at least merge_method and models")
+    lines = _line_map(node) if node is not None else {}
+    if "slices" in data:
+        raise RecipeError(f"{_where(source, lines, ('slices',))}: 'slices' (layer stacking) is not supported; use 'models'")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = _clean_loc(tuple(first["loc"]))
+        key = _dotted(loc) or "recipe"
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif first["type"] == "missing":
+            message = "required key is missing"
+        raise RecipeError(f"{_where(source, lines, loc)}: {key}: {message}") from exc
+    check_parameters(recipe, source, lines)
+    return recipe, lines
+
+
+def check_parameters(recipe: Recipe, source: str, lines: dict[tuple, int]) -> MergeMethod:
+    """Method-specific checks: known parameter names, types and ranges, model counts, base model."""
+    where = lambda loc: _where(source, lines, loc)  # noqa: E731
+    try:
+        method = get_method(recipe.merge_method)
+    except RecipeError as exc:
+        raise RecipeError(f"{where(('merge_method',))}: {exc}") from None
+    known = {p.name: p for p in method.params}
+    given = [(("parameters", name), name, value) for name, value in recipe.parameters.items()]
+    for index, entry in enumerate(recipe.models):
+        given += [(("models", index, "parameters", name), name, value) for name, value in entry.parameters.items()]
+    for loc, name, value in given:
+        spec = known.get(name)
+        if spec is None:
+            names = ", ".join(known) or "none"
+            raise RecipeError(f"{where(loc)}: {_dotted(loc)}: unknown parameter for {method.name} (known: {names})")
+        if spec.scope == "global" and loc[0] == "models":
+            raise RecipeError(f"{where(loc)}: {_dotted(loc)}: {name} is recipe-wide; put it under top-level parameters")
+        for scalar in _scalars(value):
+            problem = spec.check(scalar)
+            if problem:
+                raise RecipeError(f"{where(loc)}: {_dotted(loc)}: {problem}")
+    experts = [m for m in recipe.models if m.model != recipe.base_model or not method.needs_base]
+    if method.needs_base and recipe.base_model is None:
+        raise RecipeError(f"{source}: {method.name} needs base_model")
+    if len(experts) < method.min_models:
+        raise RecipeError(f"{where(('models',))}: {method.name} needs at least {method.min_models} model(s) besides the base")
+    if method.max_models is not None and len(experts) > method.max_models:
+        raise RecipeError(f"{where(('models',))}: {method.name} takes at most {method.max_models} model(s) besides the base")
+    return method
+
+
+def _scalars(value: ParamValue) -> list[Scalar]:
+    if isinstance(value, list):
+        out: list[Scalar] = []
+        for item in value:
+            out += _scalars(item.value) if isinstance(item, FilterEntry) else [item]
+        return out
+    return [value]
+
+
+def resolve_value(value: ParamValue, tensor_name: str, layer: int | None, num_layers: int) -> Scalar:
+    """The value of a parameter for one tensor: filters by name, gradients by layer position."""
+    if not isinstance(value, list):
+        return value
+    if value and isinstance(value[0], FilterEntry):
+        for entry in value:
+            if entry.filter is None or entry.filter in tensor_name:
+                return resolve_value(entry.value, tensor_name, layer, num_layers)
+        raise RecipeError(f"no filter entry matches tensor {tensor_name!r} and there is no fallback entry without filter")
+    return gradient_value([float(v) for v in value], tensor_name, layer, num_layers)
+
+
+def gradient_value(points: list[float], tensor_name: str, layer: int | None, num_layers: int) -> float:
+    """Interpolate a gradient list over the layers: the first point at layer 0, the last at the last layer.
+
+    Tensors outside the layers take an end point: embeddings the first, everything else (final norm,
+    output head) the last.
+    """
+    if len(points) == 1:
+        return points[0]
+    if layer is None:
+        return points[0] if is_input_embedding(tensor_name) else points[-1]
+    position = layer / max(num_layers - 1, 1) * (len(points) - 1)
+    low = min(int(math.floor(position)), len(points) - 2)
+    frac = position - low
+    return points[low] * (1 - frac) + points[low + 1] * frac
+
+
+def is_input_embedding(tensor_name: str) -> bool:
+    lowered = tensor_name.lower()
+    return any(key in lowered for key in ("embed", "wte", "wpe"))
+
+
+def is_embedding(tensor_name: str) -> bool:
+    """Input embeddings and output heads: the tensors whose rows follow the vocabulary."""
+    return is_input_embedding(tensor_name) or "lm_head" in tensor_name.lower()
+
+
+def recipe_params(recipe: Recipe, method: MergeMethod, model_index: int | None, tensor_name: str, layer: int | None,
+                  num_layers: int) -> dict[str, Scalar]:
+    """Every parameter of `method` for one tensor: per-model value, else recipe-wide, else the default."""
+    entry = recipe.models[model_index].parameters if model_index is not None else {}
+    resolved = {}
+    for spec in method.params:
+        if model_index is not None and spec.scope == "global":
+            continue
+        if model_index is None and spec.scope == "model":
+            continue
+        raw = entry.get(spec.name, recipe.parameters.get(spec.name, spec.default))
+        value = resolve_value(raw, tensor_name, layer, num_layers)
+        resolved[spec.name] = spec.kind(value) if spec.kind in (int, float) else value
+    return resolved

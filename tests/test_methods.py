@@ -1,0 +1,219 @@
+"""Each method's math against a direct, naive computation on the same tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mergekit_lite.methods import METHODS, MergeInputs
+from mergekit_lite.methods.model_stock import stock_ratio
+from mergekit_lite.methods.sparsify import kth_largest, magnitude_mask, outlier_mask
+from mergekit_lite.methods.ties import model_thresholds
+
+
+def _experts(count=3, shape=(40, 30), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=gen)
+    return base, [base + 0.1 * torch.randn(shape, generator=gen) for _ in range(count)]
+
+
+def _inputs(method, base, experts, model_params, params=None, seed=0, name="layers.0.w"):
+    spec = METHODS[method]
+    full_params = [{p.name: p.default for p in spec.params if p.scope == "model"} | mp for mp in model_params]
+    glob = {p.name: p.default for p in spec.params if p.scope == "global"} | (params or {})
+    return MergeInputs(name, base, [e.clone() for e in experts], full_params, glob, seed=seed)
+
+
+def naive_topk_mask(delta, density):
+    """Keep the k = floor(density*n) largest magnitudes, found by a full sort (ties at the threshold kept)."""
+    flat = delta.abs().reshape(-1)
+    k = int(density * flat.numel())
+    if k == 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    threshold = torch.sort(flat, descending=True).values[k - 1]
+    return delta.abs() >= threshold
+
+
+def naive_ties(base, experts, weights, densities, lam=1.0, normalize=True):
+    trimmed = [naive_topk_mask(e - base, d) * (e - base) * w for e, w, d in zip(experts, weights, densities)]
+    out = torch.empty_like(base).reshape(-1)
+    flat = [t.reshape(-1) for t in trimmed]
+    for i in range(out.numel()):
+        values = [f[i].item() for f in flat]
+        sign = 1.0 if sum(values) >= 0 else -1.0
+        agreeing = [(v, w) for v, w in zip(values, weights) if v != 0 and math.copysign(1, v) == sign]
+        total = sum(v for v, _ in agreeing)
+        if normalize:
+            divisor = sum(w for _, w in agreeing)
+            total = total / (divisor if divisor != 0 else 1.0)
+        out[i] = total * lam
+    return base + out.reshape(base.shape)
+
+
+def test_linear_matches_weighted_average():
+    _, models = _experts()
+    weights = [0.2, 0.5, 1.3]
+    out = METHODS["linear"].merge(_inputs("linear", None, models, [{"weight": w} for w in weights])).tensor
+    expected = sum(w * m for w, m in zip(weights, models)) / sum(weights)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    raw = METHODS["linear"].merge(_inputs("linear", None, models, [{"weight": w} for w in weights], {"normalize": False}))
+    torch.testing.assert_close(raw.tensor, sum(w * m for w, m in zip(weights, models)))
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_task_arithmetic(normalize):
+    base, experts = _experts()
+    weights = [1.0, -0.5, 0.7]
+    inputs = _inputs("task_arithmetic", base, experts, [{"weight": w} for w in weights], {"lambda": 0.3, "normalize": normalize})
+    out = METHODS["task_arithmetic"].merge(inputs).tensor
+    delta = sum(w * (e - base) for w, e in zip(weights, experts))
+    if normalize:
+        delta = delta / sum(weights)
+    torch.testing.assert_close(out, base + 0.3 * delta, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ties_matches_elementwise_reference(normalize):
+    base, experts = _experts(shape=(12, 9))
+    weights, densities = [1.0, 0.6, 1.4], [0.3, 0.5, 0.8]
+    params = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
+    result = METHODS["ties"].merge(_inputs("ties", base, experts, params, {"lambda": 0.9, "normalize": normalize}))
+    expected = naive_ties(base, experts, weights, densities, lam=0.9, normalize=normalize)
+    torch.testing.assert_close(result.tensor, expected, rtol=1e-5, atol=1e-6)
+    assert result.kept_fraction == pytest.approx([int(d * 108) / 108 for d in densities])
+    assert 0 < result.sign_agreement < 1
+
+
+def test_ties_identical_experts_give_the_expert_back():
+    base, experts = _experts(count=1)
+    same = [experts[0], experts[0].clone()]
+    out = METHODS["ties"].merge(_inputs("ties", base, same, [{"density": 1.0}] * 2)).tensor
+    torch.testing.assert_close(out, experts[0])
+
+
+@pytest.mark.parametrize("n", [10, 5000, 3_000_000])
+@pytest.mark.parametrize("fraction", [0.001, 0.2, 0.5, 0.97, 1.0])
+def test_kth_largest_is_exact(n, fraction):
+    values = torch.randn(n, generator=torch.Generator().manual_seed(n)).abs()
+    k = max(1, int(fraction * n))
+    assert kth_largest(values, k) == torch.sort(values, descending=True).values[k - 1]
+
+
+def test_kth_largest_with_many_ties():
+    values = torch.randint(0, 4, (2_000_000,), generator=torch.Generator().manual_seed(1)).float()
+    for k in (1, 500_000, 1_000_001, 2_000_000):
+        assert kth_largest(values, k) == torch.sort(values, descending=True).values[k - 1]
+
+
+def test_magnitude_mask_counts_like_mergekit():
+    delta = torch.randn(1000, generator=torch.Generator().manual_seed(3))
+    for density in (0.05, 0.2, 0.999):
+        mask = magnitude_mask(delta, density)
+        assert int(mask.sum()) == int(density * 1000)
+        assert torch.equal(mask, naive_topk_mask(delta, density))
+
+
+def test_dare_is_seeded_keeps_expected_fraction_and_rescales():
+    base, experts = _experts(count=2, shape=(300, 200))
+    params = [{"density": 0.1, "weight": 1.0}] * 2
+    first = METHODS["dare_linear"].merge(_inputs("dare_linear", base, experts, params, seed=7))
+    again = METHODS["dare_linear"].merge(_inputs("dare_linear", base, experts, params, seed=7))
+    other = METHODS["dare_linear"].merge(_inputs("dare_linear", base, experts, params, seed=8))
+    assert torch.equal(first.tensor, again.tensor)
+    assert not torch.equal(first.tensor, other.tensor)
+    n = 60_000
+    for kept in first.kept_fraction:  # binomial: mean 0.1, sd ~0.0012
+        assert abs(kept - 0.1) < 0.006
+    # Survivors are rescaled by 1/density, so each expert's delta survives as 10x its value or 0.
+    single = METHODS["dare_linear"].merge(_inputs("dare_linear", base, experts[:1], params[:1], seed=7)).tensor
+    delta, original = single - base, experts[0] - base
+    kept = delta != 0
+    torch.testing.assert_close(delta[kept], original[kept] * 10, rtol=1e-4, atol=1e-5)
+    # The drop leaves the task vector's expected value unchanged: mean of delta/original over entries ~ 1.
+    assert abs(float((delta / original).mean()) - 1) < 0.1
+    assert kept.sum().item() / n == pytest.approx(first.kept_fraction[0], abs=0.01)
+
+
+def test_dare_ties_equals_ties_election_on_the_same_drop():
+    base, experts = _experts(count=3, shape=(20, 10))
+    params = [{"density": 0.5, "weight": w} for w in (1.0, 0.5, 2.0)]
+    out = METHODS["dare_ties"].merge(_inputs("dare_ties", base, experts, params, {"normalize": True}, seed=3))
+    # Reconstruct the dropped experts from dare_linear single-expert runs (same seed, tensor name, index).
+    from mergekit_lite.methods.sparsify import random_keep_mask, tensor_seed
+
+    dropped = []
+    for i, e in enumerate(experts):
+        mask = random_keep_mask(e.shape, 0.5, tensor_seed(3, "layers.0.w", i), torch.device("cpu"))
+        dropped.append(base + (e - base) * mask / 0.5)
+    expected = naive_ties(base, dropped, [1.0, 0.5, 2.0], [1.0] * 3, normalize=True)
+    torch.testing.assert_close(out.tensor, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_breadcrumbs_drops_outliers_and_small_entries():
+    delta = torch.randn(1000, generator=torch.Generator().manual_seed(5))
+    mask = outlier_mask(delta, density=0.8, gamma=0.05)
+    order = torch.argsort(delta.abs(), descending=True)
+    expected = torch.zeros(1000, dtype=torch.bool)
+    expected[order[50:850]] = True
+    assert torch.equal(mask, expected)
+    base, experts = _experts(count=2)
+    out = METHODS["breadcrumbs"].merge(_inputs("breadcrumbs", base, experts, [{"density": 0.8, "gamma": 0.05}] * 2)).tensor
+    naive = base + sum(outlier_mask(e - base, 0.8, 0.05) * (e - base) for e in experts)
+    torch.testing.assert_close(out, naive)
+
+
+def test_della_keep_probability_tracks_magnitude():
+    base, experts = _experts(count=1, shape=(64, 4096))
+    result = METHODS["della"].merge(_inputs("della", base, experts, [{"density": 0.5, "epsilon": 0.4}], seed=1))
+    delta = experts[0] - base
+    kept = (result.tensor - base) != 0
+    magnitude_rank = delta.abs().argsort(dim=1).argsort(dim=1)
+    low = kept[magnitude_rank < 400].float().mean()
+    high = kept[magnitude_rank >= 4096 - 400].float().mean()
+    mean_offset = 0.8 * 199.5 / 4095  # probabilities rise linearly from 0.1 to 0.9 across ranks 0..4095
+    assert abs(float(low) - (0.1 + mean_offset)) < 0.02 and abs(float(high) - (0.9 - mean_offset)) < 0.02
+    assert abs(result.kept_fraction[0] - 0.5) < 0.01
+
+
+def test_slerp_endpoints_midpoint_and_parallel_fallback():
+    base, (other,) = _experts(count=1)
+    merge = lambda t: METHODS["slerp"].merge(_inputs("slerp", base, [other], [{}], {"t": t})).tensor  # noqa: E731
+    torch.testing.assert_close(merge(0.0), base)
+    torch.testing.assert_close(merge(1.0), other, rtol=1e-5, atol=1e-5)
+    a = torch.tensor([1.0, 0.0])
+    b = torch.tensor([0.0, 1.0])
+    mid = METHODS["slerp"].merge(_inputs("slerp", a, [b], [{}], {"t": 0.5})).tensor
+    torch.testing.assert_close(mid, torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]))
+    near = METHODS["slerp"].merge(_inputs("slerp", a, [a * 2], [{}], {"t": 0.25})).tensor
+    torch.testing.assert_close(near, a * 1.25)
+
+
+def test_model_stock_ratio_and_result():
+    assert stock_ratio(2, 1.0) == pytest.approx(1.0)
+    assert stock_ratio(3, 0.0) == 0.0
+    assert stock_ratio(2, 0.5) == pytest.approx(2 / 3)
+    base = torch.zeros(2)
+    experts = [torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])]  # cos = 1/sqrt(2)
+    out = METHODS["model_stock"].merge(_inputs("model_stock", base, experts, [{}, {}])).tensor
+    cos = 1 / math.sqrt(2)
+    t = 2 * cos / (1 + cos)
+    torch.testing.assert_close(out, t * torch.tensor([1.0, 0.5]))
+
+
+def test_model_scope_thresholds_equal_sorting_the_whole_model():
+    gen = torch.Generator().manual_seed(11)
+    tensors = [(f"t{i}", torch.randn(n, generator=gen)) for i, n in enumerate([1000, 37, 5000, 1])]
+    experts = [[b + torch.randn(b.shape, generator=gen) * s for _, b in tensors] for s in (0.1, 0.3)]
+    densities = [0.2, 0.05]
+
+    def stream():
+        for i, (name, base) in enumerate(tensors):
+            yield name, base, [e[i] for e in experts], [{"density": d} for d in densities]
+
+    thresholds = model_thresholds(stream, {})
+    for expert, density, threshold in zip(experts, densities, thresholds):
+        magnitudes = torch.cat([(e - b).abs() for e, (_, b) in zip(expert, tensors)])
+        k = int(density * magnitudes.numel())
+        assert threshold == float(torch.sort(magnitudes, descending=True).values[k - 1])

@@ -1,0 +1,99 @@
+"""Recipe parsing: mergekit's format, parameter resolution, and errors that name the line and key."""
+
+from __future__ import annotations
+
+import pytest
+
+from mergekit_lite.errors import RecipeError
+from mergekit_lite.methods import get_method
+from mergekit_lite.recipe import (
+    gradient_value,
+    parse_recipe,
+    recipe_params,
+    resolve_value,
+)
+
+MERGEKIT_TIES = """\
+models:
+  - model: base
+  - model: a
+    parameters:
+      density: 0.5
+      weight: 0.5
+  - model: b
+    parameters:
+      density: [1, 0.7, 0.1]
+      weight:
+        - filter: mlp
+          value: 0.2
+        - value: 1.0
+merge_method: ties
+base_model: base
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: float16
+"""
+
+
+def test_mergekit_recipe_parses_unchanged():
+    recipe, _ = parse_recipe(MERGEKIT_TIES)
+    assert recipe.merge_method == "ties" and recipe.dtype == "float16"
+    method = get_method("ties")
+    a = recipe_params(recipe, method, 1, "model.layers.0.mlp.up_proj.weight", 0, 3)
+    b = recipe_params(recipe, method, 2, "model.layers.0.mlp.up_proj.weight", 0, 3)
+    assert a == {"weight": 0.5, "density": 0.5}
+    assert b == {"weight": 0.2, "density": 1.0}
+    b_attn = recipe_params(recipe, method, 2, "model.layers.2.self_attn.q_proj.weight", 2, 3)
+    assert b_attn == {"weight": 1.0, "density": pytest.approx(0.1)}
+    glob = recipe_params(recipe, method, None, "x", None, 3)
+    assert glob["normalize"] is True and glob["lambda"] == 1.0 and glob["trim_scope"] == "tensor"
+
+
+def test_gradient_interpolates_over_layers():
+    points = [0.0, 1.0, 0.0]
+    values = [gradient_value(points, f"layers.{i}.w", i, 5) for i in range(5)]
+    assert values == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0])
+    assert gradient_value(points, "model.embed_tokens.weight", None, 5) == 0.0
+    assert gradient_value([0.2, 0.8], "lm_head.weight", None, 5) == 0.8
+    assert gradient_value([0.2, 0.8], "model.norm.weight", None, 5) == 0.8
+
+
+def test_filter_without_fallback_is_an_error():
+    recipe, _ = parse_recipe("merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      weight: [{filter: mlp, value: 1}]\n")
+    with pytest.raises(RecipeError, match="no filter entry matches"):
+        resolve_value(recipe.models[0].parameters["weight"], "attn.w", 0, 2)
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\nbogus: 1\n", "<recipe>:4: bogus: unknown key"),
+        ("merge_method: nope\nmodels: [{model: a}]\n", "<recipe>:1: unknown merge_method 'nope'"),
+        ("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters:\n      densty: 0.5\n",
+         "<recipe>:6: models[0].parameters.densty: unknown parameter for ties"),
+        ("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters:\n      density: 1.5\n",
+         "<recipe>:6: models[0].parameters.density: must be at most 1"),
+        ("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters:\n      density: 0\n",
+         "must be greater than 0"),
+        ("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters:\n      weight: heavy\n",
+         "weight: must be a number"),
+        ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\nparameters: {normalize: 3}\n", "must be true or false"),
+        ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\nparameters: {trim_scope: layer}\n",
+         "must be one of tensor, model"),
+        ("merge_method: ties\nmodels: [{model: a}]\n", "ties needs base_model"),
+        ("merge_method: slerp\nbase_model: b\nmodels: [{model: b}, {model: a}, {model: c}]\n", "at most 1 model"),
+        ("merge_method: model_stock\nbase_model: b\nmodels: [{model: a}]\n", "at least 2 model"),
+        ("models: [{model: a}]\n", "merge_method: required key is missing"),
+        ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\ndtype: float7\n", "unknown dtype"),
+        ("merge_method: ties\n  base_model: [\n", "invalid YAML"),
+        ("- just a list\n", "must be a YAML mapping"),
+        ("merge_method: passthrough\nslices: []\n", "'slices' (layer stacking) is not supported"),
+        ("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters:\n      lambda: 2\n",
+         "lambda is recipe-wide"),
+    ],
+)
+def test_recipe_errors_name_line_and_key(text, needle):
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(text)
+    assert needle in str(info.value)

@@ -1,0 +1,264 @@
+"""`merge run` end to end on tiny real checkpoints: math, outputs that load, reports, and refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from mergekit_lite.cli import app
+from mergekit_lite.methods import METHODS
+from tests.conftest import tree_digest
+
+runner = CliRunner()
+
+
+def run_cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def write_recipe(path, method, family, *, params=None, model_params=None, extra="", experts=("expert1", "expert2", "expert3"),
+                 base=True):
+    lines = [f"merge_method: {method}"]
+    if base:
+        lines.append(f"base_model: {family['base']}")
+    lines.append("models:")
+    for i, name in enumerate(experts):
+        lines.append(f"  - model: {family[name]}")
+        if model_params:
+            lines.append(f"    parameters: {json.dumps(model_params[i])}")
+    if params:
+        lines.append(f"parameters: {json.dumps(params)}")
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return path
+
+
+def load_dir(directory):
+    tensors = {}
+    for file in directory.glob("*.safetensors"):
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+def test_task_arithmetic_matches_direct_formula(tmp_path, llama_family):
+    weights = [1.0, 0.5, -0.3]
+    recipe = write_recipe(tmp_path / "r.yaml", "task_arithmetic", llama_family,
+                          params={"lambda": 0.7}, model_params=[{"weight": w} for w in weights])
+    result = run_cli("run", recipe, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    base = load_dir(llama_family["base"])
+    experts = [load_dir(llama_family[f"expert{i}"]) for i in (1, 2, 3)]
+    merged = load_dir(tmp_path / "out")
+    for name, b in base.items():
+        expected = b + 0.7 * sum(w * (e[name] - b) for w, e in zip(weights, experts))
+        torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
+
+
+def _naive_ties_tensor(base, experts, weights, density, threshold=None):
+    trimmed = []
+    for e, w in zip(experts, weights):
+        delta = e - base
+        if threshold is None:
+            k = int(density * delta.numel())
+            cut = torch.sort(delta.abs().reshape(-1), descending=True).values[k - 1]
+        else:
+            cut = threshold[len(trimmed)]
+        trimmed.append(torch.where(delta.abs() >= cut, delta, torch.zeros_like(delta)) * w)
+    stacked = torch.stack(trimmed)
+    sign = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
+    agree = torch.sign(stacked) == sign
+    weight_grid = torch.tensor(weights).reshape(-1, *([1] * base.dim())).expand_as(stacked)
+    divisor = (weight_grid * agree).sum(0)
+    return base + (stacked * agree).sum(0) / torch.where(divisor == 0, 1.0, divisor)
+
+
+@pytest.mark.parametrize("scope", ["tensor", "model"])
+def test_ties_matches_direct_computation(tmp_path, llama_family, scope):
+    weights = [1.0, 0.6, 1.2]
+    recipe = write_recipe(tmp_path / "r.yaml", "ties", llama_family, params={"trim_scope": scope},
+                          model_params=[{"weight": w, "density": 0.3} for w in weights])
+    result = run_cli("run", recipe, tmp_path / "out", "--quiet")
+    assert result.exit_code == 0, result.output
+    base = load_dir(llama_family["base"])
+    experts = [load_dir(llama_family[f"expert{i}"]) for i in (1, 2, 3)]
+    merged = load_dir(tmp_path / "out")
+    thresholds = None
+    if scope == "model":
+        thresholds = []
+        for e in experts:
+            magnitudes = torch.cat([(e[n] - b).abs().reshape(-1) for n, b in base.items()])
+            k = int(0.3 * magnitudes.numel())
+            thresholds.append(torch.sort(magnitudes, descending=True).values[k - 1])
+    for name, b in base.items():
+        expected = _naive_ties_tensor(b, [e[name] for e in experts], weights, 0.3, thresholds)
+        torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    kept = [entry["kept_fraction"] for entry in report["tensors"]]
+    if scope == "tensor":
+        assert all(abs(k - 0.3) < 0.05 for row in kept for k in row if True)
+    else:
+        total = sum(t.numel() for t in base.values())
+        overall = sum(row[0] * base[e["name"]].numel() for row, e in zip(kept, report["tensors"])) / total
+        assert overall == pytest.approx(int(0.3 * total) / total, abs=1e-4)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_runs_loads_and_generates(tmp_path, llama_family, method):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    experts = ("expert1",) if method == "slerp" else ("expert1", "expert2", "expert3")
+    recipe = write_recipe(tmp_path / "r.yaml", method, llama_family, experts=experts, base=method != "linear",
+                          extra="dtype: bfloat16\n")
+    result = run_cli("run", recipe, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "vocab.json", "merges.txt", "tokenizer_config.json", "README.md",
+            "merge_recipe.yaml", "merge_report.json"} <= names
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("merge", return_tensors="pt").input_ids
+    generated = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=256)
+    assert generated.shape == (1, ids.shape[1] + 4)
+    merged = load_dir(out)
+    base = load_dir(llama_family["base"])
+    assert set(merged) == set(base)
+    changed = [n for n in base if not torch.equal(merged[n].float(), base[n].bfloat16().float())]
+    assert changed, "the merge changed nothing"
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["method"] == method and report["schema"] == "mergekit_lite.report/1"
+    assert report["output"]["files"][0]["sha256"] and report["peak_memory"]["rss_bytes"] > 0
+    assert set(report["timings_seconds"]) >= {"read", "compute", "write", "total"}
+    assert "merge" in (out / "README.md").read_text() and method in (out / "README.md").read_text()
+
+
+def test_dare_is_reproducible_by_seed(tmp_path, llama_family):
+    recipe = write_recipe(tmp_path / "r.yaml", "dare_ties", llama_family,
+                          model_params=[{"weight": 1.0, "density": 0.3}] * 3)
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        assert run_cli("run", recipe, tmp_path / name, "--seed", seed, "--quiet").exit_code == 0
+    read = lambda d: (tmp_path / d / "model.safetensors").read_bytes()  # noqa: E731
+    assert read("a") == read("b")
+    assert read("a") != read("c")
+    report = json.loads((tmp_path / "a" / "merge_report.json").read_text())
+    assert report["seed"] == 5
+    big = [e for e in report["tensors"] if e["shape"] == [257, 32]]
+    assert all(abs(k - 0.3) < 0.03 for e in big for k in e["kept_fraction"])
+
+
+def test_timm_resnet_merge_loads_in_timm(tmp_path, models_dir):
+    from mergekit_lite import examples
+
+    family = examples.make_family(models_dir / "resnet_family", "test_resnet", experts=2)
+    recipe = write_recipe(tmp_path / "r.yaml", "ties", family, experts=("expert1", "expert2"),
+                          model_params=[{"density": 0.5}] * 2)
+    result = run_cli("run", recipe, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    model = examples.tiny_timm_model("test_resnet")
+    model.load_state_dict(load_dir(tmp_path / "out"), strict=True)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architecture"] == "test_resnet"
+    # BatchNorm's integer step counter is copied from the base, not averaged
+    merged = load_dir(tmp_path / "out")
+    counters = [n for n in merged if n.endswith("num_batches_tracked")]
+    assert counters and all(merged[n].dtype == torch.int64 for n in counters)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_sharded_output_and_report_elsewhere(tmp_path, llama_family):
+    from transformers import AutoModelForCausalLM
+
+    recipe = write_recipe(tmp_path / "r.yaml", "task_arithmetic", llama_family, extra=f"output: {tmp_path / 'out'}\n")
+    result = run_cli("run", recipe, "--shard-size", "40KB", "--report", tmp_path / "rep.json")
+    assert result.exit_code == 0, result.output
+    shards = sorted((tmp_path / "out").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    assert not (tmp_path / "out" / "merge_report.json").exists()
+    report = json.loads((tmp_path / "rep.json").read_text())
+    assert [f["name"] for f in report["output"]["files"]] == [s.name for s in shards]
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
+def test_existing_output_is_kept_without_force(tmp_path, llama_family):
+    recipe = write_recipe(tmp_path / "r.yaml", "task_arithmetic", llama_family)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    result = run_cli("run", recipe, out)
+    assert result.exit_code == 2 and "--force" in result.stderr
+    assert (out / "mine.txt").read_text() == "keep"
+    assert run_cli("run", recipe, out, "--force", "--quiet").exit_code == 0
+    assert not (out / "mine.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_different_architectures_refused(tmp_path, llama_family, gpt2_dir):
+    family = dict(llama_family, other=gpt2_dir)
+    recipe = write_recipe(tmp_path / "r.yaml", "task_arithmetic", family, experts=("expert1", "other"))
+    before = tree_digest(gpt2_dir)
+    result = run_cli("run", recipe, tmp_path / "out")
+    assert result.exit_code == 2
+    assert "is a gpt2 model" in result.stderr and "is a llama model" in result.stderr
+    assert not (tmp_path / "out").exists() and tree_digest(gpt2_dir) == before
+
+
+def test_shape_mismatch_names_tensor(tmp_path, llama_family):
+    expert = tmp_path / "reshaped"
+    shutil.copytree(llama_family["expert1"], expert)
+    tensors = load_file(str(expert / "model.safetensors"))
+    tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(48, 32)
+    save_file(tensors, str(expert / "model.safetensors"), metadata={"format": "pt"})
+    recipe = write_recipe(tmp_path / "r.yaml", "ties", dict(llama_family, odd=expert), experts=("expert1", "odd"))
+    result = run_cli("run", recipe, tmp_path / "out")
+    assert result.exit_code == 2
+    assert "model.layers.1.mlp.up_proj.weight" in result.stderr and "[48, 32]" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_model_path(tmp_path, llama_family):
+    family = dict(llama_family, ghost=tmp_path / "ghost")
+    recipe = write_recipe(tmp_path / "r.yaml", "ties", family, experts=("expert1", "ghost"))
+    result = run_cli("run", recipe, tmp_path / "out")
+    assert result.exit_code == 2 and "ghost: no such file or directory" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_vocab_rows_aligned_and_base_only_tensor_kept(tmp_path, llama_family):
+    expert = tmp_path / "bigger_vocab"
+    shutil.copytree(llama_family["expert1"], expert)
+    tensors = load_file(str(expert / "model.safetensors"))
+    tensors["model.embed_tokens.weight"] = torch.cat([tensors["model.embed_tokens.weight"], torch.ones(3, 32)])
+    tensors["lm_head.weight"] = torch.cat([tensors["lm_head.weight"], torch.ones(3, 32)])
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(expert / "model.safetensors"), metadata={"format": "pt"})
+    family = dict(llama_family, big=expert)
+    recipe = write_recipe(tmp_path / "r.yaml", "task_arithmetic", family, experts=("big",))
+    result = run_cli("run", recipe, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "vocabulary size differs" in result.stderr and "model.norm.weight: not in" in result.stderr
+    merged = load_dir(tmp_path / "out")
+    base = load_dir(llama_family["base"])
+    torch.testing.assert_close(merged["model.embed_tokens.weight"], tensors["model.embed_tokens.weight"][:257])
+    torch.testing.assert_close(merged["model.norm.weight"], base["model.norm.weight"])
+
+
+def test_validate_and_methods_commands(tmp_path, llama_family):
+    recipe = write_recipe(tmp_path / "r.yaml", "ties", llama_family)
+    result = run_cli("validate", recipe)
+    assert result.exit_code == 0, result.output
+    assert "ok: ties over 3 model(s)" in result.stdout and "21 output tensors" in result.stdout
+    assert not (tmp_path / "out").exists()
+    listing = json.loads(run_cli("methods", "--json").stdout)
+    assert set(listing) == set(METHODS)
+    assert {p["name"] for p in listing["ties"]["parameters"]} >= {"weight", "density", "lambda", "trim_scope"}
+
+
+def test_no_output_directory_named(tmp_path, llama_family):
+    recipe = write_recipe(tmp_path / "r.yaml", "ties", llama_family)
+    result = run_cli("run", recipe)
+    assert result.exit_code == 2 and "no output directory" in result.stderr
