@@ -1,34 +1,34 @@
-"""Plan the output tensors, stream inputs through the device, call the method, hand results to the writer.
+"""Plan the output tensors, stream inputs through the device chunk by chunk, call the method, write results.
 
-Memory is bounded by the inputs of one tensor (a base and T experts, in float32) plus a few working copies,
-whatever the model size: the next tensor's inputs are read in a background thread while the current one
-is computed, and each result goes to its final place in the output file as soon as it exists.
+Each tensor is processed as chunks of whole rows (about four million elements), read with plain file reads
+straight from the input shards: memory is a few chunks per input, whatever the size of the tensor or the
+model. The next chunk is read in a background thread while the current one is computed, and each merged
+chunk goes to its final offset in the output file at once.
 """
 
 from __future__ import annotations
 
+import math
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
-from mergekit_lite.checkpoint import (
-    Checkpoint,
-    CheckpointWriter,
-    TensorSpec,
-    open_checkpoint,
-)
+from mergekit_lite.checkpoint import Checkpoint, CheckpointWriter, TensorSpec, open_checkpoint
 from mergekit_lite.checkpoint.writer import DEFAULT_SHARD_BYTES, check_output_path
 from mergekit_lite.device import resolve_device
 from mergekit_lite.errors import UserError
 from mergekit_lite.layers import count_layers, layer_index
-from mergekit_lite.methods import MergeInputs, MergeMethod, get_method
+from mergekit_lite.methods import Chunk, MergeMethod, TensorContext, get_method
+from mergekit_lite.methods.base import ChunkResult, summarize_counts
 from mergekit_lite.recipe import DTYPES, Recipe, is_embedding, recipe_params
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CHUNK_ELEMENTS = 1 << 20
 
 
 class Progress(Protocol):
@@ -67,9 +67,13 @@ class TensorPlan:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype  # output dtype
-    merge: bool  # False: copied from the reference (non-float tensors, or nothing to merge)
+    merge: bool  # False: copied from the reference (non-float tensors)
     missing_in: list[int] = field(default_factory=list)  # experts lacking the tensor: they contribute no change
     row_aligned: list[int] = field(default_factory=list)  # experts whose vocab rows were cut or padded to the base's
+
+    @property
+    def nbytes(self) -> int:
+        return TensorSpec(self.name, self.dtype, self.shape).nbytes
 
 
 @dataclass
@@ -83,7 +87,7 @@ class MergePlan:
 
     @property
     def total_bytes(self) -> int:
-        return sum(TensorSpec(t.name, t.dtype, t.shape).nbytes for t in self.tensors)
+        return sum(t.nbytes for t in self.tensors)
 
 
 def open_sources(recipe: Recipe, method: MergeMethod, allow_pickle: bool = False) -> Sources:
@@ -169,12 +173,16 @@ def _rows_differ_only(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     return len(a) == len(b) >= 1 and a[1:] == b[1:] and a[0] != b[0]
 
 
-def _align_rows(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """An expert's embedding cut or padded to the base's vocabulary; padded rows are the base's (no change)."""
-    rows = min(tensor.shape[0], like.shape[0])
-    aligned = like.clone()
-    aligned[:rows] = tensor[:rows]
-    return aligned
+def row_chunks(shape: tuple[int, ...], chunk_elements: int | None = None) -> list[tuple[int, int]]:
+    """Row ranges [start, stop) of about chunk_elements each; a 0-d or 1-d tensor is a single chunk.
+
+    Depends on the shape alone, so seeded random methods give the same result on every run.
+    """
+    if len(shape) < 2 or shape[0] == 0:
+        return [(0, shape[0] if shape else 1)]
+    per_row = max(1, math.prod(shape[1:]))
+    step = max(1, (chunk_elements or CHUNK_ELEMENTS) // per_row)
+    return [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
 
 
 @dataclass
@@ -186,52 +194,123 @@ class Timings:
     prepare: float = 0.0
 
 
-class Loader:
-    """Reads one tensor's inputs, as float32 on the device, optionally one step ahead in a thread."""
+class ChunkReader:
+    """Reads row chunks of one tensor from every input, as float32 on the device, one chunk ahead."""
 
-    def __init__(self, plan: MergePlan, device: torch.device, timings: Timings) -> None:
+    def __init__(self, plan: MergePlan, device: torch.device, timings: Timings, pool: ThreadPoolExecutor) -> None:
         self.plan = plan
         self.device = device
         self.timings = timings
+        self.pool = pool
 
-    def read(self, tensor: TensorPlan) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    def _load(self, ckpt: Checkpoint, name: str, start: int, stop: int) -> torch.Tensor:
+        return ckpt.read_rows(name, start, stop).to(self.device).to(torch.float32)
+
+    def read(self, tensor: TensorPlan, start: int, stop: int) -> Chunk:
         started = time.perf_counter()
         sources = self.plan.sources
-        get = lambda ckpt: ckpt.get(tensor.name, self.device).to(torch.float32)  # noqa: E731
-        base = get(sources.base) if sources.base is not None and tensor.merge else None
+        base = self._load(sources.base, tensor.name, start, stop) if sources.base is not None else None
         experts = []
-        if tensor.merge:
-            for index, expert in enumerate(sources.experts):
-                if index in tensor.missing_in:
-                    experts.append(base.clone())
-                elif index in tensor.row_aligned:
-                    experts.append(_align_rows(get(expert), base))
-                else:
-                    experts.append(get(expert))
-        self.timings.read += time.perf_counter() - started
-        return base, experts
+        for index, expert in enumerate(sources.experts):
+            if index in tensor.missing_in:
+                experts.append(base.clone())
+            elif index in tensor.row_aligned:
+                experts.append(self._aligned_rows(expert, tensor.name, start, stop, base))
+            else:
+                experts.append(self._load(expert, tensor.name, start, stop))
+        self._account(started)
+        return Chunk(start, base, experts)
 
-    def stream(self, tensors: list[TensorPlan]) -> Iterator[tuple[TensorPlan, torch.Tensor | None, list[torch.Tensor]]]:
-        """Yield each tensor's inputs while the next ones are read in the background."""
-        if not tensors:
-            return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reader") as pool:
-            pending: Future = pool.submit(self.read, tensors[0])
-            for position, tensor in enumerate(tensors):
-                waited = time.perf_counter()
-                base, experts = pending.result()
-                self.timings.wait += time.perf_counter() - waited
-                if position + 1 < len(tensors):
-                    pending = pool.submit(self.read, tensors[position + 1])
-                yield tensor, base, experts
+    def _account(self, started: float) -> None:
+        """Reads in the background overlap compute; reads in the main thread are time spent waiting on I/O."""
+        elapsed = time.perf_counter() - started
+        self.timings.read += elapsed
+        if threading.current_thread() is threading.main_thread():
+            self.timings.wait += elapsed
+
+    def copy_rows(self, ckpt: Checkpoint, name: str, start: int, stop: int) -> torch.Tensor:
+        started = time.perf_counter()
+        rows = ckpt.read_rows(name, start, stop)
+        self._account(started)
+        return rows
+
+    def _aligned_rows(self, expert: Checkpoint, name: str, start: int, stop: int, base: torch.Tensor) -> torch.Tensor:
+        """Rows of an expert whose vocabulary differs: its own rows where it has them, the base's elsewhere."""
+        rows = expert.tensors[name].shape[0]
+        aligned = base.clone()
+        if start < rows:
+            aligned[: min(stop, rows) - start] = self._load(expert, name, start, min(stop, rows))
+        return aligned
+
+    def stream(self, tensor: TensorPlan) -> Iterator[Chunk]:
+        """Every chunk of a tensor in order, the next one read in the background while this one is used."""
+        ranges = row_chunks(tensor.shape)
+        pending = self.pool.submit(self.read, tensor, *ranges[0])
+        for position in range(len(ranges)):
+            waited = time.perf_counter()
+            chunk = pending.result()
+            self.timings.wait += time.perf_counter() - waited
+            if position + 1 < len(ranges):
+                pending = self.pool.submit(self.read, tensor, *ranges[position + 1])
+            yield chunk
+
+    def replayable(self, tensor: TensorPlan) -> tuple[Callable[[], Iterator[Chunk]], list[Chunk] | None]:
+        """A re-readable chunk stream for whole-tensor statistics. A single-chunk tensor is read once and the
+        same chunk is returned for the merge pass, instead of being read again."""
+        if len(row_chunks(tensor.shape)) == 1:
+            only = [self.read(tensor, *row_chunks(tensor.shape)[0])]
+            return (lambda: iter(only)), only
+        return (lambda: self.stream(tensor)), None
 
 
-def tensor_stats(result: torch.Tensor, base: torch.Tensor | None, experts: list[torch.Tensor]) -> dict[str, Any]:
-    stats: dict[str, Any] = {"norm": float(torch.linalg.vector_norm(result))}
-    if base is not None:
-        stats["delta_norm"] = float(torch.linalg.vector_norm(result - base))
-        stats["expert_delta_norms"] = [float(torch.linalg.vector_norm(e - base)) for e in experts]
-    return stats
+@dataclass
+class TensorAccumulator:
+    """Per-tensor statistics summed over chunks."""
+
+    name: str
+    numel: int
+    norm_sq: float = 0.0
+    delta_sq: float = 0.0
+    expert_delta_sq: list[float] | None = None
+    kept: list[int] | None = None
+    any_kept: int | None = None
+    disagreed: int | None = None
+    nonfinite: bool = False
+
+    def add(self, result, merged: torch.Tensor, base: torch.Tensor | None) -> None:
+        flat = merged.reshape(-1)
+        self.norm_sq += float(torch.dot(flat, flat))
+        if base is not None:
+            diff = flat - base.reshape(-1)
+            self.delta_sq += float(torch.dot(diff, diff))
+        self.expert_delta_sq = _sum_lists(self.expert_delta_sq, result.delta_sq)
+        self.kept = _sum_lists(self.kept, result.kept)
+        if result.any_kept is not None:
+            self.any_kept = (self.any_kept or 0) + result.any_kept
+            self.disagreed = (self.disagreed or 0) + result.disagreed
+        # A finite sum means no NaN or Inf; only when it is not is the element-wise check worth its cost.
+        if not self.nonfinite and not bool(torch.isfinite(merged.sum())):
+            self.nonfinite = not bool(torch.isfinite(merged).all())
+
+    def summary(self, has_base: bool) -> dict[str, Any]:
+        entry: dict[str, Any] = {"name": self.name, "norm": math.sqrt(self.norm_sq)}
+        if has_base:
+            entry["delta_norm"] = math.sqrt(self.delta_sq)
+        if self.expert_delta_sq is not None:
+            entry["expert_delta_norms"] = [math.sqrt(v) for v in self.expert_delta_sq]
+        counts = ChunkResult(torch.empty(0), self.kept, self.any_kept, self.disagreed)
+        kept, agreement = summarize_counts(counts, self.numel)
+        if kept is not None:
+            entry["kept_fraction"] = kept
+        if agreement is not None:
+            entry["sign_agreement"] = agreement
+        return entry
+
+
+def _sum_lists(total, part):
+    if part is None:
+        return total
+    return list(part) if total is None else [a + b for a, b in zip(total, part)]
 
 
 @dataclass
@@ -244,6 +323,16 @@ class MergeResult:
     files: list[str]
     wall_seconds: float
     nonfinite: list[str]
+
+
+def tensor_context(plan: MergePlan, tensor: TensorPlan, seed: int, model_state: Any = None) -> TensorContext:
+    recipe, method = plan.recipe, plan.method
+    layer = layer_index(tensor.name)
+    model_params = [
+        recipe_params(recipe, method, entry, tensor.name, layer, plan.num_layers) for entry in plan.sources.entry_of_expert
+    ]
+    params = recipe_params(recipe, method, None, tensor.name, layer, plan.num_layers)
+    return TensorContext(tensor.name, tensor.shape, model_params, params, seed=seed, model_state=model_state)
 
 
 def run_merge(
@@ -264,52 +353,34 @@ def run_merge(
     dev = resolve_device(device if device != "auto" or recipe.device is None else recipe.device)
     seed = _choose_seed(seed, recipe)
     timings = Timings()
-    loader = Loader(plan, dev, timings)
     started = time.perf_counter()
-    merged = [t for t in plan.tensors if t.merge]
-    prepared = None
-    global_params = recipe_params(recipe, method, None, "", None, plan.num_layers)
-    if method.prepare is not None and method.needs_prepare(global_params):
-        progress.start(len(merged), 2 * sum(_input_bytes(plan, t) for t in merged), "first pass: global thresholds")
-        prepared = method.prepare(lambda: _prepare_stream(plan, loader, merged, progress), global_params)
-        progress.stop()
-        timings.prepare = time.perf_counter() - started
     specs = [TensorSpec(t.name, t.dtype, t.shape) for t in plan.tensors]
     stats: list[dict[str, Any]] = []
     nonfinite: list[str] = []
     writer = CheckpointWriter(out_dir, specs, max_shard_bytes=shard_bytes or DEFAULT_SHARD_BYTES, force=force,
                               metadata={"merged_with": f"mergekit_lite {method.name}"})
-    progress.start(len(plan.tensors), plan.total_bytes, f"merging with {method.name}")
     try:
-        with writer:
-            for tensor, base, experts in loader.stream(plan.tensors):
-                clock = time.perf_counter()
-                if tensor.merge:
-                    inputs = _method_inputs(plan, tensor, base, experts, seed, prepared)
-                    output = method.merge(inputs)
-                    result = output.tensor
-                    entry = {"name": tensor.name, **tensor_stats(result, base, experts)}
-                    if output.kept_fraction is not None:
-                        entry["kept_fraction"] = output.kept_fraction
-                    if output.sign_agreement is not None:
-                        entry["sign_agreement"] = output.sign_agreement
-                    if not bool(torch.isfinite(result).all()):
-                        nonfinite.append(tensor.name)
-                    out = result.to(tensor.dtype)
-                else:
-                    out = plan.sources.reference.get(tensor.name, dev).to(tensor.dtype)
-                    entry = {"name": tensor.name, "copied_from": str(plan.sources.reference.path)}
-                entry.update(shape=list(tensor.shape), dtype=str(tensor.dtype).removeprefix("torch."))
-                stats.append(entry)
-                out = out.cpu()
-                timings.compute += time.perf_counter() - clock
-                clock = time.perf_counter()
-                writer.write(tensor.name, out)
-                timings.write += time.perf_counter() - clock
-                progress.advance(out.numel() * out.element_size())
-            result_info = MergeResult(plan, stats, timings, dev, seed, writer.files, time.perf_counter() - started, nonfinite)
-            if finalize is not None:
-                finalize(result_info, writer)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reader") as pool:
+            reader = ChunkReader(plan, dev, timings, pool)
+            model_state = _model_pass(plan, reader, seed, progress, timings)
+            progress.start(len(plan.tensors), plan.total_bytes, f"merging with {method.name}")
+            loop_started, waited_before = time.perf_counter(), timings.wait
+            with writer:
+                for tensor in plan.tensors:
+                    if tensor.merge:
+                        entry = _merge_tensor(plan, tensor, reader, writer, seed, model_state, timings)
+                        if entry.pop("nonfinite"):
+                            nonfinite.append(tensor.name)
+                    else:
+                        entry = _copy_tensor(plan, tensor, reader, writer, timings)
+                    entry.update(shape=list(tensor.shape), dtype=str(tensor.dtype).removeprefix("torch."))
+                    stats.append(entry)
+                    progress.advance(tensor.nbytes)
+                loop = time.perf_counter() - loop_started
+                timings.compute = loop - (timings.wait - waited_before) - timings.write
+                result_info = MergeResult(plan, stats, timings, dev, seed, writer.files, time.perf_counter() - started, nonfinite)
+                if finalize is not None:
+                    finalize(result_info, writer)
     finally:
         progress.stop()
         for ckpt in [plan.sources.base, *plan.sources.experts]:
@@ -319,6 +390,57 @@ def run_merge(
     return result_info
 
 
+def _merge_tensor(plan: MergePlan, tensor: TensorPlan, reader: ChunkReader, writer: CheckpointWriter, seed: int,
+                  model_state: Any, timings: Timings) -> dict[str, Any]:
+    method = plan.method
+    context = tensor_context(plan, tensor, seed, model_state)
+    stream, cached = reader.replayable(tensor)
+    state = method.prepare(context, stream) if method.prepare is not None else None
+    chunks = iter(cached) if cached is not None else reader.stream(tensor)
+    stats = TensorAccumulator(tensor.name, context.numel)
+    for chunk in chunks:
+        result = method.merge_chunk(context, chunk, state)
+        stats.add(result, result.tensor, chunk.base)
+        _write(writer, tensor, chunk.start, result.tensor, timings)
+    entry = stats.summary(plan.sources.base is not None)
+    entry["nonfinite"] = stats.nonfinite
+    return entry
+
+
+def _copy_tensor(plan: MergePlan, tensor: TensorPlan, reader: ChunkReader, writer: CheckpointWriter,
+                 timings: Timings) -> dict[str, Any]:
+    reference = plan.sources.reference
+    for start, stop in row_chunks(tensor.shape):
+        _write(writer, tensor, start, reader.copy_rows(reference, tensor.name, start, stop), timings)
+    return {"name": tensor.name, "copied_from": str(reference.path)}
+
+
+def _write(writer: CheckpointWriter, tensor: TensorPlan, start: int, rows: torch.Tensor, timings: Timings) -> None:
+    clock = time.perf_counter()
+    writer.write_rows(tensor.name, start, rows.to(tensor.dtype).cpu())
+    timings.write += time.perf_counter() - clock
+
+
+def _model_pass(plan: MergePlan, reader: ChunkReader, seed: int, progress: Progress, timings: Timings) -> Any:
+    """The method's whole-model first pass, when the recipe asks for one (e.g. TIES trim_scope: model)."""
+    method = plan.method
+    glob = recipe_params(plan.recipe, method, None, "", None, plan.num_layers)
+    if method.prepare_model is None or not method.needs_model_pass(glob):
+        return None
+    started = time.perf_counter()
+    merged = [t for t in plan.tensors if t.merge]
+
+    def tensors() -> Iterator[tuple[TensorContext, Callable[[], Iterator[Chunk]]]]:
+        for tensor in merged:
+            yield tensor_context(plan, tensor, seed), (lambda tensor=tensor: reader.stream(tensor))
+
+    progress.start(len(merged), 0, "first pass over the model")
+    state = method.prepare_model(tensors)
+    progress.stop()
+    timings.prepare = time.perf_counter() - started
+    return state
+
+
 def _choose_seed(seed: int | None, recipe: Recipe) -> int:
     if seed is not None:
         return seed
@@ -326,28 +448,3 @@ def _choose_seed(seed: int | None, recipe: Recipe) -> int:
         return recipe.seed
     value = recipe.parameters.get("seed", 0)
     return int(value) if isinstance(value, (int, float)) else 0
-
-
-def _input_bytes(plan: MergePlan, tensor: TensorPlan) -> int:
-    return TensorSpec(tensor.name, torch.float32, tensor.shape).nbytes
-
-
-def _method_inputs(plan: MergePlan, tensor: TensorPlan, base, experts, seed: int, prepared) -> MergeInputs:
-    recipe, method = plan.recipe, plan.method
-    layer = layer_index(tensor.name)
-    model_params = [
-        recipe_params(recipe, method, entry, tensor.name, layer, plan.num_layers) for entry in plan.sources.entry_of_expert
-    ]
-    params = recipe_params(recipe, method, None, tensor.name, layer, plan.num_layers)
-    return MergeInputs(tensor.name, base, experts, model_params, params, seed=seed, prepared=prepared)
-
-
-def _prepare_stream(plan: MergePlan, loader: Loader, tensors: list[TensorPlan], progress: Progress):
-    for tensor, base, experts in loader.stream(tensors):
-        layer = layer_index(tensor.name)
-        params = [
-            recipe_params(plan.recipe, plan.method, entry, tensor.name, layer, plan.num_layers)
-            for entry in plan.sources.entry_of_expert
-        ]
-        yield tensor.name, base, experts, params
-        progress.advance(_input_bytes(plan, tensor))

@@ -34,15 +34,15 @@ def peak_memory(device: torch.device) -> dict[str, int]:
 
 
 def library_versions() -> dict[str, str]:
+    """Versions from package metadata: importing transformers or timm just to ask would cost seconds."""
+    from importlib.metadata import PackageNotFoundError, version
+
     versions = {"mergekit_lite": __version__, "python": sys.version.split()[0], "torch": torch.__version__}
     for name in ("safetensors", "transformers", "timm"):
-        module = sys.modules.get(name)
-        if module is None:
-            try:
-                module = __import__(name)
-            except ImportError:
-                continue
-        versions[name] = getattr(module, "__version__", "unknown")
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            continue
     return versions
 
 

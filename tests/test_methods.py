@@ -7,9 +7,12 @@ import math
 import pytest
 import torch
 
-from mergekit_lite.methods import METHODS, MergeInputs
+from mergekit_lite.methods import METHODS, Chunk, TensorContext
 from mergekit_lite.methods.model_stock import stock_ratio
-from mergekit_lite.methods.sparsify import kth_largest, magnitude_mask, outlier_mask
+from mergekit_lite.methods.sparsify import (
+    apply_magnitude_mask, kth_largest, magnitude_threshold, radix_kth_largest, random_keep, streamed_kth_largest,
+    tensor_seed,
+)
 from mergekit_lite.methods.ties import model_thresholds
 
 
@@ -19,11 +22,18 @@ def _experts(count=3, shape=(40, 30), seed=0):
     return base, [base + 0.1 * torch.randn(shape, generator=gen) for _ in range(count)]
 
 
-def _inputs(method, base, experts, model_params, params=None, seed=0, name="layers.0.w"):
+def _context(method, shape, model_params, params=None, seed=0, name="layers.0.w"):
     spec = METHODS[method]
     full_params = [{p.name: p.default for p in spec.params if p.scope == "model"} | mp for mp in model_params]
     glob = {p.name: p.default for p in spec.params if p.scope == "global"} | (params or {})
-    return MergeInputs(name, base, [e.clone() for e in experts], full_params, glob, seed=seed)
+    return TensorContext(name, tuple(shape), full_params, glob, seed=seed)
+
+
+def _merge(method, base, experts, model_params, params=None, seed=0, name="layers.0.w"):
+    """Merge whole tensors as one chunk, through the method's public entry point."""
+    shape = experts[0].shape
+    context = _context(method, shape, model_params, params, seed, name)
+    return METHODS[method].merge(context, base, [e.clone() for e in experts])
 
 
 def naive_topk_mask(delta, density):
@@ -55,10 +65,10 @@ def naive_ties(base, experts, weights, densities, lam=1.0, normalize=True):
 def test_linear_matches_weighted_average():
     _, models = _experts()
     weights = [0.2, 0.5, 1.3]
-    out = METHODS["linear"].merge(_inputs("linear", None, models, [{"weight": w} for w in weights])).tensor
+    out = _merge("linear", None, models, [{"weight": w} for w in weights]).tensor
     expected = sum(w * m for w, m in zip(weights, models)) / sum(weights)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
-    raw = METHODS["linear"].merge(_inputs("linear", None, models, [{"weight": w} for w in weights], {"normalize": False}))
+    raw = _merge("linear", None, models, [{"weight": w} for w in weights], {"normalize": False})
     torch.testing.assert_close(raw.tensor, sum(w * m for w, m in zip(weights, models)))
 
 
@@ -66,8 +76,8 @@ def test_linear_matches_weighted_average():
 def test_task_arithmetic(normalize):
     base, experts = _experts()
     weights = [1.0, -0.5, 0.7]
-    inputs = _inputs("task_arithmetic", base, experts, [{"weight": w} for w in weights], {"lambda": 0.3, "normalize": normalize})
-    out = METHODS["task_arithmetic"].merge(inputs).tensor
+    params = {"lambda": 0.3, "normalize": normalize}
+    out = _merge("task_arithmetic", base, experts, [{"weight": w} for w in weights], params).tensor
     delta = sum(w * (e - base) for w, e in zip(weights, experts))
     if normalize:
         delta = delta / sum(weights)
@@ -79,7 +89,7 @@ def test_ties_matches_elementwise_reference(normalize):
     base, experts = _experts(shape=(12, 9))
     weights, densities = [1.0, 0.6, 1.4], [0.3, 0.5, 0.8]
     params = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
-    result = METHODS["ties"].merge(_inputs("ties", base, experts, params, {"lambda": 0.9, "normalize": normalize}))
+    result = _merge("ties", base, experts, params, {"lambda": 0.9, "normalize": normalize})
     expected = naive_ties(base, experts, weights, densities, lam=0.9, normalize=normalize)
     torch.testing.assert_close(result.tensor, expected, rtol=1e-5, atol=1e-6)
     assert result.kept_fraction == pytest.approx([int(d * 108) / 108 for d in densities])
@@ -89,7 +99,7 @@ def test_ties_matches_elementwise_reference(normalize):
 def test_ties_identical_experts_give_the_expert_back():
     base, experts = _experts(count=1)
     same = [experts[0], experts[0].clone()]
-    out = METHODS["ties"].merge(_inputs("ties", base, same, [{"density": 1.0}] * 2)).tensor
+    out = _merge("ties", base, same, [{"density": 1.0}] * 2).tensor
     torch.testing.assert_close(out, experts[0])
 
 
@@ -110,24 +120,25 @@ def test_kth_largest_with_many_ties():
 def test_magnitude_mask_counts_like_mergekit():
     delta = torch.randn(1000, generator=torch.Generator().manual_seed(3))
     for density in (0.05, 0.2, 0.999):
-        mask = magnitude_mask(delta, density)
-        assert int(mask.sum()) == int(density * 1000)
-        assert torch.equal(mask, naive_topk_mask(delta, density))
+        trimmed = delta.clone()
+        kept = apply_magnitude_mask(trimmed, magnitude_threshold(delta, density))
+        assert kept == int(density * 1000)
+        assert torch.equal(trimmed != 0, naive_topk_mask(delta, density))
 
 
 def test_dare_is_seeded_keeps_expected_fraction_and_rescales():
     base, experts = _experts(count=2, shape=(300, 200))
     params = [{"density": 0.1, "weight": 1.0}] * 2
-    first = METHODS["dare_linear"].merge(_inputs("dare_linear", base, experts, params, seed=7))
-    again = METHODS["dare_linear"].merge(_inputs("dare_linear", base, experts, params, seed=7))
-    other = METHODS["dare_linear"].merge(_inputs("dare_linear", base, experts, params, seed=8))
+    first = _merge("dare_linear", base, experts, params, seed=7)
+    again = _merge("dare_linear", base, experts, params, seed=7)
+    other = _merge("dare_linear", base, experts, params, seed=8)
     assert torch.equal(first.tensor, again.tensor)
     assert not torch.equal(first.tensor, other.tensor)
     n = 60_000
     for kept in first.kept_fraction:  # binomial: mean 0.1, sd ~0.0012
         assert abs(kept - 0.1) < 0.006
     # Survivors are rescaled by 1/density, so each expert's delta survives as 10x its value or 0.
-    single = METHODS["dare_linear"].merge(_inputs("dare_linear", base, experts[:1], params[:1], seed=7)).tensor
+    single = _merge("dare_linear", base, experts[:1], params[:1], seed=7).tensor
     delta, original = single - base, experts[0] - base
     kept = delta != 0
     torch.testing.assert_close(delta[kept], original[kept] * 10, rtol=1e-4, atol=1e-5)
@@ -139,34 +150,34 @@ def test_dare_is_seeded_keeps_expected_fraction_and_rescales():
 def test_dare_ties_equals_ties_election_on_the_same_drop():
     base, experts = _experts(count=3, shape=(20, 10))
     params = [{"density": 0.5, "weight": w} for w in (1.0, 0.5, 2.0)]
-    out = METHODS["dare_ties"].merge(_inputs("dare_ties", base, experts, params, {"normalize": True}, seed=3))
-    # Reconstruct the dropped experts from dare_linear single-expert runs (same seed, tensor name, index).
-    from mergekit_lite.methods.sparsify import random_keep_mask, tensor_seed
-
+    out = _merge("dare_ties", base, experts, params, {"normalize": True}, seed=3)
+    # Rebuild the dropped experts with the same per-tensor, per-expert seeds, then apply naive TIES.
     dropped = []
     for i, e in enumerate(experts):
-        mask = random_keep_mask(e.shape, 0.5, tensor_seed(3, "layers.0.w", i), torch.device("cpu"))
-        dropped.append(base + (e - base) * mask / 0.5)
+        delta = e - base
+        random_keep(delta, 0.5, tensor_seed(3, "layers.0.w", i, 0), rescale=True)
+        dropped.append(base + delta)
     expected = naive_ties(base, dropped, [1.0, 0.5, 2.0], [1.0] * 3, normalize=True)
     torch.testing.assert_close(out.tensor, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_breadcrumbs_drops_outliers_and_small_entries():
-    delta = torch.randn(1000, generator=torch.Generator().manual_seed(5))
-    mask = outlier_mask(delta, density=0.8, gamma=0.05)
-    order = torch.argsort(delta.abs(), descending=True)
-    expected = torch.zeros(1000, dtype=torch.bool)
-    expected[order[50:850]] = True
-    assert torch.equal(mask, expected)
-    base, experts = _experts(count=2)
-    out = METHODS["breadcrumbs"].merge(_inputs("breadcrumbs", base, experts, [{"density": 0.8, "gamma": 0.05}] * 2)).tensor
-    naive = base + sum(outlier_mask(e - base, 0.8, 0.05) * (e - base) for e in experts)
-    torch.testing.assert_close(out, naive)
+    base, experts = _experts(count=2, shape=(50, 20))
+    result = _merge("breadcrumbs", base, experts, [{"density": 0.8, "gamma": 0.05}] * 2)
+    naive = base.clone()
+    for expert in experts:
+        delta = (expert - base).reshape(-1)
+        order = torch.argsort(delta.abs(), descending=True)
+        keep = torch.zeros(1000, dtype=torch.bool)
+        keep[order[50:850]] = True  # drop the top 5 %, keep the next 80 %, drop the rest
+        naive += (delta * keep).reshape(base.shape)
+    torch.testing.assert_close(result.tensor, naive)
+    assert result.kept_fraction == [0.8, 0.8]
 
 
 def test_della_keep_probability_tracks_magnitude():
     base, experts = _experts(count=1, shape=(64, 4096))
-    result = METHODS["della"].merge(_inputs("della", base, experts, [{"density": 0.5, "epsilon": 0.4}], seed=1))
+    result = _merge("della", base, experts, [{"density": 0.5, "epsilon": 0.4}], seed=1)
     delta = experts[0] - base
     kept = (result.tensor - base) != 0
     magnitude_rank = delta.abs().argsort(dim=1).argsort(dim=1)
@@ -179,14 +190,14 @@ def test_della_keep_probability_tracks_magnitude():
 
 def test_slerp_endpoints_midpoint_and_parallel_fallback():
     base, (other,) = _experts(count=1)
-    merge = lambda t: METHODS["slerp"].merge(_inputs("slerp", base, [other], [{}], {"t": t})).tensor  # noqa: E731
+    merge = lambda t: _merge("slerp", base, [other], [{}], {"t": t}).tensor  # noqa: E731
     torch.testing.assert_close(merge(0.0), base)
     torch.testing.assert_close(merge(1.0), other, rtol=1e-5, atol=1e-5)
     a = torch.tensor([1.0, 0.0])
     b = torch.tensor([0.0, 1.0])
-    mid = METHODS["slerp"].merge(_inputs("slerp", a, [b], [{}], {"t": 0.5})).tensor
+    mid = _merge("slerp", a, [b], [{}], {"t": 0.5}).tensor
     torch.testing.assert_close(mid, torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]))
-    near = METHODS["slerp"].merge(_inputs("slerp", a, [a * 2], [{}], {"t": 0.25})).tensor
+    near = _merge("slerp", a, [a * 2], [{}], {"t": 0.25}).tensor
     torch.testing.assert_close(near, a * 1.25)
 
 
@@ -196,7 +207,7 @@ def test_model_stock_ratio_and_result():
     assert stock_ratio(2, 0.5) == pytest.approx(2 / 3)
     base = torch.zeros(2)
     experts = [torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])]  # cos = 1/sqrt(2)
-    out = METHODS["model_stock"].merge(_inputs("model_stock", base, experts, [{}, {}])).tensor
+    out = _merge("model_stock", base, experts, [{}, {}]).tensor
     cos = 1 / math.sqrt(2)
     t = 2 * cos / (1 + cos)
     torch.testing.assert_close(out, t * torch.tensor([1.0, 0.5]))
@@ -204,16 +215,69 @@ def test_model_stock_ratio_and_result():
 
 def test_model_scope_thresholds_equal_sorting_the_whole_model():
     gen = torch.Generator().manual_seed(11)
-    tensors = [(f"t{i}", torch.randn(n, generator=gen)) for i, n in enumerate([1000, 37, 5000, 1])]
+    tensors = [(f"t{i}", torch.randn(n, generator=gen)) for i, n in enumerate([1000, 37, 300_000, 1])]
     experts = [[b + torch.randn(b.shape, generator=gen) * s for _, b in tensors] for s in (0.1, 0.3)]
     densities = [0.2, 0.05]
 
-    def stream():
+    def contexts():
         for i, (name, base) in enumerate(tensors):
-            yield name, base, [e[i] for e in experts], [{"density": d} for d in densities]
+            context = _context("ties", base.shape, [{"density": d} for d in densities], name=name)
+            yield context, (lambda i=i, base=base: iter([Chunk(0, base, [e[i] for e in experts])]))
 
-    thresholds = model_thresholds(stream, {})
+    thresholds = model_thresholds(contexts)
     for expert, density, threshold in zip(experts, densities, thresholds):
         magnitudes = torch.cat([(e - b).abs() for e, (_, b) in zip(expert, tensors)])
         k = int(density * magnitudes.numel())
         assert threshold == float(torch.sort(magnitudes, descending=True).values[k - 1])
+
+
+def _chunked(values: torch.Tensor, size: int):
+    return lambda stride=1: ([values[i : i + size][::stride]] for i in range(0, values.numel(), size))
+
+
+@pytest.mark.parametrize("k", [1, 17, 50_000, 499_999, 500_000])
+def test_streamed_kth_largest_is_exact_across_chunks(k):
+    values = torch.randn(500_000, generator=torch.Generator().manual_seed(k)).abs()
+    expected = float(torch.sort(values, descending=True).values[k - 1])
+    assert streamed_kth_largest(_chunked(values, 65_536), 500_000, [[k]]) == [[expected]]
+
+
+def test_streamed_kth_largest_survives_an_unrepresentative_sample():
+    """Values whose strided sample sees only zeros: the bracket misses and the radix fallback answers."""
+    n = 400_000
+    values = torch.zeros(n)
+    stride = max(1, n // (1 << 16)) | 1
+    off_sample = torch.ones(n, dtype=torch.bool)
+    off_sample[::stride] = False
+    values[off_sample] = torch.rand(int(off_sample.sum()), generator=torch.Generator().manual_seed(2)) + 1
+    for k in (10, 300_000):
+        expected = float(torch.sort(values, descending=True).values[k - 1])
+        assert streamed_kth_largest(_chunked(values, 50_000), n, [[k]]) == [[expected]]
+
+
+def test_radix_select_matches_sort():
+    values = torch.rand(200_000, generator=torch.Generator().manual_seed(4)) * 5
+    for k in (1, 99_999, 200_000):
+        expected = float(torch.sort(values, descending=True).values[k - 1])
+        assert radix_kth_largest(lambda: (chunk[0] for chunk in _chunked(values, 30_000)()), k) == expected
+
+
+def test_chunked_merge_equals_whole_tensor_merge():
+    """Methods that need whole-tensor statistics give the same result merged in row chunks."""
+    base, experts = _experts(count=3, shape=(64, 50))
+    for method, params in (("ties", {"density": 0.3}), ("breadcrumbs", {"density": 0.7}), ("model_stock", {}),
+                           ("slerp", {})):
+        chosen = experts[:1] if method == "slerp" else experts
+        model_params = [dict(params) for _ in chosen]
+        whole = _merge(method, base, chosen, model_params).tensor
+        context = _context(method, base.shape, model_params)
+        spec = METHODS[method]
+
+        def stream():
+            for start in range(0, 64, 10):
+                yield Chunk(start, base[start : start + 10], [e[start : start + 10] for e in chosen])
+
+        state = spec.prepare(context, stream)
+        parts = [spec.merge_chunk(context, Chunk(c.start, c.base, [e.clone() for e in c.experts]), state).tensor
+                 for c in stream()]
+        torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-5, atol=1e-6)

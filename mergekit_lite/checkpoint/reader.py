@@ -7,6 +7,7 @@ and go straight to the requested device.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ class Checkpoint:
     shards: list[Path]
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
     _pickled: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _fds: dict[Path, int] = field(default_factory=dict, repr=False)
 
     @property
     def directory(self) -> Path:
@@ -65,6 +67,36 @@ class Checkpoint:
             raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: {exc}") from exc
         return tensor if tensor.device == torch.device(device) else tensor.to(device)
 
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) along the first axis, read with plain file reads into a fresh CPU tensor.
+
+        Plain reads, not a memory map: only the rows asked for occupy memory, so streaming a large model
+        keeps the process small. A 0-d or 1-d tensor is one row.
+        """
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.path}: has no tensor {name!r}")
+        whole = len(info.shape) < 2
+        if info.offset < 0:  # pickled: already in memory
+            tensor = self._pickled_state(info.file)[name]
+            return tensor.clone() if whole else tensor[start:stop].clone()
+        row_bytes = info.row_bytes
+        first, count = (0, 1) if whole else (start, stop - start)
+        buffer = torch.empty(count * row_bytes, dtype=torch.uint8)
+        if buffer.numel():
+            fd = self._fds.get(info.file)
+            if fd is None:
+                fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+            view = memoryview(buffer.numpy())
+            position, done = info.offset + first * row_bytes, 0
+            while done < len(view):
+                got = os.preadv(fd, [view[done:]], position + done)
+                if got <= 0:
+                    raise CheckpointError(f"{info.file}: ended while reading tensor {name!r}; the file is truncated")
+                done += got
+        shape = info.shape if whole else (count, *info.shape[1:])
+        return buffer.view(info.dtype).reshape(shape)
+
     def _open_safetensors(self, file: Path, device: torch.device | str) -> Any:
         from safetensors import safe_open
 
@@ -83,6 +115,9 @@ class Checkpoint:
         return self._pickled[file]
 
     def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         self._handles.clear()
         self._pickled.clear()
 

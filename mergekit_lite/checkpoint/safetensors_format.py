@@ -67,10 +67,16 @@ class TensorInfo:
     dtype: torch.dtype
     file: Path
     nbytes: int
+    offset: int = -1  # absolute byte offset of the data in `file` (safetensors only)
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one slice along the first axis (the whole tensor for 0-d and 1-d tensors)."""
+        return self.nbytes // self.shape[0] if len(self.shape) >= 2 and self.shape[0] else self.nbytes
 
 
 @dataclass(frozen=True)
@@ -106,12 +112,12 @@ def read_header(path: Path) -> Header:
     metadata = parsed.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise CheckpointError(f"{path}: __metadata__ must be an object of strings")
-    tensors = {name: _tensor_info(path, name, entry) for name, entry in parsed.items()}
+    tensors = {name: _tensor_info(path, name, entry, data_start) for name, entry in parsed.items()}
     _check_offsets(path, parsed, size - data_start)
     return Header(tensors=tensors, metadata={str(k): str(v) for k, v in metadata.items()}, data_start=data_start)
 
 
-def _tensor_info(path: Path, name: str, entry: object) -> TensorInfo:
+def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise CheckpointError(f"{path}: tensor {name!r} lacks dtype, shape or data_offsets; the file is corrupt")
     code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
@@ -128,7 +134,7 @@ def _tensor_info(path: Path, name: str, entry: object) -> TensorInfo:
             f"{path}: tensor {name!r} of shape {shape} {code} needs {nbytes} bytes but its offsets span "
             f"{offsets[1] - offsets[0]}; the file is corrupt"
         )
-    return TensorInfo(name=name, shape=tuple(shape), dtype=dtype, file=path, nbytes=nbytes)
+    return TensorInfo(name=name, shape=tuple(shape), dtype=dtype, file=path, nbytes=nbytes, offset=data_start + offsets[0])
 
 
 def _check_offsets(path: Path, entries: dict, data_len: int) -> None:

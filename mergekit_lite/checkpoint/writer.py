@@ -107,6 +107,7 @@ class CheckpointWriter:
         self._location: dict[str, tuple[int, int]] = {}  # name -> (fd, absolute offset)
         self._fds: list[int] = []
         self._pending = set(self.specs)
+        self._written: dict[str, int] = {}
 
     def __enter__(self) -> CheckpointWriter:
         if self.tmp_dir.exists():
@@ -135,6 +136,23 @@ class CheckpointWriter:
         fd, offset = self._location[name]
         _write_all(fd, tensor_bytes(tensor), offset)
         self._pending.discard(name)
+
+    def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """Write rows [start, start + len(rows)) of a planned tensor (the whole tensor when it is 0-d or 1-d)."""
+        spec = self.specs.get(name)
+        if spec is None:
+            raise KeyError(f"tensor {name!r} is not in the writer's plan")
+        whole = len(spec.shape) < 2
+        expected = spec.shape if whole else (rows.shape[0], *spec.shape[1:])
+        if rows.dtype != spec.dtype or tuple(rows.shape) != tuple(expected) or (not whole and start + rows.shape[0] > spec.shape[0]):
+            raise ValueError(f"{name}: rows {start}.. of {spec.dtype} {spec.shape} do not fit {rows.dtype} {tuple(rows.shape)}")
+        row_bytes = spec.nbytes // spec.shape[0] if not whole and spec.shape[0] else spec.nbytes
+        fd, offset = self._location[name]
+        data = tensor_bytes(rows)
+        _write_all(fd, data, offset + (0 if whole else start * row_bytes))
+        self._written[name] = self._written.get(name, 0) + len(data)
+        if self._written[name] >= spec.nbytes:
+            self._pending.discard(name)
 
     def add_file(self, relative_name: str, content: str | bytes) -> None:
         data = content.encode("utf-8") if isinstance(content, str) else content

@@ -4,17 +4,9 @@ from __future__ import annotations
 
 from mergekit_lite.errors import RecipeError
 from mergekit_lite.methods import (
-    breadcrumbs,
-    dare_linear,
-    dare_ties,
-    della,
-    linear,
-    model_stock,
-    slerp,
-    task_arithmetic,
-    ties,
+    breadcrumbs, dare_linear, dare_ties, della, linear, model_stock, slerp, task_arithmetic, ties,
 )
-from mergekit_lite.methods.base import MergeInputs, MergeMethod, MergeOutput, ParamSpec
+from mergekit_lite.methods.base import Chunk, ChunkResult, MergeMethod, MergeOutput, ParamSpec, TensorContext
 
 METHODS: dict[str, MergeMethod] = {
     module.METHOD.name: module.METHOD
@@ -29,4 +21,4 @@ def get_method(name: str) -> MergeMethod:
         raise RecipeError(f"unknown merge_method {name!r}; available: {', '.join(sorted(METHODS))}") from None
 
 
-__all__ = ["METHODS", "MergeInputs", "MergeMethod", "MergeOutput", "ParamSpec", "get_method"]
+__all__ = ["METHODS", "Chunk", "ChunkResult", "MergeMethod", "MergeOutput", "ParamSpec", "TensorContext", "get_method"]

@@ -1,4 +1,10 @@
-"""What a tensor-wise merge method is: its parameters and a pure function of float32 tensors."""
+"""What a tensor-wise merge method is: its parameters, an optional whole-tensor statistics pass, and a pure
+function that merges one chunk of rows.
+
+The engine streams each tensor as chunks of whole rows (float32, on the compute device), so memory does not
+grow with tensor size. A method that needs a statistic of the whole tensor (a magnitude threshold, a norm,
+a cosine) computes it in `prepare` from a re-readable stream of the same chunks, then `merge_chunk` uses it.
+"""
 
 from __future__ import annotations
 
@@ -49,44 +55,80 @@ class ParamSpec:
 
 
 @dataclass
-class MergeInputs:
-    """Everything a method sees for one tensor, already float32 on the compute device."""
+class TensorContext:
+    """What a method knows about the whole tensor it is merging."""
 
     name: str
-    base: torch.Tensor | None
-    experts: list[torch.Tensor]
+    shape: tuple[int, ...]
     model_params: list[dict[str, Any]]  # per expert, resolved for this tensor
     params: dict[str, Any]  # recipe-wide, resolved for this tensor
     seed: int = 0
-    prepared: Any = None  # whatever the method's whole-model pass computed
+    model_state: Any = None  # what the method's whole-model pass computed, if it has one
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
 
     def per_model(self, key: str) -> list[Any]:
         return [p[key] for p in self.model_params]
 
 
 @dataclass
-class MergeOutput:
+class Chunk:
+    """Rows [start, start + rows) of one tensor, float32, for the base (if any) and every expert.
+
+    In `merge_chunk` the experts belong to the method, which may overwrite them (the base may not be
+    changed: the engine measures the result against it); in `prepare` everything is read-only.
+    """
+
+    start: int
+    base: torch.Tensor | None
+    experts: list[torch.Tensor]
+
+
+ChunkStream = Callable[[], Iterator[Chunk]]
+
+
+@dataclass
+class ChunkResult:
+    """A merged chunk and the counts the report aggregates over the whole tensor."""
+
     tensor: torch.Tensor
-    kept_fraction: list[float] | None = None  # per expert, after sparsification
-    sign_agreement: float | None = None  # fraction of entries where no kept expert disagrees with the elected sign
+    kept: list[int] | None = None  # entries kept per expert after sparsification
+    any_kept: int | None = None  # entries some expert kept (sign election methods)
+    disagreed: int | None = None  # of those, entries where a kept expert had the minority sign
+    delta_sq: list[float] | None = None  # squared norm of each expert's task vector in this chunk
 
 
-# A whole-model pass: called with a function that yields, tensor by tensor, (name, base, experts, model_params).
-ModelPass = Callable[[Callable[[], Iterator[tuple[str, torch.Tensor, list[torch.Tensor], list[dict]]]], dict], Any]
+@dataclass
+class MergeOutput:
+    """A whole merged tensor with its statistics (the result of `MergeMethod.merge`)."""
+
+    tensor: torch.Tensor
+    kept_fraction: list[float] | None = None
+    sign_agreement: float | None = None
+
+
+# A whole-model pass: called with a function that yields, tensor by tensor, (context, chunk stream).
+ModelPass = Callable[[Callable[[], Iterator[tuple[TensorContext, ChunkStream]]]], Any]
 
 
 @dataclass(frozen=True)
 class MergeMethod:
     name: str
     summary: str
-    merge: Callable[[MergeInputs], MergeOutput]
+    merge_chunk: Callable[[TensorContext, Chunk, Any], ChunkResult]
     params: tuple[ParamSpec, ...] = ()
+    prepare: Callable[[TensorContext, ChunkStream], Any] | None = None  # whole-tensor statistics pass
     needs_base: bool = True
     min_models: int = 1
     max_models: int | None = None
     random: bool = False  # uses the seed
-    prepare: ModelPass | None = None  # optional first pass over the whole model
-    needs_prepare: Callable[[dict], bool] = field(default=lambda params: False)
+    prepare_model: ModelPass | None = None  # optional first pass over the whole model
+    needs_model_pass: Callable[[dict], bool] = field(default=lambda params: False)
 
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == name), None)
@@ -95,13 +137,33 @@ class MergeMethod:
     def param_names(self) -> Iterable[str]:
         return (p.name for p in self.params)
 
+    def merge(self, context: TensorContext, base: torch.Tensor | None, experts: list[torch.Tensor]) -> MergeOutput:
+        """Merge whole in-memory tensors as one chunk: the library entry for callers that hold tensors."""
+
+        def stream() -> Iterator[Chunk]:
+            yield Chunk(0, None if base is None else base.float(), [e.float() for e in experts])
+
+        state = self.prepare(context, stream) if self.prepare is not None else None
+        chunk = Chunk(0, None if base is None else base.float(), [e.float().clone() for e in experts])
+        result = self.merge_chunk(context, chunk, state)
+        return MergeOutput(result.tensor, *summarize_counts(result, context.numel))
+
+
+def summarize_counts(result: ChunkResult, numel: int) -> tuple[list[float] | None, float | None]:
+    kept = [k / numel for k in result.kept] if result.kept is not None and numel else None
+    agreement = None
+    if result.any_kept is not None:
+        agreement = 1.0 if result.any_kept == 0 else 1.0 - result.disagreed / result.any_kept
+    return kept, agreement
+
 
 WEIGHT = ParamSpec("weight", float, 1.0, "scale of this model's contribution (negative subtracts it)")
-DENSITY = ParamSpec(
-    "density", float, 1.0, "fraction of this model's task vector to keep", minimum=0.0, maximum=1.0, exclusive_minimum=True
-)
 LAMBDA = ParamSpec("lambda", float, 1.0, "global scale applied to the merged task vector", scope="global")
 INT8_MASK = ParamSpec("int8_mask", bool, False, "accepted for mergekit recipes; masks are always exact here", scope="global")
+
+
+def density_param(default: float, help: str) -> ParamSpec:
+    return ParamSpec("density", float, default, help, minimum=0.0, maximum=1.0, exclusive_minimum=True)
 
 
 def normalize_param(default: bool) -> ParamSpec:

@@ -3,56 +3,38 @@
 from __future__ import annotations
 
 from mergekit_lite.methods.base import (
-    INT8_MASK,
-    LAMBDA,
-    WEIGHT,
-    MergeInputs,
-    MergeMethod,
-    MergeOutput,
-    ParamSpec,
-    normalize_param,
-    rescale_param,
+    INT8_MASK, LAMBDA, WEIGHT, Chunk, ChunkResult, MergeMethod, ParamSpec, TensorContext, density_param,
+    normalize_param, rescale_param,
 )
-from mergekit_lite.methods.sparsify import (
-    kept_fraction,
-    merge_task_vectors,
-    random_keep_mask,
-    tensor_seed,
-)
+from mergekit_lite.methods.sparsify import merge_task_vectors, random_keep, task_vectors, tensor_seed
 
 SEED = ParamSpec("seed", int, 0, "random seed for the drop masks (--seed overrides)", scope="global", minimum=0)
-DARE_DENSITY = ParamSpec(
-    "density", float, 0.1, "keep probability of each task-vector entry (DARE drops 1 - density)",
-    minimum=0.0, maximum=1.0, exclusive_minimum=True,
-)
+DARE_DENSITY = density_param(0.1, "keep probability of each task-vector entry (DARE drops 1 - density)")
+DARE_PARAMS = (WEIGHT, DARE_DENSITY, LAMBDA, normalize_param(False), rescale_param(True), INT8_MASK, SEED)
 
 
-def dare_deltas(inputs: MergeInputs) -> tuple[list, list[float]]:
+def dare_drop(context: TensorContext, chunk: Chunk) -> tuple[list, list[float], list[int]]:
     """Each expert's task vector after a seeded random drop, rescaled by 1/density when `rescale`."""
-    deltas, kept = [], []
-    for index, (expert, density) in enumerate(zip(inputs.experts, inputs.per_model("density"))):
-        delta = expert - inputs.base
-        if density < 1:
-            mask = random_keep_mask(delta.shape, density, tensor_seed(inputs.seed, inputs.name, index), delta.device)
-            delta.mul_(mask)
-            if inputs.params["rescale"]:
-                delta.div_(density)
-            kept.append(kept_fraction(mask))
-        else:
-            kept.append(1.0)
-        deltas.append(delta)
-    return deltas, kept
+    deltas, delta_sq = task_vectors(chunk)
+    kept = []
+    for index, (delta, density) in enumerate(zip(deltas, context.per_model("density"))):
+        if density >= 1:
+            kept.append(delta.numel())
+            continue
+        seed = tensor_seed(context.seed, context.name, index, chunk.start)
+        kept.append(random_keep(delta, density, seed, rescale=context.params["rescale"]))
+    return deltas, delta_sq, kept
 
 
-def merge_dare_linear(inputs: MergeInputs) -> MergeOutput:
-    deltas, kept = dare_deltas(inputs)
-    return merge_task_vectors(inputs, deltas, kept, elect=False)
+def merge_dare_linear(context: TensorContext, chunk: Chunk, _state: None) -> ChunkResult:
+    deltas, delta_sq, kept = dare_drop(context, chunk)
+    return merge_task_vectors(context, chunk, deltas, delta_sq, kept, elect=False)
 
 
 METHOD = MergeMethod(
     name="dare_linear",
     summary="DARE random drop with rescaling, then task arithmetic",
-    merge=merge_dare_linear,
-    params=(WEIGHT, DARE_DENSITY, LAMBDA, normalize_param(False), rescale_param(True), INT8_MASK, SEED),
+    merge_chunk=merge_dare_linear,
+    params=DARE_PARAMS,
     random=True,
 )

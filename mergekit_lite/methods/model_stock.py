@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
-from mergekit_lite.methods.base import MergeInputs, MergeMethod, MergeOutput
-
-
-def mean_pairwise_cosine(deltas: list[torch.Tensor]) -> float:
-    flat = [d.reshape(-1) for d in deltas]
-    cosines = []
-    for a, b in itertools.combinations(flat, 2):
-        denominator = a.norm() * b.norm()
-        cosines.append(float(torch.dot(a, b) / denominator) if denominator > 0 else 0.0)
-    return sum(cosines) / len(cosines)
+from mergekit_lite.methods.base import Chunk, ChunkResult, ChunkStream, MergeMethod, TensorContext
+from mergekit_lite.methods.sparsify import task_vectors
 
 
 def stock_ratio(count: int, cosine: float) -> float:
@@ -24,16 +17,32 @@ def stock_ratio(count: int, cosine: float) -> float:
     return count * cosine / (1 + (count - 1) * cosine)
 
 
-def merge_model_stock(inputs: MergeInputs) -> MergeOutput:
-    deltas = [x - inputs.base for x in inputs.experts]
-    ratio = stock_ratio(len(deltas), mean_pairwise_cosine(deltas))
-    mean_delta = sum(deltas) / len(deltas)
-    return MergeOutput(inputs.base + ratio * mean_delta)
+def mean_pairwise_cosine(context: TensorContext, stream: ChunkStream) -> float:
+    """The ratio for this tensor, from the task vectors' dot products accumulated over its chunks."""
+    count = len(context.model_params)
+    gram = torch.zeros(count, count, dtype=torch.float64)
+    for chunk in stream():
+        deltas = torch.stack([(e - chunk.base).reshape(-1) for e in chunk.experts])
+        gram += (deltas @ deltas.T).double().cpu()
+    cosines = []
+    for i, j in itertools.combinations(range(count), 2):
+        denominator = math.sqrt(float(gram[i, i]) * float(gram[j, j]))
+        cosines.append(float(gram[i, j]) / denominator if denominator > 0 else 0.0)
+    return stock_ratio(count, sum(cosines) / len(cosines))
+
+
+def merge_model_stock(context: TensorContext, chunk: Chunk, ratio: float) -> ChunkResult:
+    deltas, delta_sq = task_vectors(chunk)
+    mean = deltas[0]
+    for delta in deltas[1:]:
+        mean.add_(delta)
+    return ChunkResult(mean.mul_(ratio / len(deltas)).add_(chunk.base), delta_sq=delta_sq)
 
 
 METHOD = MergeMethod(
     name="model_stock",
     summary="base plus t times the mean task vector, t from the mean pairwise cosine of task vectors",
-    merge=merge_model_stock,
+    merge_chunk=merge_model_stock,
+    prepare=mean_pairwise_cosine,
     min_models=2,
 )

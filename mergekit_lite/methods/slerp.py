@@ -6,34 +6,45 @@ import math
 
 import torch
 
-from mergekit_lite.methods.base import MergeInputs, MergeMethod, MergeOutput, ParamSpec
+from mergekit_lite.methods.base import Chunk, ChunkResult, ChunkStream, MergeMethod, ParamSpec, TensorContext
 
 T = ParamSpec("t", float, 0.5, "interpolation position: 0 gives base_model, 1 the other model", scope="global",
               minimum=0.0, maximum=1.0)
 PARALLEL = 0.9995  # |cos| above this: the arc is numerically a line
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    """Interpolate along the great circle through the directions of v0 and v1 (magnitudes interpolate too)."""
-    n0, n1 = v0.norm(), v1.norm()
-    if n0 == 0 or n1 == 0:
-        return (1 - t) * v0 + t * v1
-    cos = float(torch.clamp(torch.sum(v0 * v1) / (n0 * n1), -1.0, 1.0))
+def slerp_coefficients(t: float, norm0: float, norm1: float, dot: float) -> tuple[float, float]:
+    """(a, b) such that a*v0 + b*v1 lies on the great-circle arc from v0 to v1 at fraction t."""
+    if norm0 == 0 or norm1 == 0:
+        return 1 - t, t
+    cos = max(-1.0, min(1.0, dot / (norm0 * norm1)))
     if abs(cos) > PARALLEL:
-        return (1 - t) * v0 + t * v1
+        return 1 - t, t
     theta = math.acos(cos)
-    sin_theta = math.sin(theta)
-    return (math.sin((1 - t) * theta) / sin_theta) * v0 + (math.sin(t * theta) / sin_theta) * v1
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
-def merge_slerp(inputs: MergeInputs) -> MergeOutput:
-    return MergeOutput(slerp(inputs.params["t"], inputs.base, inputs.experts[0]))
+def whole_tensor_geometry(context: TensorContext, stream: ChunkStream) -> tuple[float, float]:
+    """The coefficients for this tensor, from norms and the dot product accumulated over its chunks."""
+    sq0 = sq1 = dot = 0.0
+    for chunk in stream():
+        v0, v1 = chunk.base.reshape(-1), chunk.experts[0].reshape(-1)
+        sq0 += float(torch.dot(v0, v0))
+        sq1 += float(torch.dot(v1, v1))
+        dot += float(torch.dot(v0, v1))
+    return slerp_coefficients(context.params["t"], math.sqrt(sq0), math.sqrt(sq1), dot)
+
+
+def merge_slerp(context: TensorContext, chunk: Chunk, coefficients: tuple[float, float]) -> ChunkResult:
+    a, b = coefficients
+    return ChunkResult(chunk.experts[0].mul_(b).add_(chunk.base, alpha=a))
 
 
 METHOD = MergeMethod(
     name="slerp",
     summary="spherical interpolation between base_model and one other model, by t",
-    merge=merge_slerp,
+    merge_chunk=merge_slerp,
+    prepare=whole_tensor_geometry,
     params=(T,),
     min_models=1,
     max_models=1,

@@ -1,21 +1,42 @@
-"""Sparsification and sign election shared by TIES, DARE, breadcrumbs and DELLA. Pure tensor functions."""
+"""Selection, sparsification and sign election shared by TIES, DARE, breadcrumbs and DELLA.
+
+Pure tensor functions. Work on a chunk is done in place on buffers the method owns: at this scale an
+extra allocation per element costs more than the arithmetic.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import math
+from typing import Callable, Iterator
 
 import torch
 
-from mergekit_lite.methods.base import MergeInputs, MergeOutput
+from mergekit_lite.methods.base import Chunk, ChunkResult, TensorContext
 
-# Below this size an exact kthvalue is cheap; above it a sampled bracket avoids touching most elements twice.
-_SMALL = 1 << 20
-_SAMPLE = 1 << 16
+# Below this size an exact kthvalue is cheap; above it a sampled bracket avoids a full selection.
+_SMALL = 1 << 16
+_SAMPLE = 1 << 14
+_BUCKETS = 1 << 16
+
+
+def keep_count(density: float, numel: int) -> int:
+    """How many entries a density keeps, counted as mergekit counts: floor(density * n)."""
+    return int(density * numel)
+
+
+def _bracket(sample: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values of a random sample that, with high probability, enclose the k-th largest of n values."""
+    size = sample.numel()
+    below = 1 - k / n
+    spread = 4 * math.sqrt(max(below * (1 - below), 1 / size) / size) + 2 / size
+    lo_rank = max(1, int((below - spread) * size))
+    hi_rank = min(size, int((below + spread) * size) + 1)
+    return torch.kthvalue(sample, lo_rank).values, torch.kthvalue(sample, hi_rank).values
 
 
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The exact k-th largest entry of a 1-D tensor (k >= 1), without sorting it.
+    """The exact k-th largest entry of a 1-D tensor (1 <= k <= n), without sorting it.
 
     Large tensors: a random sample brackets the answer, one comparison pass counts the entries above the
     bracket, and an exact kthvalue runs on the few entries inside it. The answer is exact whatever the
@@ -28,12 +49,7 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
         return torch.kthvalue(values, n - k + 1).values
     gen = torch.Generator(device=values.device).manual_seed(n * 31 + k)
     sample = values[torch.randint(0, n, (_SAMPLE,), device=values.device, generator=gen)]
-    fraction_below = 1 - k / n
-    spread = 4 * math.sqrt(max(fraction_below * (1 - fraction_below), 1 / _SAMPLE) / _SAMPLE) + 2 / _SAMPLE
-    lo_rank = max(1, int((fraction_below - spread) * _SAMPLE))
-    hi_rank = min(_SAMPLE, int((fraction_below + spread) * _SAMPLE) + 1)
-    lo = torch.kthvalue(sample, lo_rank).values
-    hi = torch.kthvalue(sample, hi_rank).values
+    lo, hi = _bracket(sample, n, k)
     above = int(torch.count_nonzero(values > hi))
     if above < k:
         band = values[(values >= lo) & (values <= hi)]
@@ -43,47 +59,113 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(values, n - k + 1).values
 
 
-def keep_count(density: float, numel: int) -> int:
-    """How many entries a density keeps, counted as mergekit counts: floor(density * n)."""
-    return int(density * numel)
+SeriesStream = Callable[[int], Iterator[list[torch.Tensor]]]
 
 
-def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep entries whose magnitude is at least the k-th largest (k = floor(density*n)); ties are kept."""
+def streamed_kth_largest(stream: SeriesStream, n: int, ks: list[list[int]]) -> list[list[float]]:
+    """Exact k-th largest values of several series of non-negative values that arrive in chunks.
+
+    `stream(stride)` yields, per chunk, one 1-D float32 tensor per series holding every stride-th value of
+    that chunk (stride 1: all of them; each series holds n values in all); `ks[s]` lists the ranks wanted
+    from series s (each 1 <= k <= n). A single chunk is solved in memory. Otherwise a strided sample from a
+    first pass brackets each answer, a second pass counts the values above each bracket and keeps those
+    inside, and kthvalue finishes on the kept few; a bracket that misses falls back to an exact radix select
+    on the float bit patterns (two more passes, no sorting).
+    """
+    stride = max(1, n // _SAMPLE) | 1
+    samples = [[values.clone() for values in series] for series in stream(stride)]
+    if len(samples) == 1:
+        whole = next(iter(stream(1)))
+        return [[float(kth_largest(values, k)) for k in wanted] for values, wanted in zip(whole, ks)]
+    sample = [torch.cat([chunk[s] for chunk in samples]) for s in range(len(ks))]
+    brackets = [[_bracket(sample[s], n, k) for k in wanted] for s, wanted in enumerate(ks)]
+    above = [[0] * len(wanted) for wanted in ks]
+    bands: list[list[list[torch.Tensor]]] = [[[] for _ in wanted] for wanted in ks]
+    for series in stream(1):
+        for s, values in enumerate(series):
+            for j, (lo, hi) in enumerate(brackets[s]):
+                above[s][j] += int(torch.count_nonzero(values > hi))
+                bands[s][j].append(values[(values >= lo) & (values <= hi)])
+    answers = []
+    for s, wanted in enumerate(ks):
+        row = []
+        for j, k in enumerate(wanted):
+            band = torch.cat(bands[s][j])
+            need = k - above[s][j]
+            if 1 <= need <= band.numel():
+                row.append(float(torch.kthvalue(band, band.numel() - need + 1).values))
+            else:
+                row.append(radix_kth_largest(lambda: (chunk[s] for chunk in stream(1)), k))
+        answers.append(row)
+    return answers
+
+
+def _bits(values: torch.Tensor) -> torch.Tensor:
+    """Non-negative float32 values as int32 bit patterns, whose order is the values' order."""
+    return values.reshape(-1).contiguous().view(torch.int32)
+
+
+def radix_kth_largest(stream: Callable[[], Iterator[torch.Tensor]], k: int) -> float:
+    """Exact k-th largest of non-negative float32 values arriving in chunks: a two-pass radix select.
+
+    The first pass histograms the high 16 bits of every value and finds the bucket holding the answer; the
+    second histograms the low 16 bits inside that bucket. Memory: two 65,536-entry histograms.
+    """
+    high = torch.zeros(_BUCKETS, dtype=torch.int64)
+    for values in stream():
+        high += torch.bincount(_bits(values) >> 16, minlength=_BUCKETS).cpu()
+    bucket, rank = _bucket_of_kth_largest(high, k)
+    low = torch.zeros(_BUCKETS, dtype=torch.int64)
+    for values in stream():
+        bits = _bits(values)
+        low += torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=_BUCKETS).cpu()
+    low_bucket, _ = _bucket_of_kth_largest(low, rank)
+    return float(torch.tensor([(bucket << 16) | low_bucket], dtype=torch.int32).view(torch.float32)[0])
+
+
+def _bucket_of_kth_largest(histogram: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bucket holding the k-th largest value, and that value's rank from the top inside the bucket."""
+    from_top = histogram.flip(0).cumsum(0)
+    position = int(torch.searchsorted(from_top, torch.tensor(k)))
+    above = int(from_top[position - 1]) if position > 0 else 0
+    return histogram.numel() - 1 - position, k - above
+
+
+def magnitude_threshold(values: torch.Tensor, density: float) -> float:
+    """The magnitude at or above which floor(density*n) entries lie (inf when none are kept)."""
+    k = keep_count(density, values.numel())
     if density >= 1:
-        return torch.ones_like(delta, dtype=torch.bool)
-    k = keep_count(density, delta.numel())
-    if k == 0:
-        return torch.zeros_like(delta, dtype=torch.bool)
+        return 0.0
+    return float("inf") if k == 0 else float(kth_largest(values.abs().reshape(-1), k))
+
+
+def apply_magnitude_mask(delta: torch.Tensor, low: float, high: float = float("inf")) -> int:
+    """Zero, in place, entries whose magnitude is below `low` or at/above `high`; returns how many remain."""
     magnitude = delta.abs()
-    return magnitude >= kth_largest(magnitude.reshape(-1), k)
+    keep = magnitude >= low
+    if high != float("inf"):
+        keep.logical_and_(magnitude < high)
+    delta.mul_(keep)
+    return int(torch.count_nonzero(keep))
 
 
-def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Breadcrumbs: drop the largest `gamma` fraction and then the smallest, keeping `density` of entries."""
-    n = delta.numel()
-    keep = keep_count(density, n)
-    top = min(int(gamma * n), n - keep)
-    if keep == 0:
-        return torch.zeros_like(delta, dtype=torch.bool)
-    magnitude = delta.abs()
-    flat = magnitude.reshape(-1)
-    mask = magnitude >= kth_largest(flat, top + keep)
-    if top > 0:
-        mask &= magnitude < kth_largest(flat, top)
-    return mask
-
-
-def tensor_seed(seed: int, tensor_name: str, expert_index: int) -> int:
-    """A seed that depends on the recipe seed, the tensor and the expert, not on processing order."""
-    digest = hashlib.blake2b(f"{seed}\0{tensor_name}\0{expert_index}".encode(), digest_size=8).digest()
+def tensor_seed(seed: int, tensor_name: str, expert_index: int, start_row: int = 0) -> int:
+    """A seed from the recipe seed, the tensor, the expert and the chunk: independent of processing order."""
+    digest = hashlib.blake2b(f"{seed}\0{tensor_name}\0{expert_index}\0{start_row}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def random_keep_mask(shape: torch.Size, probability: torch.Tensor | float, seed: int, device: torch.device) -> torch.Tensor:
-    """Bernoulli keep mask with a per-tensor generator, so a recipe reproduces bit for bit on one device type."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    return torch.rand(shape, generator=gen, device=device) < probability
+def random_keep(delta: torch.Tensor, probability: torch.Tensor | float, seed: int, rescale: bool) -> int:
+    """Bernoulli drop, in place: keep each entry with `probability`, divided by it when `rescale`.
+
+    One generator per chunk, so a recipe reproduces bit for bit on the same device type.
+    """
+    gen = torch.Generator(device=delta.device).manual_seed(seed)
+    keep = torch.rand(delta.shape, generator=gen, device=delta.device).lt_(probability)
+    delta.mul_(keep)
+    if rescale:
+        delta.div_(probability)
+    return int(torch.count_nonzero(keep))
 
 
 def rank_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -96,64 +178,67 @@ def rank_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float)
 
 
 def combine(
-    deltas: list[torch.Tensor],
-    weights: list[float],
-    *,
-    elect: bool,
-    normalize: bool,
-    scale: float,
-) -> tuple[torch.Tensor, float | None]:
-    """Weighted sum of (sparsified) task vectors, optionally after a TIES sign election.
+    deltas: list[torch.Tensor], weights: list[float], *, elect: bool, normalize: bool, scale: float
+) -> tuple[torch.Tensor, int | None, int | None]:
+    """Weighted sum of (sparsified) task vectors, optionally after a TIES sign election; in place.
 
     With `elect`, the sign of the summed weighted vectors is elected per entry (a zero sum counts as +), only
     entries with that sign are summed (zeros never agree), and `normalize` divides by the agreeing experts'
     weights (1 where none agree); without it, `normalize` divides by the sum of all weights. The result is
-    multiplied by `scale`. Returns it with the sign-agreement fraction: among entries some expert kept, the
-    share where no kept entry has the minority sign. The deltas are scaled in place and loop one at a time,
-    so memory is the inputs plus a few tensors, whatever the number of experts.
+    multiplied by `scale`. Also returns how many entries some expert kept and, of those, how many had a
+    kept entry of the minority sign.
+
+    The election works on s_t = sign * w_t tau_t: an expert agrees where s_t > 0, so the agreeing sum is
+    sign * sum_t max(s_t, 0), and an entry saw disagreement exactly where that sum exceeds |sum_t w_t tau_t|.
     """
     for delta, weight in zip(deltas, weights):
         delta.mul_(weight)
-    merged = torch.zeros_like(deltas[0])
-    agreement = None
-    if elect:
-        for delta in deltas:
-            merged += delta
-        positive = merged >= 0
-        merged.zero_()
-        divisor = torch.zeros_like(merged)
-        disagree = torch.zeros_like(merged, dtype=torch.bool)
-        any_kept = torch.zeros_like(merged, dtype=torch.bool)
-        for delta, weight in zip(deltas, weights):
-            agree = torch.where(positive, delta > 0, delta < 0)
-            merged += delta * agree
-            divisor += agree * weight
-            kept = delta != 0
-            any_kept |= kept
-            disagree |= kept & ~agree
-        total = int(any_kept.sum())
-        agreement = 1.0 if total == 0 else 1.0 - int(disagree.sum()) / total
-        if normalize:
-            merged /= torch.where(divisor == 0, 1.0, divisor)
-    else:
-        for delta in deltas:
-            merged += delta
-        total = float(sum(weights))
-        if normalize and abs(total) >= 1e-8:
-            merged /= total
+    total = deltas[0].clone()
+    for delta in deltas[1:]:
+        total += delta
+    if not elect:
+        weight_sum = float(sum(weights))
+        if normalize and abs(weight_sum) >= 1e-8:
+            total /= weight_sum
+        return (total.mul_(scale) if scale != 1.0 else total), None, None
+    sign = torch.sign(total).add_(0.5).sign_()  # +1 where the sum is >= 0, else -1
+    agreeing = torch.zeros_like(total)
+    divisor = torch.zeros_like(total) if normalize else None
+    for delta, weight in zip(deltas, weights):
+        delta.mul_(sign).clamp_(min=0)
+        agreeing += delta
+        if divisor is not None:
+            divisor.add_(delta.sign_(), alpha=weight)
+    any_kept = int(torch.count_nonzero(agreeing))
+    disagreed = int(torch.count_nonzero(agreeing > total.abs_()))
+    agreeing.mul_(sign)
+    if divisor is not None:
+        agreeing.div_(divisor.masked_fill_(divisor == 0, 1.0))
     if scale != 1.0:
-        merged *= scale
-    return merged, agreement
+        agreeing.mul_(scale)
+    return agreeing, any_kept, disagreed
 
 
-def kept_fraction(mask: torch.Tensor) -> float:
-    return float(mask.float().mean()) if mask.numel() else 1.0
+def delta_magnitudes(chunk: Chunk, stride: int = 1) -> list[torch.Tensor]:
+    """|expert - base| of every expert in a chunk, flattened, at every stride-th position."""
+    base = chunk.base.reshape(-1)[::stride]
+    return [(expert.reshape(-1)[::stride] - base).abs_() for expert in chunk.experts]
 
 
-def merge_task_vectors(inputs: MergeInputs, deltas: list[torch.Tensor], kept: list[float] | None, *, elect: bool) -> MergeOutput:
+def task_vectors(chunk: Chunk) -> tuple[list[torch.Tensor], list[float]]:
+    """Each expert's task vector for this chunk, in place of the expert, and its squared norm."""
+    deltas = [expert.sub_(chunk.base) for expert in chunk.experts]
+    return deltas, [float(torch.dot(d.reshape(-1), d.reshape(-1))) for d in deltas]
+
+
+def merge_task_vectors(
+    context: TensorContext, chunk: Chunk, deltas: list[torch.Tensor], delta_sq: list[float], kept: list[int] | None,
+    *, elect: bool,
+) -> ChunkResult:
     """Finish a task-vector method: combine the (sparsified) deltas with the recipe's weights, normalize and
     lambda, and add the result to the base."""
-    merged, agreement = combine(
-        deltas, inputs.per_model("weight"), elect=elect, normalize=inputs.params["normalize"], scale=inputs.params["lambda"]
+    merged, any_kept, disagreed = combine(
+        deltas, context.per_model("weight"), elect=elect, normalize=context.params["normalize"],
+        scale=context.params["lambda"],
     )
-    return MergeOutput(inputs.base + merged, kept_fraction=kept, sign_agreement=agreement)
+    return ChunkResult(merged.add_(chunk.base), kept=kept, any_kept=any_kept, disagreed=disagreed, delta_sq=delta_sq)

@@ -2,120 +2,75 @@
 
 `trim_scope: tensor` (default, as LLM merge tools do) trims each tensor to its own top `density`;
 `trim_scope: model` (as the paper does) trims each expert's whole flattened task vector to one global
-threshold, found by a first streamed pass that never holds the model in memory.
+threshold, found by a first streamed pass over the model that never holds it in memory.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Iterator
 
-import torch
-
 from mergekit_lite.errors import UserError
 from mergekit_lite.methods.base import (
-    INT8_MASK,
-    LAMBDA,
-    WEIGHT,
-    MergeInputs,
-    MergeMethod,
-    MergeOutput,
-    ParamSpec,
+    INT8_MASK, LAMBDA, WEIGHT, Chunk, ChunkResult, ChunkStream, MergeMethod, ParamSpec, TensorContext, density_param,
     normalize_param,
 )
 from mergekit_lite.methods.sparsify import (
-    keep_count,
-    kept_fraction,
-    magnitude_mask,
-    merge_task_vectors,
+    apply_magnitude_mask, delta_magnitudes, keep_count, merge_task_vectors, streamed_kth_largest, task_vectors,
 )
 
-TIES_DENSITY = ParamSpec(
-    "density", float, 0.2, "fraction of each task vector kept, by magnitude", minimum=0.0, maximum=1.0, exclusive_minimum=True
-)
 TRIM_SCOPE = ParamSpec(
     "trim_scope", str, "tensor", "trim per tensor, or per expert over the whole model (the paper)", scope="global",
     choices=("tensor", "model"),
 )
 
-_BUCKETS = 1 << 16
+
+def _thresholds(densities: list[float], n: int, stream: Callable[[int], Iterator[list]]) -> list[float]:
+    """Per expert, the magnitude at or above which floor(density*n) entries lie (0: keep all, inf: none)."""
+    ranks = [[keep_count(d, n)] if 0 < keep_count(d, n) and d < 1 else [] for d in densities]
+    found = streamed_kth_largest(stream, n, ranks) if any(ranks) else [[] for _ in densities]
+    return [row[0] if row else (0.0 if d >= 1 else float("inf")) for row, d in zip(found, densities)]
 
 
-def merge_ties(inputs: MergeInputs) -> MergeOutput:
-    deltas, kept = [], []
-    for index, (expert, density) in enumerate(zip(inputs.experts, inputs.per_model("density"))):
-        delta = expert - inputs.base
-        if inputs.prepared is not None:
-            mask = delta.abs() >= inputs.prepared[index]
-        else:
-            mask = magnitude_mask(delta, density)
-        delta.mul_(mask)
-        kept.append(kept_fraction(mask))
-        deltas.append(delta)
-    return merge_task_vectors(inputs, deltas, kept, elect=True)
+def tensor_thresholds(context: TensorContext, stream: ChunkStream) -> list[float]:
+    if context.model_state is not None:
+        return context.model_state
+    magnitudes = lambda stride: (delta_magnitudes(c, stride) for c in stream())  # noqa: E731
+    return _thresholds(context.per_model("density"), context.numel, magnitudes)
 
 
-def _bits(magnitude: torch.Tensor) -> torch.Tensor:
-    """Non-negative float32 values as int32 bit patterns: their order is the values' order."""
-    return magnitude.reshape(-1).contiguous().view(torch.int32)
-
-
-def model_thresholds(stream: Callable[[], Iterator[tuple]], settings: dict) -> list[float]:
-    """Each expert's exact global magnitude threshold (k-th largest |delta| over the model), in two passes.
-
-    A radix select on float bit patterns: the first pass histograms the high 16 bits of every |delta| and
-    finds the bucket holding the k-th largest; the second histograms the low 16 bits inside that bucket.
-    Memory is two 65,536-entry histograms per expert, whatever the model size.
-    """
-    densities: list[float] | None = None
-    high: list[torch.Tensor] = []
-    total = 0
-    for _name, base, experts, model_params in stream():
+def model_thresholds(tensors: Callable[[], Iterator[tuple[TensorContext, ChunkStream]]]) -> list[float]:
+    """Each expert's exact magnitude threshold over the whole model (trim_scope: model)."""
+    densities, total = None, 0
+    for context, _stream in tensors():
         if densities is None:
-            densities = [p["density"] for p in model_params]
-            high = [torch.zeros(_BUCKETS, dtype=torch.int64) for _ in experts]
-        for index, (expert, params) in enumerate(zip(experts, model_params)):
-            if params["density"] != densities[index]:
-                raise UserError("trim_scope: model needs one density per model, not per-tensor filters or gradients")
-            high[index] += torch.bincount(_bits((expert - base).abs()) >> 16, minlength=_BUCKETS).cpu()
-        total += base.numel()
+            densities = context.per_model("density")
+        if context.per_model("density") != densities:
+            raise UserError("trim_scope: model needs one density per model, not per-tensor filters or gradients")
+        total += context.numel
     if densities is None:
         return []
-    ks = [keep_count(d, total) for d in densities]
-    buckets = [_bucket_of_kth_largest(h, k) if k > 0 else None for h, k in zip(high, ks)]
-    low = [torch.zeros(_BUCKETS, dtype=torch.int64) for _ in densities]
-    for _name, base, experts, _params in stream():
-        for index, expert in enumerate(experts):
-            if buckets[index] is None:
-                continue
-            bits = _bits((expert - base).abs())
-            inside = bits[(bits >> 16) == buckets[index][0]]
-            low[index] += torch.bincount(inside & 0xFFFF, minlength=_BUCKETS).cpu()
-    thresholds = []
-    for index, k in enumerate(ks):
-        if k == 0 or densities[index] >= 1:
-            thresholds.append(float("inf") if k == 0 else 0.0)
-            continue
-        bucket, rank_inside = buckets[index]
-        low_bucket, _ = _bucket_of_kth_largest(low[index], rank_inside)
-        bits = torch.tensor([(bucket << 16) | low_bucket], dtype=torch.int32)
-        thresholds.append(float(bits.view(torch.float32)[0]))
-    return thresholds
+
+    def stream(stride: int) -> Iterator[list]:
+        for _context, chunks in tensors():
+            for chunk in chunks():
+                yield delta_magnitudes(chunk, stride)
+
+    return _thresholds(densities, total, stream)
 
 
-def _bucket_of_kth_largest(histogram: torch.Tensor, k: int) -> tuple[int, int]:
-    """The bucket holding the k-th largest value, and that value's rank from the top inside the bucket."""
-    from_top = histogram.flip(0).cumsum(0)
-    position = int(torch.searchsorted(from_top, torch.tensor(k)))
-    bucket = histogram.numel() - 1 - position
-    above = int(from_top[position - 1]) if position > 0 else 0
-    return bucket, k - above
+def merge_ties(context: TensorContext, chunk: Chunk, thresholds: list[float]) -> ChunkResult:
+    deltas, delta_sq = task_vectors(chunk)
+    kept = [apply_magnitude_mask(delta, threshold) for delta, threshold in zip(deltas, thresholds)]
+    return merge_task_vectors(context, chunk, deltas, delta_sq, kept, elect=True)
 
 
 METHOD = MergeMethod(
     name="ties",
     summary="trim task vectors to the top density by magnitude, elect signs, average the agreeing entries",
-    merge=merge_ties,
-    params=(WEIGHT, TIES_DENSITY, LAMBDA, normalize_param(True), TRIM_SCOPE, INT8_MASK),
-    prepare=model_thresholds,
-    needs_prepare=lambda params: params.get("trim_scope") == "model",
+    merge_chunk=merge_ties,
+    prepare=tensor_thresholds,
+    params=(WEIGHT, density_param(0.2, "fraction of each task vector kept, by magnitude"), LAMBDA, normalize_param(True),
+            TRIM_SCOPE, INT8_MASK),
+    prepare_model=model_thresholds,
+    needs_model_pass=lambda params: params.get("trim_scope") == "model",
 )

@@ -1,0 +1,190 @@
+"""Wall time and peak memory of a TIES merge of Llama-shaped checkpoints, against mergekit and the I/O floor.
+
+Builds (once, cached under --workdir) a synthetic Llama-shaped base and experts in bfloat16, two shards each,
+whose experts are the base plus small noise, then runs in separate processes:
+  * `merge run` (this project) with TIES, density 0.5, on 3 experts, and again on 8 experts;
+  * the I/O floor: read every input tensor and write one output, no math;
+  * mergekit's `mergekit-yaml` on the same recipe, when --mergekit-venv points at an environment holding it
+    (`--install-mergekit` creates one with mergekit 0.1.5 from PyPI).
+Prints each run's wall time and peak RSS, and the ratios the targets are stated in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mergekit_lite.checkpoint import CheckpointWriter, TensorSpec, open_checkpoint  # noqa: E402
+
+SHAPES = {"hidden": 1024, "layers": 16, "intermediate": 2816, "vocab": 32000, "heads": 16}
+SMALL = {"hidden": 256, "layers": 4, "intermediate": 704, "vocab": 8000, "heads": 8}
+
+
+def llama_specs(dims: dict, dtype: torch.dtype) -> list[TensorSpec]:
+    h, i, v = dims["hidden"], dims["intermediate"], dims["vocab"]
+    specs = [TensorSpec("model.embed_tokens.weight", dtype, (v, h))]
+    for layer in range(dims["layers"]):
+        prefix = f"model.layers.{layer}."
+        specs += [TensorSpec(prefix + f"self_attn.{p}_proj.weight", dtype, (h, h)) for p in "qkvo"]
+        specs += [TensorSpec(prefix + "mlp.gate_proj.weight", dtype, (i, h)), TensorSpec(prefix + "mlp.up_proj.weight", dtype, (i, h)),
+                  TensorSpec(prefix + "mlp.down_proj.weight", dtype, (h, i))]
+        specs += [TensorSpec(prefix + "input_layernorm.weight", dtype, (h,)),
+                  TensorSpec(prefix + "post_attention_layernorm.weight", dtype, (h,))]
+    specs += [TensorSpec("model.norm.weight", dtype, (h,)), TensorSpec("lm_head.weight", dtype, (v, h))]
+    return specs
+
+
+def llama_config(dims: dict, dtype: str) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": dims["hidden"],
+        "intermediate_size": dims["intermediate"], "num_hidden_layers": dims["layers"],
+        "num_attention_heads": dims["heads"], "num_key_value_heads": dims["heads"], "vocab_size": dims["vocab"],
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": dtype,
+        "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
+    }
+
+
+def make_checkpoints(workdir: Path, dims: dict, experts: int, dtype: torch.dtype) -> list[Path]:
+    """Base (index 0) and experts: base + noise of 1/10 the base's scale, streamed tensor by tensor."""
+    specs = llama_specs(dims, dtype)
+    total = sum(s.nbytes for s in specs)
+    paths = []
+    for index in range(experts + 1):
+        path = workdir / ("base" if index == 0 else f"expert{index}")
+        paths.append(path)
+        if (path / "model.safetensors.index.json").is_file():
+            continue
+        with CheckpointWriter(path, specs, max_shard_bytes=total // 2 + 1, force=True) as writer:
+            for number, spec in enumerate(specs):
+                gen = torch.Generator().manual_seed(number)
+                tensor = torch.randn(spec.shape, generator=gen) * 0.02
+                if index:
+                    gen.manual_seed(number * 1000 + index)
+                    tensor += torch.randn(spec.shape, generator=gen) * 0.002
+                writer.write(spec.name, tensor.to(dtype))
+            writer.add_file("config.json", json.dumps(llama_config(dims, str(dtype).removeprefix("torch.")), indent=2))
+    return paths
+
+
+def write_recipe(path: Path, checkpoints: list[Path], dtype: str) -> Path:
+    lines = ["merge_method: ties", f"base_model: {checkpoints[0]}", "models:", f"  - model: {checkpoints[0]}"]
+    for expert in checkpoints[1:]:
+        lines += [f"  - model: {expert}", "    parameters: {weight: 1.0, density: 0.5}"]
+    lines += ["parameters: {normalize: true}", f"dtype: {dtype}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def measure(command: list[str], env: dict | None = None) -> dict:
+    """Run a command; its wall time and peak RSS (from wait4, so only that process tree's own peak)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - started
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"command failed ({code}): {' '.join(command)}\n{output.decode(errors='replace')[-3000:]}")
+    return {"seconds": wall, "peak_rss": usage.ru_maxrss * 1024}
+
+
+def io_floor(checkpoints: list[Path], out: Path) -> None:
+    """Read every tensor of every input once and write the base's tensors out: the cost with no math at all."""
+    opened = [open_checkpoint(p) for p in checkpoints]
+    base = opened[0]
+    specs = [TensorSpec(n, i.dtype, i.shape) for n, i in base.tensors.items()]
+    with CheckpointWriter(out, specs, force=True) as writer:
+        for spec in specs:
+            tensors = [ckpt.get(spec.name) for ckpt in opened]
+            writer.write(spec.name, tensors[0])
+
+
+def install_mergekit(venv: Path) -> None:
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run(pip + ["torch==2.13.0"], check=True)
+    subprocess.run(pip + ["mergekit==0.1.5"], check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out" / "tensorwise")
+    parser.add_argument("--small", action="store_true", help="a 4-layer model, for a quick look")
+    parser.add_argument("--mergekit-venv", type=Path, default=ROOT / "bench" / "out" / "mergekit-venv")
+    parser.add_argument("--install-mergekit", action="store_true", help="create --mergekit-venv with mergekit 0.1.5")
+    parser.add_argument("--skip-8", action="store_true", help="skip the 8-expert memory run")
+    parser.add_argument("--child-io-floor", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_io_floor:
+        *inputs, out = args.child_io_floor
+        io_floor([Path(p) for p in inputs], Path(out))
+        return
+
+    dims = SMALL if args.small else SHAPES
+    workdir = args.workdir / ("small" if args.small else "full")
+    workdir.mkdir(parents=True, exist_ok=True)
+    experts = 3 if args.skip_8 else 8
+    print(f"building checkpoints in {workdir} (cached) ...", flush=True)
+    checkpoints = make_checkpoints(workdir, dims, experts, torch.bfloat16)
+    params = sum(t.numel for t in open_checkpoint(checkpoints[0]).tensors.values())
+    print(f"{params / 1e6:.0f}M parameters per model, bfloat16, 2 shards each", flush=True)
+    three = write_recipe(workdir / "ties3.yaml", checkpoints[:4], "bfloat16")
+    merge = [str(ROOT / ".venv" / "bin" / "merge")] if (ROOT / ".venv" / "bin" / "merge").exists() else [
+        sys.executable, "-m", "mergekit_lite"]
+    results = {}
+    out = workdir / "merged"
+    results["io_floor"] = measure([sys.executable, __file__, "--child-io-floor", *map(str, checkpoints[:4]), str(out)])
+    results["ours_3"] = measure(merge + ["run", str(three), str(out), "--force", "--quiet", "--device", "cpu"])
+    if not args.skip_8:
+        eight = write_recipe(workdir / "ties8.yaml", checkpoints[:9], "bfloat16")
+        results["ours_8"] = measure(merge + ["run", str(eight), str(out), "--force", "--quiet", "--device", "cpu"])
+    if args.install_mergekit and not (args.mergekit_venv / "bin" / "mergekit-yaml").exists():
+        install_mergekit(args.mergekit_venv)
+    mergekit = args.mergekit_venv / "bin" / "mergekit-yaml"
+    if mergekit.exists():
+        # Both tools in one environment (mergekit's, with its torch build), so neither pays for a different torch.
+        venv_python = str(args.mergekit_venv / "bin" / "python")
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        results["ours_3_same_env"] = measure(
+            [venv_python, "-m", "mergekit_lite", "run", str(three), str(out), "--force", "--quiet", "--device", "cpu"], env)
+        results["io_floor_same_env"] = measure(
+            [venv_python, __file__, "--child-io-floor", *map(str, checkpoints[:4]), str(out)], env)
+        shutil.rmtree(workdir / "merged_mergekit", ignore_errors=True)
+        results["mergekit_3"] = measure([str(mergekit), str(three), str(workdir / "merged_mergekit"), "--lazy-unpickle"])
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(workdir / "merged_mergekit", ignore_errors=True)
+
+    largest = max(s.nbytes for s in llama_specs(dims, torch.float32))
+    print(f"\n{'run':<28}{'wall s':>9}{'peak RSS MiB':>14}")
+    for name, row in results.items():
+        print(f"{name:<28}{row['seconds']:>9.1f}{row['peak_rss'] / 2**20:>14.0f}")
+    ours = results["ours_3"]
+    print(f"\nours / I/O floor: time {ours['seconds'] / results['io_floor']['seconds']:.2f}x, "
+          f"memory {ours['peak_rss'] / results['io_floor']['peak_rss']:.2f}x")
+    if "mergekit_3" in results:
+        mk, same = results["mergekit_3"], results["ours_3_same_env"]
+        floor = results["io_floor_same_env"]
+        print("same environment as mergekit (its torch build):")
+        print(f"  ours / mergekit:  time {same['seconds'] / mk['seconds']:.3f}x (target <= 0.15), "
+              f"memory {same['peak_rss'] / mk['peak_rss']:.3f}x (target <= 0.5)")
+        print(f"  I/O floor / mergekit: time {floor['seconds'] / mk['seconds']:.3f}x, memory {floor['peak_rss'] / mk['peak_rss']:.3f}x")
+    if "ours_8" in results:
+        extra = results["ours_8"]["peak_rss"] - ours["peak_rss"]
+        print(f"8 experts vs 3: +{extra / 2**20:.0f} MiB; budget 5 extra inputs' largest tensor (float32) = "
+              f"{5 * largest / 2**20:.0f} MiB -> {'within' if extra <= 5 * largest else 'OVER'}")
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
