@@ -169,6 +169,10 @@ def _check_same_architecture(reference: Checkpoint, expert: Checkpoint) -> None:
         )
 
 
+def _rows_bytes(info, start: int, stop: int) -> int:
+    return info.nbytes if len(info.shape) < 2 else (stop - start) * info.row_bytes
+
+
 def _rows_differ_only(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     return len(a) == len(b) >= 1 and a[1:] == b[1:] and a[0] != b[0]
 
@@ -194,6 +198,30 @@ class Timings:
     prepare: float = 0.0
 
 
+class BufferRing:
+    """Two sets of reusable CPU buffers, one per chunk in flight (the one computed, the one being read).
+
+    Reading every chunk into fresh memory from a second thread fragments the heap, and peak memory then
+    drifts from run to run; reused buffers keep it flat. A chunk's tensors stay valid until the chunk
+    after next is read, by which time the engine has written its result.
+    """
+
+    def __init__(self) -> None:
+        self._sets: list[dict[tuple[int, torch.dtype], torch.Tensor]] = [{}, {}]
+        self._turn = 0
+
+    def next_set(self) -> dict[tuple[int, torch.dtype], torch.Tensor]:
+        self._turn ^= 1
+        return self._sets[self._turn]
+
+    @staticmethod
+    def buffer(buffers: dict, slot: int, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        current = buffers.get((slot, dtype))
+        if current is None or current.numel() < numel:
+            current = buffers[(slot, dtype)] = torch.empty(max(numel, 1), dtype=dtype)
+        return current[:numel]
+
+
 class ChunkReader:
     """Reads row chunks of one tensor from every input, as float32 on the device, one chunk ahead."""
 
@@ -202,14 +230,21 @@ class ChunkReader:
         self.device = device
         self.timings = timings
         self.pool = pool
+        self.ring = BufferRing() if device.type == "cpu" else None
 
-    def _load(self, ckpt: Checkpoint, name: str, start: int, stop: int) -> torch.Tensor:
-        return ckpt.read_rows(name, start, stop).to(self.device).to(torch.float32)
+    def _load(self, ckpt: Checkpoint, name: str, start: int, stop: int, buffers: dict | None, slot: int) -> torch.Tensor:
+        if buffers is None:
+            return ckpt.read_rows(name, start, stop).to(self.device).to(torch.float32)
+        info = ckpt.tensors[name]
+        rows = ckpt.read_rows(name, start, stop, out=BufferRing.buffer(buffers, slot, torch.uint8, _rows_bytes(info, start, stop)))
+        converted = BufferRing.buffer(buffers, slot, torch.float32, rows.numel()).view(rows.shape)
+        return converted.copy_(rows)
 
-    def read(self, tensor: TensorPlan, start: int, stop: int) -> Chunk:
+    def read(self, tensor: TensorPlan, start: int, stop: int, buffers: dict | None = None) -> Chunk:
         started = time.perf_counter()
         sources = self.plan.sources
-        base = self._load(sources.base, tensor.name, start, stop) if sources.base is not None else None
+        load = lambda ckpt, slot: self._load(ckpt, tensor.name, start, stop, buffers, slot)  # noqa: E731
+        base = load(sources.base, 0) if sources.base is not None else None
         experts = []
         for index, expert in enumerate(sources.experts):
             if index in tensor.missing_in:
@@ -217,7 +252,7 @@ class ChunkReader:
             elif index in tensor.row_aligned:
                 experts.append(self._aligned_rows(expert, tensor.name, start, stop, base))
             else:
-                experts.append(self._load(expert, tensor.name, start, stop))
+                experts.append(load(expert, index + 1))
         self._account(started)
         return Chunk(start, base, experts)
 
@@ -239,26 +274,29 @@ class ChunkReader:
         rows = expert.tensors[name].shape[0]
         aligned = base.clone()
         if start < rows:
-            aligned[: min(stop, rows) - start] = self._load(expert, name, start, min(stop, rows))
+            aligned[: min(stop, rows) - start] = self._load(expert, name, start, min(stop, rows), None, 0)
         return aligned
 
     def stream(self, tensor: TensorPlan) -> Iterator[Chunk]:
         """Every chunk of a tensor in order, the next one read in the background while this one is used."""
         ranges = row_chunks(tensor.shape)
-        pending = self.pool.submit(self.read, tensor, *ranges[0])
+        pending = self.pool.submit(self.read, tensor, *ranges[0], self._buffers())
         for position in range(len(ranges)):
             waited = time.perf_counter()
             chunk = pending.result()
             self.timings.wait += time.perf_counter() - waited
             if position + 1 < len(ranges):
-                pending = self.pool.submit(self.read, tensor, *ranges[position + 1])
+                pending = self.pool.submit(self.read, tensor, *ranges[position + 1], self._buffers())
             yield chunk
+
+    def _buffers(self) -> dict | None:
+        return self.ring.next_set() if self.ring is not None else None
 
     def replayable(self, tensor: TensorPlan) -> tuple[Callable[[], Iterator[Chunk]], list[Chunk] | None]:
         """A re-readable chunk stream for whole-tensor statistics. A single-chunk tensor is read once and the
         same chunk is returned for the merge pass, instead of being read again."""
         if len(row_chunks(tensor.shape)) == 1:
-            only = [self.read(tensor, *row_chunks(tensor.shape)[0])]
+            only = [self.read(tensor, *row_chunks(tensor.shape)[0], self._buffers())]
             return (lambda: iter(only)), only
         return (lambda: self.stream(tensor)), None
 

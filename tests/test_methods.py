@@ -10,7 +10,7 @@ import torch
 from mergekit_lite.methods import METHODS, Chunk, TensorContext
 from mergekit_lite.methods.model_stock import stock_ratio
 from mergekit_lite.methods.sparsify import (
-    apply_magnitude_mask, kth_largest, magnitude_threshold, radix_kth_largest, random_keep, streamed_kth_largest,
+    kth_largest, magnitude_band, magnitude_threshold, radix_kth_largest, random_keep, streamed_kth_largest,
     tensor_seed,
 )
 from mergekit_lite.methods.ties import model_thresholds
@@ -120,8 +120,7 @@ def test_kth_largest_with_many_ties():
 def test_magnitude_mask_counts_like_mergekit():
     delta = torch.randn(1000, generator=torch.Generator().manual_seed(3))
     for density in (0.05, 0.2, 0.999):
-        trimmed = delta.clone()
-        kept = apply_magnitude_mask(trimmed, magnitude_threshold(delta, density))
+        trimmed, kept = magnitude_band(delta.clone(), magnitude_threshold(delta, density))
         assert kept == int(density * 1000)
         assert torch.equal(trimmed != 0, naive_topk_mask(delta, density))
 

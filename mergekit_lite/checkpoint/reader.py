@@ -67,11 +67,12 @@ class Checkpoint:
             raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: {exc}") from exc
         return tensor if tensor.device == torch.device(device) else tensor.to(device)
 
-    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) along the first axis, read with plain file reads into a fresh CPU tensor.
+    def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) along the first axis, read with plain file reads into a CPU tensor.
 
         Plain reads, not a memory map: only the rows asked for occupy memory, so streaming a large model
-        keeps the process small. A 0-d or 1-d tensor is one row.
+        keeps the process small. A 0-d or 1-d tensor is one row. `out`, a flat uint8 tensor at least as
+        large as the rows, is filled and viewed instead of allocating.
         """
         info = self.tensors.get(name)
         if info is None:
@@ -82,7 +83,8 @@ class Checkpoint:
             return tensor.clone() if whole else tensor[start:stop].clone()
         row_bytes = info.row_bytes
         first, count = (0, 1) if whole else (start, stop - start)
-        buffer = torch.empty(count * row_bytes, dtype=torch.uint8)
+        size = count * row_bytes
+        buffer = out[:size] if out is not None and out.numel() >= size else torch.empty(size, dtype=torch.uint8)
         if buffer.numel():
             fd = self._fds.get(info.file)
             if fd is None:

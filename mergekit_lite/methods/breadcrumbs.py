@@ -6,7 +6,7 @@ from mergekit_lite.methods.base import (
     LAMBDA, WEIGHT, Chunk, ChunkResult, ChunkStream, MergeMethod, ParamSpec, TensorContext, density_param, normalize_param,
 )
 from mergekit_lite.methods.sparsify import (
-    apply_magnitude_mask, delta_magnitudes, keep_count, merge_task_vectors, streamed_kth_largest, task_vectors,
+    delta_magnitudes, magnitude_band, keep_count, merge_task_vectors, streamed_kth_largest, task_vectors,
 )
 
 GAMMA = ParamSpec("gamma", float, 0.01, "fraction of largest-magnitude entries dropped as outliers", minimum=0.0, maximum=1.0)
@@ -31,8 +31,8 @@ def outlier_bounds(context: TensorContext, stream: ChunkStream) -> list[tuple[fl
 
 def merge_breadcrumbs(context: TensorContext, chunk: Chunk, bounds: list[tuple[float, float]]) -> ChunkResult:
     deltas, delta_sq = task_vectors(chunk)
-    kept = [apply_magnitude_mask(delta, low, high) for delta, (low, high) in zip(deltas, bounds)]
-    return merge_task_vectors(context, chunk, deltas, delta_sq, kept, elect=False)
+    trimmed = [magnitude_band(delta, low, high) for delta, (low, high) in zip(deltas, bounds)]
+    return merge_task_vectors(context, chunk, [t for t, _ in trimmed], delta_sq, [k for _, k in trimmed], elect=False)
 
 
 METHOD = MergeMethod(

@@ -10,6 +10,7 @@ import hashlib
 import math
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from mergekit_lite.methods.base import Chunk, ChunkResult, TensorContext
@@ -25,38 +26,98 @@ def keep_count(density: float, numel: int) -> int:
     return int(density * numel)
 
 
-def _bracket(sample: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Values of a random sample that, with high probability, enclose the k-th largest of n values."""
+def _sample_bracket(sample: torch.Tensor, n: int, k: int) -> tuple[float, float, float]:
+    """(lo, guess, hi) from a random sample: the guess estimates the k-th largest of all n values, and
+    [lo, hi] encloses it with high probability. Each is a sample value, so with many tied values (weights
+    stored in 16 bits) the guess is often exactly the answer."""
     size = sample.numel()
     below = 1 - k / n
     spread = 4 * math.sqrt(max(below * (1 - below), 1 / size) / size) + 2 / size
-    lo_rank = max(1, int((below - spread) * size))
-    hi_rank = min(size, int((below + spread) * size) + 1)
-    return torch.kthvalue(sample, lo_rank).values, torch.kthvalue(sample, hi_rank).values
+    rank = lambda fraction: min(size, max(1, int(fraction * size) + 1))  # noqa: E731
+    values = [float(torch.kthvalue(sample, rank(f)).values) for f in (below - spread, below, below + spread)]
+    return values[0], values[1], values[2]
+
+
+def _counts(values: torch.Tensor, points: tuple[float, float, float]) -> list[int]:
+    """[#>hi, #>guess, #>=guess, #>=lo] for (lo, guess, hi). numpy's compare-and-count is several times
+    faster than torch's on the CPU."""
+    lo, guess, hi = points
+    if values.device.type == "cpu":
+        array = values.numpy()
+        return [int(np.count_nonzero(array > hi)), int(np.count_nonzero(array > guess)),
+                int(np.count_nonzero(array >= guess)), int(np.count_nonzero(array >= lo))]
+    return [int(torch.count_nonzero(values > hi)), int(torch.count_nonzero(values > guess)),
+            int(torch.count_nonzero(values >= guess)), int(torch.count_nonzero(values >= lo))]
+
+
+def _between(values: torch.Tensor, lo: float, hi: float, include_lo: bool, include_hi: bool) -> torch.Tensor:
+    """The entries between lo and hi (each end included or not), as a new tensor."""
+    if values.device.type == "cpu":
+        array = values.numpy()
+        low = array >= lo if include_lo else array > lo
+        high = array <= hi if include_hi else array < hi
+        return torch.from_numpy(array[low & high])
+    low = values >= lo if include_lo else values > lo
+    high = values <= hi if include_hi else values < hi
+    return values[low & high]
+
+
+# Past this many candidates the exact finish uses the constant-memory radix select instead.
+_MAX_BAND = 1 << 24
+
+
+def _select(stream: Callable[[], Iterator[list[torch.Tensor]]], n: int,
+            jobs: list[tuple[int, int, torch.Tensor]]) -> list[float]:
+    """Exact k-th largest values, each of one series of n non-negative values arriving in chunks.
+
+    `stream()` yields, per chunk, one tensor per series; each job is (series, k, a random sample of that
+    series). One counting pass usually settles every job: the sample's guess is the answer when fewer than
+    k values exceed it and at least k reach it. Otherwise the answer lies between the guess and one end of
+    the bracket; a second pass collects just those values and kthvalue finishes on them. A bracket that
+    misses, or holds too many values, falls back to the radix select.
+    """
+    points = [_sample_bracket(sample, n, k) for _, k, sample in jobs]
+    totals = [[0, 0, 0, 0] for _ in jobs]
+    for series in stream():
+        for job, (s, _, _) in enumerate(jobs):
+            totals[job] = [a + b for a, b in zip(totals[job], _counts(series[s], points[job]))]
+    answers: list[float | None] = [None] * len(jobs)
+    bands: dict[int, tuple[float, float, bool, bool, int]] = {}
+    for job, ((s, k, _), (lo, guess, hi), (above_hi, above_guess, reach_guess, reach_lo)) in enumerate(
+        zip(jobs, points, totals)
+    ):
+        if above_guess < k <= reach_guess:
+            answers[job] = guess
+        elif reach_guess < k <= reach_lo and reach_lo - reach_guess <= _MAX_BAND:
+            bands[job] = (lo, guess, True, False, reach_guess)  # at or above lo, below the guess
+        elif above_hi < k <= above_guess and above_guess - above_hi <= _MAX_BAND:
+            bands[job] = (guess, hi, False, True, above_hi)  # above the guess, at most hi
+    if bands:
+        collected: dict[int, list[torch.Tensor]] = {job: [] for job in bands}
+        for series in stream():
+            for job, (low, high, include_lo, include_hi, _) in bands.items():
+                collected[job].append(_between(series[jobs[job][0]], low, high, include_lo, include_hi))
+        for job, parts in collected.items():
+            band = torch.cat(parts).cpu()
+            need = jobs[job][1] - bands[job][4]
+            answers[job] = float(torch.kthvalue(band, band.numel() - need + 1).values)
+    for job, answer in enumerate(answers):
+        if answer is None:
+            s, k, _ = jobs[job]
+            answers[job] = radix_kth_largest(lambda s=s: (series[s] for series in stream()), k)
+    return answers
 
 
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The exact k-th largest entry of a 1-D tensor (1 <= k <= n), without sorting it.
-
-    Large tensors: a random sample brackets the answer, one comparison pass counts the entries above the
-    bracket, and an exact kthvalue runs on the few entries inside it. The answer is exact whatever the
-    sample; a bracket that misses falls back to kthvalue on the whole tensor.
-    """
+    """The exact k-th largest entry of a 1-D tensor (1 <= k <= n), without sorting it."""
     n = values.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k={k} outside 1..{n}")
     if n <= _SMALL:
         return torch.kthvalue(values, n - k + 1).values
     gen = torch.Generator(device=values.device).manual_seed(n * 31 + k)
-    sample = values[torch.randint(0, n, (_SAMPLE,), device=values.device, generator=gen)]
-    lo, hi = _bracket(sample, n, k)
-    above = int(torch.count_nonzero(values > hi))
-    if above < k:
-        band = values[(values >= lo) & (values <= hi)]
-        need = k - above
-        if need <= band.numel():
-            return torch.kthvalue(band, band.numel() - need + 1).values
-    return torch.kthvalue(values, n - k + 1).values
+    sample = values[torch.randint(0, n, (_SAMPLE,), device=values.device, generator=gen)].cpu()
+    return torch.tensor(_select(lambda: iter([[values]]), n, [(0, k, sample)])[0], dtype=values.dtype)
 
 
 SeriesStream = Callable[[int], Iterator[list[torch.Tensor]]]
@@ -67,37 +128,20 @@ def streamed_kth_largest(stream: SeriesStream, n: int, ks: list[list[int]]) -> l
 
     `stream(stride)` yields, per chunk, one 1-D float32 tensor per series holding every stride-th value of
     that chunk (stride 1: all of them; each series holds n values in all); `ks[s]` lists the ranks wanted
-    from series s (each 1 <= k <= n). A single chunk is solved in memory. Otherwise a strided sample from a
-    first pass brackets each answer, a second pass counts the values above each bracket and keeps those
-    inside, and kthvalue finishes on the kept few; a bracket that misses falls back to an exact radix select
-    on the float bit patterns (two more passes, no sorting).
+    from series s (each 1 <= k <= n). A single chunk is solved in memory. Otherwise a strided sample from
+    a first pass guides `_select` over the chunks, all series at once.
     """
     stride = max(1, n // _SAMPLE) | 1
     samples = [[values.clone() for values in series] for series in stream(stride)]
     if len(samples) == 1:
         whole = next(iter(stream(1)))
         return [[float(kth_largest(values, k)) for k in wanted] for values, wanted in zip(whole, ks)]
-    sample = [torch.cat([chunk[s] for chunk in samples]) for s in range(len(ks))]
-    brackets = [[_bracket(sample[s], n, k) for k in wanted] for s, wanted in enumerate(ks)]
-    above = [[0] * len(wanted) for wanted in ks]
-    bands: list[list[list[torch.Tensor]]] = [[[] for _ in wanted] for wanted in ks]
-    for series in stream(1):
-        for s, values in enumerate(series):
-            for j, (lo, hi) in enumerate(brackets[s]):
-                above[s][j] += int(torch.count_nonzero(values > hi))
-                bands[s][j].append(values[(values >= lo) & (values <= hi)])
-    answers = []
+    jobs = []
     for s, wanted in enumerate(ks):
-        row = []
-        for j, k in enumerate(wanted):
-            band = torch.cat(bands[s][j])
-            need = k - above[s][j]
-            if 1 <= need <= band.numel():
-                row.append(float(torch.kthvalue(band, band.numel() - need + 1).values))
-            else:
-                row.append(radix_kth_largest(lambda: (chunk[s] for chunk in stream(1)), k))
-        answers.append(row)
-    return answers
+        sample = torch.cat([chunk[s] for chunk in samples]).cpu()
+        jobs += [(s, k, sample) for k in wanted]
+    found = iter(_select(lambda: stream(1), n, jobs))
+    return [[next(found) for _ in wanted] for wanted in ks]
 
 
 def _bits(values: torch.Tensor) -> torch.Tensor:
@@ -139,14 +183,25 @@ def magnitude_threshold(values: torch.Tensor, density: float) -> float:
     return float("inf") if k == 0 else float(kth_largest(values.abs().reshape(-1), k))
 
 
-def apply_magnitude_mask(delta: torch.Tensor, low: float, high: float = float("inf")) -> int:
-    """Zero, in place, entries whose magnitude is below `low` or at/above `high`; returns how many remain."""
-    magnitude = delta.abs()
-    keep = magnitude >= low
+def _just_below(value: float) -> float:
+    """The largest float32 below a positive value: |x| > it exactly when |x| >= value."""
+    return float(torch.nextafter(torch.tensor(value, dtype=torch.float32), torch.tensor(0.0)))
+
+
+def magnitude_band(delta: torch.Tensor, low: float, high: float = float("inf")) -> tuple[torch.Tensor, int]:
+    """Entries with low <= |x| < high kept, the rest zeroed; and how many were kept.
+
+    hardshrink keeps |x| > lambda in one pass, several times cheaper here than an abs, a compare and a
+    masked multiply.
+    """
+    if low <= 0 and high == float("inf"):
+        return delta, delta.numel()
+    if low == float("inf"):
+        return delta.zero_(), 0
+    kept = torch.nn.functional.hardshrink(delta, _just_below(low)) if low > 0 else delta.clone()
     if high != float("inf"):
-        keep.logical_and_(magnitude < high)
-    delta.mul_(keep)
-    return int(torch.count_nonzero(keep))
+        kept.sub_(torch.nn.functional.hardshrink(delta, _just_below(high)))
+    return kept, int(torch.count_nonzero(kept))
 
 
 def tensor_seed(seed: int, tensor_name: str, expert_index: int, start_row: int = 0) -> int:
@@ -207,8 +262,8 @@ def combine(
     for delta, weight in zip(deltas, weights):
         delta.mul_(sign).clamp_(min=0)
         agreeing += delta
-        if divisor is not None:
-            divisor.add_(delta.sign_(), alpha=weight)
+        if divisor is not None:  # 1 where this expert agrees: ceil of a huge multiple of a value >= 0, capped
+            divisor.add_(delta.mul_(1e38).ceil_().clamp_(max=1.0), alpha=weight)
     any_kept = int(torch.count_nonzero(agreeing))
     disagreed = int(torch.count_nonzero(agreeing > total.abs_()))
     agreeing.mul_(sign)

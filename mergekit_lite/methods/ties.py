@@ -15,7 +15,7 @@ from mergekit_lite.methods.base import (
     normalize_param,
 )
 from mergekit_lite.methods.sparsify import (
-    apply_magnitude_mask, delta_magnitudes, keep_count, merge_task_vectors, streamed_kth_largest, task_vectors,
+    delta_magnitudes, magnitude_band, keep_count, merge_task_vectors, streamed_kth_largest, task_vectors,
 )
 
 TRIM_SCOPE = ParamSpec(
@@ -60,8 +60,8 @@ def model_thresholds(tensors: Callable[[], Iterator[tuple[TensorContext, ChunkSt
 
 def merge_ties(context: TensorContext, chunk: Chunk, thresholds: list[float]) -> ChunkResult:
     deltas, delta_sq = task_vectors(chunk)
-    kept = [apply_magnitude_mask(delta, threshold) for delta, threshold in zip(deltas, thresholds)]
-    return merge_task_vectors(context, chunk, deltas, delta_sq, kept, elect=True)
+    trimmed = [magnitude_band(delta, threshold) for delta, threshold in zip(deltas, thresholds)]
+    return merge_task_vectors(context, chunk, [t for t, _ in trimmed], delta_sq, [k for _, k in trimmed], elect=True)
 
 
 METHOD = MergeMethod(
