@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 DEMO   := demo
 
-.PHONY: env demo test bench clean
+.PHONY: env demo test bench bench-mergekit clean
 
 env: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ test: env
 
 bench: env
 	$(BIN)/python bench/writer_memory.py
+	$(BIN)/python bench/tensorwise.py
+
+bench-mergekit: env   # the same, plus mergekit 0.1.5 in its own virtual environment (downloads it once)
+	$(BIN)/python bench/tensorwise.py --install-mergekit
 
 clean:
 	rm -rf $(DEMO) bench/out .pytest_cache

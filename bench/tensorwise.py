@@ -17,7 +17,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -86,27 +85,38 @@ def write_recipe(path: Path, checkpoints: list[Path], dtype: str) -> Path:
     return path
 
 
+# A child's peak RSS as the kernel reports it starts at its parent's high-water mark, and this process
+# grows large while it builds checkpoints. So each measured command is started by a fresh, small launcher.
+_LAUNCHER = """
+import json, os, subprocess, sys, time
+started = time.perf_counter()
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+err = proc.stderr.read()
+_, status, usage = os.wait4(proc.pid, 0)
+print(json.dumps({"seconds": time.perf_counter() - started, "peak_rss": usage.ru_maxrss * 1024,
+                  "code": os.waitstatus_to_exitcode(status), "stderr": err.decode(errors="replace")[-3000:]}))
+"""
+
+
 def measure(command: list[str], env: dict | None = None) -> dict:
-    """Run a command; its wall time and peak RSS (from wait4, so only that process tree's own peak)."""
-    started = time.perf_counter()
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - started
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise SystemExit(f"command failed ({code}): {' '.join(command)}\n{output.decode(errors='replace')[-3000:]}")
-    return {"seconds": wall, "peak_rss": usage.ru_maxrss * 1024}
+    """Run a command; its wall time and peak RSS (that process's own, measured from a small launcher)."""
+    out = subprocess.run([sys.executable, "-c", _LAUNCHER, *command], env=env, capture_output=True, text=True, check=True)
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    if row["code"] != 0:
+        raise SystemExit(f"command failed ({row['code']}): {' '.join(command)}\n{row['stderr']}")
+    return {"seconds": row["seconds"], "peak_rss": row["peak_rss"]}
 
 
 def io_floor(checkpoints: list[Path], out: Path) -> None:
-    """Read every tensor of every input once and write the base's tensors out: the cost with no math at all."""
+    """Read every tensor of every input once, as the merge reads them (plain reads, whole tensors), and
+    write the base's tensors out: the cost with no math at all."""
     opened = [open_checkpoint(p) for p in checkpoints]
     base = opened[0]
     specs = [TensorSpec(n, i.dtype, i.shape) for n, i in base.tensors.items()]
     with CheckpointWriter(out, specs, force=True) as writer:
         for spec in specs:
-            tensors = [ckpt.get(spec.name) for ckpt in opened]
+            rows = spec.shape[0] if len(spec.shape) >= 2 else 1
+            tensors = [ckpt.read_rows(spec.name, 0, rows) for ckpt in opened]
             writer.write(spec.name, tensors[0])
 
 

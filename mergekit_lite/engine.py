@@ -1,6 +1,6 @@
 """Plan the output tensors, stream inputs through the device chunk by chunk, call the method, write results.
 
-Each tensor is processed as chunks of whole rows (about four million elements), read with plain file reads
+Each tensor is processed as chunks of whole rows (about a million elements), read with plain file reads
 straight from the input shards: memory is a few chunks per input, whatever the size of the tensor or the
 model. The next chunk is read in a background thread while the current one is computed, and each merged
 chunk goes to its final offset in the output file at once.
@@ -70,6 +70,10 @@ class TensorPlan:
     merge: bool  # False: copied from the reference (non-float tensors)
     missing_in: list[int] = field(default_factory=list)  # experts lacking the tensor: they contribute no change
     row_aligned: list[int] = field(default_factory=list)  # experts whose vocab rows were cut or padded to the base's
+    read_as: dict[int, str] = field(default_factory=dict)  # expert -> the tensor it stores this one under (tied head)
+
+    def source_name(self, expert: int) -> str:
+        return self.read_as.get(expert, self.name)
 
     @property
     def nbytes(self) -> int:
@@ -125,6 +129,10 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         plan = TensorPlan(name=name, shape=info.shape, dtype=output_dtype(recipe, info.dtype), merge=info.dtype.is_floating_point)
         for index, expert in enumerate(sources.experts):
             other = expert.tensors.get(name)
+            tied = tied_embedding_name(expert, name) if other is None else None
+            if tied is not None:
+                plan.read_as[index] = tied
+                other = expert.tensors[tied]
             if other is None:
                 if sources.base is None:
                     raise UserError(f"{expert.path}: has no tensor {name!r}, which {reference.path} has; {method.name} needs it in every model")
@@ -149,6 +157,19 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         warnings.append(f"{len(extra)} tensor(s) not in {reference.path} are left out, e.g. {extra[0]!r}")
     num_layers = count_layers(reference.config, reference.tensors)
     return MergePlan(recipe, method, sources, plans, num_layers, warnings)
+
+
+_INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+
+
+def tied_embedding_name(ckpt: Checkpoint, name: str) -> str | None:
+    """For an output head a checkpoint does not store because its config ties it to the input embedding,
+    the embedding's name; else None."""
+    if not name.endswith(("lm_head.weight", "embed_out.weight")):
+        return None
+    if not (ckpt.config or {}).get("tie_word_embeddings", False):
+        return None
+    return next((n for n in ckpt.tensors if n.endswith(_INPUT_EMBEDDINGS)), None)
 
 
 def _architecture(ckpt: Checkpoint) -> str | None:
@@ -250,9 +271,9 @@ class ChunkReader:
             if index in tensor.missing_in:
                 experts.append(base.clone())
             elif index in tensor.row_aligned:
-                experts.append(self._aligned_rows(expert, tensor.name, start, stop, base))
+                experts.append(self._aligned_rows(expert, tensor.source_name(index), start, stop, base))
             else:
-                experts.append(load(expert, index + 1))
+                experts.append(self._load(expert, tensor.source_name(index), start, stop, buffers, index + 1))
         self._account(started)
         return Chunk(start, base, experts)
 

@@ -293,3 +293,23 @@ def test_random_methods_in_small_chunks(tmp_path, llama_family, monkeypatch):
         report = json.loads((tmp_path / method / "merge_report.json").read_text())
         big = [e for e in report["tensors"] if e["shape"] == [257, 32]]
         assert all(abs(k - 0.5) < 0.03 for e in big for k in e["kept_fraction"])
+
+
+def test_tied_expert_head_comes_from_its_embedding(tmp_path, llama_family):
+    """An expert saved with tied embeddings (no lm_head.weight) contributes its embedding as the head."""
+    expert = tmp_path / "tied"
+    shutil.copytree(llama_family["expert1"], expert)
+    tensors = load_file(str(expert / "model.safetensors"))
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(expert / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((expert / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (expert / "config.json").write_text(json.dumps(config))
+    recipe = write_recipe(tmp_path / "r.yaml", "task_arithmetic", dict(llama_family, tied=expert), experts=("tied",))
+    result = run_cli("run", recipe, tmp_path / "out", "--quiet")
+    assert result.exit_code == 0, result.output
+    merged, base = load_dir(tmp_path / "out"), load_dir(llama_family["base"])
+    torch.testing.assert_close(merged["lm_head.weight"], tensors["model.embed_tokens.weight"])
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert not any("lm_head" in w for w in report["warnings"])
+    assert not torch.equal(merged["lm_head.weight"], base["lm_head.weight"])
