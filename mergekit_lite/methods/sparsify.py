@@ -38,16 +38,20 @@ def _sample_bracket(sample: torch.Tensor, n: int, k: int) -> tuple[float, float,
     return values[0], values[1], values[2]
 
 
-def _counts(values: torch.Tensor, points: tuple[float, float, float]) -> list[int]:
-    """[#>hi, #>guess, #>=guess, #>=lo] for (lo, guess, hi). numpy's compare-and-count is several times
-    faster than torch's on the CPU."""
-    lo, guess, hi = points
+def _count(values: torch.Tensor, point: float, strict: bool) -> int:
+    """How many entries exceed (strict) or reach `point`. numpy's compare-and-count is several times faster
+    than torch's on the CPU."""
     if values.device.type == "cpu":
         array = values.numpy()
-        return [int(np.count_nonzero(array > hi)), int(np.count_nonzero(array > guess)),
-                int(np.count_nonzero(array >= guess)), int(np.count_nonzero(array >= lo))]
-    return [int(torch.count_nonzero(values > hi)), int(torch.count_nonzero(values > guess)),
-            int(torch.count_nonzero(values >= guess)), int(torch.count_nonzero(values >= lo))]
+        return int(np.count_nonzero(array > point if strict else array >= point))
+    return int(torch.count_nonzero(values > point if strict else values >= point))
+
+
+def _counts(values: torch.Tensor, points: tuple[float, float, float]) -> list[int]:
+    """[#>hi, #>guess, #>=guess, #>=lo] for (lo, guess, hi)."""
+    lo, guess, hi = points
+    return [_count(values, hi, True), _count(values, guess, True), _count(values, guess, False),
+            _count(values, lo, False)]
 
 
 def _between(values: torch.Tensor, lo: float, hi: float, include_lo: bool, include_hi: bool) -> torch.Tensor:
@@ -115,8 +119,10 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"k={k} outside 1..{n}")
     if n <= _SMALL:
         return torch.kthvalue(values, n - k + 1).values
-    gen = torch.Generator(device=values.device).manual_seed(n * 31 + k)
-    sample = values[torch.randint(0, n, (_SAMPLE,), device=values.device, generator=gen)].cpu()
+    sample = values[:: max(1, n // _SAMPLE) | 1].cpu()
+    lo, guess, hi = _sample_bracket(sample, n, k)
+    if _count(values, guess, True) < k <= _count(values, guess, False):  # the usual case: two counts
+        return torch.tensor(guess, dtype=values.dtype)
     return torch.tensor(_select(lambda: iter([[values]]), n, [(0, k, sample)])[0], dtype=values.dtype)
 
 
@@ -247,7 +253,8 @@ def combine(
     sign * sum_t max(s_t, 0), and an entry saw disagreement exactly where that sum exceeds |sum_t w_t tau_t|.
     """
     for delta, weight in zip(deltas, weights):
-        delta.mul_(weight)
+        if weight != 1.0:
+            delta.mul_(weight)
     total = deltas[0].clone()
     for delta in deltas[1:]:
         total += delta
@@ -268,7 +275,10 @@ def combine(
     disagreed = int(torch.count_nonzero(agreeing > total.abs_()))
     agreeing.mul_(sign)
     if divisor is not None:
-        agreeing.div_(divisor.masked_fill_(divisor == 0, 1.0))
+        if min(weights) > 0:  # a zero divisor then means nothing agreed, and agreeing is 0 there too
+            agreeing.div_(divisor.clamp_(min=min(weights)))
+        else:
+            agreeing.div_(divisor.masked_fill_(divisor == 0, 1.0))
     if scale != 1.0:
         agreeing.mul_(scale)
     return agreeing, any_kept, disagreed
