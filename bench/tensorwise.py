@@ -25,56 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mergekit_lite.checkpoint import CheckpointWriter, TensorSpec, open_checkpoint  # noqa: E402
-
-SHAPES = {"hidden": 1024, "layers": 16, "intermediate": 2816, "vocab": 32000, "heads": 16}
-SMALL = {"hidden": 256, "layers": 4, "intermediate": 704, "vocab": 8000, "heads": 8}
-
-
-def llama_specs(dims: dict, dtype: torch.dtype) -> list[TensorSpec]:
-    h, i, v = dims["hidden"], dims["intermediate"], dims["vocab"]
-    specs = [TensorSpec("model.embed_tokens.weight", dtype, (v, h))]
-    for layer in range(dims["layers"]):
-        prefix = f"model.layers.{layer}."
-        specs += [TensorSpec(prefix + f"self_attn.{p}_proj.weight", dtype, (h, h)) for p in "qkvo"]
-        specs += [TensorSpec(prefix + "mlp.gate_proj.weight", dtype, (i, h)), TensorSpec(prefix + "mlp.up_proj.weight", dtype, (i, h)),
-                  TensorSpec(prefix + "mlp.down_proj.weight", dtype, (h, i))]
-        specs += [TensorSpec(prefix + "input_layernorm.weight", dtype, (h,)),
-                  TensorSpec(prefix + "post_attention_layernorm.weight", dtype, (h,))]
-    specs += [TensorSpec("model.norm.weight", dtype, (h,)), TensorSpec("lm_head.weight", dtype, (v, h))]
-    return specs
-
-
-def llama_config(dims: dict, dtype: str) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": dims["hidden"],
-        "intermediate_size": dims["intermediate"], "num_hidden_layers": dims["layers"],
-        "num_attention_heads": dims["heads"], "num_key_value_heads": dims["heads"], "vocab_size": dims["vocab"],
-        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": dtype,
-        "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
-    }
-
-
-def make_checkpoints(workdir: Path, dims: dict, experts: int, dtype: torch.dtype) -> list[Path]:
-    """Base (index 0) and experts: base + noise of 1/10 the base's scale, streamed tensor by tensor."""
-    specs = llama_specs(dims, dtype)
-    total = sum(s.nbytes for s in specs)
-    paths = []
-    for index in range(experts + 1):
-        path = workdir / ("base" if index == 0 else f"expert{index}")
-        paths.append(path)
-        if (path / "model.safetensors.index.json").is_file():
-            continue
-        with CheckpointWriter(path, specs, max_shard_bytes=total // 2 + 1, force=True) as writer:
-            for number, spec in enumerate(specs):
-                gen = torch.Generator().manual_seed(number)
-                tensor = torch.randn(spec.shape, generator=gen) * 0.02
-                if index:
-                    gen.manual_seed(number * 1000 + index)
-                    tensor += torch.randn(spec.shape, generator=gen) * 0.002
-                writer.write(spec.name, tensor.to(dtype))
-            writer.add_file("config.json", json.dumps(llama_config(dims, str(dtype).removeprefix("torch.")), indent=2))
-    return paths
-
+from mergekit_lite.examples import LLAMA_BENCH as SHAPES  # noqa: E402
+from mergekit_lite.examples import LLAMA_SMALL as SMALL  # noqa: E402
+from mergekit_lite.examples import llama_shaped_checkpoints as make_checkpoints  # noqa: E402
+from mergekit_lite.examples import llama_specs  # noqa: E402
 
 def write_recipe(path: Path, checkpoints: list[Path], dtype: str) -> Path:
     lines = ["merge_method: ties", f"base_model: {checkpoints[0]}", "models:", f"  - model: {checkpoints[0]}"]

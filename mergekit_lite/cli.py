@@ -57,7 +57,7 @@ def guarded(command: Callable) -> Callable:
             err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            err.print("interrupted; nothing was written at the output path")
+            err.print("interrupted; nothing was published at the output path (merge run ... --resume continues)")
             raise typer.Exit(130) from None
         except Exception as exc:
             if _state["debug"]:
@@ -218,12 +218,13 @@ def run(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for random methods (DARE, DELLA); overrides the recipe."),
     shard_size: Optional[str] = typer.Option(None, "--shard-size", help="Largest output shard, e.g. 5GB or 500MB."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also read pickled .bin/.pt inputs (weights_only=True)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted merge of the same recipe, keeping the tensors it wrote."),
 ) -> None:
     """Merge the checkpoints a recipe names and write OUT_DIR (weights, config, tokenizer, model card, report)."""
     from mergekit_lite.merge import MergeOptions, merge_recipe_file
 
     options = MergeOptions(device=device, force=force, seed=seed, shard_size=shard_size, allow_pickle=allow_pickle,
-                           report_path=report)
+                           report_path=report, resume=resume)
     progress = RichProgress(enabled=not quiet and err.is_terminal)
     result = merge_recipe_file(recipe, out_dir, options, progress=progress)
     if quiet:

@@ -382,6 +382,7 @@ class MergeResult:
     files: list[str]
     wall_seconds: float
     nonfinite: list[str]
+    resumed: int = 0  # tensors kept from an interrupted run
 
 
 def tensor_context(plan: MergePlan, tensor: TensorPlan, seed: int, model_state: Any = None) -> TensorContext:
@@ -404,8 +405,14 @@ def run_merge(
     shard_bytes: int | None = None,
     progress: Progress | None = None,
     finalize: Callable[[MergeResult, CheckpointWriter], None] | None = None,
+    resume: bool = False,
+    fingerprint: str = "",
 ) -> MergeResult:
-    """Merge according to `plan` into `out_dir`; `finalize` may add files before the output is published."""
+    """Merge according to `plan` into `out_dir`; `finalize` may add files before the output is published.
+
+    With `resume`, tensors that an interrupted run with the same `fingerprint` already wrote (and whose
+    checksums still match) are kept, and only the rest are computed.
+    """
     progress = progress or _Silent()
     recipe, method = plan.recipe, plan.method
     check_output_path(out_dir, force)
@@ -417,7 +424,8 @@ def run_merge(
     stats: list[dict[str, Any]] = []
     nonfinite: list[str] = []
     writer = CheckpointWriter(out_dir, specs, max_shard_bytes=shard_bytes or DEFAULT_SHARD_BYTES, force=force,
-                              metadata={"merged_with": f"mergekit_lite {method.name}"})
+                              metadata={"merged_with": f"mergekit_lite {method.name}"}, resume=resume,
+                              fingerprint=fingerprint)
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reader") as pool:
             reader = ChunkReader(plan, dev, timings, pool)
@@ -426,6 +434,10 @@ def run_merge(
             loop_started, waited_before = time.perf_counter(), timings.wait
             with writer:
                 for tensor in plan.tensors:
+                    if tensor.name in writer.completed:
+                        stats.append(writer.completed[tensor.name])
+                        progress.advance(tensor.nbytes)
+                        continue
                     if tensor.merge:
                         entry = _merge_tensor(plan, tensor, reader, writer, seed, model_state, timings)
                         if entry.pop("nonfinite"):
@@ -434,10 +446,12 @@ def run_merge(
                         entry = _copy_tensor(plan, tensor, reader, writer, timings)
                     entry.update(shape=list(tensor.shape), dtype=str(tensor.dtype).removeprefix("torch."))
                     stats.append(entry)
+                    writer.record(tensor.name, entry)
                     progress.advance(tensor.nbytes)
                 loop = time.perf_counter() - loop_started
                 timings.compute = loop - (timings.wait - waited_before) - timings.write
-                result_info = MergeResult(plan, stats, timings, dev, seed, writer.files, time.perf_counter() - started, nonfinite)
+                result_info = MergeResult(plan, stats, timings, dev, seed, writer.files, time.perf_counter() - started,
+                                          nonfinite, resumed=len(writer.completed))
                 if finalize is not None:
                     finalize(result_info, writer)
     finally:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from mergekit_lite.checkpoint import CheckpointWriter, TensorSpec
+
 VOCAB = 257  # 256 byte tokens and an end-of-text token
 
 
@@ -127,6 +129,58 @@ def make_family(out_dir: Path, family: str = "llama", experts: int = 3, scale: f
         model.load_state_dict(base_state)
         paths[f"expert{i}"] = save(model, out_dir / f"expert{i}", perturbed(model, scale, seed=seed * 100 + i))
     return paths
+
+
+# Synthetic Llama-shaped checkpoints of any size, written tensor by tensor (for benchmarks and crash tests).
+LLAMA_BENCH = {"hidden": 1024, "layers": 16, "intermediate": 2816, "vocab": 32000, "heads": 16}
+LLAMA_SMALL = {"hidden": 256, "layers": 4, "intermediate": 704, "vocab": 8000, "heads": 8}
+
+
+def llama_specs(dims: dict, dtype: torch.dtype) -> list[TensorSpec]:
+    h, i, v = dims["hidden"], dims["intermediate"], dims["vocab"]
+    specs = [TensorSpec("model.embed_tokens.weight", dtype, (v, h))]
+    for layer in range(dims["layers"]):
+        prefix = f"model.layers.{layer}."
+        specs += [TensorSpec(prefix + f"self_attn.{p}_proj.weight", dtype, (h, h)) for p in "qkvo"]
+        specs += [TensorSpec(prefix + "mlp.gate_proj.weight", dtype, (i, h)), TensorSpec(prefix + "mlp.up_proj.weight", dtype, (i, h)),
+                  TensorSpec(prefix + "mlp.down_proj.weight", dtype, (h, i))]
+        specs += [TensorSpec(prefix + "input_layernorm.weight", dtype, (h,)),
+                  TensorSpec(prefix + "post_attention_layernorm.weight", dtype, (h,))]
+    specs += [TensorSpec("model.norm.weight", dtype, (h,)), TensorSpec("lm_head.weight", dtype, (v, h))]
+    return specs
+
+
+def llama_config(dims: dict, dtype: str) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": dims["hidden"],
+        "intermediate_size": dims["intermediate"], "num_hidden_layers": dims["layers"],
+        "num_attention_heads": dims["heads"], "num_key_value_heads": dims["heads"], "vocab_size": dims["vocab"],
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": dtype,
+        "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
+    }
+
+
+def llama_shaped_checkpoints(workdir: Path, dims: dict, experts: int, dtype: torch.dtype) -> list[Path]:
+    """Base (index 0) and experts: base + noise of 1/10 the base's scale, streamed tensor by tensor."""
+    specs = llama_specs(dims, dtype)
+    total = sum(s.nbytes for s in specs)
+    paths = []
+    for index in range(experts + 1):
+        path = workdir / ("base" if index == 0 else f"expert{index}")
+        paths.append(path)
+        if (path / "model.safetensors.index.json").is_file():
+            continue
+        with CheckpointWriter(path, specs, max_shard_bytes=total // 2 + 1, force=True) as writer:
+            for number, spec in enumerate(specs):
+                gen = torch.Generator().manual_seed(number)
+                tensor = torch.randn(spec.shape, generator=gen) * 0.02
+                if index:
+                    gen.manual_seed(number * 1000 + index)
+                    tensor += torch.randn(spec.shape, generator=gen) * 0.002
+                writer.write(spec.name, tensor.to(dtype))
+            writer.add_file("config.json", json.dumps(llama_config(dims, str(dtype).removeprefix("torch.")), indent=2))
+    return paths
+
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ class MergeOptions:
     shard_size: str | int | None = None
     allow_pickle: bool = False
     report_path: Path | None = None
+    resume: bool = False
 
 
 def resolve_output(recipe: Recipe, out_dir: str | Path | None) -> Path:
@@ -97,12 +99,27 @@ def merge_recipe_file(recipe_path: str | Path, out_dir: str | Path | None, optio
         if options.report_path is None:
             writer.add_file(REPORT_NAME, json.dumps(report, indent=2) + "\n")
 
-    run_merge(plan, out, device=options.device, force=options.force, seed=options.seed,
-              shard_bytes=parse_size(shard) if shard is not None else None, progress=progress, finalize=finalize)
+    shard_bytes = parse_size(shard) if shard is not None else None
+    run_merge(plan, out, device=options.device, force=options.force, seed=options.seed, shard_bytes=shard_bytes,
+              progress=progress, finalize=finalize, resume=options.resume,
+              fingerprint=plan_fingerprint(plan, options.seed, shard_bytes))
     if options.report_path is not None:
         options.report_path.parent.mkdir(parents=True, exist_ok=True)
         options.report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
+
+
+def plan_fingerprint(plan: MergePlan, seed: int | None, shard_bytes: int | None) -> str:
+    """What an interrupted run must share with this one for its tensors to be reused: the recipe, the seed,
+    the shard size, and every input file's path, size and modification time."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(plan.recipe.model_dump(mode="json"), sort_keys=True).encode())
+    digest.update(f"{seed}|{shard_bytes}".encode())
+    for ckpt in [plan.sources.base, *plan.sources.experts]:
+        for shard in ckpt.shards if ckpt is not None else []:
+            stat = shard.stat()
+            digest.update(f"{shard.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
 
 
 def _dtype_updates(reference: Path, dtype: str) -> dict[str, str]:

@@ -59,6 +59,8 @@ def build_report(result: MergeResult, out_dir: Path, written_dir: Path) -> dict[
              for name in result.files]
     timings = result.timings
     warnings = list(plan.warnings)
+    if result.resumed:
+        warnings.append(f"resumed: {result.resumed} tensor(s) were kept from an interrupted run (checksums verified)")
     if result.nonfinite:
         warnings.append(f"{len(result.nonfinite)} merged tensor(s) hold NaN or Inf, e.g. {result.nonfinite[0]!r}")
     return {

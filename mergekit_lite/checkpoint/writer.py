@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,39 +94,99 @@ class CheckpointWriter:
         max_shard_bytes: int = DEFAULT_SHARD_BYTES,
         force: bool = False,
         metadata: dict[str, str] | None = None,
+        resume: bool = False,
+        fingerprint: str = "",
     ) -> None:
         self.out_dir = Path(out_dir)
         check_output_path(self.out_dir, force)
         self.force = force
+        self.resume = resume
+        self.fingerprint = fingerprint
+        self.completed: dict[str, dict] = {}  # tensors already written by an interrupted run, verified
+        self._crc: dict[str, int] = {}
+        self._journal = None
         self.specs = {spec.name: spec for spec in specs}
         if len(self.specs) != len(specs):
             raise ValueError("duplicate tensor names in writer plan")
         self.shards = plan_shards(specs, max_shard_bytes)
         self.shard_names = shard_file_names(len(self.shards))
         self.metadata = {"format": "pt", **(metadata or {})}
-        self.tmp_dir = self.out_dir.absolute().parent / f".{self.out_dir.name}.partial-{os.getpid()}"
+        self.tmp_dir = partial_dir(self.out_dir)
         self._location: dict[str, tuple[int, int]] = {}  # name -> (fd, absolute offset)
         self._fds: list[int] = []
         self._pending = set(self.specs)
         self._written: dict[str, int] = {}
 
     def __enter__(self) -> CheckpointWriter:
-        if self.tmp_dir.exists():
-            shutil.rmtree(self.tmp_dir)
-        self.tmp_dir.mkdir()
+        previous = _read_journal(self.tmp_dir / JOURNAL) if self.tmp_dir.exists() else None
+        if previous is not None and not self.resume and not self.force:
+            raise UserError(
+                f"{self.out_dir}: an interrupted merge left {self.tmp_dir.name}; pass --resume to continue it "
+                "or --force to start over"
+            )
+        if self.resume and previous is not None and previous[0] != self.fingerprint:
+            raise UserError(
+                f"{self.out_dir}: the interrupted merge in {self.tmp_dir.name} used another recipe, inputs or "
+                "settings; rerun without --resume (and with --force) to start over"
+            )
+        continuing = self.resume and previous is not None
         try:
+            if not continuing:
+                if self.tmp_dir.exists():
+                    shutil.rmtree(self.tmp_dir)
+                self.tmp_dir.mkdir()
             for shard, file_name in zip(self.shards, self.shard_names):
                 header, offsets = encode_header([(s.name, s.dtype, s.shape) for s in shard], self.metadata)
-                fd = os.open(self.tmp_dir / file_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                size = len(header) + sum(s.nbytes for s in shard)
+                path = self.tmp_dir / file_name
+                flags = os.O_RDWR | os.O_CREAT | (0 if continuing else os.O_TRUNC)
+                fd = os.open(path, flags, 0o644)
                 self._fds.append(fd)
-                _write_all(fd, header, 0)
-                os.ftruncate(fd, len(header) + sum(s.nbytes for s in shard))
+                if not (continuing and os.fstat(fd).st_size == size and os.pread(fd, len(header), 0) == header):
+                    _write_all(fd, header, 0)
+                    os.ftruncate(fd, size)
                 for spec, offset in zip(shard, offsets):
                     self._location[spec.name] = (fd, len(header) + offset)
+            if continuing:
+                self.completed = self._verified(previous[1])
+            self._journal = open(self.tmp_dir / JOURNAL, "a" if continuing else "w", encoding="utf-8")
+            if not continuing:
+                self._journal.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
+                self._journal.flush()
+        except OSError as exc:
+            self._abort(keep=False)
+            raise UserError(f"{self.tmp_dir}: cannot write: {exc.strerror or exc}") from exc
         except BaseException:
-            self._abort()
+            self._abort(keep=False)
             raise
         return self
+
+    def _verified(self, journaled: dict[str, dict]) -> dict[str, dict]:
+        """The journaled tensors whose bytes on disk still match their checksum."""
+        good = {}
+        for name, record in journaled.items():
+            spec = self.specs.get(name)
+            if spec is None:
+                continue
+            fd, offset = self._location[name]
+            crc, done = 0, 0
+            while done < spec.nbytes:
+                block = os.pread(fd, min(1 << 24, spec.nbytes - done), offset + done)
+                if not block:
+                    break
+                crc = zlib.crc32(block, crc)
+                done += len(block)
+            if done == spec.nbytes and crc == record["crc"]:
+                good[name] = record.get("entry", {})
+                self._pending.discard(name)
+        return good
+
+    def record(self, name: str, entry: dict) -> None:
+        """Note in the journal that a tensor is complete, with its checksum and report entry, for --resume."""
+        if self._journal is None or name in self._pending:
+            return
+        self._journal.write(json.dumps({"tensor": name, "crc": self._crc.get(name, 0), "entry": entry}) + "\n")
+        self._journal.flush()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         spec = self.specs.get(name)
@@ -134,7 +195,9 @@ class CheckpointWriter:
         if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise ValueError(f"{name}: planned {spec.dtype} {spec.shape}, got {tensor.dtype} {tuple(tensor.shape)}")
         fd, offset = self._location[name]
-        _write_all(fd, tensor_bytes(tensor), offset)
+        data = tensor_bytes(tensor)
+        self._pwrite(fd, data, offset)
+        self._crc[name] = zlib.crc32(data)
         self._pending.discard(name)
 
     def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
@@ -149,10 +212,20 @@ class CheckpointWriter:
         row_bytes = spec.nbytes // spec.shape[0] if not whole and spec.shape[0] else spec.nbytes
         fd, offset = self._location[name]
         data = tensor_bytes(rows)
-        _write_all(fd, data, offset + (0 if whole else start * row_bytes))
+        self._pwrite(fd, data, offset + (0 if whole else start * row_bytes))
+        self._crc[name] = zlib.crc32(data, self._crc.get(name, 0))  # rows arrive in order
         self._written[name] = self._written.get(name, 0) + len(data)
         if self._written[name] >= spec.nbytes:
             self._pending.discard(name)
+
+    def _pwrite(self, fd: int, data, offset: int) -> None:
+        try:
+            _write_all(fd, data, offset)
+        except OSError as exc:
+            raise UserError(
+                f"{self.tmp_dir}: cannot write: {exc.strerror or exc}; the partial output is kept, so after "
+                "freeing space `merge run ... --resume` continues it"
+            ) from exc
 
     def add_file(self, relative_name: str, content: str | bytes) -> None:
         data = content.encode("utf-8") if isinstance(content, str) else content
@@ -179,7 +252,8 @@ class CheckpointWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            self._abort()
+            # An interruption or a full disk keeps what was written, for --resume; anything else is discarded.
+            self._abort(keep=issubclass(exc_type, (KeyboardInterrupt, OSError)) or _is_write_failure(exc))
             return
         try:
             if self._pending:
@@ -187,11 +261,15 @@ class CheckpointWriter:
             for fd in self._fds:
                 os.fsync(fd)
             self._close_fds()
+            if self._journal is not None:
+                self._journal.close()
+                self._journal = None
+            (self.tmp_dir / JOURNAL).unlink(missing_ok=True)
             if len(self.shards) > 1:
                 self.add_file("model.safetensors.index.json", json.dumps(self._index(), indent=2) + "\n")
             self._publish()
         except BaseException:
-            self._abort()
+            self._abort(keep=False)
             raise
 
     @property
@@ -219,9 +297,42 @@ class CheckpointWriter:
         while self._fds:
             os.close(self._fds.pop())
 
-    def _abort(self) -> None:
+    def _abort(self, keep: bool = False) -> None:
         self._close_fds()
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+        if not keep:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+JOURNAL = ".merge_journal.jsonl"
+
+
+def partial_dir(out_dir: Path) -> Path:
+    """The hidden sibling directory an output is built in (the same name every run, so it can be resumed)."""
+    return out_dir.absolute().parent / f".{out_dir.name}.partial"
+
+
+def _read_journal(path: Path) -> tuple[str, dict[str, dict]] | None:
+    """(fingerprint, {tensor: record}) from a journal; None when there is none or it is unreadable."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        fingerprint = json.loads(lines[0])["fingerprint"]
+    except (OSError, UnicodeDecodeError, IndexError, KeyError, TypeError, json.JSONDecodeError):
+        return None
+    records = {}
+    for line in lines[1:]:
+        try:
+            record = json.loads(line)
+            records[record["tensor"]] = record
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break  # a line cut short by a kill: everything after it is unknown
+    return fingerprint, records
+
+
+def _is_write_failure(exc: BaseException | None) -> bool:
+    return isinstance(exc, UserError) and isinstance(exc.__cause__, OSError)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
