@@ -243,6 +243,19 @@ class BufferRing:
         return current[:numel]
 
 
+def refuse_nonfinite(values: torch.Tensor, ckpt: Checkpoint, name: str, start: int) -> None:
+    """Inputs holding NaN or Inf are refused: merged, they would silently spread into the result.
+
+    A finite sum proves the chunk finite; only otherwise is the element-wise check paid for.
+    """
+    if values.numel() and not bool(torch.isfinite(values.sum())) and not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).sum())
+        raise UserError(
+            f"{ckpt.path}: tensor {name!r} holds {bad} NaN or Inf value(s) (from row {start}); "
+            "refusing to merge it (repair or drop that model)"
+        )
+
+
 class ChunkReader:
     """Reads row chunks of one tensor from every input, as float32 on the device, one chunk ahead."""
 
@@ -255,11 +268,14 @@ class ChunkReader:
 
     def _load(self, ckpt: Checkpoint, name: str, start: int, stop: int, buffers: dict | None, slot: int) -> torch.Tensor:
         if buffers is None:
-            return ckpt.read_rows(name, start, stop).to(self.device).to(torch.float32)
-        info = ckpt.tensors[name]
-        rows = ckpt.read_rows(name, start, stop, out=BufferRing.buffer(buffers, slot, torch.uint8, _rows_bytes(info, start, stop)))
-        converted = BufferRing.buffer(buffers, slot, torch.float32, rows.numel()).view(rows.shape)
-        return converted.copy_(rows)
+            converted = ckpt.read_rows(name, start, stop).to(self.device).to(torch.float32)
+        else:
+            info = ckpt.tensors[name]
+            out = BufferRing.buffer(buffers, slot, torch.uint8, _rows_bytes(info, start, stop))
+            rows = ckpt.read_rows(name, start, stop, out=out)
+            converted = BufferRing.buffer(buffers, slot, torch.float32, rows.numel()).view(rows.shape).copy_(rows)
+        refuse_nonfinite(converted, ckpt, name, start)
+        return converted
 
     def read(self, tensor: TensorPlan, start: int, stop: int, buffers: dict | None = None) -> Chunk:
         started = time.perf_counter()

@@ -164,6 +164,7 @@ def llama_shaped_checkpoints(workdir: Path, dims: dict, experts: int, dtype: tor
     """Base (index 0) and experts: base + noise of 1/10 the base's scale, streamed tensor by tensor."""
     specs = llama_specs(dims, dtype)
     total = sum(s.nbytes for s in specs)
+    workdir.mkdir(parents=True, exist_ok=True)
     paths = []
     for index in range(experts + 1):
         path = workdir / ("base" if index == 0 else f"expert{index}")
