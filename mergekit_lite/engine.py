@@ -28,7 +28,7 @@ from mergekit_lite.methods.base import ChunkResult, summarize_counts
 from mergekit_lite.recipe import DTYPES, Recipe, is_embedding, recipe_params
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
 
 
 class Progress(Protocol):
