@@ -38,6 +38,13 @@ def _sample_bracket(sample: torch.Tensor, n: int, k: int) -> tuple[float, float,
     return values[0], values[1], values[2]
 
 
+def count_nonzero(values: torch.Tensor) -> int:
+    """Non-zero entries; numpy counts a float tensor about ten times faster than torch on the CPU."""
+    if values.device.type == "cpu":
+        return int(np.count_nonzero(values.numpy()))
+    return int(torch.count_nonzero(values))
+
+
 def _count(values: torch.Tensor, point: float, strict: bool) -> int:
     """How many entries exceed (strict) or reach `point`. numpy's compare-and-count is several times faster
     than torch's on the CPU."""
@@ -207,7 +214,7 @@ def magnitude_band(delta: torch.Tensor, low: float, high: float = float("inf")) 
     kept = torch.nn.functional.hardshrink(delta, _just_below(low)) if low > 0 else delta.clone()
     if high != float("inf"):
         kept.sub_(torch.nn.functional.hardshrink(delta, _just_below(high)))
-    return kept, int(torch.count_nonzero(kept))
+    return kept, count_nonzero(kept)
 
 
 def tensor_seed(seed: int, tensor_name: str, expert_index: int, start_row: int = 0) -> int:
@@ -226,7 +233,7 @@ def random_keep(delta: torch.Tensor, probability: torch.Tensor | float, seed: in
     delta.mul_(keep)
     if rescale:
         delta.div_(probability)
-    return int(torch.count_nonzero(keep))
+    return count_nonzero(keep)
 
 
 def rank_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -271,8 +278,8 @@ def combine(
         agreeing += delta
         if divisor is not None:  # 1 where this expert agrees: ceil of a huge multiple of a value >= 0, capped
             divisor.add_(delta.mul_(1e38).ceil_().clamp_(max=1.0), alpha=weight)
-    any_kept = int(torch.count_nonzero(agreeing))
-    disagreed = int(torch.count_nonzero(agreeing > total.abs_()))
+    any_kept = count_nonzero(agreeing)
+    disagreed = count_nonzero(agreeing > total.abs_())
     agreeing.mul_(sign)
     if divisor is not None:
         if min(weights) > 0:  # a zero divisor then means nothing agreed, and agreeing is 0 there too
