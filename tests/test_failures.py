@@ -132,6 +132,21 @@ def test_output_parent_missing_or_a_file(tmp_path, llama_family):
         assert result.exit_code == 2 and "parent directory" in result.stderr
 
 
+def test_output_directory_not_writable(tmp_path, llama_family, monkeypatch):
+    """Permissions are checked before any work (simulated: the test runs as root, which ignores them)."""
+    import os
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(recipe_text(llama_family))
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(parent.absolute()) else real_access(path, mode))
+    result = run_cli("run", recipe, parent / "out")
+    assert result.exit_code == 2 and "not writable" in result.stderr
+    assert list(parent.iterdir()) == []
+
+
 def test_full_disk_keeps_work_for_resume(tmp_path, llama_family, monkeypatch):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(recipe_text(llama_family, method="task_arithmetic"))
@@ -228,6 +243,7 @@ def test_cli_never_shows_a_traceback_for_garbage_recipes(tmp_path):
         result = run_cli("run", recipe, tmp_path / "out")
         assert result.exit_code == 2, (text, result.output)
         assert "Traceback" not in result.output
+        assert not (tmp_path / "out").exists() and not partial_dir(tmp_path / "out").exists()
 
 
 def test_a_config_cannot_point_the_tool_elsewhere(tmp_path, llama_family):
