@@ -266,32 +266,60 @@ class ChunkReader:
         self.pool = pool
         self.ring = BufferRing() if device.type == "cpu" else None
 
-    def _load(self, ckpt: Checkpoint, name: str, start: int, stop: int, buffers: dict | None, slot: int) -> torch.Tensor:
+    def _raw(self, ckpt: Checkpoint, name: str, start: int, stop: int, buffers: dict | None, slot: int) -> torch.Tensor:
+        """Rows as stored (e.g. bfloat16), read into this chunk's byte buffer for `slot` when there is one."""
         if buffers is None:
-            converted = ckpt.read_rows(name, start, stop).to(self.device).to(torch.float32)
+            return ckpt.read_rows(name, start, stop)
+        out = BufferRing.buffer(buffers, slot, torch.uint8, _rows_bytes(ckpt.tensors[name], start, stop))
+        return ckpt.read_rows(name, start, stop, out=out)
+
+    def _float(self, raw: torch.Tensor, ckpt: Checkpoint, name: str, start: int, buffers: dict | None, slot: int) -> torch.Tensor:
+        """Stored rows as float32 on the device, refused if they hold NaN or Inf."""
+        if buffers is None:
+            converted = raw.to(self.device).to(torch.float32)
         else:
-            info = ckpt.tensors[name]
-            out = BufferRing.buffer(buffers, slot, torch.uint8, _rows_bytes(info, start, stop))
-            rows = ckpt.read_rows(name, start, stop, out=out)
-            converted = BufferRing.buffer(buffers, slot, torch.float32, rows.numel()).view(rows.shape).copy_(rows)
+            converted = BufferRing.buffer(buffers, slot, torch.float32, raw.numel()).view(raw.shape).copy_(raw)
         refuse_nonfinite(converted, ckpt, name, start)
         return converted
 
-    def read(self, tensor: TensorPlan, start: int, stop: int, buffers: dict | None = None) -> Chunk:
+    def read_raw(self, tensor: TensorPlan, start: int, stop: int, buffers: dict | None) -> list[torch.Tensor | None]:
+        """File reads only (the part worth a background thread): the base's rows, then each expert's
+        (None for an expert that lacks the tensor)."""
         started = time.perf_counter()
         sources = self.plan.sources
-        load = lambda ckpt, slot: self._load(ckpt, tensor.name, start, stop, buffers, slot)  # noqa: E731
-        base = load(sources.base, 0) if sources.base is not None else None
+        raws: list[torch.Tensor | None] = []
+        raws.append(self._raw(sources.base, tensor.name, start, stop, buffers, 0) if sources.base is not None else None)
+        for index, expert in enumerate(sources.experts):
+            if index in tensor.missing_in:
+                raws.append(None)
+                continue
+            name = tensor.source_name(index)
+            stop_here = min(stop, expert.tensors[name].shape[0]) if index in tensor.row_aligned else stop
+            raws.append(self._raw(expert, name, start, stop_here, buffers, index + 1) if start < stop_here else None)
+        self._account(started)
+        return raws
+
+    def convert(self, tensor: TensorPlan, start: int, raws: list[torch.Tensor | None], buffers: dict | None) -> Chunk:
+        """float32 chunk from the raw rows; done in the main thread, where torch's own threads do the work."""
+        sources = self.plan.sources
+        base = self._float(raws[0], sources.base, tensor.name, start, buffers, 0) if sources.base is not None else None
         experts = []
         for index, expert in enumerate(sources.experts):
+            raw = raws[index + 1]
+            name = tensor.source_name(index)
             if index in tensor.missing_in:
                 experts.append(base.clone())
             elif index in tensor.row_aligned:
-                experts.append(self._aligned_rows(expert, tensor.source_name(index), start, stop, base))
+                aligned = base.clone()  # rows past the expert's vocabulary: no change
+                if raw is not None:
+                    aligned[: raw.shape[0]] = self._float(raw, expert, name, start, None, 0)
+                experts.append(aligned)
             else:
-                experts.append(self._load(expert, tensor.source_name(index), start, stop, buffers, index + 1))
-        self._account(started)
+                experts.append(self._float(raw, expert, name, start, buffers, index + 1))
         return Chunk(start, base, experts)
+
+    def read(self, tensor: TensorPlan, start: int, stop: int, buffers: dict | None = None) -> Chunk:
+        return self.convert(tensor, start, self.read_raw(tensor, start, stop, buffers), buffers)
 
     def _account(self, started: float) -> None:
         """Reads in the background overlap compute; reads in the main thread are time spent waiting on I/O."""
@@ -306,25 +334,20 @@ class ChunkReader:
         self._account(started)
         return rows
 
-    def _aligned_rows(self, expert: Checkpoint, name: str, start: int, stop: int, base: torch.Tensor) -> torch.Tensor:
-        """Rows of an expert whose vocabulary differs: its own rows where it has them, the base's elsewhere."""
-        rows = expert.tensors[name].shape[0]
-        aligned = base.clone()
-        if start < rows:
-            aligned[: min(stop, rows) - start] = self._load(expert, name, start, min(stop, rows), None, 0)
-        return aligned
-
     def stream(self, tensor: TensorPlan) -> Iterator[Chunk]:
         """Every chunk of a tensor in order, the next one read in the background while this one is used."""
         ranges = row_chunks(tensor.shape)
-        pending = self.pool.submit(self.read, tensor, *ranges[0], self._buffers())
+        buffers = self._buffers()
+        pending = self.pool.submit(self.read_raw, tensor, *ranges[0], buffers)
         for position in range(len(ranges)):
             waited = time.perf_counter()
-            chunk = pending.result()
+            raws = pending.result()
             self.timings.wait += time.perf_counter() - waited
+            current = buffers
             if position + 1 < len(ranges):
-                pending = self.pool.submit(self.read, tensor, *ranges[position + 1], self._buffers())
-            yield chunk
+                buffers = self._buffers()
+                pending = self.pool.submit(self.read_raw, tensor, *ranges[position + 1], buffers)
+            yield self.convert(tensor, ranges[position][0], raws, current)
 
     def _buffers(self) -> dict | None:
         return self.ring.next_set() if self.ring is not None else None
