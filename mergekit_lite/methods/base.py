@@ -9,7 +9,7 @@ a cosine) computes it in `prepare` from a re-readable stream of the same chunks,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -129,13 +129,6 @@ class MergeMethod:
     random: bool = False  # uses the seed
     prepare_model: ModelPass | None = None  # optional first pass over the whole model
     needs_model_pass: Callable[[dict], bool] = field(default=lambda params: False)
-
-    def param(self, name: str) -> ParamSpec | None:
-        return next((p for p in self.params if p.name == name), None)
-
-    @property
-    def param_names(self) -> Iterable[str]:
-        return (p.name for p in self.params)
 
     def merge(self, context: TensorContext, base: torch.Tensor | None, experts: list[torch.Tensor]) -> MergeOutput:
         """Merge whole in-memory tensors as one chunk: the library entry for callers that hold tensors."""
