@@ -211,7 +211,7 @@ class RichProgress:
 def run(
     recipe: Path = typer.Argument(..., help="YAML recipe (mergekit format)."),
     out_dir: Optional[Path] = typer.Argument(None, help="Output directory; may instead be given as 'output:' in the recipe."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Where to write the JSON report [default: OUT_DIR/merge_report.json]."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Where to write the JSON report (default: OUT_DIR/merge_report.json)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N."),
     force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it exists (only once the merge has succeeded)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
