@@ -378,7 +378,9 @@ class TensorAccumulator:
     def add(self, result, merged: torch.Tensor, base: torch.Tensor | None) -> None:
         flat = merged.reshape(-1)
         self.norm_sq += float(torch.dot(flat, flat))
-        if base is not None:
+        if result.result_delta_sq is not None:
+            self.delta_sq += result.result_delta_sq
+        elif base is not None:
             diff = flat - base.reshape(-1)
             self.delta_sq += float(torch.dot(diff, diff))
         self.expert_delta_sq = _sum_lists(self.expert_delta_sq, result.delta_sq)

@@ -221,7 +221,8 @@ def test_model_scope_thresholds_equal_sorting_the_whole_model():
     def contexts():
         for i, (name, base) in enumerate(tensors):
             context = _context("ties", base.shape, [{"density": d} for d in densities], name=name)
-            yield context, (lambda i=i, base=base: iter([Chunk(0, base, [e[i] for e in experts])]))
+            # each call yields a freshly read chunk, as the engine's streams do
+            yield context, (lambda i=i, base=base: iter([Chunk(0, base, [e[i].clone() for e in experts])]))
 
     thresholds = model_thresholds(contexts)
     for expert, density, threshold in zip(experts, densities, thresholds):
@@ -274,7 +275,7 @@ def test_chunked_merge_equals_whole_tensor_merge():
 
         def stream():
             for start in range(0, 64, 10):
-                yield Chunk(start, base[start : start + 10], [e[start : start + 10] for e in chosen])
+                yield Chunk(start, base[start : start + 10], [e[start : start + 10].clone() for e in chosen])
 
         state = spec.prepare(context, stream)
         parts = [spec.merge_chunk(context, Chunk(c.start, c.base, [e.clone() for e in c.experts]), state).tensor

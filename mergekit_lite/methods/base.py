@@ -81,15 +81,18 @@ class Chunk:
     """Rows [start, start + rows) of one tensor, float32, for the base (if any) and every expert.
 
     In `merge_chunk` the experts belong to the method, which may overwrite them (the base may not be
-    changed: the engine measures the result against it); in `prepare` everything is read-only.
+    changed: the engine measures the result against it). In `prepare` the only change allowed is turning
+    the experts into task vectors through `sparsify.task_vectors`, which records it in `delta_sq`, so the
+    merge pass over the same chunk does not subtract again.
     """
 
     start: int
     base: torch.Tensor | None
     experts: list[torch.Tensor]
+    delta_sq: list[float] | None = None  # set once the experts hold task vectors: their squared norms
 
 
-ChunkStream = Callable[[], Iterator[Chunk]]
+ChunkStream = Callable[[], Iterator[Chunk]]  # each call yields freshly read chunks
 
 
 @dataclass
@@ -101,6 +104,7 @@ class ChunkResult:
     any_kept: int | None = None  # entries some expert kept (sign election methods)
     disagreed: int | None = None  # of those, entries where a kept expert had the minority sign
     delta_sq: list[float] | None = None  # squared norm of each expert's task vector in this chunk
+    result_delta_sq: float | None = None  # squared norm of (result - base), when the method has it at hand
 
 
 @dataclass
@@ -133,11 +137,8 @@ class MergeMethod:
     def merge(self, context: TensorContext, base: torch.Tensor | None, experts: list[torch.Tensor]) -> MergeOutput:
         """Merge whole in-memory tensors as one chunk: the library entry for callers that hold tensors."""
 
-        def stream() -> Iterator[Chunk]:
-            yield Chunk(0, None if base is None else base.float(), [e.float() for e in experts])
-
-        state = self.prepare(context, stream) if self.prepare is not None else None
         chunk = Chunk(0, None if base is None else base.float(), [e.float().clone() for e in experts])
+        state = self.prepare(context, lambda: iter([chunk])) if self.prepare is not None else None
         result = self.merge_chunk(context, chunk, state)
         return MergeOutput(result.tensor, *summarize_counts(result, context.numel))
 

@@ -22,7 +22,7 @@ def mean_pairwise_cosine(context: TensorContext, stream: ChunkStream) -> float:
     count = len(context.model_params)
     gram = torch.zeros(count, count, dtype=torch.float64)
     for chunk in stream():
-        deltas = torch.stack([(e - chunk.base).reshape(-1) for e in chunk.experts])
+        deltas = torch.stack([d.reshape(-1) for d in task_vectors(chunk)[0]])
         gram += (deltas @ deltas.T).double().cpu()
     cosines = []
     for i, j in itertools.combinations(range(count), 2):

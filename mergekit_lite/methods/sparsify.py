@@ -292,15 +292,23 @@ def combine(
 
 
 def delta_magnitudes(chunk: Chunk, stride: int = 1) -> list[torch.Tensor]:
-    """|expert - base| of every expert in a chunk, flattened, at every stride-th position."""
+    """|expert - base| of every expert in a chunk, flattened, at every stride-th position.
+
+    A full pass turns the chunk's experts into task vectors (once), which the merge pass then reuses."""
+    if stride == 1:
+        return [delta.abs().reshape(-1) for delta in task_vectors(chunk)[0]]
+    if chunk.delta_sq is not None:
+        return [delta.reshape(-1)[::stride].abs() for delta in chunk.experts]
     base = chunk.base.reshape(-1)[::stride]
     return [(expert.reshape(-1)[::stride] - base).abs_() for expert in chunk.experts]
 
 
 def task_vectors(chunk: Chunk) -> tuple[list[torch.Tensor], list[float]]:
-    """Each expert's task vector for this chunk, in place of the expert, and its squared norm."""
-    deltas = [expert.sub_(chunk.base) for expert in chunk.experts]
-    return deltas, [float(torch.dot(d.reshape(-1), d.reshape(-1))) for d in deltas]
+    """Each expert's task vector for this chunk, in place of the expert (computed once), and its squared norm."""
+    if chunk.delta_sq is None:
+        deltas = [expert.sub_(chunk.base).reshape(-1) for expert in chunk.experts]
+        chunk.delta_sq = [float(torch.dot(d, d)) for d in deltas]
+    return chunk.experts, chunk.delta_sq
 
 
 def merge_task_vectors(
@@ -313,4 +321,7 @@ def merge_task_vectors(
         deltas, context.per_model("weight"), elect=elect, normalize=context.params["normalize"],
         scale=context.params["lambda"],
     )
-    return ChunkResult(merged.add_(chunk.base), kept=kept, any_kept=any_kept, disagreed=disagreed, delta_sq=delta_sq)
+    flat = merged.reshape(-1)
+    change_sq = float(torch.dot(flat, flat))
+    return ChunkResult(merged.add_(chunk.base), kept=kept, any_kept=any_kept, disagreed=disagreed, delta_sq=delta_sq,
+                       result_delta_sq=change_sq)
