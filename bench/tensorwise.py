@@ -69,8 +69,7 @@ def io_floor(checkpoints: list[Path], out: Path) -> None:
     specs = [TensorSpec(n, i.dtype, i.shape) for n, i in base.tensors.items()]
     with CheckpointWriter(out, specs, force=True) as writer:
         for spec in specs:
-            rows = spec.shape[0] if len(spec.shape) >= 2 else 1
-            tensors = [ckpt.read_rows(spec.name, 0, rows) for ckpt in opened]
+            tensors = [ckpt.get(spec.name) for ckpt in opened]
             writer.write(spec.name, tensors[0])
 
 

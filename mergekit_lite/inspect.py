@@ -79,7 +79,7 @@ def compare(a: Checkpoint, b: Checkpoint, device: str = "cpu", progress=None) ->
         if a.tensors[name].shape != b.tensors[name].shape:
             mismatched.append({"name": name, "a": list(a.tensors[name].shape), "b": list(b.tensors[name].shape)})
             continue
-        stats = difference_stats(_whole(a, name).to(device), _whole(b, name).to(device))
+        stats = difference_stats(a.get(name, device), b.get(name, device))
         tensors.append({"name": name, "relative_diff": stats["relative_diff"], "cosine": stats["cosine"]})
         layer = layer_index(name)
         key = "other" if layer is None else str(layer)
@@ -98,12 +98,6 @@ def compare(a: Checkpoint, b: Checkpoint, device: str = "cpu", progress=None) ->
         "only_in_b": [n for n in b.tensors if n not in a.tensors],
         "shape_mismatch": mismatched,
     }
-
-
-def _whole(ckpt: Checkpoint, name: str) -> torch.Tensor:
-    """A whole tensor by plain reads (not a memory map, whose pages would stay in the process's RSS)."""
-    shape = ckpt.tensors[name].shape
-    return ckpt.read_rows(name, 0, shape[0] if len(shape) >= 2 else 1)
 
 
 def _layer_key(item: tuple[str, list[float]]) -> tuple[int, int]:

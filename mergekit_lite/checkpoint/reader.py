@@ -1,7 +1,7 @@
 """Open a checkpoint (HF / timm directory, sharded or not, or one file) and read tensors lazily.
 
-Only headers are read when a checkpoint is opened; a tensor's bytes are read, memory-mapped, when asked for
-and go straight to the requested device.
+Only headers are read when a checkpoint is opened; a tensor's rows are read with plain file reads when asked
+for, so only what is in use occupies memory.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     config: dict[str, Any] | None
     shards: list[Path]
-    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
     _pickled: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     _fds: dict[Path, int] = field(default_factory=dict, repr=False)
 
@@ -51,21 +50,11 @@ class Checkpoint:
         return "transformers"
 
     def get(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Read one tensor onto `device`."""
-        try:
-            info = self.tensors[name]
-        except KeyError:
-            raise CheckpointError(f"{self.path}: has no tensor {name!r}") from None
-        if info.file.suffix in PICKLE_SUFFIXES:
-            return self._pickled_state(info.file)[name].to(device)
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._open_safetensors(info.file, device)
-        try:
-            tensor = handle.get_tensor(name)
-        except Exception as exc:  # the library raises its own error types for corrupt data
-            raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: {exc}") from exc
-        return tensor if tensor.device == torch.device(device) else tensor.to(device)
+        """Read one whole tensor onto `device`."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.path}: has no tensor {name!r}")
+        return self.read_rows(name, 0, info.shape[0] if len(info.shape) >= 2 else 1).to(device)
 
     def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows [start, stop) along the first axis, read with plain file reads into a CPU tensor.
@@ -99,18 +88,6 @@ class Checkpoint:
         shape = info.shape if whole else (count, *info.shape[1:])
         return buffer.view(info.dtype).reshape(shape)
 
-    def _open_safetensors(self, file: Path, device: torch.device | str) -> Any:
-        from safetensors import safe_open
-
-        dev = torch.device(device)
-        target = "cpu" if dev.type == "cpu" else str(dev)
-        try:
-            handle = safe_open(str(file), framework="pt", device=target)
-        except Exception as exc:
-            raise CheckpointError(f"{file}: cannot open as safetensors: {exc}") from exc
-        self._handles[file] = handle
-        return handle
-
     def _pickled_state(self, file: Path) -> dict[str, torch.Tensor]:
         if file not in self._pickled:
             self._pickled[file] = load_pickled(file)
@@ -120,7 +97,6 @@ class Checkpoint:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        self._handles.clear()
         self._pickled.clear()
 
     @property

@@ -194,11 +194,7 @@ class CheckpointWriter:
             raise KeyError(f"tensor {name!r} is not in the writer's plan")
         if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise ValueError(f"{name}: planned {spec.dtype} {spec.shape}, got {tensor.dtype} {tuple(tensor.shape)}")
-        fd, offset = self._location[name]
-        data = tensor_bytes(tensor)
-        self._pwrite(fd, data, offset)
-        self._crc[name] = zlib.crc32(data)
-        self._pending.discard(name)
+        self.write_rows(name, 0, tensor)
 
     def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
         """Write rows [start, start + len(rows)) of a planned tensor (the whole tensor when it is 0-d or 1-d)."""

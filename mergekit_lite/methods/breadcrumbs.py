@@ -6,7 +6,7 @@ from mergekit_lite.methods.base import (
     LAMBDA, WEIGHT, Chunk, ChunkResult, ChunkStream, MergeMethod, ParamSpec, TensorContext, density_param, normalize_param,
 )
 from mergekit_lite.methods.sparsify import (
-    delta_magnitudes, magnitude_band, keep_count, merge_task_vectors, streamed_kth_largest, task_vectors,
+    delta_magnitudes, trim_each, keep_count, merge_task_vectors, streamed_kth_largest, task_vectors,
 )
 
 GAMMA = ParamSpec("gamma", float, 0.01, "fraction of largest-magnitude entries dropped as outliers", minimum=0.0, maximum=1.0)
@@ -31,8 +31,8 @@ def outlier_bounds(context: TensorContext, stream: ChunkStream) -> list[tuple[fl
 
 def merge_breadcrumbs(context: TensorContext, chunk: Chunk, bounds: list[tuple[float, float]]) -> ChunkResult:
     deltas, delta_sq = task_vectors(chunk)
-    trimmed = [magnitude_band(delta, low, high) for delta, (low, high) in zip(deltas, bounds)]
-    return merge_task_vectors(context, chunk, [t for t, _ in trimmed], delta_sq, [k for _, k in trimmed], elect=False)
+    trimmed, kept = trim_each(deltas, bounds)
+    return merge_task_vectors(context, chunk, trimmed, delta_sq, kept, elect=False)
 
 
 METHOD = MergeMethod(

@@ -217,6 +217,12 @@ def magnitude_band(delta: torch.Tensor, low: float, high: float = float("inf")) 
     return kept, count_nonzero(kept)
 
 
+def trim_each(deltas: list[torch.Tensor], bounds: list[tuple[float, float]]) -> tuple[list[torch.Tensor], list[int]]:
+    """magnitude_band for every expert: the trimmed task vectors and how many entries each kept."""
+    trimmed = [magnitude_band(delta, low, high) for delta, (low, high) in zip(deltas, bounds)]
+    return [t for t, _ in trimmed], [k for _, k in trimmed]
+
+
 def tensor_seed(seed: int, tensor_name: str, expert_index: int, start_row: int = 0) -> int:
     """A seed from the recipe seed, the tensor, the expert and the chunk: independent of processing order."""
     digest = hashlib.blake2b(f"{seed}\0{tensor_name}\0{expert_index}\0{start_row}".encode(), digest_size=8).digest()

@@ -15,7 +15,7 @@ from mergekit_lite.methods.base import (
     normalize_param,
 )
 from mergekit_lite.methods.sparsify import (
-    delta_magnitudes, magnitude_band, keep_count, merge_task_vectors, streamed_kth_largest, task_vectors,
+    delta_magnitudes, trim_each, keep_count, merge_task_vectors, streamed_kth_largest, task_vectors,
 )
 
 TRIM_SCOPE = ParamSpec(
@@ -60,8 +60,8 @@ def model_thresholds(tensors: Callable[[], Iterator[tuple[TensorContext, ChunkSt
 
 def merge_ties(context: TensorContext, chunk: Chunk, thresholds: list[float]) -> ChunkResult:
     deltas, delta_sq = task_vectors(chunk)
-    trimmed = [magnitude_band(delta, threshold) for delta, threshold in zip(deltas, thresholds)]
-    return merge_task_vectors(context, chunk, [t for t, _ in trimmed], delta_sq, [k for _, k in trimmed], elect=True)
+    trimmed, kept = trim_each(deltas, [(threshold, float("inf")) for threshold in thresholds])
+    return merge_task_vectors(context, chunk, trimmed, delta_sq, kept, elect=True)
 
 
 METHOD = MergeMethod(
