@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
+from mergekit_lite import kernels
 from mergekit_lite.checkpoint import Checkpoint, CheckpointWriter, TensorSpec, open_checkpoint
 from mergekit_lite.checkpoint.writer import DEFAULT_SHARD_BYTES, check_output_path
 from mergekit_lite.device import resolve_device
@@ -29,6 +30,8 @@ from mergekit_lite.recipe import DTYPES, Recipe, is_embedding, recipe_params
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CHUNK_ELEMENTS = 1 << 20
+# A tensor up to this size is read once and kept for a method's statistics pass and its merge pass.
+REPLAY_ELEMENTS = 1 << 22
 
 
 class Progress(Protocol):
@@ -243,6 +246,14 @@ class BufferRing:
         return current[:numel]
 
 
+def _rows_of(chunk: Chunk, start: int, stop: int) -> Chunk:
+    """Rows [start, stop) of a chunk that starts at row 0, as views."""
+    if start == 0 and stop == (chunk.experts[0].shape[0] if chunk.experts[0].dim() else 1):
+        return chunk
+    view = lambda values: None if values is None else values[start:stop]  # noqa: E731
+    return Chunk(start, view(chunk.base), [view(expert) for expert in chunk.experts])
+
+
 def refuse_nonfinite(values: torch.Tensor, ckpt: Checkpoint, name: str, start: int) -> None:
     """Inputs holding NaN or Inf are refused: merged, they would silently spread into the result.
 
@@ -278,7 +289,13 @@ class ChunkReader:
         if buffers is None:
             converted = raw.to(self.device).to(torch.float32)
         else:
-            converted = BufferRing.buffer(buffers, slot, torch.float32, raw.numel()).view(raw.shape).copy_(raw)
+            converted = BufferRing.buffer(buffers, slot, torch.float32, raw.numel()).view(raw.shape)
+            if raw.dtype == torch.bfloat16 and raw.is_contiguous() and kernels.usable(converted):
+                # One pass that widens and counts NaN/Inf, instead of a copy and a check.
+                if kernels.widen_bfloat16(raw, converted):
+                    refuse_nonfinite(converted, ckpt, name, start)
+                return converted
+            converted.copy_(raw)
         refuse_nonfinite(converted, ckpt, name, start)
         return converted
 
@@ -355,9 +372,11 @@ class ChunkReader:
     def replayable(self, tensor: TensorPlan) -> tuple[Callable[[], Iterator[Chunk]], list[Chunk] | None]:
         """A re-readable chunk stream for whole-tensor statistics. A single-chunk tensor is read once and the
         same chunk is returned for the merge pass, instead of being read again."""
-        if len(row_chunks(tensor.shape)) == 1:
-            only = [self.read(tensor, *row_chunks(tensor.shape)[0], self._buffers())]
-            return (lambda: iter(only)), only
+        ranges = row_chunks(tensor.shape)
+        if len(ranges) == 1 or math.prod(tensor.shape) <= REPLAY_ELEMENTS:
+            whole = self.read(tensor, 0, ranges[-1][1], self._buffers())
+            chunks = [_rows_of(whole, start, stop) for start, stop in ranges]
+            return (lambda: iter(chunks)), chunks
         return (lambda: self.stream(tensor)), None
 
 
@@ -377,7 +396,11 @@ class TensorAccumulator:
 
     def add(self, result, merged: torch.Tensor, base: torch.Tensor | None) -> None:
         flat = merged.reshape(-1)
-        self.norm_sq += float(torch.dot(flat, flat))
+        if result.result_sq is not None and math.isfinite(result.result_sq):
+            norm_sq, finite = result.result_sq, True  # a finite sum of squares: every entry is finite
+        else:
+            norm_sq, finite = float(torch.dot(flat, flat)), False
+        self.norm_sq += norm_sq
         if result.result_delta_sq is not None:
             self.delta_sq += result.result_delta_sq
         elif base is not None:
@@ -389,7 +412,7 @@ class TensorAccumulator:
             self.any_kept = (self.any_kept or 0) + result.any_kept
             self.disagreed = (self.disagreed or 0) + result.disagreed
         # A finite sum means no NaN or Inf; only when it is not is the element-wise check worth its cost.
-        if not self.nonfinite and not bool(torch.isfinite(merged.sum())):
+        if not finite and not self.nonfinite and not bool(torch.isfinite(merged.sum())):
             self.nonfinite = not bool(torch.isfinite(merged).all())
 
     def summary(self, has_base: bool) -> dict[str, Any]:

@@ -105,6 +105,7 @@ class ChunkResult:
     disagreed: int | None = None  # of those, entries where a kept expert had the minority sign
     delta_sq: list[float] | None = None  # squared norm of each expert's task vector in this chunk
     result_delta_sq: float | None = None  # squared norm of (result - base), when the method has it at hand
+    result_sq: float | None = None  # squared norm of the result, when the method has it at hand
 
 
 @dataclass

@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from mergekit_lite import kernels
 from mergekit_lite.methods.base import Chunk, ChunkResult, TensorContext
 
 # Below this size an exact kthvalue is cheap; above it a sampled bracket avoids a full selection.
@@ -57,6 +58,8 @@ def _count(values: torch.Tensor, point: float, strict: bool) -> int:
 def _counts(values: torch.Tensor, points: tuple[float, float, float]) -> list[int]:
     """[#>hi, #>guess, #>=guess, #>=lo] for (lo, guess, hi)."""
     lo, guess, hi = points
+    if kernels.usable(values):
+        return kernels.count_bracket(values, lo, guess, hi)
     return [_count(values, hi, True), _count(values, guess, True), _count(values, guess, False),
             _count(values, lo, False)]
 
@@ -302,6 +305,10 @@ def delta_magnitudes(chunk: Chunk, stride: int = 1) -> list[torch.Tensor]:
 
     A full pass turns the chunk's experts into task vectors (once), which the merge pass then reuses."""
     if stride == 1:
+        if chunk.delta_sq is None and kernels.usable(chunk.base, *chunk.experts):
+            flat = [expert.reshape(-1) for expert in chunk.experts]
+            magnitudes, chunk.delta_sq = kernels.task_vector_magnitudes(chunk.base.reshape(-1), flat)
+            return magnitudes
         return [delta.abs().reshape(-1) for delta in task_vectors(chunk)[0]]
     if chunk.delta_sq is not None:
         return [delta.reshape(-1)[::stride].abs() for delta in chunk.experts]

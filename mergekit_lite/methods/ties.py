@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
+from mergekit_lite import kernels
 from mergekit_lite.errors import UserError
 from mergekit_lite.methods.base import (
     INT8_MASK, LAMBDA, WEIGHT, Chunk, ChunkResult, ChunkStream, MergeMethod, ParamSpec, TensorContext, density_param,
@@ -59,9 +60,23 @@ def model_thresholds(tensors: Callable[[], Iterator[tuple[TensorContext, ChunkSt
 
 
 def merge_ties(context: TensorContext, chunk: Chunk, thresholds: list[float]) -> ChunkResult:
+    if kernels.usable(chunk.base, *chunk.experts):
+        return _merge_ties_fused(context, chunk, thresholds)
     deltas, delta_sq = task_vectors(chunk)
     trimmed, kept = trim_each(deltas, [(threshold, float("inf")) for threshold in thresholds])
     return merge_task_vectors(context, chunk, trimmed, delta_sq, kept, elect=True)
+
+
+def _merge_ties_fused(context: TensorContext, chunk: Chunk, thresholds: list[float]) -> ChunkResult:
+    """The same computation as the torch path, bit for bit, in two passes of a C kernel."""
+    merged, stats = kernels.ties_merge(
+        chunk.base.reshape(-1), [expert.reshape(-1) for expert in chunk.experts], chunk.delta_sq is not None,
+        thresholds, context.per_model("weight"), context.params["normalize"], context.params["lambda"],
+    )
+    delta_sq = chunk.delta_sq if chunk.delta_sq is not None else stats["delta_sq"]
+    return ChunkResult(merged.view(chunk.base.shape), kept=stats["kept"], any_kept=stats["any_kept"],
+                       disagreed=stats["disagreed"], delta_sq=delta_sq, result_delta_sq=stats["change_sq"],
+                       result_sq=stats["result_sq"])
 
 
 METHOD = MergeMethod(

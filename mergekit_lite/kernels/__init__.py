@@ -1,0 +1,193 @@
+"""Fused C kernels for the CPU hot loops, compiled on first use and cached; the torch path is the fallback.
+
+A TIES merge done op by op in torch makes about 25 passes over memory per expert element; the kernels in
+`kernels.c` make two or three, with the same float32 arithmetic in the same order, so both paths give the
+same bits. They need a C compiler (`$CC`, else `cc`) once per machine: the shared library is cached under
+`$MERGEKIT_LITE_CACHE` (default `~/.cache/mergekit_lite`), keyed by the source and the compiler flags.
+Without a compiler, or with `MERGEKIT_LITE_KERNELS=0`, everything runs on the torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-trapping-math"]
+# Below this many elements a second thread costs more than it saves.
+_SPLIT_MIN = 1 << 16
+
+_i64, _f32, _i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_int32
+_ptr = ctypes.c_void_p
+_SIGNATURES = {
+    "task_vector_magnitudes": [_ptr, _ptr, _ptr, _i32, _i64, _ptr],
+    "count_bracket": [_ptr, _i64, _f32, _f32, _f32, _ptr],
+    "widen_bfloat16": [_ptr, _ptr, _i64],
+    "ties_merge": [_ptr, _ptr, _i32, _i64, _i32, _ptr, _ptr, _i32, _f32, _f32, _ptr, _ptr, _ptr, _ptr],
+}
+
+
+def enabled() -> bool:
+    return os.environ.get("MERGEKIT_LITE_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _cache_dir() -> Path:
+    configured = os.environ.get("MERGEKIT_LITE_CACHE")
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mergekit_lite"
+
+
+def _compile(source: Path, target: Path) -> None:
+    """Build into a temporary file, then rename: concurrent first runs never see a half-written library."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    compiler = os.environ.get("CC", "cc")
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        subprocess.run([compiler, *FLAGS, str(source), "-o", str(built), "-lm"], check=True, capture_output=True,
+                       timeout=120)
+        os.replace(built, target)
+
+
+@lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None when they are disabled or cannot be built here."""
+    if not enabled():
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + platform.machine().encode()).hexdigest()
+    target = _cache_dir() / f"kernels-{key[:16]}.so"
+    try:
+        if not target.exists():
+            _compile(SOURCE, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as error:
+        log.info("fused kernels unavailable (%s); using the torch path", error)
+        return None
+    for name, argtypes in _SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = None
+    lib.widen_bfloat16.restype = _i64
+    return lib
+
+
+def usable(*tensors: torch.Tensor | None) -> bool:
+    """Whether the kernels can work on these tensors: CPU, float32, contiguous, and the library built."""
+    for tensor in tensors:
+        if tensor is None or tensor.device.type != "cpu" or tensor.dtype != torch.float32 or not tensor.is_contiguous():
+            return False
+    return library() is not None
+
+
+@lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="mergekit-kernel")
+
+
+def _parts(n: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) ranges, one per worker thread (ctypes calls run without the GIL)."""
+    workers = max(1, torch.get_num_threads()) if n >= _SPLIT_MIN else 1
+    step = -(-n // workers)
+    return [(start, min(n, start + step)) for start in range(0, n, step)] or [(0, 0)]
+
+
+def _address(tensor: torch.Tensor, offset: int) -> int:
+    return tensor.data_ptr() + offset * tensor.element_size()
+
+
+def _pointers(tensors: list[torch.Tensor], offset: int):
+    return (ctypes.c_void_p * len(tensors))(*[_address(t, offset) for t in tensors])
+
+
+def task_vector_magnitudes(base: torch.Tensor, experts: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[float]]:
+    """In place, experts -= base; returns (|task vector| of each expert, flattened; squared norms)."""
+    lib = library()
+    n = base.numel()
+    magnitudes = [torch.empty(n, dtype=torch.float32) for _ in experts]
+    sums = [(ctypes.c_double * len(experts))() for _ in _parts(n)]
+
+    def work(start: int, stop: int, part: int) -> None:
+        lib.task_vector_magnitudes(_address(base, start), _pointers(experts, start), _pointers(magnitudes, start),
+                                   len(experts), stop - start, sums[part])
+
+    _run_parts(n, work)
+    return magnitudes, [sum(s[t] for s in sums) for t in range(len(experts))]
+
+
+def _run_parts(n: int, work: Callable[[int, int, int], None]) -> None:
+    parts = _parts(n)
+    if len(parts) == 1:
+        work(*parts[0], 0)
+        return
+    for future in [_pool().submit(work, start, stop, index) for index, (start, stop) in enumerate(parts)]:
+        future.result()
+
+
+def count_bracket(values: torch.Tensor, lo: float, guess: float, hi: float) -> list[int]:
+    """[#values > hi, #values > guess, #values >= guess, #values >= lo] in one pass."""
+    lib = library()
+    n = values.numel()
+    counts = [(ctypes.c_int64 * 4)() for _ in _parts(n)]
+
+    def work(start: int, stop: int, part: int) -> None:
+        lib.count_bracket(_address(values, start), stop - start, lo, guess, hi, counts[part])
+
+    _run_parts(n, work)
+    return [sum(c[j] for c in counts) for j in range(4)]
+
+
+def ties_merge(base: torch.Tensor, experts: list[torch.Tensor], are_deltas: bool, thresholds: list[float],
+               weights: list[float], normalize: bool, scale: float) -> tuple[torch.Tensor, dict]:
+    """The whole TIES chunk in two passes; the result is written over experts[0]. Returns it with
+    kept (per expert), any_kept, disagreed, delta_sq (per expert), change_sq and result_sq."""
+    lib = library()
+    n, count = base.numel(), len(experts)
+    out = experts[0]
+    threshold_array = (ctypes.c_float * count)(*thresholds)
+    weight_array = (ctypes.c_float * count)(*weights)
+    parts = _parts(n)
+    kept = [(ctypes.c_int64 * count)() for _ in parts]
+    tallies = [(ctypes.c_int64 * 2)() for _ in parts]
+    sums = [(ctypes.c_double * (count + 2))() for _ in parts]
+
+    def work(start: int, stop: int, part: int) -> None:
+        lib.ties_merge(_address(base, start), _pointers(experts, start), count, stop - start, int(are_deltas),
+                       threshold_array, weight_array, int(normalize), min(weights), scale, _address(out, start),
+                       kept[part], tallies[part], sums[part])
+
+    _run_parts(n, work)
+    total = lambda arrays, j: sum(a[j] for a in arrays)  # noqa: E731
+    stats = {
+        "kept": [total(kept, t) for t in range(count)],
+        "any_kept": total(tallies, 0),
+        "disagreed": total(tallies, 1),
+        "delta_sq": [total(sums, t) for t in range(count)],
+        "change_sq": total(sums, count),
+        "result_sq": total(sums, count + 1),
+    }
+    return out, stats
+
+
+def widen_bfloat16(raw: torch.Tensor, out: torch.Tensor) -> int:
+    """out = raw (bfloat16, contiguous, CPU) as float32; returns how many values are NaN or Inf."""
+    lib = library()
+    n = raw.numel()
+    found = [0] * len(_parts(n))
+
+    def work(start: int, stop: int, part: int) -> None:
+        found[part] = lib.widen_bfloat16(_address(raw, start), _address(out, start), stop - start)
+
+    _run_parts(n, work)
+    return sum(found)

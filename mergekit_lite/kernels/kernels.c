@@ -1,0 +1,167 @@
+/* Fused element-wise kernels for the CPU hot loops of the tensor-wise merges.
+ *
+ * Each function does in one pass over memory what the torch path does in many, with the same float32
+ * operations in the same order, so results match the torch path bit for bit (built with
+ * -ffp-contract=off, no fast-math). Work is split over threads by the caller; these are single-threaded
+ * and work on a contiguous range [0, n).
+ */
+#include <math.h>
+#include <stdint.h>
+
+#define BLOCK 256
+
+/* Sum of squares of at most BLOCK values, in eight float lanes (32 terms each at most: ample precision for
+ * norms), so it vectorizes without reassociating the merge's own arithmetic. */
+static double sum_squares(const float *restrict values, int len)
+{
+    float lanes[8] = {0};
+    int i = 0;
+    for (; i + 8 <= len; i += 8)
+        for (int j = 0; j < 8; j++) lanes[j] += values[i + j] * values[i + j];
+    double total = 0.0;
+    for (; i < len; i++) total += (double)values[i] * (double)values[i];
+    for (int j = 0; j < 8; j++) total += lanes[j];
+    return total;
+}
+
+/* Experts become task vectors in place (expert -= base); magnitudes[t] = |task vector|; delta_sq[t] +=
+ * its squared norm. */
+void task_vector_magnitudes(const float *base, float *const *experts, float *const *magnitudes, int32_t n_experts,
+                            int64_t n, double *delta_sq)
+{
+    for (int32_t t = 0; t < n_experts; t++) {
+        float *e = experts[t];
+        float *m = magnitudes[t];
+        for (int64_t i = 0; i < n; i++) {
+            float d = e[i] - base[i];
+            e[i] = d;
+            m[i] = fabsf(d);
+        }
+        for (int64_t start = 0; start < n; start += BLOCK)
+            delta_sq[t] += sum_squares(e + start, n - start < BLOCK ? (int)(n - start) : BLOCK);
+    }
+}
+
+/* counts[0..3] += #values > hi, #values > guess, #values >= guess, #values >= lo. */
+void count_bracket(const float *values, int64_t n, float lo, float guess, float hi, int64_t *counts)
+{
+    int64_t above_hi = 0, above_guess = 0, reach_guess = 0, reach_lo = 0;
+    for (int64_t i = 0; i < n; i++) {
+        float v = values[i];
+        above_hi += v > hi;
+        above_guess += v > guess;
+        reach_guess += v >= guess;
+        reach_lo += v >= lo;
+    }
+    counts[0] += above_hi;
+    counts[1] += above_guess;
+    counts[2] += reach_guess;
+    counts[3] += reach_lo;
+}
+
+/* d = expert - base over a block (or a copy when the expert already holds its task vector). */
+static void block_delta(const float *restrict base, const float *restrict expert, int are_deltas, int len,
+                        float *restrict d)
+{
+    if (are_deltas)
+        for (int i = 0; i < len; i++) d[i] = expert[i];
+    else
+        for (int i = 0; i < len; i++) d[i] = expert[i] - base[i];
+}
+
+/* out = weight * (|d| >= threshold ? d : 0); returns how many entries were kept. */
+static int64_t trim_weight(const float *restrict d, float threshold, float weight, int len, float *restrict out)
+{
+    int64_t kept = 0;
+    if (threshold <= 0.0f) {
+        for (int i = 0; i < len; i++) out[i] = weight * d[i];
+        return len;
+    }
+    for (int i = 0; i < len; i++) {
+        int keep = fabsf(d[i]) >= threshold;
+        kept += keep;
+        out[i] = weight * (keep ? d[i] : 0.0f);
+    }
+    return kept;
+}
+
+/* TIES: trim each task vector at its threshold, elect a sign per entry from the weighted sum, average the
+ * agreeing entries (normalize: divide by the agreeing weights), scale, add to the base.
+ *
+ * out may be experts[0]. tallies += [entries some expert kept, of those entries with a minority sign];
+ * sums += [delta_sq of each expert..., |result - base|^2, |result|^2]. */
+void ties_merge(const float *base, float *const *experts, int32_t n_experts, int64_t n, int32_t are_deltas,
+                const float *thresholds, const float *weights, int32_t normalize, float min_weight, float scale,
+                float *out, int64_t *kept, int64_t *tallies, double *sums)
+{
+    float total[BLOCK], sign[BLOCK], agree[BLOCK], divisor[BLOCK], term[BLOCK], d[BLOCK], result[BLOCK];
+    int positive_weights = min_weight > 0.0f;
+    int64_t any_kept = 0, disagreed = 0;
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int len = n - start < BLOCK ? (int)(n - start) : BLOCK;
+        const float *b = base + start;
+        for (int32_t t = 0; t < n_experts; t++) {
+            block_delta(b, experts[t] + start, are_deltas, len, d);
+            sums[t] += sum_squares(d, len);
+            kept[t] += trim_weight(d, thresholds[t], weights[t], len, t == 0 ? total : term);
+            if (t > 0)
+                for (int i = 0; i < len; i++) total[i] += term[i];
+        }
+        for (int i = 0; i < len; i++) {
+            sign[i] = total[i] >= 0.0f ? 1.0f : -1.0f;
+            agree[i] = 0.0f;
+            divisor[i] = 0.0f;
+        }
+        for (int32_t t = 0; t < n_experts; t++) {
+            block_delta(b, experts[t] + start, are_deltas, len, d);
+            trim_weight(d, thresholds[t], weights[t], len, term);
+            float w = weights[t];
+            for (int i = 0; i < len; i++) {  /* branch-free, so it vectorizes: agrees is 1 or 0 */
+                float s = term[i] * sign[i];
+                float agrees = (float)(s > 0.0f);
+                agree[i] += s * agrees;
+                divisor[i] += w * agrees;
+            }
+        }
+        for (int i = 0; i < len; i++) {
+            any_kept += agree[i] != 0.0f;
+            disagreed += agree[i] > fabsf(total[i]);
+        }
+        for (int i = 0; i < len; i++) {
+            float a = agree[i] * sign[i];
+            if (normalize) {
+                float q = divisor[i];
+                q = positive_weights ? (q < min_weight ? min_weight : q) : (q == 0.0f ? 1.0f : q);
+                a /= q;
+            }
+            if (scale != 1.0f) a *= scale;
+            agree[i] = a;
+            result[i] = a + b[i];
+        }
+        sums[n_experts] += sum_squares(agree, len);
+        sums[n_experts + 1] += sum_squares(result, len);
+        float *o = out + start;
+        for (int i = 0; i < len; i++) o[i] = result[i];
+    }
+    tallies[0] += any_kept;
+    tallies[1] += disagreed;
+}
+
+/* bfloat16 -> float32 (exact: the high half of the float's bits); returns how many values are NaN or Inf,
+ * so the reader can refuse them without another pass. */
+int64_t widen_bfloat16(const uint16_t *restrict src, float *restrict dst, int64_t n)
+{
+    int64_t nonfinite = 0;
+    uint32_t *restrict bits = (uint32_t *)dst;
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int len = n - start < BLOCK ? (int)(n - start) : BLOCK;
+        uint16_t found = 0;  /* per block, so the count stays in narrow vector lanes */
+        for (int i = 0; i < len; i++) {
+            uint16_t value = src[start + i];
+            bits[start + i] = (uint32_t)value << 16;
+            found += (value & 0x7f80u) == 0x7f80u;
+        }
+        nonfinite += found;
+    }
+    return nonfinite;
+}

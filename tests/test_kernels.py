@@ -1,0 +1,179 @@
+"""The fused C kernels give the same bits as the torch path, and everything works without them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mergekit_lite import kernels
+from mergekit_lite.methods import ties
+from mergekit_lite.methods.base import Chunk, TensorContext
+from tests.test_failures import copy_model, expect_refusal, recipe_text
+from tests.test_run import load_dir, run_cli, write_recipe
+
+has_compiler = shutil.which(os.environ.get("CC", "cc")) is not None
+needs_kernels = pytest.mark.skipif(not has_compiler, reason="no C compiler: the torch path is the only one")
+
+
+@pytest.fixture
+def kernel_switch(monkeypatch):
+    """Turn the kernels on or off for the rest of a test."""
+
+    def switch(on: bool) -> None:
+        monkeypatch.setenv("MERGEKIT_LITE_KERNELS", "1" if on else "0")
+        kernels.library.cache_clear()
+
+    yield switch
+    monkeypatch.delenv("MERGEKIT_LITE_KERNELS", raising=False)
+    kernels.library.cache_clear()
+
+
+def _data(n=200_003, experts=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=gen)
+    others = [base + 0.01 * torch.randn(n, generator=gen) for _ in range(experts)]
+    others[1][::5] = base[::5]  # exact zeros in one task vector
+    others[2] = base + ((others[2] - base) * 256).round() / 256  # many tied magnitudes
+    return base, others
+
+
+def _ties_both_ways(kernel_switch, base, experts, model_params, params):
+    """(thresholds, result) from the kernel path and from the torch path, on identical chunks."""
+    context = TensorContext("w", tuple(base.shape), model_params, params)
+    results = []
+    for on in (True, False):
+        kernel_switch(on)
+        chunk = Chunk(0, base.clone(), [e.clone() for e in experts])
+        thresholds = ties.tensor_thresholds(context, lambda: iter([chunk]))
+        results.append((thresholds, ties.merge_ties(context, chunk, thresholds)))
+    return results
+
+
+@needs_kernels
+@pytest.mark.parametrize("weights, densities, normalize, lam", [
+    ([1.0, 1.0, 1.0], [0.5, 0.5, 0.5], True, 1.0),
+    ([0.5, 2.0, 1.0], [0.2, 0.7, 1.0], True, 0.7),
+    ([1.0, -1.0, 0.3], [0.5, 0.1, 0.9], True, 1.0),  # a negative weight: divisor may be zero
+    ([1.0, 0.0, 1.0], [0.3, 0.3, 0.3], False, 1.3),
+    ([1.0, 1.0, 1.0], [1e-7, 0.5, 1.0], True, 1.0),  # density keeping nothing: threshold inf
+])
+def test_fused_ties_equals_torch_path_bit_for_bit(kernel_switch, weights, densities, normalize, lam):
+    base, experts = _data()
+    params = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
+    (fused_thresholds, fused), (torch_thresholds, reference) = _ties_both_ways(
+        kernel_switch, base, experts, params, {"normalize": normalize, "lambda": lam})
+    assert fused_thresholds == torch_thresholds
+    assert torch.equal(fused.tensor, reference.tensor)
+    assert fused.kept == reference.kept
+    assert (fused.any_kept, fused.disagreed) == (reference.any_kept, reference.disagreed)
+    assert fused.delta_sq == pytest.approx(reference.delta_sq, rel=1e-5)
+    assert fused.result_delta_sq == pytest.approx(reference.result_delta_sq, rel=1e-5)
+    assert fused.result_sq == pytest.approx(float(reference.tensor.double().pow(2).sum()), rel=1e-6)
+
+
+@needs_kernels
+def test_fused_ties_on_raw_experts_equals_prepared_task_vectors(kernel_switch):
+    """The merge pass sees raw experts for a streamed tensor and task vectors for a cached one."""
+    kernel_switch(True)
+    base, experts = _data(n=70_001)
+    thresholds, weights = [0.004, 0.006, 0.0], [1.0, 0.5, 2.0]
+    raw, _ = kernels.ties_merge(base, [e.clone() for e in experts], False, thresholds, weights, True, 1.0)
+    deltas = [e - base for e in experts]
+    prepared, _ = kernels.ties_merge(base, deltas, True, thresholds, weights, True, 1.0)
+    assert torch.equal(raw, prepared)
+
+
+@needs_kernels
+def test_task_vector_magnitudes_and_bracket_counts(kernel_switch):
+    kernel_switch(True)
+    base, experts = _data(n=100_000)
+    expected = [e - base for e in experts]
+    working = [e.clone() for e in experts]
+    magnitudes, squares = kernels.task_vector_magnitudes(base, working)
+    for got, want, magnitude, square in zip(working, expected, magnitudes, squares):
+        assert torch.equal(got, want) and torch.equal(magnitude, want.abs())
+        assert square == pytest.approx(float(want.double().pow(2).sum()), rel=1e-6)
+    values = magnitudes[2].numpy()
+    lo, guess, hi = (float(np.quantile(values, q)) for q in (0.3, 0.5, 0.7))
+    assert kernels.count_bracket(magnitudes[2], lo, guess, hi) == [
+        int((values > hi).sum()), int((values > guess).sum()), int((values >= guess).sum()), int((values >= lo).sum())]
+
+
+@needs_kernels
+def test_widen_bfloat16_is_exact_and_counts_nonfinite(kernel_switch):
+    kernel_switch(True)
+    raw = torch.randn(150_001).to(torch.bfloat16)
+    raw[[7, 90_000, 150_000]] = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=torch.bfloat16)
+    out = torch.empty(raw.numel())
+    assert kernels.widen_bfloat16(raw, out) == 3
+    assert torch.equal(out.view(torch.int32), raw.float().view(torch.int32))
+
+
+def _bfloat16_family(llama_family, tmp_path):
+    family = {}
+    for name in ("base", "expert1", "expert2", "expert3"):
+        family[name] = copy_model(llama_family, name, tmp_path / name,
+                                  lambda t: t.update({k: v.to(torch.bfloat16) for k, v in t.items()}))["edited"]
+    return family
+
+
+@needs_kernels
+def test_merge_run_gives_identical_bytes_with_and_without_kernels(tmp_path, llama_family, kernel_switch):
+    family = _bfloat16_family(llama_family, tmp_path)
+    recipe = write_recipe(tmp_path / "r.yaml", "ties", family, params={"normalize": True},
+                          model_params=[{"density": 0.5, "weight": 1.0}, {"density": 0.3, "weight": 0.7},
+                                        {"density": 0.8, "weight": 1.2}], extra="dtype: bfloat16\n")
+    outputs = {}
+    for on in (True, False):
+        kernel_switch(on)
+        out = tmp_path / f"out_{on}"
+        result = run_cli("run", recipe, out, "--quiet")
+        assert result.exit_code == 0, result.output
+        outputs[on] = load_dir(out)
+    assert outputs[True].keys() == outputs[False].keys()
+    for name, tensor in outputs[True].items():
+        assert torch.equal(tensor, outputs[False][name]), name
+
+
+@needs_kernels
+def test_nan_in_a_bfloat16_input_is_refused_on_the_kernel_path(tmp_path, llama_family, kernel_switch):
+    kernel_switch(True)
+
+    def poison(tensors):
+        tensors.update({k: v.to(torch.bfloat16) for k, v in tensors.items()})
+        tensors["model.layers.0.self_attn.q_proj.weight"][2, 3] = float("nan")
+
+    family = copy_model(llama_family, "expert1", tmp_path, poison)
+    expect_refusal(tmp_path, recipe_text(family, ("edited", "expert2")), "model.layers.0.self_attn.q_proj.weight",
+                   "NaN or Inf", "from row 0", inputs=[family["edited"]])
+
+
+def test_without_a_compiler_the_torch_path_merges(tmp_path, llama_family, kernel_switch, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("MERGEKIT_LITE_CACHE", str(tmp_path / "cache"))
+    kernel_switch(True)
+    assert kernels.library() is None
+    assert not kernels.usable(torch.zeros(3))
+    recipe = write_recipe(tmp_path / "r.yaml", "ties", llama_family, model_params=[{"density": 0.5}] * 3)
+    result = run_cli("run", recipe, tmp_path / "out", "--quiet")
+    assert result.exit_code == 0, result.output
+    merged = load_dir(tmp_path / "out")
+    assert merged.keys() == load_file(str(next(llama_family["base"].glob("*.safetensors")))).keys()
+
+
+@needs_kernels
+def test_library_is_built_once_into_the_cache(tmp_path, kernel_switch, monkeypatch):
+    monkeypatch.setenv("MERGEKIT_LITE_CACHE", str(tmp_path / "cache"))
+    kernel_switch(True)
+    first = kernels.library()
+    assert first is not None
+    built = list((tmp_path / "cache").glob("kernels-*.so"))
+    assert len(built) == 1 and not list((tmp_path / "cache").glob("tmp*"))
+    stamp = built[0].stat().st_mtime_ns
+    kernels.library.cache_clear()
+    assert kernels.library() is not None and built[0].stat().st_mtime_ns == stamp
