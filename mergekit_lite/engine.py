@@ -276,6 +276,7 @@ class ChunkReader:
         self.timings = timings
         self.pool = pool
         self.ring = BufferRing() if device.type == "cpu" else None
+        self._ahead: tuple[str, Any] | None = None  # (tensor name, future of its whole read)
 
     def _raw(self, ckpt: Checkpoint, name: str, start: int, stop: int, buffers: dict | None, slot: int) -> torch.Tensor:
         """Rows as stored (e.g. bfloat16), read into this chunk's byte buffer for `slot` when there is one."""
@@ -369,15 +370,31 @@ class ChunkReader:
     def _buffers(self) -> dict | None:
         return self.ring.next_set() if self.ring is not None else None
 
-    def replayable(self, tensor: TensorPlan) -> tuple[Callable[[], Iterator[Chunk]], list[Chunk] | None]:
+    def replayable(self, tensor: TensorPlan, following: TensorPlan | None = None
+                   ) -> tuple[Callable[[], Iterator[Chunk]], list[Chunk] | None]:
         """A re-readable chunk stream for whole-tensor statistics. A single-chunk tensor is read once and the
         same chunk is returned for the merge pass, instead of being read again."""
         ranges = row_chunks(tensor.shape)
-        if len(ranges) == 1 or math.prod(tensor.shape) <= REPLAY_ELEMENTS:
+        if not self.holds_whole(tensor):
+            return (lambda: self.stream(tensor)), None
+        if self._ahead is not None and self._ahead[0] == tensor.name:
+            waited = time.perf_counter()
+            whole = self._ahead[1].result()
+            self.timings.wait += time.perf_counter() - waited
+        else:
             whole = self.read(tensor, 0, ranges[-1][1], self._buffers())
-            chunks = [_rows_of(whole, start, stop) for start, stop in ranges]
-            return (lambda: iter(chunks)), chunks
-        return (lambda: self.stream(tensor)), None
+        self._ahead = None
+        if following is not None and self.ring is not None and self.holds_whole(following):
+            # Read the next tensor into the other buffer set while this one is merged.
+            rows = row_chunks(following.shape)[-1][1]
+            self._ahead = (following.name, self.pool.submit(self.read, following, 0, rows, self._buffers()))
+        chunks = [_rows_of(whole, start, stop) for start, stop in ranges]
+        return (lambda: iter(chunks)), chunks
+
+    @staticmethod
+    def holds_whole(tensor: TensorPlan) -> bool:
+        """Whether a tensor is read whole once (small enough) rather than streamed in chunks."""
+        return len(row_chunks(tensor.shape)) == 1 or math.prod(tensor.shape) <= REPLAY_ELEMENTS
 
 
 @dataclass
@@ -497,13 +514,14 @@ def run_merge(
             progress.start(len(plan.tensors), plan.total_bytes, f"merging with {method.name}")
             loop_started, waited_before = time.perf_counter(), timings.wait
             with writer:
-                for tensor in plan.tensors:
+                for position, tensor in enumerate(plan.tensors):
                     if tensor.name in writer.completed:
                         stats.append(writer.completed[tensor.name])
                         progress.advance(tensor.nbytes)
                         continue
                     if tensor.merge:
-                        entry = _merge_tensor(plan, tensor, reader, writer, seed, model_state, timings)
+                        following = _next_to_merge(plan.tensors, position, writer.completed)
+                        entry = _merge_tensor(plan, tensor, reader, writer, seed, model_state, timings, following)
                         if entry.pop("nonfinite"):
                             nonfinite.append(tensor.name)
                     else:
@@ -527,11 +545,17 @@ def run_merge(
     return result_info
 
 
+def _next_to_merge(tensors: list[TensorPlan], position: int, completed: dict) -> TensorPlan | None:
+    """The tensor merged right after the one at `position`, if it is the very next in the plan."""
+    following = tensors[position + 1] if position + 1 < len(tensors) else None
+    return following if following is not None and following.merge and following.name not in completed else None
+
+
 def _merge_tensor(plan: MergePlan, tensor: TensorPlan, reader: ChunkReader, writer: CheckpointWriter, seed: int,
-                  model_state: Any, timings: Timings) -> dict[str, Any]:
+                  model_state: Any, timings: Timings, following: TensorPlan | None = None) -> dict[str, Any]:
     method = plan.method
     context = tensor_context(plan, tensor, seed, model_state)
-    stream, cached = reader.replayable(tensor)
+    stream, cached = reader.replayable(tensor, following)
     state = method.prepare(context, stream) if method.prepare is not None else None
     chunks = iter(cached) if cached is not None else reader.stream(tensor)
     stats = TensorAccumulator(tensor.name, context.numel)

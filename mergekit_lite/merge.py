@@ -95,7 +95,7 @@ def merge_recipe_file(recipe_path: str | Path, out_dir: str | Path | None, optio
         writer.copy_support_files(tokenizer_source)
         writer.add_file(RECIPE_NAME, recipe_text)
         writer.add_file("README.md", model_card(result, recipe_text))
-        report.update(build_report(result, out, writer.tmp_dir))
+        report.update(build_report(result, out, writer.tmp_dir, writer.shard_digest))
         if options.report_path is None:
             writer.add_file(REPORT_NAME, json.dumps(report, indent=2) + "\n")
 

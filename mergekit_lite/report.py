@@ -8,7 +8,7 @@ import resource
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -46,8 +46,10 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def build_report(result: MergeResult, out_dir: Path, written_dir: Path) -> dict[str, Any]:
-    """Everything a user needs to trust and reproduce a merge; `written_dir` is where the files lie now."""
+def build_report(result: MergeResult, out_dir: Path, written_dir: Path,
+                 known_digest: Callable[[str], str | None] = lambda name: None) -> dict[str, Any]:
+    """Everything a user needs to trust and reproduce a merge; `written_dir` is where the files lie now.
+    `known_digest` gives a file's sha256 when the writer already computed it."""
     plan = result.plan
     sources = plan.sources
     inputs = [
@@ -55,8 +57,8 @@ def build_report(result: MergeResult, out_dir: Path, written_dir: Path) -> dict[
          "shards": [p.name for p in ckpt.shards], "bytes": ckpt.total_bytes, "tensors": len(ckpt.tensors)}
         for ckpt in ([sources.base] if sources.base is not None else []) + sources.experts
     ]
-    files = [{"name": name, "bytes": (written_dir / name).stat().st_size, "sha256": file_sha256(written_dir / name)}
-             for name in result.files]
+    files = [{"name": name, "bytes": (written_dir / name).stat().st_size,
+              "sha256": known_digest(name) or file_sha256(written_dir / name)} for name in result.files]
     timings = result.timings
     warnings = list(plan.warnings)
     if result.resumed:

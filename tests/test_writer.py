@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -110,3 +111,17 @@ def test_existing_output_needs_force(tmp_path):
         writer.write("a", torch.ones(2))
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_finished_shards_are_hashed_in_the_background_correctly(tmp_path):
+    specs = [TensorSpec(f"t{i}", torch.float32, (64, 32)) for i in range(6)]
+    out = tmp_path / "out"
+    digests = {}
+    with CheckpointWriter(out, specs, max_shard_bytes=20_000) as writer:
+        assert len(writer.shard_names) == 3
+        for i, spec in enumerate(reversed(specs)):  # any order: a shard seals when its last tensor lands
+            writer.write(spec.name, torch.full(spec.shape, float(i)))
+        digests = {name: writer.shard_digest(name) for name in writer.shard_names}
+    for name, digest in digests.items():
+        assert digest == hashlib.sha256((out / name).read_bytes()).hexdigest()
+    assert writer.shard_digest("not-a-shard.safetensors") is None

@@ -8,11 +8,13 @@ complete, so an interrupted merge never leaves a half-written checkpoint at the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +118,13 @@ class CheckpointWriter:
         self._fds: list[int] = []
         self._pending = set(self.specs)
         self._written: dict[str, int] = {}
+        # A shard is sealed (fsynced and hashed) in the background as soon as its last tensor is written,
+        # while the merge goes on with the next shard.
+        self._shard_of = {spec.name: i for i, shard in enumerate(self.shards) for spec in shard}
+        self._unwritten = [{spec.name for spec in shard} for shard in self.shards]
+        self._shard_fds: list[int] = []
+        self._seals: dict[int, Future] = {}
+        self._sealer: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> CheckpointWriter:
         previous = _read_journal(self.tmp_dir / JOURNAL) if self.tmp_dir.exists() else None
@@ -142,6 +151,7 @@ class CheckpointWriter:
                 flags = os.O_RDWR | os.O_CREAT | (0 if continuing else os.O_TRUNC)
                 fd = os.open(path, flags, 0o644)
                 self._fds.append(fd)
+                self._shard_fds.append(fd)
                 if not (continuing and os.fstat(fd).st_size == size and os.pread(fd, len(header), 0) == header):
                     _write_all(fd, header, 0)
                     os.ftruncate(fd, size)
@@ -178,7 +188,7 @@ class CheckpointWriter:
                 done += len(block)
             if done == spec.nbytes and crc == record["crc"]:
                 good[name] = record.get("entry", {})
-                self._pending.discard(name)
+                self._done(name)
         return good
 
     def record(self, name: str, entry: dict) -> None:
@@ -212,7 +222,23 @@ class CheckpointWriter:
         self._crc[name] = zlib.crc32(data, self._crc.get(name, 0))  # rows arrive in order
         self._written[name] = self._written.get(name, 0) + len(data)
         if self._written[name] >= spec.nbytes:
-            self._pending.discard(name)
+            self._done(name)
+
+    def _done(self, name: str) -> None:
+        """A tensor is complete; the last one of a shard starts that shard's seal."""
+        self._pending.discard(name)
+        shard = self._shard_of[name]
+        left = self._unwritten[shard]
+        left.discard(name)
+        if not left and shard not in self._seals:
+            if self._sealer is None:
+                self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergekit-seal")
+            self._seals[shard] = self._sealer.submit(_seal, self._shard_fds[shard])
+
+    def shard_digest(self, file_name: str) -> str | None:
+        """The sha256 of a finished shard, computed in the background (None if it was not sealed here)."""
+        future = self._seals.get(self.shard_names.index(file_name)) if file_name in self.shard_names else None
+        return future.result() if future is not None else None
 
     def _pwrite(self, fd: int, data, offset: int) -> None:
         try:
@@ -254,8 +280,11 @@ class CheckpointWriter:
         try:
             if self._pending:
                 raise RuntimeError(f"{len(self._pending)} planned tensor(s) were never written, e.g. {min(self._pending)}")
-            for fd in self._fds:
-                os.fsync(fd)
+            for shard, fd in enumerate(self._shard_fds):
+                if shard in self._seals:
+                    self._seals[shard].result()
+                else:
+                    os.fsync(fd)
             self._close_fds()
             if self._journal is not None:
                 self._journal.close()
@@ -290,6 +319,11 @@ class CheckpointWriter:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
 
     def _close_fds(self) -> None:
+        for future in self._seals.values():  # never close a file under a running seal
+            future.exception()
+        if self._sealer is not None:
+            self._sealer.shutdown(wait=True)
+            self._sealer = None
         while self._fds:
             os.close(self._fds.pop())
 
@@ -343,6 +377,17 @@ def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         written = os.pwrite(fd, view, offset)
         view = view[written:]
         offset += written
+
+
+def _seal(fd: int) -> str:
+    """fsync a finished shard and return its sha256, read back through the page cache."""
+    os.fsync(fd)
+    digest = hashlib.sha256()
+    offset = 0
+    while block := os.pread(fd, 1 << 22, offset):
+        digest.update(block)
+        offset += len(block)
+    return digest.hexdigest()
 
 
 def _fsync_dir(directory: Path) -> None:
