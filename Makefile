@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 DEMO   := demo
 
-.PHONY: env demo test bench bench-mergekit clean
+.PHONY: env demo test bench bench-mergekit quality clean
 
 env: $(VENV)/.installed
 
@@ -34,6 +34,9 @@ bench: env
 
 bench-mergekit: env   # the same, plus mergekit 0.1.5 in its own virtual environment (downloads it once)
 	$(BIN)/python bench/tensorwise.py --install-mergekit
+
+quality: env   # merge quality on real data (digits, Python's own text); cached under bench/out/quality
+	$(BIN)/python bench/quality/run.py
 
 clean:
 	rm -rf $(DEMO) bench/out .pytest_cache

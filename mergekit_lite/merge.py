@@ -12,7 +12,8 @@ from typing import Any
 from mergekit_lite.checkpoint import CheckpointWriter
 from mergekit_lite.engine import MergePlan, MergeResult, Progress, plan_merge, run_merge
 from mergekit_lite.errors import RecipeError, UserError
-from mergekit_lite.recipe import Recipe, load_recipe
+from mergekit_lite.methods import get_method
+from mergekit_lite.recipe import Recipe, load_recipe, recipe_params
 from mergekit_lite.report import build_report, model_card
 
 REPORT_NAME = "merge_report.json"
@@ -83,6 +84,10 @@ def merge_recipe_file(recipe_path: str | Path, out_dir: str | Path | None, optio
     recipe, _lines = load_recipe(recipe_path)
     recipe_text = Path(recipe_path).read_text(encoding="utf-8")
     out = resolve_output(recipe, out_dir)
+    method = get_method(recipe.merge_method)
+    if method.runner is not None:
+        params = recipe_params(recipe, method, None, "", None, 0)
+        return method.runner(recipe, recipe_text, out, params, options.force, options.seed, options.report_path)
     plan = plan_merge(recipe, allow_pickle=options.allow_pickle)
     tokenizer_source = tokenizer_dir(recipe, plan)
     shard = options.shard_size if options.shard_size is not None else recipe.shard_size

@@ -42,6 +42,16 @@ class ModelEntry(BaseModel):
         return value
 
 
+class DataSource(BaseModel):
+    """Inputs for model-aware methods: a tensor file, an image folder, or generic inputs made by the tool."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str | None = None
+    kind: str | None = None  # tensors | images | generic (inferred from path when absent)
+    key: str | None = None  # tensor name inside a .safetensors / .pt file
+    shape: list[int] | None = None  # one input's shape for generic inputs (default: from the model's config)
+
+
 class Recipe(BaseModel):
     """A merge recipe. mergekit keys run unchanged; `output`, `seed`, `shard_size`, `device` are ours."""
 
@@ -60,6 +70,7 @@ class Recipe(BaseModel):
     device: str | None = None
     allow_pickle: bool = False
     chat_template: str | None = None
+    data: DataSource | None = None
 
     @field_validator("dtype", "out_dtype")
     @classmethod

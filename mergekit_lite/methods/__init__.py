@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from mergekit_lite.errors import RecipeError
 from mergekit_lite.methods import (
-    breadcrumbs, dare_linear, dare_ties, della, linear, model_stock, slerp, task_arithmetic, ties,
+    breadcrumbs, dare_linear, dare_ties, della, linear, model_stock, pleas, slerp, task_arithmetic, ties,
 )
 from mergekit_lite.methods.base import Chunk, ChunkResult, MergeMethod, MergeOutput, ParamSpec, TensorContext
 
 METHODS: dict[str, MergeMethod] = {
     module.METHOD.name: module.METHOD
-    for module in (linear, task_arithmetic, ties, dare_linear, dare_ties, slerp, breadcrumbs, della, model_stock)
+    for module in (linear, task_arithmetic, ties, dare_linear, dare_ties, slerp, breadcrumbs, della, model_stock, pleas)
 }
 
 

@@ -134,6 +134,9 @@ class MergeMethod:
     random: bool = False  # uses the seed
     prepare_model: ModelPass | None = None  # optional first pass over the whole model
     needs_model_pass: Callable[[dict], bool] = field(default=lambda params: False)
+    # A model-aware method (it runs models on data, may change shapes) runs the whole merge itself:
+    # runner(recipe, recipe_text, out_dir, params, force, seed, report_path) -> report.
+    runner: Callable[..., dict] | None = None
 
     def merge(self, context: TensorContext, base: torch.Tensor | None, experts: list[torch.Tensor]) -> MergeOutput:
         """Merge whole in-memory tensors as one chunk: the library entry for callers that hold tensors."""

@@ -1,0 +1,450 @@
+"""The quality suite's experiments: train (cached), merge through `merge run`, score, tabulate.
+
+Experiment 1: a shared base and domain experts, every tensor-wise method at its papers' defaults and at the
+best setting on the validation split. Experiment 2: normalised held-in score against the number of experts
+and the model width. Experiment 3: models trained from different initialisations (PLeaS's setting), with
+plain averaging as the baseline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import data
+import models
+
+# Method settings: the papers' defaults, then a small grid searched on the validation split.
+# task arithmetic: lambda from the paper's validation range; TIES: top-20 %, lambda 1; DARE: drop 90 %;
+# breadcrumbs: keep 90 % after dropping the top 1 %; DELLA: density 0.5 +- 0.1.
+DEFAULTS: dict[str, dict] = {
+    "linear": {},
+    "task_arithmetic": {"lambda": 0.3},
+    "ties": {"density": 0.2, "lambda": 1.0},
+    "dare_ties": {"density": 0.1, "lambda": 1.0},
+    "dare_linear": {"density": 0.1, "lambda": 0.3},
+    "breadcrumbs": {"density": 0.9, "gamma": 0.01, "lambda": 0.3},
+    "della": {"density": 0.5, "epsilon": 0.1, "lambda": 1.0},
+    "model_stock": {},
+}
+GRIDS: dict[str, list[dict]] = {
+    "linear": [],
+    "task_arithmetic": [{"lambda": v} for v in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)],
+    "ties": [{"density": d, "lambda": v} for d in (0.1, 0.2, 0.5) for v in (0.5, 1.0, 1.5)],
+    "dare_ties": [{"density": d, "lambda": v} for d in (0.1, 0.3, 0.5) for v in (0.5, 1.0, 1.5)],
+    "dare_linear": [{"density": d, "lambda": v} for d in (0.1, 0.3, 0.5) for v in (0.2, 0.3, 0.5)],
+    "breadcrumbs": [{"density": d, "gamma": 0.01, "lambda": v} for d in (0.8, 0.9) for v in (0.2, 0.3, 0.5)],
+    "della": [{"density": d, "epsilon": 0.1, "lambda": v} for d in (0.3, 0.5, 0.7) for v in (0.5, 1.0)],
+    "model_stock": [],
+}
+PER_MODEL = ("density", "gamma", "epsilon", "weight")
+SCALING_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
+
+
+@dataclass
+class Plan:
+    """How big the suite is: the full run, or the quick one CI runs."""
+
+    quick: bool
+    vision_domains: tuple[str, ...]
+    text_domains: tuple[str, ...]
+    base_fraction: float = 0.02  # of each shifted domain's training images seen by the vision base
+    base_epochs: int = 10
+    expert_epochs: int = 4
+    scratch_epochs: int = 15
+    text_base_steps: int = 300
+    text_expert_steps: int = 100
+    grid: bool = True
+    expert_counts: tuple[int, ...] = (2, 4, 6, 8)
+    widths: tuple[float, ...] = (0.5, 1.0, 2.0)
+    width_experts: int = 4
+
+    @classmethod
+    def full(cls) -> "Plan":
+        return cls(False, tuple(data.IMAGE_DOMAINS), tuple(data.TEXT_DOMAINS))
+
+    @classmethod
+    def fast(cls) -> "Plan":
+        return cls(True, ("invert", "rotate"), ("prose", "unicode"), base_epochs=3, expert_epochs=2,
+                   scratch_epochs=2, text_base_steps=40, text_expert_steps=20, grid=False, expert_counts=(),
+                   widths=(), width_experts=0)
+
+
+@dataclass
+class Workspace:
+    root: Path
+    plan: Plan
+    results: dict = field(default_factory=dict)
+    log: Callable[[str], None] = print
+
+    @property
+    def results_file(self) -> Path:
+        return self.root / "results.json"
+
+    def load(self) -> None:
+        if self.results_file.exists():
+            self.results = json.loads(self.results_file.read_text())
+
+    def save(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.results_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.results, indent=1, sort_keys=True))
+        tmp.replace(self.results_file)
+
+    def cached(self, key: str, compute: Callable[[], dict]) -> dict:
+        if key not in self.results:
+            self.results[key] = compute()
+            self.save()
+        return self.results[key]
+
+
+def _trained(directory: Path, train: Callable[[], torch.nn.Module], save: Callable[[torch.nn.Module, Path], Path],
+             log: Callable[[str], None]) -> Path:
+    """A trained checkpoint, cached: built in a sibling directory and renamed, so a half-trained model
+    never looks finished."""
+    if (directory / "config.json").exists():
+        return directory
+    started = time.perf_counter()
+    model = train()
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(model, tmp)
+    tmp.rename(directory)
+    log(f"  trained {directory.name} in {time.perf_counter() - started:.0f} s")
+    return directory
+
+
+# ---- merging through the command line ----
+
+def write_recipe(path: Path, method: str, base: Path | None, experts: list[Path], setting: dict) -> Path:
+    per_model = {k: v for k, v in setting.items() if k in PER_MODEL}
+    global_params = {k: v for k, v in setting.items() if k not in PER_MODEL}
+    lines = [f"merge_method: {method}"]
+    if base is not None:
+        lines.append(f"base_model: {base}")
+    lines.append("models:")
+    for expert in experts:
+        lines.append(f"  - model: {expert}")
+        if per_model:
+            lines.append(f"    parameters: {json.dumps(per_model)}")
+    if global_params:
+        lines.append(f"parameters: {json.dumps(global_params)}")
+    lines.append("dtype: float32")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def merge_run(recipe: Path, out: Path) -> float:
+    """`merge run RECIPE OUT --force --quiet` in this process (the CLI's own entry); returns seconds."""
+    from mergekit_lite.cli import app
+
+    started = time.perf_counter()
+    try:
+        app(["run", str(recipe), str(out), "--force", "--quiet"], prog_name="merge", standalone_mode=False)
+    except SystemExit as stop:
+        if stop.code:
+            raise RuntimeError(f"merge run {recipe} failed with exit code {stop.code}") from None
+    return time.perf_counter() - started
+
+
+def _key(*parts) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---- scoring ----
+
+@dataclass
+class Task:
+    """Scores a checkpoint directory on named subtasks of one split; higher_is_better for accuracy."""
+
+    name: str
+    subtasks: tuple[str, ...]
+    score: Callable[[Path, str], dict[str, float]]  # (checkpoint dir, split) -> {subtask: score}
+    higher_is_better: bool
+
+
+def vision_task(domains: tuple[str, ...], labels: tuple[int, ...] | None = None) -> Task:
+    sets = {(d, s): data.image_domain(d, s, labels) for d in domains for s in ("val", "test")}
+
+    def score(directory: Path, split: str) -> dict[str, float]:
+        model = models.load_vision(directory)
+        return {d: models.accuracy(models.vision_probabilities(model, sets[(d, split)]), sets[(d, split)].labels)
+                for d in domains}
+
+    return Task("vision", domains, score, True)
+
+
+def text_task(domains: tuple[str, ...]) -> Task:
+    windows = {(d, s): models.evaluation_windows(data.text_domain(d, s)) for d in domains for s in ("val", "test")}
+
+    def score(directory: Path, split: str) -> dict[str, float]:
+        model = models.load_text(directory)
+        return {d: models.loss_of(models.text_log_probabilities(model, windows[(d, split)])) for d in domains}
+
+    return Task("text", domains, score, False)
+
+
+def normalised(task: Task, scores: dict[str, float], base: dict[str, float], experts: dict[str, float]) -> dict[str, float]:
+    """Accuracy: merged / expert. Loss: the fraction of the base-to-expert gap closed."""
+    if task.higher_is_better:
+        return {t: scores[t] / experts[t] for t in scores}
+    return {t: (base[t] - scores[t]) / (base[t] - experts[t]) for t in scores}
+
+
+# ---- experiment 1 and 2: shared base, domain experts ----
+
+def vision_models(ws: Workspace, width: float = 1.0) -> dict[str, Path]:
+    """Base (all clean training images and a few of each shifted domain, from scratch), one expert per domain
+    fine-tuned lightly from it (batch-norm statistics frozen), and a multitask model fine-tuned the same way
+    on every domain."""
+    plan, root = ws.plan, ws.root / f"vision_w{width}"
+    domains = plan.vision_domains
+    train = {d: data.image_domain(d, "train") for d in domains}
+    save = lambda m, p: models.save_vision(m, p, width)  # noqa: E731
+
+    def base_model() -> torch.nn.Module:
+        mix = data.concat([train[d] if d == "clean" else data.subsample(train[d], plan.base_fraction, seed=i)
+                           for i, d in enumerate(domains)])
+        return models.train_vision(models.new_vision_model(width, seed=0), mix, epochs=plan.base_epochs, lr=0.05,
+                                   seed=0, weight_decay=5e-4)
+
+    paths = {"base": _trained(root / "base", base_model, save, ws.log)}
+
+    def fine_tuned(training: data.ImageSet, seed: int) -> Callable[[], torch.nn.Module]:
+        def build() -> torch.nn.Module:
+            model = models.load_vision(paths["base"])
+            return models.train_vision(model, training, epochs=plan.expert_epochs, lr=0.005, seed=seed,
+                                       freeze_norm=True)
+        return build
+
+    for i, d in enumerate(domains):
+        paths[d] = _trained(root / f"expert_{d}", fine_tuned(train[d], seed=10 + i), save, ws.log)
+    paths["multitask"] = _trained(root / "multitask", fine_tuned(data.concat(list(train.values())), seed=99), save,
+                                  ws.log)
+    return paths
+
+
+def text_models(ws: Workspace) -> dict[str, Path]:
+    """Base on a mix of prose and code; an expert fine-tuned on each domain; a multitask model on all."""
+    plan, root = ws.plan, ws.root / "text"
+    train = {d: data.text_domain(d, "train") for d in plan.text_domains}
+    pretrain = [data.text_domain(d, "train") for d in ("prose", "code")]
+
+    def base_model() -> torch.nn.Module:
+        return models.train_text(models.new_text_model(seed=0), pretrain, steps=plan.text_base_steps, lr=3e-3, seed=0)
+
+    paths = {"base": _trained(root / "base", base_model, models.save_text, ws.log)}
+
+    def fine_tuned(streams: list[torch.Tensor], seed: int) -> Callable[[], torch.nn.Module]:
+        def build() -> torch.nn.Module:
+            return models.train_text(models.load_text(paths["base"]).train(), streams, steps=plan.text_expert_steps,
+                                     lr=1e-3, seed=seed)
+        return build
+
+    for i, d in enumerate(plan.text_domains):
+        paths[d] = _trained(root / f"expert_{d}", fine_tuned([train[d]], seed=10 + i), models.save_text, ws.log)
+    paths["multitask"] = _trained(root / "multitask", fine_tuned(list(train.values()), seed=99), models.save_text,
+                                  ws.log)
+    return paths
+
+
+def score_cached(ws: Workspace, task: Task, directory: Path, split: str, tag: str) -> dict[str, float]:
+    return ws.cached(_key("score", task.name, str(directory), split, tag, task.subtasks), lambda: task.score(directory, split))
+
+
+def ensemble_scores(task: Task, experts: list[Path], split: str) -> dict[str, float]:
+    """The experts' average prediction: mean class probabilities, or the mixture of next-byte distributions."""
+    if task.higher_is_better:
+        loaded = [models.load_vision(p) for p in experts]
+        out = {}
+        for d in task.subtasks:
+            images = data.image_domain(d, split)
+            mean = sum(models.vision_probabilities(m, images) for m in loaded) / len(loaded)
+            out[d] = models.accuracy(mean, images.labels)
+        return out
+    loaded = [models.load_text(p) for p in experts]
+    out = {}
+    for d in task.subtasks:
+        windows = models.evaluation_windows(data.text_domain(d, split))
+        stacked = torch.stack([models.text_log_probabilities(m, windows) for m in loaded])
+        out[d] = models.loss_of(torch.logsumexp(stacked, 0) - torch.log(torch.tensor(float(len(loaded)))))
+    return out
+
+
+def run_merge_scored(ws: Workspace, task: Task, label: str, method: str, base: Path, experts: list[Path],
+                     setting: dict, splits: tuple[str, ...]) -> dict:
+    """Merge (cached by recipe) and score on the given splits; the merged directory is removed afterwards."""
+    key = _key("merge", task.name, method, str(base), [str(e) for e in experts], setting, splits)
+
+    def compute() -> dict:
+        work = ws.root / "merges" / key
+        work.mkdir(parents=True, exist_ok=True)
+        uses_base = method not in ("linear",)
+        recipe = write_recipe(work / "recipe.yaml", method, base if uses_base else None, experts, setting)
+        seconds = merge_run(recipe, work / "out")
+        scores = {split: task.score(work / "out", split) for split in splits}
+        shutil.rmtree(work)
+        return {"seconds": seconds, "scores": scores}
+
+    return ws.cached(key, compute)
+
+
+def method_rows(ws: Workspace, task: Task, paths: dict[str, Path], domains: tuple[str, ...],
+                methods: tuple[str, ...], grid: bool) -> list[dict]:
+    """Each method at its default setting and (with grid) at the setting best on validation."""
+    base = paths["base"]
+    experts = [paths[d] for d in domains]
+    base_val = score_cached(ws, task, base, "val", "base")
+    expert_val = {d: score_cached(ws, task, paths[d], "val", "expert")[d] for d in domains}
+    rows = []
+    for method in methods:
+        if method == "model_stock" and len(experts) < 2:
+            continue
+        default = run_merge_scored(ws, task, "default", method, base, experts, DEFAULTS[method], ("val", "test"))
+        rows.append({"method": method, "setting": "default", "params": DEFAULTS[method], **default})
+        if not grid or not GRIDS[method]:
+            continue
+        best, best_value = None, None
+        for setting in GRIDS[method]:
+            result = run_merge_scored(ws, task, "grid", method, base, experts, setting, ("val",))
+            value = _mean(normalised(task, result["scores"]["val"], base_val, expert_val))
+            if best_value is None or value > best_value:
+                best, best_value = setting, value
+        tuned = run_merge_scored(ws, task, "best", method, base, experts, best, ("val", "test"))
+        rows.append({"method": method, "setting": "best on val", "params": best, **tuned})
+    return rows
+
+
+def _mean(values: dict[str, float] | list[float]) -> float:
+    items = list(values.values()) if isinstance(values, dict) else list(values)
+    return sum(items) / len(items)
+
+
+def experiment_one(ws: Workspace, task: Task, paths: dict[str, Path], domains: tuple[str, ...]) -> dict:
+    """References and every method on one shared-base setting; all figures on the test split."""
+    test = lambda p, tag: score_cached(ws, task, p, "test", tag)  # noqa: E731
+    base = test(paths["base"], "base")
+    expert_scores = {d: test(paths[d], "expert") for d in domains}
+    own = {d: expert_scores[d][d] for d in domains}
+    references = [{"name": "base", "scores": base}]
+    references += [{"name": f"expert {d}", "scores": expert_scores[d]} for d in domains]
+    references.append({"name": "ensemble of experts",
+                       "scores": ws.cached(_key("ensemble", task.name, [str(paths[d]) for d in domains], "test"),
+                                           lambda: ensemble_scores(task, [paths[d] for d in domains], "test"))})
+    references.append({"name": "multitask", "scores": test(paths["multitask"], "multitask")})
+    methods = tuple(DEFAULTS)
+    rows = method_rows(ws, task, paths, domains, methods, ws.plan.grid)
+    for entry in references + rows:
+        scores = entry["scores"]["test"] if "seconds" in entry else entry["scores"]
+        entry["test"] = scores
+        entry["normalised"] = normalised(task, scores, base, own)
+        entry["average"] = _mean(scores)
+        entry["normalised_average"] = _mean(entry["normalised"])
+    margins = expert_margins(task, base, expert_scores, domains)
+    return {"task": task.name, "domains": list(domains), "higher_is_better": task.higher_is_better,
+            "references": references, "methods": rows, "margins": margins}
+
+
+def expert_margins(task: Task, base: dict, experts: dict, domains: tuple[str, ...]) -> list[dict]:
+    """Per domain: how much its expert beats the base there, and how it does on the other domains."""
+    sign = 1.0 if task.higher_is_better else -1.0
+    out = []
+    for d in domains:
+        others = [o for o in domains if o != d]
+        out.append({
+            "domain": d,
+            "expert_own": experts[d][d],
+            "base_own": base[d],
+            "gain_own": sign * (experts[d][d] - base[d]),
+            "expert_others": _mean([experts[d][o] for o in others]) if others else None,
+            "other_experts_here": _mean([experts[o][d] for o in others]) if others else None,
+        })
+    return out
+
+
+def experiment_two(ws: Workspace) -> dict:
+    """Normalised held-in score against the number of experts, and against model width (vision)."""
+    plan = ws.plan
+    counts = []
+    paths = vision_models(ws, 1.0)
+    for count in plan.expert_counts:
+        domains = plan.vision_domains[:count]
+        counts.append(_scaling_point(ws, paths, domains, {"experts": count, "width": 1.0}))
+    widths = []
+    for width in plan.widths:
+        paths = vision_models(ws, width) if width != 1.0 else paths
+        domains = plan.vision_domains[: plan.width_experts]
+        widths.append(_scaling_point(ws, paths, domains, {"experts": len(domains), "width": width}))
+    return {"by_experts": counts, "by_width": widths}
+
+
+def _scaling_point(ws: Workspace, paths: dict[str, Path], domains: tuple[str, ...], where: dict) -> dict:
+    task = vision_task(domains)
+    base = score_cached(ws, task, paths["base"], "test", "base")
+    own = {d: score_cached(ws, task, paths[d], "test", "expert")[d] for d in domains}
+    point = dict(where, base=_mean(normalised(task, base, base, own)), methods={})
+    for method in SCALING_METHODS:
+        result = run_merge_scored(ws, task, "default", method, paths["base"], [paths[d] for d in domains],
+                                  DEFAULTS[method], ("val", "test"))
+        point["methods"][method] = _mean(normalised(task, result["scores"]["test"], base, own))
+    return point
+
+
+# ---- experiment 3: different initialisations ----
+
+def experiment_three(ws: Workspace) -> dict:
+    """Pairs of models trained from scratch with different seeds: on the same task, and on the two halves of
+    the labels (each model still has a ten-way head). Joint accuracy over all labels of the clean digits."""
+    plan, root = ws.plan, ws.root / "different_init"
+    save = lambda m, p: models.save_vision(m, p)  # noqa: E731
+    pairs = {"same task": (None, None), "label split": ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))}
+    task = vision_task(("clean",))
+    out = {}
+    for name, (labels_a, labels_b) in pairs.items():
+        paths = []
+        for seed, labels in ((1, labels_a), (2, labels_b)):
+            training = data.image_domain("clean", "train", labels)
+            tag = "all" if labels is None else "".join(map(str, labels))
+            build = (lambda training=training, seed=seed: models.train_vision(
+                models.new_vision_model(seed=seed), training, epochs=plan.scratch_epochs, lr=0.05, seed=seed,
+                weight_decay=5e-4))
+            paths.append(_trained(root / f"seed{seed}_{tag}", build, save, ws.log))
+        rows = [{"name": "model A", "accuracy": score_cached(ws, task, paths[0], "test", "A")["clean"]},
+                {"name": "model B", "accuracy": score_cached(ws, task, paths[1], "test", "B")["clean"]}]
+        ensemble = ws.cached(_key("ensemble", task.name, [str(p) for p in paths], "test"),
+                             lambda: ensemble_scores(task, paths, "test"))
+        rows.append({"name": "ensemble", "accuracy": ensemble["clean"]})
+        averaged = run_merge_scored(ws, task, "default", "linear", paths[0], paths, {}, ("test",))
+        rows.append({"name": "averaging (linear)", "accuracy": averaged["scores"]["test"]["clean"],
+                     "seconds": averaged["seconds"]})
+        out[name] = rows
+    return out
+
+
+# ---- the whole suite ----
+
+def run(ws: Workspace) -> dict:
+    ws.load()
+    plan = ws.plan
+    started = time.perf_counter()
+    report: dict = {"quick": plan.quick}
+    ws.log("experiment 1 (vision): shared base, domain experts")
+    vision = vision_models(ws)
+    report["vision"] = experiment_one(ws, vision_task(plan.vision_domains), vision, plan.vision_domains)
+    ws.log("experiment 1 (text): shared base, domain experts")
+    text = text_models(ws)
+    report["text"] = experiment_one(ws, text_task(plan.text_domains), text, plan.text_domains)
+    if plan.expert_counts or plan.widths:
+        ws.log("experiment 2: number of experts and width")
+        report["scaling"] = experiment_two(ws)
+    ws.log("experiment 3: different initialisations")
+    report["different_init"] = experiment_three(ws)
+    report["seconds"] = time.perf_counter() - started
+    return report

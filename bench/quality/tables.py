@@ -1,0 +1,88 @@
+"""The quality report as markdown tables."""
+
+from __future__ import annotations
+
+
+def _fmt(value: float | None, percent: bool) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:.1f}" if percent else f"{value:.3f}"
+
+
+def _params(params: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in params.items()) or "–"
+
+
+def experiment_one(section: dict, title: str) -> list[str]:
+    accuracy = section["higher_is_better"]
+    domains = section["domains"]
+    unit = "accuracy %" if accuracy else "loss, nats/byte"
+    norm = "merged ÷ expert" if accuracy else "share of the base→expert gap closed"
+    lines = [f"### {title}", "", f"Per-domain test {unit}; normalised = {norm}, averaged over domains.", ""]
+    head = ["model / method", "setting", *domains, "average", "normalised %", "merge s"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for entry in section["references"]:
+        cells = [entry["name"], ""] + [_fmt(entry["test"][d], accuracy) for d in domains]
+        cells += [_fmt(entry["average"], accuracy), f"{100 * entry['normalised_average']:.1f}", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    for entry in section["methods"]:
+        cells = [entry["method"], f"{entry['setting']}: {_params(entry['params'])}"]
+        cells += [_fmt(entry["test"][d], accuracy) for d in domains]
+        cells += [_fmt(entry["average"], accuracy), f"{100 * entry['normalised_average']:.1f}", f"{entry['seconds']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Room for merging (test split): each expert on its own domain against the base there, and on the",
+              "other domains.", ""]
+    lines += ["| domain | expert (own) | base (own) | expert gain | expert on other domains | other experts here |",
+              "|---|---|---|---|---|---|"]
+    for m in section["margins"]:
+        lines.append(f"| {m['domain']} | {_fmt(m['expert_own'], accuracy)} | {_fmt(m['base_own'], accuracy)} | "
+                     f"{_fmt(m['gain_own'], accuracy)} | {_fmt(m['expert_others'], accuracy)} | "
+                     f"{_fmt(m['other_experts_here'], accuracy)} |")
+    return lines + [""]
+
+
+def scaling(section: dict) -> list[str]:
+    lines = ["### Experiment 2: normalised held-in score (test, %) vs number of experts and width", ""]
+    for key, label in (("by_experts", "experts"), ("by_width", "width")):
+        points = section[key]
+        if not points:
+            continue
+        methods = list(points[0]["methods"])
+        head = [label, "base", *methods]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for p in points:
+            value = p["experts"] if key == "by_experts" else f"{p['width']}x ({p['experts']} experts)"
+            cells = [str(value), f"{100 * p['base']:.1f}"] + [f"{100 * p['methods'][m]:.1f}" for m in methods]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def different_init(section: dict) -> list[str]:
+    lines = ["### Experiment 3: models from different initialisations (clean digits, test accuracy %)", "",
+             "Label split: model A saw only digits 0–4, model B only 5–9 (both with ten-way heads); accuracy is",
+             "joint, over all ten digits.", ""]
+    names = list(section)
+    head = ["model / method", *names]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = [r["name"] for r in section[names[0]]]
+    for row in rows:
+        cells = [row] + [_fmt(next(r["accuracy"] for r in section[n] if r["name"] == row), True) for n in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def markdown(report: dict) -> str:
+    lines = ["# Merge quality on real data", "",
+             f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ",
+             f"Wall time: {report['wall_seconds'] / 60:.1f} min (cached steps excluded from a rerun)", ""]
+    lines += experiment_one(report["vision"], "Experiment 1 (vision): timm test_resnet on digit domains")
+    lines += experiment_one(report["text"], "Experiment 1 (text): byte-level GPT-2 on text domains")
+    if "scaling" in report:
+        lines += scaling(report["scaling"])
+    lines += different_init(report["different_init"])
+    check = report["self_merge"]
+    lines += ["### Checks", "",
+              f"- linear merge of an expert with itself: tensors identical = {check['identical_tensors']}; "
+              f"test accuracy {check['merged_scores']} vs expert {check['expert_scores']}", ""]
+    return "\n".join(lines)

@@ -1,0 +1,41 @@
+"""PLeaS in the method registry: its recipe parameters; the algorithm lives in mergekit_lite/pleas/."""
+
+from __future__ import annotations
+
+from mergekit_lite.methods.base import Chunk, ChunkResult, MergeMethod, ParamSpec, TensorContext
+
+
+def _not_tensor_wise(context: TensorContext, chunk: Chunk, state: object) -> ChunkResult:
+    raise TypeError("pleas runs models on data; it is not merged tensor by tensor")
+
+
+def _run(*args, **kwargs) -> dict:
+    from mergekit_lite.pleas.run import run_recipe
+
+    return run_recipe(*args, **kwargs)
+
+
+METHOD = MergeMethod(
+    name="pleas",
+    summary="two models from any initialisation: match units on data, partial merge to a target width, "
+            "least squares per layer (timm models and plain MLPs)",
+    merge_chunk=_not_tensor_wise,
+    params=(
+        ParamSpec("target_width", float, 1.0, "compute of the merged model relative to one source model",
+                  scope="global", minimum=1.0, maximum=2.0),
+        ParamSpec("samples", int, 1000, "inputs used for matching and least squares", scope="global", minimum=1),
+        ParamSpec("batch_size", int, 100, "inputs per forward pass", scope="global", minimum=1),
+        ParamSpec("ridge", float, 1e-4, "least-squares ridge, relative to the mean Gram diagonal", scope="global",
+                  minimum=0.0),
+        ParamSpec("norm_statistics", str, "reestimate", "batch-norm statistics: re-estimated on the data, or merged",
+                  scope="global", choices=("reestimate", "merge")),
+        ParamSpec("least_squares", bool, True, "false: permutation-only merge (matched weights averaged)",
+                  scope="global"),
+        ParamSpec("data_free", bool, False, "no task data: generic inputs, or data.path from another domain",
+                  scope="global"),
+    ),
+    needs_base=False,
+    min_models=2,
+    max_models=2,
+    runner=_run,
+)

@@ -1,0 +1,9 @@
+"""PLeaS (permutations and least squares): merge two models of one architecture from any initialisation,
+to a chosen width. See method.py for the algorithm."""
+
+from __future__ import annotations
+
+from mergekit_lite.pleas.method import PleasOptions, PleasResult, pleas_merge
+from mergekit_lite.pleas.sources import load_model
+
+__all__ = ["PleasOptions", "PleasResult", "load_model", "pleas_merge"]

@@ -1,0 +1,290 @@
+"""PLeaS: merge two models of one architecture, trained from any initialisation, to a chosen width.
+
+1. permutation groups from the graph (graph.py), self-checked;
+2. per group, correlation of A's and B's units on data, Hungarian matching (matching.py);
+3. per-group ratios that meet the target compute, unmerging the worst-matched groups first;
+4. per conv/linear layer, closed-form least squares from the layouts' inputs to the layouts' targets
+   (least_squares.py); norms merged by layout, and their running statistics re-estimated on the data.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from mergekit_lite.errors import UserError
+from mergekit_lite.pleas import least_squares as ls
+from mergekit_lite.pleas.features import capture, channel_axis, channel_rows
+from mergekit_lite.pleas.graph import Spec, check_groups, permutation_spec
+from mergekit_lite.pleas.matching import (
+    CrossStats, Layout, allocate_ratios, block_cost, identity_layout, match, partial_layout,
+)
+
+
+@dataclass
+class PleasOptions:
+    target_width: float = 1.0  # compute relative to one source model, 1.0 .. 2.0
+    ridge: float = 1e-4  # relative to the mean diagonal of each layer's Gram matrix
+    norm_statistics: str = "reestimate"  # or "merge": average the running statistics like any parameter
+    least_squares: bool = True  # False: permutation-only merge (matched weights averaged)
+    ratio_step: float = 0.125
+
+
+@dataclass
+class PleasResult:
+    model: torch.nn.Module
+    report: dict = field(default_factory=dict)
+
+
+def _same_structure(spec_a: Spec, spec_b: Spec) -> None:
+    if [g.members for g in spec_a.groups] != [g.members for g in spec_b.groups]:
+        raise UserError("the two models do not have the same architecture (their permutation groups differ)")
+
+
+def _layer_input(spec: Spec, layer) -> str:
+    node = next(n for n in spec.graph.graph.nodes if n.name == layer.node)
+    return node.all_input_nodes[0].name
+
+
+def _cost_ratio(spec: Spec, layouts_for: Callable[[list[float]], list[Layout]], positions: dict[str, int],
+                frozen_width: Callable) -> Callable[[list[float]], float]:
+    """Compute (multiply-adds in non-zero blocks) of the merged model relative to one source model."""
+    base = sum(_kernel(l.module) * l.module.weight.shape[0] * l.module.weight.shape[1] * positions[l.name]
+               for l in spec.layers)
+
+    def ratio(ratios: list[float]) -> float:
+        layouts = layouts_for(ratios)
+        total = 0
+        for layer in spec.layers:
+            in_layout = layouts[layer.input_group] if layer.input_group is not None else frozen_width(layer, "in")
+            out_layout = layouts[layer.output_group] if layer.output_group is not None else frozen_width(layer, "out")
+            total += _kernel(layer.module) * block_cost(out_layout, in_layout) * positions[layer.name]
+        return total / base
+
+    return ratio
+
+
+def _kernel(module: torch.nn.Module) -> int:
+    return math.prod(module.weight.shape[2:]) if module.weight.dim() > 2 else 1
+
+
+def _allowed(out_layout: Layout, in_layout: Layout, kernel: int, bias: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Which inputs each kind of output may read (see least_squares)."""
+    out_origin = out_layout.origin()
+    in_origin = in_layout.origin().repeat_interleave(kernel)
+    if bias:
+        in_origin = torch.cat([in_origin, torch.zeros(1, dtype=torch.long)])
+    return [
+        (out_origin == 0, torch.ones_like(in_origin, dtype=torch.bool)),
+        (out_origin == 1, in_origin != 2),
+        (out_origin == 2, in_origin != 1),
+    ]
+
+
+def resize_to(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Give conv, linear and norm modules the shapes that `state` holds (a merged model may be wider)."""
+    for name, module in model.named_modules():
+        weight = state.get(f"{name}.weight")
+        if weight is None:
+            continue
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)) and weight.shape != module.weight.shape:
+            module.out_channels, module.in_channels = weight.shape[0], weight.shape[1] * module.groups
+        elif isinstance(module, torch.nn.Linear) and weight.shape != module.weight.shape:
+            module.out_features, module.in_features = weight.shape
+        elif isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and weight.shape != module.weight.shape:
+            module.num_features = weight.shape[0]
+        elif isinstance(module, torch.nn.LayerNorm) and weight.shape != module.weight.shape:
+            module.normalized_shape = tuple(weight.shape)
+        else:
+            continue
+        for key, value in list(module.named_parameters(recurse=False)):
+            setattr(module, key, torch.nn.Parameter(torch.empty_like(state[f"{name}.{key}"])))
+        for key, value in list(module.named_buffers(recurse=False)):
+            if f"{name}.{key}" in state:
+                module.register_buffer(key, torch.empty_like(state[f"{name}.{key}"]))
+    return model
+
+
+@torch.no_grad()
+def reestimate_norm_statistics(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Batch-norm running mean and variance recomputed as plain averages over the data."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for batch in batches:
+        model(batch)
+    for m, momentum in saved:
+        m.momentum = momentum
+    model.eval()
+
+
+def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: list[torch.Tensor],
+                options: PleasOptions | None = None, log: Callable[[str], None] = lambda message: None) -> PleasResult:
+    """Merge two models of one architecture; `batches` feed the matching and the least squares."""
+    options = options or PleasOptions()
+    if not 1.0 <= options.target_width <= 2.0:
+        raise UserError(f"target_width must be between 1.0 and 2.0, not {options.target_width}")
+    model_a, model_b = model_a.eval(), model_b.eval()
+    spec = permutation_spec(model_a)
+    spec_b = permutation_spec(model_b)
+    _same_structure(spec, spec_b)
+    check_error = check_groups(model_a, spec, batches[0][:8])
+    log(f"{len(spec.groups)} permutation groups, {len(spec.layers)} conv/linear layers (self-check {check_error:.1e})")
+
+    # 1. correlations between A's and B's units, per group
+    stats = [CrossStats.empty(g.width) for g in spec.groups]
+    group_nodes = {name for g in spec.groups for name in g.nodes}
+    layer_nodes = {l.node for l in spec.layers}
+    positions: dict[str, int] = {}
+    for batch in batches:
+        _, acts_a = capture(spec.graph, batch, group_nodes | layer_nodes)
+        _, acts_b = capture(spec_b.graph, batch, group_nodes | layer_nodes)
+        for group, stat in zip(spec.groups, stats):
+            for node in group.nodes:
+                stat.add(channel_rows(acts_a[node]), channel_rows(acts_b[node]))
+        if not positions:
+            positions = {l.name: acts_a[l.node][0].numel() // l.module.weight.shape[0] for l in spec.layers}
+    correlations = [s.correlation() for s in stats]
+    pairs = [match(c) for c in correlations]
+    qualities = [c[torch.as_tensor(p[0]), torch.as_tensor(p[1])] for c, p in zip(correlations, pairs)]
+
+    # 2. ratios for the target compute
+    layouts_for = lambda ratios: [partial_layout(c, p, r) for c, p, r in zip(correlations, pairs, ratios)]  # noqa: E731
+
+    def frozen(layer, side: str) -> Layout:
+        return identity_layout(layer.module.weight.shape[1 if side == "in" else 0])
+
+    compute = _cost_ratio(spec, layouts_for, positions, frozen)
+    ratios = allocate_ratios(qualities, compute, options.target_width, options.ratio_step)
+    layouts = layouts_for(ratios)
+    log(f"ratios chosen for compute {options.target_width}: achieved {compute(ratios):.3f}")
+
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    merged: dict[str, torch.Tensor] = {}
+
+    def layout_of(group: int | None, width: int) -> Layout:
+        return layouts[group] if group is not None else identity_layout(width)
+
+    # 3. least squares per layer, or permutation-only averaging
+    residuals: dict[str, float] = {}
+    if options.least_squares:
+        normals = {}
+        inputs_of = {l.name: _layer_input(spec, l) for l in spec.layers}
+        wanted = layer_nodes | set(inputs_of.values())
+        for batch in batches:
+            _, acts_a = capture(spec.graph, batch, wanted)
+            _, acts_b = capture(spec_b.graph, batch, wanted)
+            for layer in spec.layers:
+                module = layer.module
+                in_layout = layout_of(layer.input_group, module.weight.shape[1])
+                out_layout = layout_of(layer.output_group, module.weight.shape[0])
+                x_a, x_b = acts_a[inputs_of[layer.name]], acts_b[inputs_of[layer.name]]
+                y_a, y_b = acts_a[layer.node], acts_b[layer.node]
+                x = ls.patches(module, in_layout.combine(x_a, x_b, channel_axis(x_a)))
+                if module.bias is not None:
+                    x = ls.with_bias_column(x)
+                y = ls.output_rows(module, out_layout.combine(y_a, y_b, channel_axis(y_a)))
+                if layer.name not in normals:
+                    normals[layer.name] = ls.Normal.empty(x.shape[1], y.shape[1])
+                normals[layer.name].add(x, y)
+        for layer in spec.layers:
+            module = layer.module
+            in_layout = layout_of(layer.input_group, module.weight.shape[1])
+            out_layout = layout_of(layer.output_group, module.weight.shape[0])
+            allowed = _allowed(out_layout, in_layout, _kernel(module), module.bias is not None)
+            prior = sum(_lift_weight(state[f"{layer.name}.weight"], side, out_layout, in_layout)
+                        for side, state in (("a", state_a), ("b", state_b))).reshape(out_layout.width, -1).T
+            if module.bias is not None:
+                bias = out_layout.combine(state_a[f"{layer.name}.bias"], state_b[f"{layer.name}.bias"], 0)
+                prior = torch.cat([prior, bias.unsqueeze(0)])
+            weights, residuals[layer.name] = ls.solve(normals.pop(layer.name), allowed, options.ridge, prior)
+            body = weights[:-1] if module.bias is not None else weights
+            shape = (out_layout.width, in_layout.width, *module.weight.shape[2:])
+            merged[f"{layer.name}.weight"] = body.T.reshape(shape).float()
+            if module.bias is not None:
+                merged[f"{layer.name}.bias"] = weights[-1].float()
+    else:
+        for layer in spec.layers:
+            module = layer.module
+            in_layout = layout_of(layer.input_group, module.weight.shape[1])
+            out_layout = layout_of(layer.output_group, module.weight.shape[0])
+            name = f"{layer.name}.weight"
+            merged[name] = sum(_lift_weight(state[name], side, out_layout, in_layout)
+                               for side, state in (("a", state_a), ("b", state_b)))
+            if f"{layer.name}.bias" in state_a:
+                merged[f"{layer.name}.bias"] = out_layout.combine(state_a[f"{layer.name}.bias"],
+                                                                  state_b[f"{layer.name}.bias"], 0)
+
+    # 4. norms (and anything else) merged by layout
+    group_of_member = {name: (g.index, axis) for g in spec.groups for name, axis in g.members}
+    for name, value in state_a.items():
+        if name in merged:
+            continue
+        if not value.is_floating_point():
+            merged[name] = value.clone()
+        elif name in group_of_member:
+            group, axis = group_of_member[name]
+            merged[name] = layouts[group].combine(value, state_b[name], axis)
+        else:
+            merged[name] = (value + state_b[name]) / 2
+    model = resize_to(copy.deepcopy(model_a), merged)
+    model.load_state_dict(merged)
+    if options.norm_statistics == "reestimate":
+        reestimate_norm_statistics(model, batches)
+    model.eval()
+
+    dense = sum(_kernel(l.module) * layout_of(l.output_group, l.module.weight.shape[0]).width
+                * layout_of(l.input_group, l.module.weight.shape[1]).width * positions[l.name] for l in spec.layers)
+    base = sum(_kernel(l.module) * l.module.weight.shape[0] * l.module.weight.shape[1] * positions[l.name]
+               for l in spec.layers)
+    params_a = sum(v.numel() for v in state_a.values() if v.is_floating_point())
+    params_merged = sum(v.numel() for v in merged.values() if v.is_floating_point())
+    report = {
+        "target_width": options.target_width,
+        "compute_ratio": compute(ratios),
+        "dense_compute_ratio": dense / base,
+        "parameter_ratio": params_merged / params_a,
+        "least_squares": options.least_squares,
+        "norm_statistics": options.norm_statistics,
+        "self_check_error": check_error,
+        "groups": [
+            {"group": g.index, "width": g.width, "merged_width": layouts[g.index].width, "ratio": ratios[g.index],
+             "merged_pairs": layouts[g.index].merged,
+             "match_quality": float(qualities[g.index].mean()),
+             "merged_pair_quality": float(layouts[g.index].pair_correlation.mean()) if layouts[g.index].merged else None,
+             "members": len(g.members)}
+            for g in spec.groups
+        ],
+        "layers": [{"layer": l.name, "residual": residuals.get(l.name)} for l in spec.layers],
+    }
+    return PleasResult(model, report)
+
+
+def _lift_weight(weight: torch.Tensor, side: str, out_layout: Layout, in_layout: Layout) -> torch.Tensor:
+    """One model's weight placed in the merged layout: rows of merged outputs at half weight (the merged
+    output is the mean of both models'), its own private rows whole, the other model's rows and columns zero."""
+    def axis_plan(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+        own = layout.merged_a if side == "a" else layout.merged_b
+        private = layout.only_a if side == "a" else layout.only_b
+        index = torch.cat([own, private if side == "a" else torch.zeros_like(layout.only_a),
+                           private if side == "b" else torch.zeros_like(layout.only_b)])
+        present = torch.cat([torch.ones(len(own)), torch.full((len(layout.only_a),), float(side == "a")),
+                             torch.full((len(layout.only_b),), float(side == "b"))])
+        return index, present
+
+    rows, row_present = axis_plan(out_layout)
+    cols, col_present = axis_plan(in_layout)
+    row_scale = row_present * torch.cat([torch.full((out_layout.merged,), 0.5),
+                                         torch.ones(len(out_layout.only_a) + len(out_layout.only_b))])
+    lifted = weight.index_select(0, rows).index_select(1, cols)
+    extra = [1] * (weight.dim() - 2)
+    return lifted * row_scale.view(-1, 1, *extra) * col_present.view(1, -1, *extra)

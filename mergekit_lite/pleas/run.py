@@ -1,0 +1,97 @@
+"""`merge run` for a PLeaS recipe: load both models, build the data, merge, write a checkpoint and report."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergekit_lite import __version__
+from mergekit_lite.checkpoint import CheckpointWriter, TensorSpec
+from mergekit_lite.errors import RecipeError
+from mergekit_lite.pleas.method import PleasOptions, pleas_merge
+from mergekit_lite.pleas.sources import _config, data_batches, load_model
+from mergekit_lite.report import SCHEMA, file_sha256
+
+
+def options_from(params: dict[str, Any]) -> PleasOptions:
+    return PleasOptions(target_width=float(params["target_width"]), ridge=float(params["ridge"]),
+                        norm_statistics=str(params["norm_statistics"]), least_squares=bool(params["least_squares"]))
+
+
+def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], force: bool, seed: int | None,
+               report_path: Path | None, log=lambda message: None) -> dict[str, Any]:
+    started = time.perf_counter()
+    paths = [Path(entry.model) for entry in recipe.models]
+    if recipe.base_model is not None:
+        raise RecipeError("pleas merges two models from any initialisation; it takes no base_model")
+    models = [load_model(p, allow_pickle=recipe.allow_pickle) for p in paths]
+    config = _config(paths[0])
+    seed = seed if seed is not None else (recipe.seed if recipe.seed is not None else 0)
+    batches, described = data_batches(recipe.data.model_dump() if recipe.data else None, models[0], config,
+                                      int(params["samples"]), int(params["batch_size"]), seed,
+                                      bool(params["data_free"]))
+    loaded = time.perf_counter()
+    result = pleas_merge(models[0], models[1], batches, options_from(params), log=log)
+    merged_at = time.perf_counter()
+    state = {k: v.contiguous() for k, v in result.model.state_dict().items()}
+    specs = [TensorSpec(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in state.items()]
+    source_config = dict(config)
+    if "model_args" in source_config or "architecture" in source_config:
+        source_config["num_features"] = source_config.get("num_features")
+    source_config["pleas"] = {
+        "sources": [str(p) for p in paths], "target_width": result.report["target_width"],
+        "compute_ratio": result.report["compute_ratio"],
+        "group_widths": [g["merged_width"] for g in result.report["groups"]],
+        "source_group_widths": [g["width"] for g in result.report["groups"]],
+    }
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "method": "pleas",
+        "recipe": recipe.model_dump(mode="json", exclude_none=True),
+        "seed": seed,
+        "device": "cpu",
+        "host": {"python": platform.python_version(), "machine": platform.machine()},
+        "inputs": [{"role": "model", "path": str(p)} for p in paths],
+        "data": {"source": described, "samples": sum(len(b) for b in batches)},
+        "pleas": result.report,
+        "versions": {"mergekit_lite": __version__, "torch": torch.__version__},
+    }
+    with CheckpointWriter(out, specs, force=force, metadata={"merged_with": "mergekit_lite pleas"}) as writer:
+        for name, tensor in state.items():
+            writer.write(name, tensor)
+        writer.add_file("config.json", json.dumps(source_config, indent=2) + "\n")
+        writer.add_file("merge_recipe.yaml", recipe_text)
+        writer.add_file("README.md", _card(paths, result.report, recipe_text))
+        files_bytes = sum((writer.tmp_dir / name).stat().st_size for name in writer.files)
+        report["output"] = {"path": str(out), "bytes": files_bytes, "tensors": len(state), "files": [
+            {"name": name, "bytes": (writer.tmp_dir / name).stat().st_size,
+             "sha256": writer.shard_digest(name) or file_sha256(writer.tmp_dir / name)} for name in writer.files]}
+        report["timings_seconds"] = {"read": loaded - started, "compute": merged_at - loaded,
+                                     "write": time.perf_counter() - merged_at, "total": time.perf_counter() - started}
+        report["warnings"] = []
+        report["peak_memory"] = {"rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        if report_path is None:
+            writer.add_file("merge_report.json", json.dumps(report, indent=2) + "\n")
+    if report_path is not None:
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def _card(paths: list[Path], report: dict, recipe_text: str) -> str:
+    lines = ["---", "tags:", "- merge", "- mergekit_lite", "- pleas", "---", "", "# Merged model (PLeaS)", "",
+             f"Made with mergekit_lite {__version__}: permutations and least squares, two models of one architecture.",
+             "", "Models merged:", ""] + [f"- `{p}`" for p in paths]
+    lines += ["", f"Compute relative to one source model: {report['compute_ratio']:.3f} (target {report['target_width']}); "
+              f"parameters: {report['parameter_ratio']:.3f}x.", "",
+              "Load it with `mergekit_lite.pleas.load_model(path)` (module shapes follow the weights).", "",
+              "## Recipe", "", "```yaml", recipe_text.rstrip(), "```", ""]
+    return "\n".join(lines)

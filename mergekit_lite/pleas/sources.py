@@ -1,0 +1,158 @@
+"""Building source models and data for PLeaS, and loading what it writes.
+
+Models: timm checkpoints in the hub layout (config.json with `architecture`, optional `model_args`) and plain
+MLPs (config.json with `"mergekit_lite_mlp": [in, hidden..., out]`). A merged checkpoint wider than its
+source loads the same way: modules take the shapes the weights have.
+
+Data: a tensor file (.safetensors, .npy or .pt, one tensor of inputs), an image folder read with timm's
+data tools and the model's own preprocessing, or generic inputs made here (smooth random images or
+Gaussian vectors: the data-free mode).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mergekit_lite.checkpoint import open_checkpoint
+from mergekit_lite.errors import UserError
+from mergekit_lite.pleas.method import resize_to
+
+
+def _config(path: Path) -> dict:
+    config_file = (path if path.is_dir() else path.parent) / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{path}: PLeaS needs a config.json to build the model (timm hub layout or a plain MLP)")
+    return json.loads(config_file.read_text(encoding="utf-8"))
+
+
+def build_model(config: dict, path: Path) -> torch.nn.Module:
+    if "mergekit_lite_mlp" in config:
+        sizes = config["mergekit_lite_mlp"]
+        layers: list[torch.nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(torch.nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(torch.nn.ReLU())
+        return torch.nn.Sequential(*layers)
+    if "architecture" in config:
+        import timm
+
+        args = dict(config.get("model_args") or {})
+        args.setdefault("num_classes", config.get("num_classes", 1000))
+        try:
+            return timm.create_model(config["architecture"], pretrained=False, **args)
+        except Exception as exc:  # timm raises many kinds for unknown names and arguments
+            raise UserError(f"{path}: timm cannot build {config['architecture']!r}: {exc}") from exc
+    kind = config.get("model_type", "unknown")
+    raise UserError(f"{path}: PLeaS works on timm models and plain MLPs; a {kind!r} checkpoint is not supported yet")
+
+
+def load_model(path: str | Path, allow_pickle: bool = False) -> torch.nn.Module:
+    """A source or merged checkpoint as an eval-mode torch module."""
+    path = Path(path)
+    model = build_model(_config(path), path)
+    ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
+    try:
+        state = {name: ckpt.get(name) for name in ckpt.tensors}
+    finally:
+        ckpt.close()
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise UserError(f"{path}: the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]!r}")
+    state = {name: state[name].to(expected[name].dtype) for name in expected}
+    resize_to(model, state)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def input_shape(config: dict) -> tuple[int, ...]:
+    """One input's shape, from the config (MLP input size, or timm's pretrained input size and channels)."""
+    if "mergekit_lite_mlp" in config:
+        return (config["mergekit_lite_mlp"][0],)
+    args = config.get("model_args") or {}
+    size = (config.get("pretrained_cfg") or {}).get("input_size") or [3, 224, 224]
+    channels = args.get("in_chans", size[0])
+    side = args.get("img_size", config.get("input_size_override", size[1]))
+    side = side if isinstance(side, int) else side[0]
+    return (channels, side, side)
+
+
+def generic_inputs(shape: tuple[int, ...], count: int, seed: int) -> torch.Tensor:
+    """Inputs from no task at all: smooth random images (blurred noise with random contrast and offset), or
+    Gaussian vectors for flat inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    if len(shape) == 1:
+        return torch.randn(count, *shape, generator=gen)
+    noise = torch.randn(count, *shape, generator=gen)
+    kernel = torch.ones(shape[0], 1, 3, 3) / 9
+    smooth = torch.nn.functional.conv2d(noise, kernel, padding=1, groups=shape[0])
+    smooth = torch.nn.functional.conv2d(smooth, kernel, padding=1, groups=shape[0])
+    scale = torch.rand(count, 1, 1, 1, generator=gen) * 2 + 0.5
+    offset = torch.randn(count, 1, 1, 1, generator=gen) * 0.5
+    return smooth / smooth.std().clamp_min(1e-6) * scale + offset
+
+
+def tensor_file_inputs(path: Path, key: str | None) -> torch.Tensor:
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return torch.from_numpy(np.load(path, allow_pickle=False)).float()
+    if suffix == ".pt":
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(loaded, dict):
+            loaded = loaded[key] if key else next(iter(loaded.values()))
+        return torch.as_tensor(loaded).float()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        if key is not None and key not in tensors:
+            raise UserError(f"{path}: no tensor named {key!r} (it holds {', '.join(sorted(tensors))})")
+        return tensors[key or sorted(tensors)[0]].float()
+    raise UserError(f"{path}: data files must be .safetensors, .npy or .pt tensors, or an image folder")
+
+
+def image_folder_inputs(path: Path, model: torch.nn.Module, count: int, seed: int) -> torch.Tensor:
+    """Images from a folder (any depth), with the model's own timm preprocessing."""
+    from timm.data import ImageDataset, create_transform, resolve_data_config
+
+    transform = create_transform(**resolve_data_config({}, model=model))
+    dataset = ImageDataset(str(path), transform=transform)
+    if len(dataset) == 0:
+        raise UserError(f"{path}: no images found")
+    order = np.random.default_rng(seed).permutation(len(dataset))[:count]
+    return torch.stack([dataset[int(i)][0] for i in order])
+
+
+def data_batches(data: dict | None, model: torch.nn.Module, config: dict, samples: int, batch_size: int, seed: int,
+                 data_free: bool) -> tuple[list[torch.Tensor], str]:
+    """The inputs PLeaS sees, in batches, and a description for the report."""
+    data = dict(data or {})
+    kind = data.get("kind")
+    path = Path(data["path"]) if data.get("path") else None
+    if kind is None:
+        kind = ("generic" if data_free else None) if path is None else ("images" if path.is_dir() else "tensors")
+    if kind == "generic":
+        shape = tuple(data["shape"]) if data.get("shape") else input_shape(config)
+        inputs, described = generic_inputs(shape, samples, seed), f"generic inputs of shape {list(shape)} (data-free)"
+    elif path is None:
+        raise UserError("PLeaS needs data: give data.path (a tensor file or an image folder), or data_free: true")
+    elif not path.exists():
+        raise UserError(f"{path}: data not found")
+    elif kind == "images":
+        inputs, described = image_folder_inputs(path, model, samples, seed), f"images from {path}"
+    elif kind == "tensors":
+        inputs = tensor_file_inputs(path, data.get("key"))
+        order = torch.as_tensor(np.random.default_rng(seed).permutation(len(inputs))[:samples])
+        inputs, described = inputs[order], f"tensors from {path}"
+    elif kind == "text":
+        raise UserError("text data needs a transformers model; PLeaS here merges timm models and plain MLPs")
+    else:
+        raise UserError(f"data.kind {kind!r}: use tensors, images or generic")
+    if data_free and kind != "generic":
+        described += " (data-free: inputs from another domain)"
+    return [inputs[i: i + batch_size] for i in range(0, len(inputs), batch_size)], described

@@ -1,0 +1,66 @@
+"""The quality suite's quick mode: what must hold whatever the method.
+
+Small models trained on real data (digits, Python's own text), merged through `merge run`: the experts beat
+the base on their own domain, a merge of an expert with itself gives that expert back, and every merged
+model loads and scores.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+QUALITY = Path(__file__).resolve().parents[1] / "bench" / "quality"
+sys.path.insert(0, str(QUALITY))
+pytest.importorskip("sklearn")
+
+import run as quality_run  # noqa: E402
+import suite  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("quality")
+    assert quality_run.main(["--quick", "--workdir", str(workdir)]) == 0
+    import json
+
+    return json.loads((workdir / "report.json").read_text())
+
+
+@pytest.mark.parametrize("modality", ["vision", "text"])
+def test_experts_beat_the_base_on_their_own_domain(quick_report, modality):
+    for margin in quick_report[modality]["margins"]:
+        assert margin["gain_own"] > 0, margin
+
+
+def test_merging_an_expert_with_itself_gives_it_back(quick_report):
+    check = quick_report["self_merge"]
+    assert check["identical_tensors"]
+    assert check["merged_scores"] == check["expert_scores"]
+
+
+@pytest.mark.parametrize("modality", ["vision", "text"])
+def test_every_method_merges_loads_and_scores(quick_report, modality):
+    section = quick_report[modality]
+    methods = {row["method"] for row in section["methods"]}
+    assert methods == set(suite.DEFAULTS)
+    for row in section["methods"]:
+        scores = row["test"]
+        assert set(scores) == set(section["domains"])
+        for value in scores.values():
+            assert math.isfinite(value)
+            if section["higher_is_better"]:
+                assert 0.0 <= value <= 1.0
+            else:
+                assert 0.0 < value < math.log(257) * 2  # a loss, and not a broken model's
+        assert row["seconds"] > 0
+
+
+def test_different_initialisation_pairs_are_scored(quick_report):
+    for rows in quick_report["different_init"].values():
+        names = [r["name"] for r in rows]
+        assert names == ["model A", "model B", "ensemble", "averaging (linear)"]
+        assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
