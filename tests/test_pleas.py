@@ -234,3 +234,26 @@ def test_transformers_checkpoints_are_refused_clearly(tmp_path, llama_family):
     result = runner.invoke(app, ["run", recipe, str(tmp_path / "merged")])
     assert result.exit_code == 2
     assert "not supported yet" in result.output
+
+
+def test_merge_run_reads_an_image_folder_with_the_models_preprocessing(tmp_path):
+    from PIL import Image
+
+    from mergekit_lite import examples
+
+    family = examples.make_family(tmp_path / "models", "test_resnet", experts=1)
+    folder = tmp_path / "images" / "unlabeled"
+    folder.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(12):
+        pixels = (torch.rand(40, 40, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    recipe = _recipe(tmp_path, family["base"], family["expert1"], f"data: {{path: {tmp_path / 'images'}}}\n",
+                     "samples: 12, batch_size: 6")
+    result = runner.invoke(app, ["run", recipe, str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
+    assert report["data"]["samples"] == 12 and "images from" in report["data"]["source"]
+    model = load_model(tmp_path / "merged")
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)

@@ -18,6 +18,7 @@ runner = CliRunner()
 def demo_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo_root")
     examples.make_family(root / "demo" / "models", "llama", experts=3)
+    examples.make_family(root / "demo" / "models_resnet", "test_resnet", experts=1)
     return root
 
 

@@ -106,7 +106,7 @@ def test_ties_matches_direct_computation(tmp_path, llama_family, scope):
         assert overall == pytest.approx(int(0.3 * total) / total, abs=1e-4)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(name for name, m in METHODS.items() if m.runner is None))
 def test_every_method_runs_loads_and_generates(tmp_path, llama_family, method):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

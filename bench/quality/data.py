@@ -41,6 +41,12 @@ def _rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
     return torch.nn.functional.grid_sample(x, grid, align_corners=False)
 
 
+def _shear(x: torch.Tensor, amount: float) -> torch.Tensor:
+    matrix = torch.tensor([[1.0, amount, 0.0], [0.0, 1.0, 0.0]])
+    grid = torch.nn.functional.affine_grid(matrix.expand(len(x), 2, 3), list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, align_corners=False)
+
+
 def _occlude(x: torch.Tensor) -> torch.Tensor:
     """A 6x6 patch blanked at a position fixed per image."""
     gen = torch.Generator().manual_seed(7)
@@ -68,7 +74,10 @@ IMAGE_DOMAINS = {
     "thick": lambda x: torch.nn.functional.max_pool2d(x, 3, stride=1, padding=1),
     "occlude": _occlude,
     "stripes": _stripes,
+    "shear": lambda x: _shear(x, 0.45),
 }
+# The base model's home domain; the others are where experts specialise.
+HOME_DOMAIN = "clean"
 
 
 def _split_indices(n: int, seed: int = SPLIT_SEED, fractions=(0.6, 0.2, 0.2)) -> dict[str, np.ndarray]:

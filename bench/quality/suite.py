@@ -68,7 +68,8 @@ class Plan:
 
     @classmethod
     def full(cls) -> "Plan":
-        return cls(False, tuple(data.IMAGE_DOMAINS), tuple(data.TEXT_DOMAINS))
+        shifted = tuple(d for d in data.IMAGE_DOMAINS if d != data.HOME_DOMAIN)
+        return cls(False, shifted, tuple(data.TEXT_DOMAINS))
 
     @classmethod
     def fast(cls) -> "Plan":
@@ -155,7 +156,17 @@ def merge_run(recipe: Path, out: Path) -> float:
 
 
 def _key(*parts) -> str:
-    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A cache key; a checkpoint directory among the parts counts with its weights' modification time, so a
+    retrained model never reuses the scores of the one it replaced."""
+    def stamp(part):
+        if isinstance(part, (list, tuple)):
+            return [stamp(p) for p in part]
+        if isinstance(part, str) and (Path(part) / "config.json").exists():
+            weights = Path(part) / "model.safetensors"
+            return [part, weights.stat().st_mtime_ns if weights.exists() else None]
+        return part
+
+    return hashlib.sha1(json.dumps([stamp(p) for p in parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ---- scoring ----
@@ -201,7 +212,7 @@ def normalised(task: Task, scores: dict[str, float], base: dict[str, float], exp
 # ---- experiment 1 and 2: shared base, domain experts ----
 
 def vision_models(ws: Workspace, width: float = 1.0) -> dict[str, Path]:
-    """Base (all clean training images and a few of each shifted domain, from scratch), one expert per domain
+    """Base (all clean training images and a few of each shifted domain, from scratch), one expert per shifted domain
     fine-tuned lightly from it (batch-norm statistics frozen), and a multitask model fine-tuned the same way
     on every domain."""
     plan, root = ws.plan, ws.root / f"vision_w{width}"
@@ -210,8 +221,8 @@ def vision_models(ws: Workspace, width: float = 1.0) -> dict[str, Path]:
     save = lambda m, p: models.save_vision(m, p, width)  # noqa: E731
 
     def base_model() -> torch.nn.Module:
-        mix = data.concat([train[d] if d == "clean" else data.subsample(train[d], plan.base_fraction, seed=i)
-                           for i, d in enumerate(domains)])
+        home = data.image_domain(data.HOME_DOMAIN, "train")
+        mix = data.concat([home] + [data.subsample(train[d], plan.base_fraction, seed=i) for i, d in enumerate(domains)])
         return models.train_vision(models.new_vision_model(width, seed=0), mix, epochs=plan.base_epochs, lr=0.05,
                                    seed=0, weight_decay=5e-4)
 
@@ -379,9 +390,9 @@ def experiment_two(ws: Workspace) -> dict:
         counts.append(_scaling_point(ws, paths, domains, {"experts": count, "width": 1.0}))
     widths = []
     for width in plan.widths:
-        paths = vision_models(ws, width) if width != 1.0 else paths
+        at_width = vision_models(ws, width) if width != 1.0 else paths
         domains = plan.vision_domains[: plan.width_experts]
-        widths.append(_scaling_point(ws, paths, domains, {"experts": len(domains), "width": width}))
+        widths.append(_scaling_point(ws, at_width, domains, {"experts": len(domains), "width": width}))
     return {"by_experts": counts, "by_width": widths}
 
 
@@ -424,7 +435,71 @@ def experiment_three(ws: Workspace) -> dict:
         averaged = run_merge_scored(ws, task, "default", "linear", paths[0], paths, {}, ("test",))
         rows.append({"name": "averaging (linear)", "accuracy": averaged["scores"]["test"]["clean"],
                      "seconds": averaged["seconds"]})
+        for label, setting in pleas_settings(ws, root).items():
+            result = run_pleas_scored(ws, task, paths, setting)
+            rows.append({"name": label, "accuracy": result["scores"]["test"]["clean"], "seconds": result["seconds"],
+                         "compute_ratio": result["compute_ratio"]})
         out[name] = rows
+    return out
+
+
+def pleas_settings(ws: Workspace, root: Path) -> dict[str, dict]:
+    """PLeaS rows: permutation only, PLeaS at several widths, and data-free PLeaS. Data: unlabeled training
+    images of the clean digits (both tasks' inputs); data-free: generic images made by the tool, or digits
+    from another domain (the noisy ones)."""
+    from safetensors.torch import save_file
+
+    inputs = root / "pleas_inputs.safetensors"
+    if not inputs.exists():
+        save_file({"images": data.image_domain("clean", "train").images.contiguous()}, str(inputs))
+    with_data = {"data": {"path": str(inputs), "key": "images"}}
+    generic = {"data": {"kind": "generic", "shape": [1, data.IMAGE_SIZE, data.IMAGE_SIZE]}, "data_free": True}
+    settings = {"permutation only (1.0x)": {**with_data, "least_squares": False, "target_width": 1.0}}
+    widths = (1.0, 1.5) if ws.plan.quick else (1.0, 1.25, 1.5, 2.0)
+    for width in widths:
+        settings[f"PLeaS {width}x"] = {**with_data, "target_width": width}
+    settings["PLeaS data-free 1.0x (generic inputs)"] = {**generic, "target_width": 1.0}
+    other = root / "pleas_other_domain.safetensors"
+    if not other.exists():
+        save_file({"images": data.image_domain("noise", "train").images.contiguous()}, str(other))
+    settings["PLeaS data-free 1.0x (noisy-digit inputs)"] = {"data": {"path": str(other), "key": "images"},
+                                                           "data_free": True, "target_width": 1.0}
+    if not ws.plan.quick:
+        settings["PLeaS data-free 1.5x (generic inputs)"] = {**generic, "target_width": 1.5}
+    return settings
+
+
+def run_pleas_scored(ws: Workspace, task: Task, paths: list[Path], setting: dict) -> dict:
+    """`merge run` with a PLeaS recipe (cached), scored on the test split."""
+    key = _key("pleas", task.name, [str(p) for p in paths], setting)
+
+    def compute() -> dict:
+        work = ws.root / "merges" / key
+        work.mkdir(parents=True, exist_ok=True)
+        params = {k: v for k, v in setting.items() if k != "data"}
+        params.setdefault("samples", 1000)
+        lines = ["merge_method: pleas", "models:"] + [f"  - model: {p}" for p in paths]
+        lines += [f"data: {json.dumps(setting['data'])}", f"parameters: {json.dumps(params)}"]
+        recipe = work / "recipe.yaml"
+        recipe.write_text("\n".join(lines) + "\n")
+        seconds = merge_run(recipe, work / "out")
+        report = json.loads((work / "out" / "merge_report.json").read_text())
+        scores = {"test": pleas_task_score(task, work / "out")}
+        shutil.rmtree(work)
+        return {"seconds": seconds, "scores": scores, "compute_ratio": report["pleas"]["compute_ratio"]}
+
+    return ws.cached(key, compute)
+
+
+def pleas_task_score(task: Task, directory: Path) -> dict[str, float]:
+    """A PLeaS output may be wider than its sources: load it with the tool's loader, score like the others."""
+    from mergekit_lite.pleas import load_model
+
+    model = load_model(directory)
+    out = {}
+    for d in task.subtasks:
+        images = data.image_domain(d, "test")
+        out[d] = models.accuracy(models.vision_probabilities(model, images), images.labels)
     return out
 
 

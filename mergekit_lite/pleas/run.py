@@ -16,7 +16,7 @@ from mergekit_lite import __version__
 from mergekit_lite.checkpoint import CheckpointWriter, TensorSpec
 from mergekit_lite.errors import RecipeError
 from mergekit_lite.pleas.method import PleasOptions, pleas_merge
-from mergekit_lite.pleas.sources import _config, data_batches, load_model
+from mergekit_lite.pleas.sources import data_batches, load_model, read_config
 from mergekit_lite.report import SCHEMA, file_sha256
 
 
@@ -32,7 +32,7 @@ def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], forc
     if recipe.base_model is not None:
         raise RecipeError("pleas merges two models from any initialisation; it takes no base_model")
     models = [load_model(p, allow_pickle=recipe.allow_pickle) for p in paths]
-    config = _config(paths[0])
+    config = read_config(paths[0])
     seed = seed if seed is not None else (recipe.seed if recipe.seed is not None else 0)
     batches, described = data_batches(recipe.data.model_dump() if recipe.data else None, models[0], config,
                                       int(params["samples"]), int(params["batch_size"]), seed,
@@ -43,8 +43,6 @@ def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], forc
     state = {k: v.contiguous() for k, v in result.model.state_dict().items()}
     specs = [TensorSpec(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in state.items()]
     source_config = dict(config)
-    if "model_args" in source_config or "architecture" in source_config:
-        source_config["num_features"] = source_config.get("num_features")
     source_config["pleas"] = {
         "sources": [str(p) for p in paths], "target_width": result.report["target_width"],
         "compute_ratio": result.report["compute_ratio"],

@@ -22,7 +22,7 @@ from mergekit_lite.errors import UserError
 from mergekit_lite.pleas.method import resize_to
 
 
-def _config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
     config_file = (path if path.is_dir() else path.parent) / "config.json"
     if not config_file.is_file():
         raise UserError(f"{path}: PLeaS needs a config.json to build the model (timm hub layout or a plain MLP)")
@@ -54,7 +54,7 @@ def build_model(config: dict, path: Path) -> torch.nn.Module:
 def load_model(path: str | Path, allow_pickle: bool = False) -> torch.nn.Module:
     """A source or merged checkpoint as an eval-mode torch module."""
     path = Path(path)
-    model = build_model(_config(path), path)
+    model = build_model(read_config(path), path)
     ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
     try:
         state = {name: ckpt.get(name) for name in ckpt.tensors}
