@@ -257,3 +257,51 @@ def test_merge_run_reads_an_image_folder_with_the_models_preprocessing(tmp_path)
     model = load_model(tmp_path / "merged")
     with torch.no_grad():
         assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+
+
+def _mlp_head(seed: int, classes: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 24), torch.nn.ReLU(),
+                               torch.nn.Linear(24, classes)).eval()
+
+
+def test_different_label_spaces_give_a_head_over_the_union():
+    a, b = _mlp_head(0, 5), _mlp_head(4, 3)
+    batches = _batches((12,))
+    x = torch.randn(20, 12)
+    wide = pleas_merge(a, b, batches, PleasOptions(target_width=2.0, ridge=1e-9))
+    with torch.no_grad():
+        assert _relative(wide.model(x), torch.cat([a(x), b(x)], dim=1)) < 1e-3  # both models side by side
+    narrow = pleas_merge(a, b, batches, PleasOptions(target_width=1.0))
+    assert narrow.report["outputs"] == {"from_a": 5, "from_b": 3, "label_spaces": "separate"}
+    with torch.no_grad():
+        assert narrow.model(x).shape == (20, 8)
+    same_size = pleas_merge(_mlp_head(0, 4), _mlp_head(4, 4), batches, PleasOptions(label_spaces="separate"))
+    assert same_size.report["outputs"]["label_spaces"] == "separate"
+
+
+def test_merge_run_with_different_heads_records_the_union(tmp_path):
+    root = tmp_path / "models"
+    a = _save_timm_classes(resnet(0), root / "a", 10)
+    b = _save_timm_classes(_resnet_classes(5, 4), root / "b", 4)
+    recipe = _recipe(tmp_path, a, b, "data: {kind: generic, shape: [1, 16, 16]}\n", "data_free: true, samples: 64, batch_size: 32")
+    result = runner.invoke(app, ["run", recipe, str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["num_classes"] == 14 and config["model_args"]["num_classes"] == 14
+    with torch.no_grad():
+        assert load_model(tmp_path / "merged")(torch.randn(2, 1, 16, 16)).shape == (2, 14)
+
+
+def _resnet_classes(seed: int, classes: int) -> torch.nn.Module:
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model("test_resnet", in_chans=1, num_classes=classes).eval()
+
+
+def _save_timm_classes(model: torch.nn.Module, directory, classes: int):
+    from timm.models._hub import save_for_hf
+
+    save_for_hf(model, str(directory), model_args={"in_chans": 1, "num_classes": classes}, safe_serialization=True)
+    return directory

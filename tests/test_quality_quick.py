@@ -60,8 +60,11 @@ def test_every_method_merges_loads_and_scores(quick_report, modality):
 
 
 def test_different_initialisation_pairs_are_scored(quick_report):
-    for rows in quick_report["different_init"].values():
+    sections = quick_report["different_init"]
+    assert set(sections) == {"same task", "label split", "label split, separate 5-way heads"}
+    for name, rows in sections.items():
         names = [r["name"] for r in rows]
-        assert names[:4] == ["model A", "model B", "ensemble", "averaging (linear)"]
+        assert names[:3] == ["model A", "model B", "ensemble"]
         assert "PLeaS 1.0x" in names and "permutation only (1.0x)" in names
+        assert ("averaging (linear)" in names) == (name != "label split, separate 5-way heads")
         assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)

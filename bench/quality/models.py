@@ -24,21 +24,22 @@ WIDTHS = {  # width multiplier -> timm model arguments
 }
 
 
-def vision_args(width: float = 1.0) -> dict:
-    return {"in_chans": 1, "num_classes": 10, **WIDTHS[width]}
+def vision_args(width: float = 1.0, classes: int = 10) -> dict:
+    return {"in_chans": 1, "num_classes": classes, **WIDTHS[width]}
 
 
-def new_vision_model(width: float = 1.0, seed: int = 0) -> torch.nn.Module:
+def new_vision_model(width: float = 1.0, seed: int = 0, classes: int = 10) -> torch.nn.Module:
     import timm
 
     torch.manual_seed(seed)
-    return timm.create_model(VISION_ARCH, pretrained=False, **vision_args(width))
+    return timm.create_model(VISION_ARCH, pretrained=False, **vision_args(width, classes))
 
 
 def save_vision(model: torch.nn.Module, directory: Path, width: float = 1.0) -> Path:
     from timm.models._hub import save_for_hf
 
-    save_for_hf(model, str(directory), model_args=vision_args(width), safe_serialization=True)
+    classes = model.get_classifier().out_features
+    save_for_hf(model, str(directory), model_args=vision_args(width, classes), safe_serialization=True)
     return directory
 
 

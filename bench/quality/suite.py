@@ -440,7 +440,62 @@ def experiment_three(ws: Workspace) -> dict:
             rows.append({"name": label, "accuracy": result["scores"]["test"]["clean"], "seconds": result["seconds"],
                          "compute_ratio": result["compute_ratio"]})
         out[name] = rows
+    out["label split, separate 5-way heads"] = _separate_heads(ws, root, save)
     return out
+
+
+def _separate_heads(ws: Workspace, root: Path, save) -> list[dict]:
+    """Model A knows digits 0-4 and model B digits 5-9, each with its own five-way head. The joint prediction
+    reads A's outputs as digits 0-4 and B's as 5-9: PLeaS's merged head predicts over that union."""
+    plan = ws.plan
+    halves = ((1, (0, 1, 2, 3, 4)), (2, (5, 6, 7, 8, 9)))
+    paths = []
+    for seed, labels in halves:
+        training = data.image_domain("clean", "train", labels)
+        training = data.ImageSet(training.images, training.labels - labels[0])
+        build = (lambda training=training, seed=seed: models.train_vision(
+            models.new_vision_model(seed=seed, classes=5), training, epochs=plan.scratch_epochs, lr=0.05, seed=seed,
+            weight_decay=5e-4))
+        paths.append(_trained(root / f"seed{seed}_head{labels[0]}", build, save, ws.log))
+    test = data.image_domain("clean", "test")
+
+    def joint(probabilities: torch.Tensor) -> float:
+        return models.accuracy(probabilities, test.labels)
+
+    def alone(path: Path, offset: int) -> float:
+        predicted = models.vision_probabilities(models.load_vision(path), test).argmax(-1) + offset
+        return float((predicted == test.labels).float().mean())
+
+    def compute() -> list[dict]:
+        from mergekit_lite.pleas import load_model
+
+        rows = [{"name": "model A", "accuracy": alone(paths[0], 0)}, {"name": "model B", "accuracy": alone(paths[1], 5)}]
+        both = torch.cat([models.vision_probabilities(models.load_vision(p), test) for p in paths], dim=1)
+        rows.append({"name": "ensemble", "accuracy": joint(both)})
+        task = vision_task(("clean",))
+        for label, setting in pleas_settings(ws, root).items():
+            setting = {**setting, "label_spaces": "separate"}
+            key = _key("pleas-heads", [str(p) for p in paths], setting)
+            result = ws.cached(key, lambda setting=setting: _pleas_joint(ws, task, paths, setting, joint, load_model))
+            rows.append({"name": label, **result})
+        return rows
+
+    return compute()
+
+
+def _pleas_joint(ws: Workspace, task: Task, paths: list[Path], setting: dict, joint, load_model) -> dict:
+    work = ws.root / "merges" / _key("pleas-heads-run", [str(p) for p in paths], setting)
+    work.mkdir(parents=True, exist_ok=True)
+    params = {k: v for k, v in setting.items() if k != "data"}
+    params.setdefault("samples", 1000)
+    lines = ["merge_method: pleas", "models:"] + [f"  - model: {p}" for p in paths]
+    lines += [f"data: {json.dumps(setting['data'])}", f"parameters: {json.dumps(params)}"]
+    (work / "recipe.yaml").write_text("\n".join(lines) + "\n")
+    seconds = merge_run(work / "recipe.yaml", work / "out")
+    report = json.loads((work / "out" / "merge_report.json").read_text())
+    accuracy = joint(models.vision_probabilities(load_model(work / "out"), data.image_domain("clean", "test")))
+    shutil.rmtree(work)
+    return {"accuracy": accuracy, "seconds": seconds, "compute_ratio": report["pleas"]["compute_ratio"]}
 
 
 def pleas_settings(ws: Workspace, root: Path) -> dict[str, dict]:

@@ -60,14 +60,16 @@ def scaling(section: dict) -> list[str]:
 
 def different_init(section: dict) -> list[str]:
     lines = ["### Experiment 3: models from different initialisations (clean digits, test accuracy %)", "",
-             "Label split: model A saw only digits 0–4, model B only 5–9 (both with ten-way heads); accuracy is",
-             "joint, over all ten digits.", ""]
+             "Label split: model A saw only digits 0–4, model B only 5–9, either with ten-way heads or with",
+             "their own five-way heads (A's outputs read as 0–4, B's as 5–9; PLeaS merges with",
+             "`label_spaces: separate`, so its head predicts over the union). Accuracy is joint, over all ten",
+             "digits. Averaging cannot merge heads of different classes (–).", ""]
     names = list(section)
     head = ["model / method", *names]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    rows = [r["name"] for r in section[names[0]]]
+    rows = list(dict.fromkeys(r["name"] for n in names for r in section[n]))
     for row in rows:
-        cells = [row] + [_fmt(next(r["accuracy"] for r in section[n] if r["name"] == row), True) for n in names]
+        cells = [row] + [_fmt(next((r["accuracy"] for r in section[n] if r["name"] == row), None), True) for n in names]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -75,7 +77,7 @@ def different_init(section: dict) -> list[str]:
 def markdown(report: dict) -> str:
     lines = ["# Merge quality on real data", "",
              f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ",
-             f"Wall time: {report['wall_seconds'] / 60:.1f} min (cached steps excluded from a rerun)", ""]
+             f"Wall time of this run: {report['wall_seconds'] / 60:.1f} min (trained models and scores cached under bench/out/quality are reused)", ""]
     lines += experiment_one(report["vision"], "Experiment 1 (vision): timm test_resnet on digit domains")
     lines += experiment_one(report["text"], "Experiment 1 (text): byte-level GPT-2 on text domains")
     if "scaling" in report:

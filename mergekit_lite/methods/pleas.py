@@ -31,6 +31,9 @@ METHOD = MergeMethod(
                   scope="global", choices=("reestimate", "merge")),
         ParamSpec("least_squares", bool, True, "false: permutation-only merge (matched weights averaged)",
                   scope="global"),
+        ParamSpec("label_spaces", str, "shared", "separate: the two heads predict different classes; the merged head "
+                  "predicts over their union (heads of different sizes always are)", scope="global",
+                  choices=("shared", "separate")),
         ParamSpec("data_free", bool, False, "no task data: generic inputs, or data.path from another domain",
                   scope="global"),
     ),

@@ -31,6 +31,7 @@ class PleasOptions:
     ridge: float = 1e-4  # relative to the mean diagonal of each layer's Gram matrix
     norm_statistics: str = "reestimate"  # or "merge": average the running statistics like any parameter
     least_squares: bool = True  # False: permutation-only merge (matched weights averaged)
+    label_spaces: str = "shared"  # "separate": the output heads predict different classes (kept side by side)
     ratio_step: float = 0.125
 
 
@@ -51,7 +52,7 @@ def _layer_input(spec: Spec, layer) -> str:
 
 
 def _cost_ratio(spec: Spec, layouts_for: Callable[[list[float]], list[Layout]], positions: dict[str, int],
-                frozen_width: Callable) -> Callable[[list[float]], float]:
+                frozen_layout: Callable) -> Callable[[list[float]], float]:
     """Compute (multiply-adds in non-zero blocks) of the merged model relative to one source model."""
     base = sum(_kernel(l.module) * l.module.weight.shape[0] * l.module.weight.shape[1] * positions[l.name]
                for l in spec.layers)
@@ -60,8 +61,8 @@ def _cost_ratio(spec: Spec, layouts_for: Callable[[list[float]], list[Layout]], 
         layouts = layouts_for(ratios)
         total = 0
         for layer in spec.layers:
-            in_layout = layouts[layer.input_group] if layer.input_group is not None else frozen_width(layer, "in")
-            out_layout = layouts[layer.output_group] if layer.output_group is not None else frozen_width(layer, "out")
+            in_layout = layouts[layer.input_group] if layer.input_group is not None else frozen_layout(layer, "in")
+            out_layout = layouts[layer.output_group] if layer.output_group is not None else frozen_layout(layer, "out")
             total += _kernel(layer.module) * block_cost(out_layout, in_layout) * positions[layer.name]
         return total / base
 
@@ -160,8 +161,14 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
     # 2. ratios for the target compute
     layouts_for = lambda ratios: [partial_layout(c, p, r) for c, p, r in zip(correlations, pairs, ratios)]  # noqa: E731
 
+    heads_b = {l.name: l.module.weight.shape[0] for l in spec_b.layers}
+
     def frozen(layer, side: str) -> Layout:
-        return identity_layout(layer.module.weight.shape[1 if side == "in" else 0])
+        """Frozen spaces: the model input is shared; an output head is averaged (one label space) or kept
+        side by side (different label spaces: the merged head predicts over the union)."""
+        if side == "in":
+            return identity_layout(layer.module.weight.shape[1])
+        return _head_layout(layer.module.weight.shape[0], heads_b[layer.name], options.label_spaces)
 
     compute = _cost_ratio(spec, layouts_for, positions, frozen)
     ratios = allocate_ratios(qualities, compute, options.target_width, options.ratio_step)
@@ -171,8 +178,11 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
     merged: dict[str, torch.Tensor] = {}
 
-    def layout_of(group: int | None, width: int) -> Layout:
-        return layouts[group] if group is not None else identity_layout(width)
+    def in_layout_of(layer) -> Layout:
+        return layouts[layer.input_group] if layer.input_group is not None else frozen(layer, "in")
+
+    def out_layout_of(layer) -> Layout:
+        return layouts[layer.output_group] if layer.output_group is not None else frozen(layer, "out")
 
     # 3. least squares per layer, or permutation-only averaging
     residuals: dict[str, float] = {}
@@ -185,8 +195,7 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
             _, acts_b = capture(spec_b.graph, batch, wanted)
             for layer in spec.layers:
                 module = layer.module
-                in_layout = layout_of(layer.input_group, module.weight.shape[1])
-                out_layout = layout_of(layer.output_group, module.weight.shape[0])
+                in_layout, out_layout = in_layout_of(layer), out_layout_of(layer)
                 x_a, x_b = acts_a[inputs_of[layer.name]], acts_b[inputs_of[layer.name]]
                 y_a, y_b = acts_a[layer.node], acts_b[layer.node]
                 x = ls.patches(module, in_layout.combine(x_a, x_b, channel_axis(x_a)))
@@ -198,8 +207,7 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
                 normals[layer.name].add(x, y)
         for layer in spec.layers:
             module = layer.module
-            in_layout = layout_of(layer.input_group, module.weight.shape[1])
-            out_layout = layout_of(layer.output_group, module.weight.shape[0])
+            in_layout, out_layout = in_layout_of(layer), out_layout_of(layer)
             allowed = _allowed(out_layout, in_layout, _kernel(module), module.bias is not None)
             prior = sum(_lift_weight(state[f"{layer.name}.weight"], side, out_layout, in_layout)
                         for side, state in (("a", state_a), ("b", state_b))).reshape(out_layout.width, -1).T
@@ -215,8 +223,7 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
     else:
         for layer in spec.layers:
             module = layer.module
-            in_layout = layout_of(layer.input_group, module.weight.shape[1])
-            out_layout = layout_of(layer.output_group, module.weight.shape[0])
+            in_layout, out_layout = in_layout_of(layer), out_layout_of(layer)
             name = f"{layer.name}.weight"
             merged[name] = sum(_lift_weight(state[name], side, out_layout, in_layout)
                                for side, state in (("a", state_a), ("b", state_b)))
@@ -242,8 +249,8 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
         reestimate_norm_statistics(model, batches)
     model.eval()
 
-    dense = sum(_kernel(l.module) * layout_of(l.output_group, l.module.weight.shape[0]).width
-                * layout_of(l.input_group, l.module.weight.shape[1]).width * positions[l.name] for l in spec.layers)
+    dense = sum(_kernel(l.module) * out_layout_of(l).width * in_layout_of(l).width * positions[l.name]
+                for l in spec.layers)
     base = sum(_kernel(l.module) * l.module.weight.shape[0] * l.module.weight.shape[1] * positions[l.name]
                for l in spec.layers)
     params_a = sum(v.numel() for v in state_a.values() if v.is_floating_point())
@@ -254,6 +261,11 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
         "dense_compute_ratio": dense / base,
         "parameter_ratio": params_merged / params_a,
         "least_squares": options.least_squares,
+        "outputs": {"from_a": next((out_layout_of(l).merged + len(out_layout_of(l).only_a) for l in spec.layers
+                                    if l.output_group is None), None),
+                    "from_b": next((len(out_layout_of(l).only_b) for l in spec.layers if l.output_group is None), None),
+                    "label_spaces": "shared" if all(out_layout_of(l).merged for l in spec.layers
+                                                    if l.output_group is None) else "separate"},
         "norm_statistics": options.norm_statistics,
         "self_check_error": check_error,
         "groups": [
@@ -288,3 +300,11 @@ def _lift_weight(weight: torch.Tensor, side: str, out_layout: Layout, in_layout:
     lifted = weight.index_select(0, rows).index_select(1, cols)
     extra = [1] * (weight.dim() - 2)
     return lifted * row_scale.view(-1, 1, *extra) * col_present.view(1, -1, *extra)
+
+
+def _head_layout(width_a: int, width_b: int, label_spaces: str) -> Layout:
+    """An output head's layout: averaged when both models predict the same classes, else side by side."""
+    if width_a == width_b and label_spaces == "shared":
+        return identity_layout(width_a)
+    empty = torch.zeros(0, dtype=torch.long)
+    return Layout(empty, empty, torch.arange(width_a), torch.arange(width_b), torch.zeros(0))

@@ -22,7 +22,8 @@ from mergekit_lite.report import SCHEMA, file_sha256
 
 def options_from(params: dict[str, Any]) -> PleasOptions:
     return PleasOptions(target_width=float(params["target_width"]), ridge=float(params["ridge"]),
-                        norm_statistics=str(params["norm_statistics"]), least_squares=bool(params["least_squares"]))
+                        norm_statistics=str(params["norm_statistics"]), least_squares=bool(params["least_squares"]),
+                        label_spaces=str(params["label_spaces"]))
 
 
 def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], force: bool, seed: int | None,
@@ -43,6 +44,15 @@ def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], forc
     state = {k: v.contiguous() for k, v in result.model.state_dict().items()}
     specs = [TensorSpec(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in state.items()]
     source_config = dict(config)
+    outputs = result.report["outputs"]
+    if outputs["label_spaces"] == "separate" and outputs["from_a"] is not None:
+        classes = outputs["from_a"] + outputs["from_b"]  # the merged head: A's classes, then B's
+        if "mergekit_lite_mlp" in source_config:
+            source_config["mergekit_lite_mlp"] = [*source_config["mergekit_lite_mlp"][:-1], classes]
+        else:
+            source_config["num_classes"] = classes
+            if isinstance(source_config.get("model_args"), dict):
+                source_config["model_args"] = {**source_config["model_args"], "num_classes": classes}
     source_config["pleas"] = {
         "sources": [str(p) for p in paths], "target_width": result.report["target_width"],
         "compute_ratio": result.report["compute_ratio"],
