@@ -305,3 +305,26 @@ def _save_timm_classes(model: torch.nn.Module, directory, classes: int):
 
     save_for_hf(model, str(directory), model_args={"in_chans": 1, "num_classes": classes}, safe_serialization=True)
     return directory
+
+
+def test_timm_vit_mlp_units_are_matched_and_the_rest_is_frozen():
+    """timm's ViT traces with timm's own opaque functions; its MLP units form groups, while attention heads and
+    the residual stream stay frozen (no head-level spec yet), and a permuted copy still comes back exactly."""
+    import timm
+
+    def vit(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return timm.create_model("test_vit", num_classes=10, img_size=32).eval()
+
+    model = vit(0)
+    spec = permutation_spec(model)
+    assert len(spec.groups) == len(model.blocks)
+    assert all({name.rsplit(".", 1)[0] for name, _ in g.members} == {f"blocks.{i}.mlp.fc1", f"blocks.{i}.mlp.fc2"}
+               for i, g in enumerate(spec.groups))
+    assert all(layer.output_group is None for layer in spec.layers if ".attn." in layer.name)
+    permuted = _permuted_copy(model, vit)
+    x = torch.randn(6, 3, 32, 32)
+    merged = pleas_merge(model, permuted, _batches((3, 32, 32), count=3, size=32),
+                         PleasOptions(norm_statistics="merge", ridge=1e-9))
+    with torch.no_grad():
+        assert _relative(merged.model(x), model(x)) < 1e-4
