@@ -472,30 +472,15 @@ def _separate_heads(ws: Workspace, root: Path, save) -> list[dict]:
         rows = [{"name": "model A", "accuracy": alone(paths[0], 0)}, {"name": "model B", "accuracy": alone(paths[1], 5)}]
         both = torch.cat([models.vision_probabilities(models.load_vision(p), test) for p in paths], dim=1)
         rows.append({"name": "ensemble", "accuracy": joint(both)})
-        task = vision_task(("clean",))
         for label, setting in pleas_settings(ws, root).items():
             setting = {**setting, "label_spaces": "separate"}
             key = _key("pleas-heads", [str(p) for p in paths], setting)
-            result = ws.cached(key, lambda setting=setting: _pleas_joint(ws, task, paths, setting, joint, load_model))
+            score = lambda out: {"accuracy": joint(models.vision_probabilities(load_model(out), test))}  # noqa: E731
+            result = ws.cached(key, lambda setting=setting: _pleas_merge(ws, paths, setting, score))
             rows.append({"name": label, **result})
         return rows
 
     return compute()
-
-
-def _pleas_joint(ws: Workspace, task: Task, paths: list[Path], setting: dict, joint, load_model) -> dict:
-    work = ws.root / "merges" / _key("pleas-heads-run", [str(p) for p in paths], setting)
-    work.mkdir(parents=True, exist_ok=True)
-    params = {k: v for k, v in setting.items() if k != "data"}
-    params.setdefault("samples", 1000)
-    lines = ["merge_method: pleas", "models:"] + [f"  - model: {p}" for p in paths]
-    lines += [f"data: {json.dumps(setting['data'])}", f"parameters: {json.dumps(params)}"]
-    (work / "recipe.yaml").write_text("\n".join(lines) + "\n")
-    seconds = merge_run(work / "recipe.yaml", work / "out")
-    report = json.loads((work / "out" / "merge_report.json").read_text())
-    accuracy = joint(models.vision_probabilities(load_model(work / "out"), data.image_domain("clean", "test")))
-    shutil.rmtree(work)
-    return {"accuracy": accuracy, "seconds": seconds, "compute_ratio": report["pleas"]["compute_ratio"]}
 
 
 def pleas_settings(ws: Workspace, root: Path) -> dict[str, dict]:
@@ -524,26 +509,29 @@ def pleas_settings(ws: Workspace, root: Path) -> dict[str, dict]:
     return settings
 
 
+def _pleas_merge(ws: Workspace, paths: list[Path], setting: dict, score: Callable[[Path], dict]) -> dict:
+    """`merge run` on a PLeaS recipe for two checkpoints; `score(out_dir)` adds the scores; the merged
+    directory is removed afterwards."""
+    work = ws.root / "merges" / _key("pleas-run", [str(p) for p in paths], setting)
+    work.mkdir(parents=True, exist_ok=True)
+    params = {k: v for k, v in setting.items() if k != "data"}
+    params.setdefault("samples", 1000)
+    lines = ["merge_method: pleas", "models:"] + [f"  - model: {p}" for p in paths]
+    lines += [f"data: {json.dumps(setting['data'])}", f"parameters: {json.dumps(params)}"]
+    recipe = work / "recipe.yaml"
+    recipe.write_text("\n".join(lines) + "\n")
+    seconds = merge_run(recipe, work / "out")
+    report = json.loads((work / "out" / "merge_report.json").read_text())
+    result = {"seconds": seconds, "compute_ratio": report["pleas"]["compute_ratio"], **score(work / "out")}
+    shutil.rmtree(work)
+    return result
+
+
 def run_pleas_scored(ws: Workspace, task: Task, paths: list[Path], setting: dict) -> dict:
-    """`merge run` with a PLeaS recipe (cached), scored on the test split."""
+    """A PLeaS merge (cached), scored on the test split."""
     key = _key("pleas", task.name, [str(p) for p in paths], setting)
-
-    def compute() -> dict:
-        work = ws.root / "merges" / key
-        work.mkdir(parents=True, exist_ok=True)
-        params = {k: v for k, v in setting.items() if k != "data"}
-        params.setdefault("samples", 1000)
-        lines = ["merge_method: pleas", "models:"] + [f"  - model: {p}" for p in paths]
-        lines += [f"data: {json.dumps(setting['data'])}", f"parameters: {json.dumps(params)}"]
-        recipe = work / "recipe.yaml"
-        recipe.write_text("\n".join(lines) + "\n")
-        seconds = merge_run(recipe, work / "out")
-        report = json.loads((work / "out" / "merge_report.json").read_text())
-        scores = {"test": pleas_task_score(task, work / "out")}
-        shutil.rmtree(work)
-        return {"seconds": seconds, "scores": scores, "compute_ratio": report["pleas"]["compute_ratio"]}
-
-    return ws.cached(key, compute)
+    return ws.cached(key, lambda: _pleas_merge(ws, paths, setting,
+                                               lambda out: {"scores": {"test": pleas_task_score(task, out)}}))
 
 
 def pleas_task_score(task: Task, directory: Path) -> dict[str, float]:
