@@ -1,0 +1,99 @@
+"""Twin-Merging building blocks: low-rank compression of exclusive knowledge and per-row routed layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergekit_lite.twin import compress
+from mergekit_lite.twin.compress import low_rank, rank_for
+from mergekit_lite.twin.routed import RoutedLinear, dense_for_row
+
+
+def _matrix(m=60, n=40, rank=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    if rank is None:
+        return torch.randn(m, n, generator=gen)
+    return torch.randn(m, rank, generator=gen) @ torch.randn(rank, n, generator=gen)
+
+
+def test_full_rank_factors_reproduce_the_delta():
+    delta = _matrix()
+    factors = low_rank(delta, rank_for(delta.shape, 1.0))
+    assert factors.rank == 40
+    torch.testing.assert_close(factors.dense(), delta, rtol=1e-4, atol=1e-4)
+    assert factors.residual_energy < 1e-6
+
+
+def test_truncation_is_the_best_rank_r_and_reports_the_energy_left_out():
+    delta = _matrix()
+    factors = low_rank(delta, 5)
+    s = torch.linalg.svdvals(delta.double())
+    expected = float((s[5:] ** 2).sum() / (s**2).sum())
+    assert factors.residual_energy == pytest.approx(expected, rel=1e-4)
+    error = float((delta - factors.dense()).double().pow(2).sum() / delta.double().pow(2).sum())
+    assert error == pytest.approx(expected, rel=1e-3)
+
+
+def test_large_matrices_use_the_randomised_path_and_recover_a_low_rank_delta(monkeypatch):
+    monkeypatch.setattr(compress, "_EXACT_ENTRIES", 100)
+    called = []
+    original = compress._randomised
+    monkeypatch.setattr(compress, "_randomised", lambda *a: called.append(1) or original(*a))
+    delta = _matrix(300, 200, rank=6)
+    factors = low_rank(delta, 6)
+    assert called and factors.residual_energy < 1e-6
+    torch.testing.assert_close(factors.dense(), delta, rtol=1e-3, atol=1e-3)
+
+
+def test_a_failing_driver_falls_back_to_float64(monkeypatch):
+    original = compress._exact
+    calls = []
+
+    def flaky(delta, rank):
+        calls.append(delta.dtype)
+        if delta.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("did not converge")
+        return original(delta, rank)
+
+    monkeypatch.setattr(compress, "_exact", flaky)
+    factors = low_rank(_matrix(), 10)
+    assert calls == [torch.float32, torch.float64]
+    assert factors.left.dtype == torch.float32 and factors.rank == 10
+
+
+@pytest.mark.parametrize("rank", [0.1, 0.5, 3, 1000])
+def test_rank_from_ratio_or_count(rank):
+    value = rank_for((64, 32), rank)
+    assert 1 <= value <= 32
+    assert value == (round(rank * 32) if isinstance(rank, float) else min(32, rank))
+
+
+def test_each_row_is_routed_on_its_own_and_equals_the_dense_rebuild():
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(16, 12)
+    factors = [low_rank(torch.randn(12, 16) * 0.1, 4, seed=t) for t in range(3)]
+    lefts, rights = [f.left for f in factors], [f.right for f in factors]
+    layer = RoutedLinear(shared, lefts, rights)
+    x = torch.randn(5, 7, 16)  # batch of 5 sequences, 7 tokens each
+    route = torch.softmax(torch.randn(5, 3), dim=-1)
+    layer.route = route
+    with torch.no_grad():
+        out = layer(x)
+        for row in range(5):
+            weight = dense_for_row(shared, lefts, rights, route[row])
+            torch.testing.assert_close(out[row], x[row] @ weight.T + shared.bias, rtol=1e-5, atol=1e-5)
+        layer.route = None
+        torch.testing.assert_close(layer(x), shared(x))
+
+
+def test_one_hot_route_with_full_rank_gives_the_expert_back():
+    torch.manual_seed(1)
+    shared = torch.nn.Linear(10, 8)
+    experts = [shared.weight.detach() + torch.randn(8, 10) * 0.05 for _ in range(2)]
+    factors = [low_rank(e - shared.weight.detach(), 8) for e in experts]
+    layer = RoutedLinear(shared, [f.left for f in factors], [f.right for f in factors])
+    x = torch.randn(4, 10)
+    layer.route = torch.tensor([[0.0, 1.0]] * 4)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ experts[1].T + shared.bias, rtol=1e-4, atol=1e-5)
