@@ -97,3 +97,33 @@ def test_one_hot_route_with_full_rank_gives_the_expert_back():
     layer.route = torch.tensor([[0.0, 1.0]] * 4)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), x @ experts[1].T + shared.bias, rtol=1e-4, atol=1e-5)
+
+
+def test_a_routed_model_gives_each_expert_back_at_full_rank_and_mixes_per_row():
+    from mergekit_lite.twin.routed import route_linears, set_route
+
+    def mlp(seed):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+
+    experts = [mlp(1), mlp(2), mlp(3)]
+    states = [e.state_dict() for e in experts]
+    shared_state = {k: sum(s[k] for s in states) / 3 for k in states[0]}
+    model = mlp(0)
+    model.load_state_dict(shared_state)
+    energies = route_linears(model, shared_state, states, rank=1.0)
+    assert set(energies) == {"0", "2"} and all(e < 1e-6 for row in energies.values() for e in row)
+    x = torch.randn(6, 6)
+    with torch.no_grad():
+        for t, expert in enumerate(experts):
+            set_route(model, torch.nn.functional.one_hot(torch.full((6,), t), 3).float())
+            torch.testing.assert_close(model(x), expert(x), rtol=1e-4, atol=1e-5)
+        mixed = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0, 1, 2]), 3).float()
+        set_route(model, mixed)
+        out = model(x)
+        for row, t in enumerate([0, 1, 2, 0, 1, 2]):
+            torch.testing.assert_close(out[row], experts[t](x[row: row + 1])[0], rtol=1e-4, atol=1e-5)
+        set_route(model, None)
+        reference = mlp(0)
+        reference.load_state_dict(shared_state)
+        torch.testing.assert_close(model(x), reference(x))

@@ -10,13 +10,15 @@ import torch
 
 
 class RoutedLinear(torch.nn.Module):
-    def __init__(self, shared: torch.nn.Linear, lefts: list[torch.Tensor], rights: list[torch.Tensor]) -> None:
+    def __init__(self, shared: torch.nn.Linear, lefts: list[torch.Tensor], rights: list[torch.Tensor],
+                 bias_deltas: list[torch.Tensor] | None = None) -> None:
         super().__init__()
         if len(lefts) != len(rights) or not lefts:
             raise ValueError("one (left, right) factor pair per task is needed")
         self.shared = shared
         self.register_buffer("lefts", torch.stack(lefts))  # (T, m, r)
         self.register_buffer("rights", torch.stack(rights))  # (T, r, n)
+        self.register_buffer("bias_deltas", torch.stack(bias_deltas) if bias_deltas else None)  # (T, m), dense
         self.route: torch.Tensor | None = None  # (batch, T), set by the caller before each forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -27,7 +29,38 @@ class RoutedLinear(torch.nn.Module):
             raise ValueError(f"router weights for {self.route.shape[0]} rows, input has {x.shape[0]}")
         projected = torch.einsum("b...n,trn->b...tr", x, self.rights)
         weights = self.route.view(self.route.shape[0], *([1] * (x.dim() - 2)), self.route.shape[1], 1)
-        return out + torch.einsum("b...tr,tmr->b...m", projected * weights, self.lefts)
+        out = out + torch.einsum("b...tr,tmr->b...m", projected * weights, self.lefts)
+        if self.bias_deltas is not None:
+            out = out + (self.route @ self.bias_deltas).view(x.shape[0], *([1] * (x.dim() - 2)), -1)
+        return out
+
+
+def route_linears(model: torch.nn.Module, shared: dict[str, torch.Tensor], experts: list[dict[str, torch.Tensor]],
+                  rank: float | int, seed: int = 0) -> dict[str, object]:
+    """Replace every nn.Linear of `model` (holding the shared weights) by a RoutedLinear whose per-task
+    factors compress (expert - shared); returns, per layer, the factors' residual energies. Other tensors keep
+    the shared values."""
+    from mergekit_lite.twin.compress import low_rank, rank_for
+
+    energies: dict[str, object] = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        key = f"{name}.weight"
+        factors = [low_rank(e[key] - shared[key], rank_for(tuple(shared[key].shape), rank), seed) for e in experts]
+        biases = [e[f"{name}.bias"] - shared[f"{name}.bias"] for e in experts] if module.bias is not None else None
+        routed = RoutedLinear(module, [f.left for f in factors], [f.right for f in factors], biases)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, routed)
+        energies[name] = [f.residual_energy for f in factors]
+    return energies
+
+
+def set_route(model: torch.nn.Module, route: torch.Tensor | None) -> None:
+    """Give every routed layer the per-row task weights (batch, T) for the next forward pass."""
+    for module in model.modules():
+        if isinstance(module, RoutedLinear):
+            module.route = route
 
 
 def dense_for_row(shared: torch.nn.Linear, lefts: list[torch.Tensor], rights: list[torch.Tensor],
