@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import platform
-import resource
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,7 +16,7 @@ from mergekit_lite.checkpoint import CheckpointWriter, TensorSpec
 from mergekit_lite.errors import RecipeError
 from mergekit_lite.pleas.method import PleasOptions, pleas_merge
 from mergekit_lite.pleas.sources import data_batches, load_model, read_config
-from mergekit_lite.report import SCHEMA, file_sha256
+from mergekit_lite.report import SCHEMA, file_sha256, library_versions, peak_memory
 
 
 def options_from(params: dict[str, Any]) -> PleasOptions:
@@ -70,7 +69,7 @@ def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], forc
         "inputs": [{"role": "model", "path": str(p)} for p in paths],
         "data": {"source": described, "samples": sum(len(b) for b in batches)},
         "pleas": result.report,
-        "versions": {"mergekit_lite": __version__, "torch": torch.__version__},
+        "versions": library_versions(),
     }
     with CheckpointWriter(out, specs, force=force, metadata={"merged_with": "mergekit_lite pleas"}) as writer:
         for name, tensor in state.items():
@@ -85,7 +84,7 @@ def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], forc
         report["timings_seconds"] = {"read": loaded - started, "compute": merged_at - loaded,
                                      "write": time.perf_counter() - merged_at, "total": time.perf_counter() - started}
         report["warnings"] = []
-        report["peak_memory"] = {"rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        report["peak_memory"] = peak_memory(torch.device("cpu"))
         if report_path is None:
             writer.add_file("merge_report.json", json.dumps(report, indent=2) + "\n")
     if report_path is not None:
