@@ -58,7 +58,6 @@ class Layer:
 class Spec:
     groups: list[Group]
     layers: list[Layer]
-    norms: dict[str, int | None]  # norm module name -> group (None: frozen)
     graph: torch.fx.GraphModule
 
 
@@ -129,13 +128,12 @@ def trace(model: torch.nn.Module) -> torch.fx.GraphModule:
 
 
 def permutation_spec(model: torch.nn.Module) -> Spec:
-    """The model's permutation groups, conv/linear layers and norms, from its fx graph."""
+    """The model's permutation groups and conv/linear layers, from its fx graph (norms join their input's group)."""
     graph = trace(model)
     modules = dict(graph.named_modules())
     spaces = _Spaces()
     space_of: dict[str, int] = {}
     layers: list[tuple[str, torch.nn.Module, str, int, int]] = []
-    norms: dict[str, int] = {}
 
     def tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
         return [a for a in node.all_input_nodes if a.name in space_of]
@@ -174,7 +172,6 @@ def permutation_spec(model: torch.nn.Module) -> Spec:
                 for name, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
                     if name != "num_batches_tracked":
                         spaces.members[root].append((f"{node.target}.{name}", 0))
-                norms[node.target] = source
                 space_of[node.name] = source
             elif isinstance(module, SHAPE_KEEPING_MODULES) and len(inputs) == 1:
                 space_of[node.name] = source
@@ -209,7 +206,6 @@ def permutation_spec(model: torch.nn.Module) -> Spec:
     return Spec(
         groups=list(roots.values()),
         layers=[Layer(name, module, node, group_of(src), group_of(out)) for name, module, node, src, out in layers],
-        norms={name: group_of(space) for name, space in norms.items()},
         graph=graph,
     )
 
