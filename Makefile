@@ -24,6 +24,8 @@ demo: env
 	$(BIN)/merge validate recipes/ties.yaml
 	$(BIN)/merge run recipes/ties.yaml $(DEMO)/merged
 	$(BIN)/merge report $(DEMO)/merged --top 8
+	$(BIN)/merge run recipes/twin.yaml $(DEMO)/twin
+	$(BIN)/merge twin-collapse $(DEMO)/twin --weights prose=0.5,code=0.5 --out $(DEMO)/twin_prose_code
 
 test: env
 	$(BIN)/python -m pytest -q

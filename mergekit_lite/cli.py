@@ -98,6 +98,9 @@ def inspect(
     from mergekit_lite.device import resolve_device
     from mergekit_lite.inspect import compare, summarize, tensor_table
 
+    twin = _twin_summary(path)
+    if twin is not None:  # a Twin-Merging directory: describe it, then its shared expert
+        path = path / "shared"
     ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
     if against is not None:
         other = open_checkpoint(against, allow_pickle=allow_pickle)
@@ -110,10 +113,29 @@ def inspect(
     summary = summarize(ckpt, largest=top)
     if tensors:
         summary["tensors"] = tensor_table(ckpt)
+    if twin is not None:
+        summary["twin"] = twin
     if as_json:
         print(json.dumps(summary, indent=2))
         return
+    if twin is not None:
+        out.print(f"[bold]Twin-Merging directory[/]: tasks {', '.join(twin['tasks'])}; rank {twin['rank']:g}; "
+                  f"{twin['factored_tensors']} tensors as factors, {twin['dense_tensors']} dense; router reads "
+                  f"{twin['router']['feature']}, mixes top {twin['router']['top_k'] or 'all'}; exclusive knowledge "
+                  f"{_human_bytes(twin['experts_bytes'])}. The shared expert:", highlight=False)
     _print_summary(summary)
+
+
+def _twin_summary(path: Path) -> dict | None:
+    if not (path.is_dir() and (path / "twin.json").is_file()):
+        return None
+    from mergekit_lite.twin.store import EXPERTS, read_manifest
+
+    manifest = read_manifest(path)
+    kinds = [entry["kind"] for entry in manifest["tensors"].values()]
+    return {"tasks": manifest["tasks"], "rank": manifest["rank"], "router": manifest["router"],
+            "factored_tensors": kinds.count("factors"), "dense_tensors": kinds.count("dense"),
+            "experts_bytes": sum(f.stat().st_size for f in (path / EXPERTS).glob("*.safetensors"))}
 
 
 def _print_summary(summary: dict) -> None:
@@ -230,13 +252,19 @@ def run(
     if quiet:
         return
     timings = result["timings_seconds"]
+    steps = ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in timings.items()
+                      if k in ("read", "compute", "write", "shared_merge", "compress", "router"))
     out.print(
         f"[bold green]merged[/] {result['output']['tensors']} tensors with {result['method']} into "
         f"{result['output']['path']} ({_human_bytes(result['output']['bytes'])}) on {result['device']} in "
-        f"{timings['total']:.1f} s (read {timings['read']:.1f} s, compute {timings['compute']:.1f} s, "
-        f"write {timings['write']:.1f} s); peak RSS {_human_bytes(result['peak_memory']['rss_bytes'])}",
+        f"{timings['total']:.1f} s ({steps}); peak RSS {_human_bytes(result['peak_memory']['rss_bytes'])}",
         highlight=False,
     )
+    if "twin" in result:
+        twin = result["twin"]
+        out.print(f"tasks {', '.join(twin['tasks'])}; exclusive knowledge stored in "
+                  f"{_human_bytes(twin['storage']['stored_bytes'])} ({twin['storage']['ratio']:.1%} of the dense "
+                  f"deltas); router validation accuracy {twin['router']['accuracy_val']:.1%}", highlight=False)
     out.print(f"report: {report or Path(result['output']['path']) / 'merge_report.json'}", highlight=False)
     for warning in result["warnings"]:
         err.print(f"[yellow]warning:[/] {warning}", highlight=False)
@@ -254,7 +282,9 @@ def validate(
     parsed, plan = validate_recipe_file(recipe, allow_pickle=allow_pickle)
     merged = sum(1 for t in plan.tensors if t.merge)
     out.print(
-        f"[bold green]ok[/]: {plan.method.name} over {len(plan.sources.experts)} model(s)"
+        f"[bold green]ok[/]: {parsed.merge_method}"
+        + (f" (shared expert by {plan.method.name})" if parsed.merge_method != plan.method.name else "")
+        + f" over {len(plan.sources.experts)} model(s)"
         + (f" and base {plan.sources.base.path}" if plan.sources.base is not None else "")
         + f"; {len(plan.tensors)} output tensors ({merged} merged, {len(plan.tensors) - merged} copied), "
         f"{_human_bytes(plan.total_bytes)}",
@@ -305,19 +335,29 @@ def show_report(
     timings, memory = report["timings_seconds"], report["peak_memory"]
     out.print(f"[bold]{report['method']}[/] merge, {report['created']}, seed {report['seed']}, device {report['device']}", highlight=False)
     for item in report["inputs"]:
-        out.print(f"  {item['role']:<6}{item['path']}  ({item['tensors']} tensors, {_human_bytes(item['bytes'])})", highlight=False)
+        sizes = f"  ({item['tensors']} tensors, {_human_bytes(item['bytes'])})" if "tensors" in item else ""
+        task = f" (task {item['task']})" if "task" in item else ""
+        out.print(f"  {item['role']:<6}{item['path']}{task}{sizes}", highlight=False)
     output = report["output"]
-    out.print(f"  output {output['path']}  ({output['tensors']} tensors, {_human_bytes(output['bytes'])} in "
-              f"{len(output['files'])} file(s))", highlight=False)
+    files = f" in {len(output['files'])} file(s)" if "files" in output else ""
+    out.print(f"  output {output['path']}  ({output['tensors']} tensors, {_human_bytes(output['bytes'])}{files})",
+              highlight=False)
+    if "twin" in report:
+        twin = report["twin"]
+        out.print(f"  twin   rank {twin['rank']:g}; factors {_human_bytes(twin['storage']['stored_bytes'])} = "
+                  f"{twin['storage']['ratio']:.1%} of dense deltas; router ({twin['router']['feature']}) validation "
+                  f"accuracy {twin['router']['accuracy_val']:.1%}", highlight=False)
     out.print("  time   " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()), highlight=False)
     out.print(f"  memory peak RSS {_human_bytes(memory['rss_bytes'])}"
               + (f", CUDA {_human_bytes(memory['cuda_bytes'])}" if "cuda_bytes" in memory else ""), highlight=False)
-    merged = [t for t in report["tensors"] if "norm" in t]
+    merged = [t for t in report.get("tensors", []) if "norm" in t]
     merged.sort(key=lambda t: t.get("delta_norm", 0.0) / (t["norm"] or 1.0), reverse=True)
     table = Table(title=f"{min(top, len(merged))} most changed tensors (of {len(merged)} merged)")
     table.add_column("tensor", no_wrap=True)
     for column in ("‖Δ‖/‖θ‖", "kept per model", "sign agreement"):
         table.add_column(column)
+    if not merged:
+        table = None
     for row in merged[:top]:
         kept = row.get("kept_fraction")
         agreement = row.get("sign_agreement")
@@ -327,9 +367,42 @@ def show_report(
             " ".join(f"{k:.2f}" for k in kept) if kept else "-",
             f"{agreement:.3f}" if agreement is not None else "-",
         )
-    out.print(table)
+    if table is not None:
+        out.print(table)
     for warning in report["warnings"]:
         out.print(f"  [yellow]warning:[/] {warning}", highlight=False)
+
+
+def _task_mix(text: str) -> dict[str, float]:
+    weights = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        task, sep, value = part.partition("=")
+        try:
+            weights[task.strip()] = float(value)
+        except ValueError:
+            raise UserError(f"--weights: {part!r} is not task=weight (e.g. code=0.7,prose=0.3)") from None
+        if not sep or not task.strip():
+            raise UserError(f"--weights: {part!r} is not task=weight (e.g. code=0.7,prose=0.3)")
+    if not weights:
+        raise UserError("--weights: name at least one task, e.g. code=1.0")
+    return weights
+
+
+@app.command("twin-collapse")
+@guarded
+def twin_collapse(
+    directory: Path = typer.Argument(..., help="A Twin-Merging directory (written by a twin recipe)."),
+    weights: str = typer.Option(..., "--weights", help="Fixed task mix, e.g. code=0.7,prose=0.3 (unnamed tasks: 0)."),
+    out_dir: Path = typer.Option(..., "--out", help="Where to write the plain checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+) -> None:
+    """Fold a fixed task mix into a plain checkpoint (shared + sum of weighted exclusive experts) that loads like
+    the source models, for users who know their mix and want no router."""
+    from mergekit_lite.twin.runtime import collapse
+
+    result = collapse(directory, _task_mix(weights), out_dir, force=force)
+    mix = ", ".join(f"{task}={w:g}" for task, w in result["weights"].items())
+    out.print(f"[bold green]collapsed[/] {result['tensors']} tensors ({mix}) into {result['path']}", highlight=False)
 
 
 def main() -> None:

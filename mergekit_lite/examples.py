@@ -131,6 +131,28 @@ def make_family(out_dir: Path, family: str = "llama", experts: int = 3, scale: f
     return paths
 
 
+def task_texts(out_dir: Path) -> dict[str, Path]:
+    """Three small text domains from what ships with Python (prose, source code, Unicode character names), as
+    task data for recipes that train on inputs (twin's router)."""
+    import inspect
+    import json as json_module
+    import unicodedata
+
+    from pydoc_data.topics import topics
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    texts = {
+        "prose": "\n\n".join(topics[k] for k in sorted(topics)[:40]),
+        "code": inspect.getsource(json_module.decoder) + inspect.getsource(json_module.encoder),
+        "names": "\n".join(unicodedata.name(chr(c), "") for c in range(0x2200, 0x2a00) if unicodedata.name(chr(c), "")),
+    }
+    paths = {}
+    for name, text in texts.items():
+        paths[name] = out_dir / f"{name}.txt"
+        paths[name].write_text(text, encoding="utf-8")
+    return paths
+
+
 # Synthetic Llama-shaped checkpoints of any size, written tensor by tensor (for benchmarks and crash tests).
 LLAMA_BENCH = {"hidden": 1024, "layers": 16, "intermediate": 2816, "vocab": 32000, "heads": 16}
 LLAMA_SMALL = {"hidden": 256, "layers": 4, "intermediate": 704, "vocab": 8000, "heads": 8}
@@ -195,6 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     experts = int(argv[2]) if len(argv) > 2 else 3
     for name, path in make_family(out_dir, family, experts).items():
         print(f"{name}: {path}")
+    if not family.startswith("test_"):
+        for name, path in task_texts(out_dir / "data").items():
+            print(f"data {name}: {path}")
 
 
 if __name__ == "__main__":

@@ -87,7 +87,13 @@ def merge_recipe_file(recipe_path: str | Path, out_dir: str | Path | None, optio
     method = get_method(recipe.merge_method)
     if method.runner is not None:
         params = recipe_params(recipe, method, None, "", None, 0)
-        return method.runner(recipe, recipe_text, out, params, options.force, options.seed, options.report_path)
+        return method.runner(recipe, recipe_text, out, params, options, progress)
+    return merge_tensorwise(recipe, recipe_text, out, options, progress)
+
+
+def merge_tensorwise(recipe: Recipe, recipe_text: str, out: Path, options: MergeOptions,
+                     progress: Progress | None = None) -> dict[str, Any]:
+    """Plan and stream a tensor-wise merge into `out`, with config, tokenizer, recipe, card and report."""
     plan = plan_merge(recipe, allow_pickle=options.allow_pickle)
     tokenizer_source = tokenizer_dir(recipe, plan)
     shard = options.shard_size if options.shard_size is not None else recipe.shard_size
@@ -142,7 +148,13 @@ def _dtype_updates(reference: Path, dtype: str) -> dict[str, str]:
 def validate_recipe_file(recipe_path: str | Path, allow_pickle: bool = False) -> tuple[Recipe, MergePlan]:
     """Check a recipe and its inputs (paths, shapes, missing tensors) from headers alone; merges nothing."""
     recipe, _ = load_recipe(recipe_path)
-    plan = plan_merge(recipe, allow_pickle=allow_pickle)
+    planned = recipe
+    if recipe.merge_method == "twin":  # its shared expert is a tensor-wise merge; every task's data must exist
+        from mergekit_lite.twin.build import check_data_paths, shared_recipe
+
+        check_data_paths(recipe)
+        planned = shared_recipe(recipe)
+    plan = plan_merge(planned, allow_pickle=allow_pickle)
     tokenizer_dir(recipe, plan)
     if recipe.shard_size is not None:
         parse_size(recipe.shard_size)

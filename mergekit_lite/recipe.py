@@ -29,10 +29,24 @@ class FilterEntry(BaseModel):
 ParamValue = Union[Scalar, list[FilterEntry], list[float]]
 
 
+class DataSource(BaseModel):
+    """Inputs for model-aware methods: a tensor file, an image folder, a text file (tokenised with the
+    checkpoint's tokenizer), or generic inputs made by the tool."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str | None = None
+    kind: str | None = None  # tensors | images | text | generic (inferred from path when absent)
+    key: str | None = None  # tensor name inside a .safetensors / .pt file
+    shape: list[int] | None = None  # one input's shape for generic inputs (default: from the model's config)
+    length: int | None = None  # tokens per text window (default: 128, capped by the model's context)
+
+
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    task: str | None = None  # twin: the task this expert was fine-tuned for
+    data: DataSource | None = None  # twin: inputs of that task (router training)
 
     @field_validator("model")
     @classmethod
@@ -42,14 +56,12 @@ class ModelEntry(BaseModel):
         return value
 
 
-class DataSource(BaseModel):
-    """Inputs for model-aware methods: a tensor file, an image folder, or generic inputs made by the tool."""
+class SharedMerge(BaseModel):
+    """twin: the tensor-wise merge that makes the shared expert (per-model parameters stay under models)."""
 
     model_config = ConfigDict(extra="forbid")
-    path: str | None = None
-    kind: str | None = None  # tensors | images | generic (inferred from path when absent)
-    key: str | None = None  # tensor name inside a .safetensors / .pt file
-    shape: list[int] | None = None  # one input's shape for generic inputs (default: from the model's config)
+    merge_method: str = "task_arithmetic"
+    parameters: dict[str, ParamValue] = Field(default_factory=lambda: {"lambda": 0.3})
 
 
 class Recipe(BaseModel):
@@ -71,6 +83,7 @@ class Recipe(BaseModel):
     allow_pickle: bool = False
     chat_template: str | None = None
     data: DataSource | None = None
+    shared_merge: SharedMerge | None = None
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -171,8 +184,10 @@ def check_parameters(recipe: Recipe, source: str, lines: dict[tuple, int]) -> Me
         raise RecipeError(f"{where(('merge_method',))}: {exc}") from None
     known = {p.name: p for p in method.params}
     given = [(("parameters", name), name, value) for name, value in recipe.parameters.items()]
-    for index, entry in enumerate(recipe.models):
-        given += [(("models", index, "parameters", name), name, value) for name, value in entry.parameters.items()]
+    if method.check_recipe is None:
+        _refuse_composite_keys(recipe, where)
+        for index, entry in enumerate(recipe.models):
+            given += [(("models", index, "parameters", name), name, value) for name, value in entry.parameters.items()]
     for loc, name, value in given:
         spec = known.get(name)
         if spec is None:
@@ -191,7 +206,20 @@ def check_parameters(recipe: Recipe, source: str, lines: dict[tuple, int]) -> Me
         raise RecipeError(f"{where(('models',))}: {method.name} needs at least {method.min_models} model(s) besides the base")
     if method.max_models is not None and len(experts) > method.max_models:
         raise RecipeError(f"{where(('models',))}: {method.name} takes at most {method.max_models} model(s) besides the base")
+    if method.check_recipe is not None:
+        method.check_recipe(recipe, source, lines)
     return method
+
+
+def _refuse_composite_keys(recipe: Recipe, where) -> None:
+    """task, per-model data and shared_merge belong to twin recipes; elsewhere they would be silently ignored."""
+    if recipe.shared_merge is not None:
+        raise RecipeError(f"{where(('shared_merge',))}: shared_merge: only a twin recipe has a shared merge")
+    for index, entry in enumerate(recipe.models):
+        for key in ("task", "data"):
+            if getattr(entry, key) is not None:
+                raise RecipeError(f"{where(('models', index, key))}: models[{index}].{key}: only twin recipes name a "
+                                  "task and its data per model")
 
 
 def _scalars(value: ParamValue) -> list[Scalar]:

@@ -18,6 +18,7 @@ runner = CliRunner()
 def demo_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo_root")
     examples.make_family(root / "demo" / "models", "llama", experts=3)
+    examples.task_texts(root / "demo" / "models" / "data")
     examples.make_family(root / "demo" / "models_resnet", "test_resnet", experts=1)
     return root
 
@@ -35,4 +36,5 @@ def test_recipe_validates_and_runs(recipe, demo_root, monkeypatch, tmp_path):
     assert runner.invoke(app, ["validate", str(recipe)]).exit_code == 0
     result = runner.invoke(app, ["run", str(recipe), str(tmp_path / "out"), "--quiet"])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "out" / "model.safetensors").is_file()
+    weights = "shared/model.safetensors" if "merge_method: twin" in recipe.read_text() else "model.safetensors"
+    assert (tmp_path / "out" / weights).is_file()

@@ -135,8 +135,11 @@ class MergeMethod:
     prepare_model: ModelPass | None = None  # optional first pass over the whole model
     needs_model_pass: Callable[[dict], bool] = field(default=lambda params: False)
     # A model-aware method (it runs models on data, may change shapes) runs the whole merge itself:
-    # runner(recipe, recipe_text, out_dir, params, force, seed, report_path) -> report.
+    # runner(recipe, recipe_text, out_dir, params, options: MergeOptions, progress) -> report.
     runner: Callable[..., dict] | None = None
+    # A recipe with its own structure (twin: tasks, data per model, a shared merge) checks it here:
+    # check_recipe(recipe, source, lines) raises RecipeError. Per-model parameters are then its business.
+    check_recipe: Callable[..., None] | None = None
 
     def merge(self, context: TensorContext, base: torch.Tensor | None, experts: list[torch.Tensor]) -> MergeOutput:
         """Merge whole in-memory tensors as one chunk: the library entry for callers that hold tensors."""

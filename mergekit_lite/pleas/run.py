@@ -25,9 +25,10 @@ def options_from(params: dict[str, Any]) -> PleasOptions:
                         label_spaces=str(params["label_spaces"]))
 
 
-def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], force: bool, seed: int | None,
-               report_path: Path | None, log=lambda message: None) -> dict[str, Any]:
+def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], options, progress=None,
+               log=lambda message: None) -> dict[str, Any]:
     started = time.perf_counter()
+    force, seed, report_path = options.force, options.seed, options.report_path
     paths = [Path(entry.model) for entry in recipe.models]
     if recipe.base_model is not None:
         raise RecipeError("pleas merges two models from any initialisation; it takes no base_model")

@@ -51,10 +51,34 @@ def build_model(config: dict, path: Path) -> torch.nn.Module:
     raise UserError(f"{path}: PLeaS works on timm models and plain MLPs; a {kind!r} checkpoint is not supported yet")
 
 
-def load_model(path: str | Path, allow_pickle: bool = False) -> torch.nn.Module:
-    """A source or merged checkpoint as an eval-mode torch module."""
+def load_transformers_model(path: Path, config: dict) -> torch.nn.Module:
+    """A transformers checkpoint through its own class (config `architectures`), never remote code."""
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    names = config.get("architectures") or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None:
+        raise UserError(f"{path}: transformers has no class {names[0] if names else '(none named)'!r} for this checkpoint")
+    try:
+        return cls.from_pretrained(path if path.is_dir() else path.parent, torch_dtype=torch.float32).eval()
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: transformers cannot load it: {exc}") from exc
+
+
+def is_transformers(config: dict) -> bool:
+    return "model_type" in config and "architecture" not in config
+
+
+def load_model(path: str | Path, allow_pickle: bool = False, transformers_ok: bool = False) -> torch.nn.Module:
+    """A source or merged checkpoint as an eval-mode torch module (transformers ones only where the caller
+    handles them)."""
     path = Path(path)
-    model = build_model(read_config(path), path)
+    config = read_config(path)
+    if transformers_ok and is_transformers(config):
+        return load_transformers_model(path, config)
+    model = build_model(config, path)
     ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
     try:
         state = {name: ckpt.get(name) for name in ckpt.tensors}
@@ -100,20 +124,46 @@ def generic_inputs(shape: tuple[int, ...], count: int, seed: int) -> torch.Tenso
 def tensor_file_inputs(path: Path, key: str | None) -> torch.Tensor:
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        return torch.from_numpy(np.load(path, allow_pickle=False)).float()
+        return _as_inputs(torch.from_numpy(np.load(path, allow_pickle=False)))
     if suffix == ".pt":
         loaded = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(loaded, dict):
             loaded = loaded[key] if key else next(iter(loaded.values()))
-        return torch.as_tensor(loaded).float()
+        return _as_inputs(torch.as_tensor(loaded))
     if suffix == ".safetensors":
         from safetensors.torch import load_file
 
         tensors = load_file(str(path))
         if key is not None and key not in tensors:
             raise UserError(f"{path}: no tensor named {key!r} (it holds {', '.join(sorted(tensors))})")
-        return tensors[key or sorted(tensors)[0]].float()
-    raise UserError(f"{path}: data files must be .safetensors, .npy or .pt tensors, or an image folder")
+        return _as_inputs(tensors[key or sorted(tensors)[0]])
+    raise UserError(f"{path}: data files must be .safetensors, .npy or .pt tensors, a text file, or an image folder")
+
+
+def _as_inputs(tensor: torch.Tensor) -> torch.Tensor:
+    """Floating inputs in float32; integer ones (token ids) as int64."""
+    return tensor.float() if tensor.is_floating_point() else tensor.long()
+
+
+def text_file_inputs(path: Path, model_dir: Path, config: dict, length: int | None, count: int,
+                     seed: int) -> tuple[torch.Tensor, int]:
+    """Windows of `length` token ids from a text file, tokenised with the checkpoint's own tokenizer;
+    returns (count windows picked at random, windows available)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{model_dir}: text data needs the checkpoint's tokenizer files: {exc}") from exc
+    context = config.get("n_positions") or config.get("max_position_embeddings") or 128
+    length = min(length or 128, int(context))
+    text = path.read_text(encoding="utf-8", errors="replace")
+    ids = torch.as_tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+    windows = len(ids) // length
+    if windows == 0:
+        raise UserError(f"{path}: {len(ids)} tokens, fewer than one window of {length}")
+    order = torch.as_tensor(np.random.default_rng(seed).permutation(windows)[:count])
+    return ids[: windows * length].view(windows, length)[order], windows
 
 
 def image_folder_inputs(path: Path, model: torch.nn.Module, count: int, seed: int) -> torch.Tensor:
@@ -128,12 +178,17 @@ def image_folder_inputs(path: Path, model: torch.nn.Module, count: int, seed: in
     return torch.stack([dataset[int(i)][0] for i in order])
 
 
+TEXT_SUFFIXES = (".txt", ".md", ".text", ".jsonl", ".csv", ".py", ".rst")
+
+
 def data_batches(data: dict | None, model: torch.nn.Module, config: dict, samples: int, batch_size: int, seed: int,
-                 data_free: bool) -> tuple[list[torch.Tensor], str]:
-    """The inputs PLeaS sees, in batches, and a description for the report."""
+                 data_free: bool, model_dir: Path | None = None) -> tuple[list[torch.Tensor], str]:
+    """The inputs a model-aware method sees, in batches, and a description for the report."""
     data = dict(data or {})
     kind = data.get("kind")
     path = Path(data["path"]) if data.get("path") else None
+    if kind is None and path is not None and path.suffix.lower() in TEXT_SUFFIXES:
+        kind = "text"
     if kind is None:
         kind = ("generic" if data_free else None) if path is None else ("images" if path.is_dir() else "tensors")
     if kind == "generic":
@@ -150,9 +205,12 @@ def data_batches(data: dict | None, model: torch.nn.Module, config: dict, sample
         order = torch.as_tensor(np.random.default_rng(seed).permutation(len(inputs))[:samples])
         inputs, described = inputs[order], f"tensors from {path}"
     elif kind == "text":
-        raise UserError("text data needs a transformers model; PLeaS here merges timm models and plain MLPs")
+        if model_dir is None or not is_transformers(config):
+            raise UserError(f"{path}: text data needs a transformers checkpoint with a tokenizer")
+        inputs, windows = text_file_inputs(path, model_dir, config, data.get("length"), samples, seed)
+        described = f"text from {path} ({windows} windows of {inputs.shape[1]} tokens available)"
     else:
-        raise UserError(f"data.kind {kind!r}: use tensors, images or generic")
+        raise UserError(f"data.kind {kind!r}: use tensors, images, text or generic")
     if data_free and kind != "generic":
         described += " (data-free: inputs from another domain)"
     return [inputs[i: i + batch_size] for i in range(0, len(inputs), batch_size)], described

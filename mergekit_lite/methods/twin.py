@@ -1,0 +1,47 @@
+"""Twin-Merging in the method registry: its recipe parameters; the algorithm lives in mergekit_lite/twin/."""
+
+from __future__ import annotations
+
+from mergekit_lite.methods.base import Chunk, ChunkResult, MergeMethod, ParamSpec, TensorContext
+
+
+def _not_tensor_wise(context: TensorContext, chunk: Chunk, state: object) -> ChunkResult:
+    raise TypeError("twin builds a shared expert, low-rank experts and a router; it is not merged tensor by tensor")
+
+
+def _run(*args, **kwargs) -> dict:
+    from mergekit_lite.twin.build import run_recipe
+
+    return run_recipe(*args, **kwargs)
+
+
+def _check(*args) -> None:
+    from mergekit_lite.twin.build import check_twin_recipe
+
+    check_twin_recipe(*args)
+
+
+METHOD = MergeMethod(
+    name="twin",
+    summary="shared expert (a tensor-wise merge) + each task's exclusive knowledge as low-rank factors + a router "
+            "that mixes them per input; writes a Twin-Merging directory",
+    merge_chunk=_not_tensor_wise,
+    params=(
+        ParamSpec("rank", float, 0.1, "rank of each exclusive delta: a ratio of min(m, n) when at most 1 "
+                  "(1.0 keeps full rank), else a fixed rank", scope="global", minimum=0.0, exclusive_minimum=True),
+        ParamSpec("router_samples", int, 256, "inputs per task for the router (a fifth held out for validation)",
+                  scope="global", minimum=2),
+        ParamSpec("router_epochs", int, 60, "router training epochs", scope="global", minimum=1),
+        ParamSpec("router_feature", str, "stem", "what the router reads: stem (pooled first-stage output, almost free "
+                  "at inference), final (pooled last hidden state, one extra forward pass), or a module name",
+                  scope="global"),
+        ParamSpec("router_top_k", int, 1, "tasks mixed per input (the largest router weights, renormalised); 0 mixes "
+                  "all tasks by the softmax", scope="global", minimum=0),
+        ParamSpec("batch_size", int, 64, "inputs per forward pass when computing router features", scope="global",
+                  minimum=1),
+    ),
+    needs_base=True,
+    min_models=2,
+    runner=_run,
+    check_recipe=_check,
+)

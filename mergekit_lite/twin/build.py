@@ -1,0 +1,241 @@
+"""`merge run` for a twin recipe: shared expert (streamed tensor-wise merge), exclusive knowledge as low-rank
+factors, a router trained on the tasks' inputs, then a manifest and report; published atomically."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from mergekit_lite import __version__
+from mergekit_lite.checkpoint import CheckpointWriter, open_checkpoint
+from mergekit_lite.device import resolve_device
+from mergekit_lite.errors import RecipeError
+from mergekit_lite.recipe import ModelEntry, Recipe, SharedMerge
+from mergekit_lite.report import SCHEMA, library_versions, peak_memory
+from mergekit_lite.twin.compress import low_rank
+from mergekit_lite.twin.router import pooled_features, train_router
+from mergekit_lite.twin.store import (EXPERTS, FORMAT, MANIFEST, ROUTER, SHARED, TASK_NAME, delta_specs, dense_name,
+                                      left_name, right_name, tensor_layout)
+
+
+def task_names(recipe: Recipe) -> list[str]:
+    return [entry.task or Path(entry.model).name for entry in recipe.models]
+
+
+def shared_recipe(recipe: Recipe) -> Recipe:
+    """The tensor-wise recipe that makes the shared expert: same base and models, the shared method."""
+    shared = recipe.shared_merge or SharedMerge()
+    return Recipe(merge_method=shared.merge_method, base_model=recipe.base_model,
+                  models=[ModelEntry(model=m.model, parameters=m.parameters) for m in recipe.models],
+                  parameters=shared.parameters, dtype=recipe.dtype, out_dtype=recipe.out_dtype,
+                  tokenizer_source=recipe.tokenizer_source, seed=recipe.seed, shard_size=recipe.shard_size,
+                  device=recipe.device, allow_pickle=recipe.allow_pickle)
+
+
+def check_twin_recipe(recipe: Recipe, source: str, lines: dict) -> None:
+    """Tasks named and unique, data for each, base given, and a valid tensor-wise shared merge."""
+    from mergekit_lite.methods import get_method
+    from mergekit_lite.recipe import _where, check_parameters
+
+    where = lambda loc: _where(source, lines, loc)  # noqa: E731
+    if recipe.base_model is None:
+        raise RecipeError(f"{source}: twin needs base_model (exclusive knowledge is measured against the shared expert "
+                          "built from it)")
+    names = task_names(recipe)
+    for index, (entry, name) in enumerate(zip(recipe.models, names)):
+        if not TASK_NAME.match(name):
+            raise RecipeError(f"{where(('models', index, 'task'))}: models[{index}].task: {name!r} must be letters, "
+                              "digits, _ or -")
+        if entry.data is None or (entry.data.path is None and entry.data.kind != "generic"):
+            raise RecipeError(f"{where(('models', index))}: models[{index}]: twin needs data: with this task's inputs "
+                              "(the router learns from them)")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise RecipeError(f"{where(('models',))}: task names must differ; {', '.join(duplicates)} repeats")
+    shared = recipe.shared_merge or SharedMerge()
+    try:
+        method = get_method(shared.merge_method)
+    except RecipeError as exc:
+        raise RecipeError(f"{where(('shared_merge', 'merge_method'))}: shared_merge: {exc}") from None
+    if method.runner is not None:
+        raise RecipeError(f"{where(('shared_merge', 'merge_method'))}: shared_merge: {method.name} is not tensor-wise")
+    shared_lines = {key: value for key, value in lines.items() if key[:1] == ("models",)}
+    shared_lines.update({key[1:]: value for key, value in lines.items() if key[:1] == ("shared_merge",)})
+    try:
+        check_parameters(shared_recipe(recipe), source, shared_lines)
+    except RecipeError as exc:
+        raise RecipeError(f"shared_merge ({method.name}): {exc}") from None
+
+
+def check_data_paths(recipe: Recipe) -> None:
+    for task, entry in zip(task_names(recipe), recipe.models):
+        if entry.data is not None and entry.data.path is not None and not Path(entry.data.path).exists():
+            raise RecipeError(f"task {task}: data {entry.data.path} not found")
+
+
+def _compress(directory: Path, recipe: Recipe, tasks: list[str], rank: float, seed: int, device: torch.device,
+              progress) -> tuple[dict[str, dict], list[dict]]:
+    """Factor every expert's difference to the shared expert, tensor by tensor, into directory/experts."""
+    shared = open_checkpoint(directory / SHARED, allow_pickle=recipe.allow_pickle)
+    experts = [open_checkpoint(entry.model, allow_pickle=recipe.allow_pickle) for entry in recipe.models]
+    try:
+        names = [n for n, info in shared.tensors.items() if info.dtype.is_floating_point]
+        layout = {name: tensor_layout(tuple(shared.tensors[name].shape), rank) for name in names}
+        dtypes = {name: shared.tensors[name].dtype for name in names}
+        stats = []
+        progress.start(len(names), sum(shared.tensors[n].nbytes for n in names), "compressing exclusive knowledge")
+        with CheckpointWriter(directory / EXPERTS, delta_specs(layout, dtypes, tasks),
+                              metadata={"merged_with": "mergekit_lite twin"}) as writer:
+            for name in names:
+                base = shared.get(name, device).float()
+                entry, row = layout[name], {"name": name, "shape": layout[name]["shape"]}
+                residuals, norms = [], []
+                for task, ckpt in zip(tasks, experts):
+                    if name not in ckpt.tensors:
+                        raise RecipeError(f"{ckpt.path}: tensor {name!r} is missing (the shared expert has it)")
+                    delta = ckpt.get(name, device).float() - base
+                    norms.append(float(delta.norm()))
+                    if entry["kind"] == "dense":
+                        writer.write(dense_name(task, name), delta.to(dtypes[name]).cpu())
+                        continue
+                    factors = low_rank(delta.reshape(delta.shape[0], -1), entry["rank"], seed)
+                    writer.write(left_name(task, name), factors.left.to(dtypes[name]).cpu())
+                    writer.write(right_name(task, name), factors.right.to(dtypes[name]).cpu())
+                    residuals.append(factors.residual_energy)
+                row.update(kind=entry["kind"], delta_norm=norms)
+                if entry["kind"] == "factors":
+                    row.update(rank=entry["rank"], residual_energy=residuals)
+                stats.append(row)
+                progress.advance(shared.tensors[name].nbytes)
+        return layout, stats
+    finally:
+        progress.stop()
+        shared.close()
+        for ckpt in experts:
+            ckpt.close()
+
+
+def _train(directory: Path, recipe: Recipe, tasks: list[str], params: dict, seed: int, device: torch.device,
+           log) -> tuple[torch.nn.Module, dict]:
+    """Pooled shared-model features of every task's inputs -> a router trained on task identity."""
+    from mergekit_lite.pleas.sources import data_batches, load_model, read_config
+
+    model = load_model(directory / SHARED, allow_pickle=recipe.allow_pickle, transformers_ok=True).to(device)
+    config = read_config(directory / SHARED)
+    features, labels, described = [], [], []
+    for index, (task, entry) in enumerate(zip(tasks, recipe.models)):
+        batches, text = data_batches(entry.data.model_dump(), model, config, int(params["router_samples"]),
+                                     int(params["batch_size"]), seed + index, False, model_dir=directory / SHARED)
+        for batch in batches:
+            features.append(pooled_features(model, str(params["router_feature"]), batch.to(device)))
+            labels.append(torch.full((len(batch),), index, dtype=torch.long))
+        described.append({"task": task, "source": text, "samples": sum(len(b) for b in batches)})
+        log(f"router data for {task}: {text}")
+    features_all, labels_all = torch.cat(features), torch.cat(labels).to(device)
+    router, training = train_router(features_all, labels_all, len(tasks), epochs=int(params["router_epochs"]), seed=seed)
+    return router, {"feature": str(params["router_feature"]), "features": features_all.shape[1],
+                    "top_k": int(params["router_top_k"]), "dropout": 0.1, "epochs": int(params["router_epochs"]),
+                    "accuracy_train": training.accuracy_train, "accuracy_val": training.accuracy_val,
+                    "accuracy_val_per_task": dict(zip(tasks, training.per_task_val)),
+                    "samples_train": training.samples_train, "samples_val": training.samples_val, "data": described}
+
+
+def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, Any], options, progress=None,
+               log=lambda message: None) -> dict[str, Any]:
+    from safetensors.torch import save_file
+
+    from mergekit_lite.engine import _Silent
+    from mergekit_lite.merge import MergeOptions, merge_tensorwise
+
+    progress = progress or _Silent()
+    started = time.perf_counter()
+    tasks = task_names(recipe)
+    check_data_paths(recipe)
+    seed = options.seed if options.seed is not None else (recipe.seed if recipe.seed is not None else 0)
+    device = resolve_device(options.device if options.device != "auto" or recipe.device is None else recipe.device)
+    rank = float(params["rank"])
+    with CheckpointWriter(out, [], force=options.force) as staging:
+        directory = staging.tmp_dir
+        inner = shared_recipe(recipe)
+        shared_text = yaml.safe_dump(inner.model_dump(mode="json", exclude_none=True), sort_keys=False)
+        shared_report = merge_tensorwise(inner, shared_text, directory / SHARED,
+                                         MergeOptions(device=str(device), seed=seed, shard_size=options.shard_size,
+                                                      allow_pickle=recipe.allow_pickle), progress)
+        merged_at = time.perf_counter()
+        layout, stats = _compress(directory, recipe, tasks, rank, seed, device, progress)
+        compressed_at = time.perf_counter()
+        router, router_info = _train(directory, recipe, tasks, params, seed, device, log)
+        save_file({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}, str(directory / ROUTER))
+        trained_at = time.perf_counter()
+        storage = _storage(directory, layout, tasks)
+        manifest = {"format": FORMAT, "tasks": tasks, "shared": SHARED, "experts": EXPERTS, "rank": rank,
+                    "router": {k: router_info[k] for k in ("feature", "features", "top_k", "dropout")},
+                    "tensors": layout}
+        staging.add_file(MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        staging.add_file("merge_recipe.yaml", recipe_text)
+        staging.add_file("README.md", _card(recipe, tasks, storage, router_info, recipe_text))
+        report = {
+            "schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "method": "twin",
+            "recipe": recipe.model_dump(mode="json", exclude_none=True), "seed": seed, "device": str(device),
+            "inputs": [{"role": "base", "path": recipe.base_model}] + [
+                {"role": "model", "task": t, "path": m.model} for t, m in zip(tasks, recipe.models)],
+            "output": {"path": str(out), "bytes": sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()),
+                       "tensors": len(shared_report["tensors"])},
+            "twin": {"tasks": tasks, "rank": rank, "storage": storage, "router": router_info,
+                     "shared_merge": {"method": inner.merge_method, "parameters": inner.model_dump(mode="json")["parameters"],
+                                      "seconds": shared_report["timings_seconds"]["total"]},
+                     "tensors": stats},
+            "timings_seconds": {"shared_merge": merged_at - started, "compress": compressed_at - merged_at,
+                                "router": trained_at - compressed_at, "total": time.perf_counter() - started},
+            "peak_memory": peak_memory(device), "versions": library_versions(), "warnings": _warnings(router_info),
+        }
+        if options.report_path is None:
+            staging.add_file("merge_report.json", json.dumps(report, indent=2) + "\n")
+    if options.report_path is not None:
+        options.report_path.parent.mkdir(parents=True, exist_ok=True)
+        options.report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def _storage(directory: Path, layout: dict[str, dict], tasks: list[str]) -> dict[str, Any]:
+    """Bytes the factors take against the dense deltas they stand for (same dtype), and the ratio."""
+    ckpt = open_checkpoint(directory / EXPERTS)
+    try:
+        stored = sum(info.nbytes for info in ckpt.tensors.values())
+        shared = open_checkpoint(directory / SHARED)
+        dense = len(tasks) * sum(shared.tensors[name].nbytes for name in layout)
+        shared.close()
+    finally:
+        ckpt.close()
+    return {"stored_bytes": stored, "dense_delta_bytes": dense, "ratio": stored / dense if dense else 0.0,
+            "factored_tensors": sum(1 for e in layout.values() if e["kind"] == "factors"),
+            "dense_tensors": sum(1 for e in layout.values() if e["kind"] == "dense")}
+
+
+def _warnings(router_info: dict) -> list[str]:
+    weak = [task for task, acc in router_info["accuracy_val_per_task"].items() if acc == acc and acc < 0.8]
+    if weak:
+        return [f"the router recognises {', '.join(weak)} on fewer than 80 % of validation inputs; try "
+                "router_feature: final or more router_samples"]
+    return []
+
+
+def _card(recipe: Recipe, tasks: list[str], storage: dict, router_info: dict, recipe_text: str) -> str:
+    lines = ["---", "tags:", "- merge", "- mergekit_lite", "- twin-merging", "---", "", "# Twin-Merging directory", "",
+             f"Made with mergekit_lite {__version__}: a shared expert (`shared/`, a normal checkpoint), each task's "
+             "exclusive knowledge as low-rank factors (`experts/`), and a router (`router.safetensors`).", "",
+             f"Base model: `{recipe.base_model}`", "", "Tasks:", ""]
+    lines += [f"- `{task}`: `{entry.model}`" for task, entry in zip(tasks, recipe.models)]
+    lines += ["", f"Stored exclusive knowledge: {storage['stored_bytes']:,} bytes, {storage['ratio']:.1%} of the dense "
+              f"deltas; router validation accuracy {router_info['accuracy_val']:.1%}.", "",
+              "```python", "from mergekit_lite.twin import TwinModel", "twin = TwinModel.load(PATH)",
+              "outputs = twin(inputs)  # every row routed on its own", "```", "",
+              "A plain checkpoint for a fixed mix: `merge twin-collapse PATH --weights task=1.0 --out OUT`.", "",
+              "## Recipe", "", "```yaml", recipe_text.rstrip(), "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""Running a Twin-Merging directory: the shared model with routed layers, and the static collapse.
+
+    from mergekit_lite.twin import TwinModel
+    twin = TwinModel.load("out/twin")
+    logits = twin(batch)                              # each row routed on its own
+    logits = twin(batch, weights={"code": 1.0})       # a fixed task mix
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from mergekit_lite.errors import UserError
+from mergekit_lite.twin.routed import (RoutedBatchNorm2d, RoutedConv1D, RoutedConv2d, RoutedEmbedding,
+                                       RoutedLayerNorm, RoutedLinear, RoutedRMSNorm, is_rms_norm, set_route)
+from mergekit_lite.twin.router import Router, pooled_features, route_weights
+from mergekit_lite.twin.store import EXPERTS, ROUTER, SHARED, StackedDelta, dense_name, left_name, load_deltas, \
+    read_manifest, right_name
+
+
+def _is_conv1d(module: torch.nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2), recognised without importing transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def install_routes(model: torch.nn.Module, deltas: dict[str, StackedDelta]) -> tuple[list[str], list[str]]:
+    """Wrap every layer whose tensors have deltas in its routed form; returns (routed, unrouted) tensor names.
+    Unrouted tensors (e.g. a ViT position embedding) keep the shared value at run time."""
+    names_of: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names_of.setdefault(id(tensor), []).append(name)
+
+    def delta(tensor: torch.Tensor | None) -> tuple[str | None, StackedDelta | None]:
+        for name in names_of.get(id(tensor), []) if tensor is not None else []:
+            if name in deltas:
+                return name, deltas[name]
+        return None, None
+
+    routed: set[str] = set()
+    for module_name, module in list(model.named_modules()):
+        wrapper, used = None, []
+        if isinstance(module, torch.nn.Linear) or _is_conv1d(module) or (
+                isinstance(module, torch.nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"):
+            weight_name, weight = delta(module.weight)
+            if weight is None or weight.lefts is None:
+                continue
+            bias_name, bias = delta(module.bias)
+            kind = RoutedConv1D if _is_conv1d(module) else RoutedConv2d if isinstance(module, torch.nn.Conv2d) else RoutedLinear
+            wrapper = kind(module, weight.lefts, weight.rights, bias.dense if bias is not None else None)
+            used = [weight_name, bias_name]
+        elif isinstance(module, torch.nn.Embedding):
+            weight_name, weight = delta(module.weight)
+            if weight is None or weight.lefts is None:
+                continue
+            wrapper, used = RoutedEmbedding(module, weight.lefts, weight.rights), [weight_name]
+        elif isinstance(module, torch.nn.LayerNorm):
+            (w_name, w), (b_name, b) = delta(module.weight), delta(module.bias)
+            if w is None and b is None:
+                continue
+            wrapper = RoutedLayerNorm(module, w.dense if w is not None else None, b.dense if b is not None else None)
+            used = [w_name, b_name]
+        elif is_rms_norm(module):
+            weight_name, weight = delta(module.weight)
+            if weight is None:
+                continue
+            wrapper, used = RoutedRMSNorm(module, weight.dense), [weight_name]
+        elif isinstance(module, torch.nn.BatchNorm2d):
+            found = {key: delta(getattr(module, key)) for key in RoutedBatchNorm2d.NAMES}
+            if all(d is None for _, d in found.values()):
+                continue
+            wrapper = RoutedBatchNorm2d(module, {key: d.dense for key, (_, d) in found.items() if d is not None})
+            used = [n for n, _ in found.values()]
+        if wrapper is None:
+            continue
+        parent, _, leaf = module_name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, wrapper)
+        routed.update(n for n in used if n is not None)
+    return sorted(routed), sorted(set(deltas) - routed)
+
+
+def task_weights(tasks: list[str], weights: dict[str, float]) -> torch.Tensor:
+    """{task: weight} -> a vector over the directory's tasks (unnamed tasks weigh 0)."""
+    unknown = sorted(set(weights) - set(tasks))
+    if unknown:
+        raise UserError(f"unknown task(s) {', '.join(unknown)}; this directory has {', '.join(tasks)}")
+    return torch.tensor([float(weights.get(task, 0.0)) for task in tasks])
+
+
+class TwinModel(torch.nn.Module):
+    """The shared model with routed layers and the router; call it like the model itself."""
+
+    def __init__(self, model: torch.nn.Module, router: Router, tasks: list[str], feature: str, top_k: int,
+                 unrouted: list[str]) -> None:
+        super().__init__()
+        self.model, self.router, self.tasks = model, router, list(tasks)
+        self.feature, self.top_k, self.unrouted = feature, top_k, unrouted
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "TwinModel":
+        from safetensors.torch import load_file
+
+        from mergekit_lite.pleas.sources import load_model
+
+        directory = Path(directory)
+        manifest = read_manifest(directory)
+        model = load_model(directory / SHARED, transformers_ok=True).to(device)
+        _, unrouted = install_routes(model, load_deltas(directory, manifest, device))
+        settings = manifest["router"]
+        router = Router(settings["features"], len(manifest["tasks"]), settings.get("dropout", 0.1))
+        router.load_state_dict(load_file(str(directory / ROUTER)))
+        return cls(model, router.to(device).eval(), manifest["tasks"], settings["feature"], settings["top_k"],
+                   unrouted).eval()
+
+    @torch.no_grad()
+    def route(self, inputs, **kwargs) -> torch.Tensor:
+        """Per-row task weights (batch, T) from the shared model's feature (no routes applied)."""
+        set_route(self.model, None)
+        features = pooled_features(self.model, self.feature, inputs, **kwargs)
+        return route_weights(self.router(features), self.top_k)
+
+    def forward(self, inputs, weights: torch.Tensor | dict[str, float] | None = None, **kwargs):
+        batch = inputs.shape[0]
+        if weights is None:
+            weights = self.route(inputs, **kwargs)
+        elif isinstance(weights, dict):
+            weights = task_weights(self.tasks, weights)
+        weights = torch.as_tensor(weights, dtype=torch.float32).to(inputs.device)
+        if weights.dim() == 1:
+            weights = weights.unsqueeze(0).expand(batch, -1)
+        set_route(self.model, weights)
+        try:
+            return self.model(inputs, **kwargs)
+        finally:
+            set_route(self.model, None)
+
+
+def collapse(directory: str | Path, weights: dict[str, float], out: str | Path, force: bool = False) -> dict:
+    """A plain checkpoint for one fixed task mix: shared + sum_t w_t V_t, streamed tensor by tensor, in the shared
+    checkpoint's layout (config and tokenizer copied), so it loads like the source models."""
+    from mergekit_lite.checkpoint import CheckpointWriter, TensorSpec, open_checkpoint
+
+    directory, out = Path(directory), Path(out)
+    manifest = read_manifest(directory)
+    vector = task_weights(manifest["tasks"], weights)
+    shared = open_checkpoint(directory / SHARED)
+    experts = open_checkpoint(directory / EXPERTS)
+    try:
+        specs = [TensorSpec(name, info.dtype, tuple(info.shape)) for name, info in shared.tensors.items()]
+        with CheckpointWriter(out, specs, force=force, metadata={"merged_with": "mergekit_lite twin-collapse"}) as writer:
+            for name in shared.tensors:
+                tensor = shared.get(name)
+                entry = manifest["tensors"].get(name)
+                if entry is not None:
+                    mix = torch.zeros(tensor.shape, dtype=torch.float32)
+                    for task, w in zip(manifest["tasks"], vector.tolist()):
+                        if w == 0.0:
+                            continue
+                        if entry["kind"] == "dense":
+                            mix += w * experts.get(dense_name(task, name)).float()
+                        else:
+                            left, right = experts.get(left_name(task, name)).float(), experts.get(right_name(task, name)).float()
+                            mix += w * (left @ right).view(tensor.shape)
+                    tensor = (tensor.float() + mix).to(tensor.dtype)
+                writer.write(name, tensor)
+            writer.copy_config(directory / SHARED)
+            writer.copy_support_files(directory / SHARED)
+            mix_record = {"twin": str(directory), "weights": {t: float(weights.get(t, 0.0)) for t in manifest["tasks"]}}
+            writer.add_file("twin_collapse.json", json.dumps(mix_record, indent=2) + "\n")
+    finally:
+        shared.close()
+        experts.close()
+    return {"path": str(out), "tensors": len(specs), "weights": mix_record["weights"]}

@@ -1,0 +1,232 @@
+"""Twin-Merging end to end: the recipe, the directory it writes, the routed runtime and the static collapse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mergekit_lite.cli import app
+from mergekit_lite.examples import make_family
+from mergekit_lite.merge import MergeOptions, merge_recipe_file
+from mergekit_lite.pleas.sources import load_model
+from mergekit_lite.twin import TwinModel, collapse
+from mergekit_lite.twin.router import route_weights
+
+runner = CliRunner()
+TEXT = {"prose": "The river ran slowly past the old mill, and the evening light lay on the water. " * 60,
+        "code": "def add(a, b):\n    return a + b\n\nfor i in range(10):\n    print(add(i, 2))\n" * 60}
+
+
+def _data(root: Path, family: str) -> list[dict]:
+    """Two tasks whose inputs differ plainly: prose vs code text, bright vs dark images, low vs high token ids."""
+    if family == "test_resnet":
+        gen = torch.Generator().manual_seed(0)
+        images = {"bright": torch.rand(48, 3, 32, 32, generator=gen) + 1.0,
+                  "dark": -torch.rand(48, 3, 32, 32, generator=gen) - 1.0}
+        for task, tensor in images.items():
+            torch.save({"x": tensor}, root / f"{task}.pt")
+        return [{"task": t, "data": {"path": str(root / f"{t}.pt"), "key": "x"}} for t in images]
+    if family == "bert":  # no tokenizer saved: token ids from a tensor file
+        ids = {"low": torch.randint(0, 100, (48, 24)), "high": torch.randint(150, 256, (48, 24))}
+        for task, tensor in ids.items():
+            torch.save(tensor, root / f"{task}.pt")
+        return [{"task": t, "data": {"path": str(root / f"{t}.pt")}} for t in ids]
+    for task, text in TEXT.items():
+        (root / f"{task}.txt").write_text(text, encoding="utf-8")
+    return [{"task": t, "data": {"path": str(root / f"{t}.txt"), "length": 24}} for t in TEXT]
+
+
+def _recipe(root: Path, paths: dict, tasks: list[dict], parameters: dict, extra: str = "") -> Path:
+    lines = ["merge_method: twin", f"base_model: {paths['base']}", "models:"]
+    for index, task in enumerate(tasks):
+        lines += [f"  - model: {paths[f'expert{index + 1}']}", f"    task: {task['task']}",
+                  f"    data: {json.dumps(task['data'])}"]
+    lines += ["parameters:"] + [f"  {k}: {v}" for k, v in parameters.items()]
+    path = root / f"twin_{abs(hash((str(parameters), extra))) % 10**8}.yaml"
+    path.write_text("\n".join(lines) + "\n" + extra, encoding="utf-8")
+    return path
+
+
+def _outputs(result) -> torch.Tensor:
+    return result if isinstance(result, torch.Tensor) else result.logits
+
+
+def _inputs(family: str) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(5)
+    if family == "test_resnet":
+        return torch.randn(6, 3, 32, 32, generator=gen)
+    return torch.randint(0, 256, (6, 12), generator=gen)
+
+
+FAMILIES = ["gpt2", "llama", "bert", "test_resnet"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_twin(request, tmp_path_factory):
+    """A base, two experts (base + noise), and a full-rank twin directory built from them."""
+    family = request.param
+    root = tmp_path_factory.mktemp(f"twin_{family}")
+    paths = make_family(root / "models", family, experts=2, scale=0.2)
+    tasks = _data(root, family)
+    recipe = _recipe(root, paths, tasks, {"rank": 1.0, "router_samples": 40, "router_epochs": 30})
+    report = merge_recipe_file(recipe, root / "twin", MergeOptions())
+    return family, root, paths, tasks, report
+
+
+def test_full_rank_routing_to_a_task_gives_that_expert_back(family_twin):
+    family, root, paths, tasks, report = family_twin
+    twin = TwinModel.load(root / "twin")
+    assert twin.unrouted == []  # every tensor with a delta is applied inside a routed layer
+    x = _inputs(family)
+    experts = [load_model(paths[f"expert{i}"], transformers_ok=True) for i in (1, 2)]
+    with torch.no_grad():
+        wanted = [_outputs(expert(x)) for expert in experts]
+        for index, task in enumerate(tasks):
+            got = _outputs(twin(x, weights={task["task"]: 1.0}))
+            torch.testing.assert_close(got, wanted[index], rtol=1e-4, atol=1e-4)
+        rows = torch.tensor([0, 1, 1, 0, 1, 0])
+        got = _outputs(twin(x, weights=torch.nn.functional.one_hot(rows, 2).float()))
+        for row, task in enumerate(rows.tolist()):  # every row of one batch routed to its own expert
+            torch.testing.assert_close(got[row], wanted[task][row], rtol=1e-4, atol=1e-4)
+    assert all(max(t.get("residual_energy", [0.0])) < 1e-6 for t in report["twin"]["tensors"])
+
+
+def test_the_router_learns_which_task_an_input_is_from(family_twin):
+    family, root, paths, tasks, report = family_twin
+    router = report["twin"]["router"]
+    assert router["accuracy_val"] == 1.0 and router["samples_val"] > 0
+    twin = TwinModel.load(root / "twin")
+    if family == "test_resnet":
+        probe = torch.cat([torch.rand(3, 3, 32, 32) + 1.0, -torch.rand(3, 3, 32, 32) - 1.0])
+    elif family == "bert":
+        probe = torch.cat([torch.randint(0, 100, (3, 24)), torch.randint(150, 256, (3, 24))])
+    else:
+        tokens = {t: torch.tensor(list(text.encode()))[:24 * 40].view(40, 24) for t, text in TEXT.items()}
+        probe = torch.cat([tokens["prose"][-3:], tokens["code"][-3:]])
+    weights = twin.route(probe)
+    assert weights.argmax(-1).tolist() == [0, 0, 0, 1, 1, 1]
+    assert torch.allclose(weights.sum(-1), torch.ones(6))
+
+
+@pytest.fixture(scope="module")
+def gpt2_twin(tmp_path_factory):
+    """A twin directory at the default rank (a truncated SVD) and top-1 routing."""
+    root = tmp_path_factory.mktemp("twin_default")
+    paths = make_family(root / "models", "gpt2", experts=2, scale=0.2)
+    tasks = _data(root, "gpt2")
+    recipe = _recipe(root, paths, tasks, {"router_samples": 40, "router_epochs": 30})
+    result = runner.invoke(app, ["run", str(recipe), str(root / "twin"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return root, paths, json.loads((root / "twin" / "merge_report.json").read_text())
+
+
+def test_factored_runtime_equals_the_dense_rebuild_row_by_row(gpt2_twin):
+    root, _, _ = gpt2_twin
+    twin = TwinModel.load(root / "twin")
+    x = _inputs("gpt2")[:3]
+    route = torch.tensor([[0.7, 0.3], [0.0, 1.0], [0.25, 0.75]])
+    with torch.no_grad():
+        routed = _outputs(twin(x, weights=route))
+        for row in range(3):
+            dense_dir = root / f"dense_{row}"
+            collapse(root / "twin", dict(zip(twin.tasks, route[row].tolist())), dense_dir, force=True)
+            dense = load_model(dense_dir, transformers_ok=True)
+            torch.testing.assert_close(routed[row], _outputs(dense(x[row: row + 1]))[0], rtol=1e-4, atol=1e-4)
+
+
+def test_collapse_command_equals_the_runtime_for_fixed_weights(gpt2_twin):
+    import transformers
+
+    root, _, _ = gpt2_twin
+    out = root / "collapsed"
+    result = runner.invoke(app, ["twin-collapse", str(root / "twin"), "--weights", "prose=0.6,code=0.4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    plain = transformers.AutoModelForCausalLM.from_pretrained(out).eval()  # a normal checkpoint, tokenizer included
+    assert (out / "tokenizer_config.json").is_file()
+    twin = TwinModel.load(root / "twin")
+    x = _inputs("gpt2")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x).logits, twin(x, weights={"prose": 0.6, "code": 0.4}).logits,
+                                   rtol=1e-4, atol=1e-4)
+    assert json.loads((out / "twin_collapse.json").read_text())["weights"] == {"prose": 0.6, "code": 0.4}
+
+
+@pytest.mark.parametrize("weights, message", [("prose=1,poetry=1", "unknown task"), ("prose", "task=weight"),
+                                              ("", "at least one task")])
+def test_collapse_refuses_bad_weights(gpt2_twin, tmp_path, weights, message):
+    root, _, _ = gpt2_twin
+    result = runner.invoke(app, ["twin-collapse", str(root / "twin"), "--weights", weights, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_directory_and_report_describe_what_was_stored(gpt2_twin):
+    import transformers
+
+    root, _, report = gpt2_twin
+    twin_dir = root / "twin"
+    for name in ("twin.json", "router.safetensors", "experts/model.safetensors", "shared/config.json", "README.md"):
+        assert (twin_dir / name).is_file(), name
+    transformers.AutoModelForCausalLM.from_pretrained(twin_dir / "shared")  # the shared expert is a normal checkpoint
+    twin = report["twin"]
+    assert twin["rank"] == 0.1 and twin["shared_merge"]["method"] == "task_arithmetic"
+    assert twin["shared_merge"]["parameters"] == {"lambda": 0.3}
+    storage = twin["storage"]
+    stored = sum(f.stat().st_size for f in (twin_dir / "experts").glob("*.safetensors"))
+    assert storage["stored_bytes"] <= stored and storage["ratio"] < 0.25
+    factored = [t for t in twin["tensors"] if t["kind"] == "factors"]
+    assert factored and all(0.0 < e < 1.0 for t in factored for e in t["residual_energy"])
+    assert all(t["rank"] == max(1, round(0.1 * min(t["shape"][0], t["shape"][1]))) for t in factored if len(t["shape"]) == 2)
+    assert 0.0 <= twin["router"]["accuracy_val"] <= 1.0 and twin["router"]["top_k"] == 1
+    shown = runner.invoke(app, ["report", str(twin_dir)])
+    assert shown.exit_code == 0 and "router" in shown.output
+
+
+def test_top_k_keeps_the_largest_weights_renormalised():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 2.5, 0.0]])
+    top2 = route_weights(logits, 2)
+    assert (top2 > 0).sum(-1).tolist() == [2, 2]
+    assert torch.allclose(top2.sum(-1), torch.ones(2))
+    assert top2[1, 1] > top2[1, 2] > 0 and top2[0, 0] > top2[0, 1] > 0
+    torch.testing.assert_close(route_weights(logits, 0), logits.softmax(-1))
+
+
+def _bad(tmp_path, gpt2_twin, text: str) -> tuple[int, str]:
+    root, paths, _ = gpt2_twin
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(text.format(base=paths["base"], a=paths["expert1"], b=paths["expert2"], data=root / "prose.txt"))
+    result = runner.invoke(app, ["run", str(recipe), str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    return result.exit_code, result.output
+
+
+TWO = """merge_method: {method}
+base_model: {{base}}
+models:
+  - model: {{a}}
+    task: {task_a}
+    {data_a}
+  - model: {{b}}
+    task: b
+    data: {{{{path: {{data}}}}}}
+"""
+
+
+@pytest.mark.parametrize("text, message", [
+    (TWO.format(method="twin", task_a="a", data_a=""), "twin needs data"),
+    (TWO.format(method="twin", task_a="b", data_a="data: {{path: {data}}}"), "task names must differ"),
+    (TWO.format(method="twin", task_a="a b", data_a="data: {{path: {data}}}"), "must be letters"),
+    (TWO.format(method="twin", task_a="a", data_a="data: {{path: {data}}}") + "shared_merge: {{merge_method: pleas}}",
+     "not tensor-wise"),
+    (TWO.format(method="twin", task_a="a", data_a="data: {{path: {data}}}")
+     + "shared_merge: {{merge_method: task_arithmetic, parameters: {{density: 0.5}}}}", "shared_merge (task_arithmetic)"),
+    (TWO.format(method="ties", task_a="a", data_a="data: {{path: {data}}}"), "only twin recipes"),
+    (TWO.format(method="twin", task_a="a", data_a="data: {{path: /nonexistent/a.txt}}"), "task a: data /nonexistent/a.txt not found"),
+])
+def test_bad_twin_recipes_are_refused_and_leave_nothing(tmp_path, gpt2_twin, text, message):
+    code, output = _bad(tmp_path, gpt2_twin, text)
+    assert code == 2 and message in output, output
