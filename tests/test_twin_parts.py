@@ -7,7 +7,7 @@ import torch
 
 from mergekit_lite.twin import compress
 from mergekit_lite.twin.compress import low_rank, rank_for
-from mergekit_lite.twin.routed import RoutedLinear, dense_for_row
+from mergekit_lite.twin.routed import RoutedLinear, dense_for_row, make_route
 
 
 def _matrix(m=60, n=40, rank=None, seed=0):
@@ -77,7 +77,7 @@ def test_each_row_is_routed_on_its_own_and_equals_the_dense_rebuild():
     layer = RoutedLinear(shared, lefts, rights)
     x = torch.randn(5, 7, 16)  # batch of 5 sequences, 7 tokens each
     route = torch.softmax(torch.randn(5, 3), dim=-1)
-    layer.route = route
+    layer.route = make_route(route)
     with torch.no_grad():
         out = layer(x)
         for row in range(5):
@@ -94,7 +94,7 @@ def test_sparse_routes_touch_only_their_rows():
     lefts, rights = torch.randn(2, 6, 3), torch.randn(2, 3, 8)
     layer = RoutedLinear(shared, lefts, rights, torch.randn(2, 6))
     x = torch.randn(4, 8)
-    layer.route = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.5]])
+    layer.route = make_route(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.5]]))
     with torch.no_grad():
         out = layer(x)
         expected = [x[0] @ dense_for_row(shared.weight, lefts, rights, torch.tensor([1.0, 0.0])).T + shared.bias
@@ -115,6 +115,6 @@ def test_one_hot_route_with_full_rank_gives_the_expert_back():
     factors = [low_rank(e - shared.weight.detach(), 8) for e in experts]
     layer = RoutedLinear(shared, torch.stack([f.left for f in factors]), torch.stack([f.right for f in factors]))
     x = torch.randn(4, 10)
-    layer.route = torch.tensor([[0.0, 1.0]] * 4)
+    layer.route = make_route(torch.tensor([[0.0, 1.0]] * 4))
     with torch.no_grad():
         torch.testing.assert_close(layer(x), x @ experts[1].T + shared.bias, rtol=1e-4, atol=1e-5)

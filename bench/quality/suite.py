@@ -3,7 +3,8 @@
 Experiment 1: a shared base and domain experts, every tensor-wise method at its papers' defaults and at the
 best setting on the validation split. Experiment 2: normalised held-in score against the number of experts
 and the model width. Experiment 3: models trained from different initialisations (PLeaS's setting), with
-plain averaging as the baseline.
+plain averaging as the baseline. Experiment 4 (twin_rows.py): Twin-Merging, routed per input on a test set
+mixing every domain.
 """
 
 from __future__ import annotations
@@ -559,6 +560,11 @@ def run(ws: Workspace) -> dict:
     ws.log("experiment 1 (text): shared base, domain experts")
     text = text_models(ws)
     report["text"] = experiment_one(ws, text_task(plan.text_domains), text, plan.text_domains)
+    import twin_rows
+
+    ws.log("experiment 4: Twin-Merging on a mixed test set")
+    report["twin"] = {"vision": twin_rows.experiment_four(ws, vision_task(plan.vision_domains), vision, plan.vision_domains),
+                      "text": twin_rows.experiment_four(ws, text_task(plan.text_domains), text, plan.text_domains)}
     if plan.expert_counts or plan.widths:
         ws.log("experiment 2: number of experts and width")
         report["scaling"] = experiment_two(ws)

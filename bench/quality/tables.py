@@ -74,12 +74,44 @@ def different_init(section: dict) -> list[str]:
     return lines + [""]
 
 
+def twin(section: dict, reference: dict, title: str) -> list[str]:
+    """Twin-Merging rows beside experiment 1's references and its task arithmetic and TIES rows."""
+    accuracy = section["higher_is_better"]
+    domains = section["domains"]
+    unit = "accuracy %" if accuracy else "loss, nats/byte"
+    lines = [f"### {title}", "",
+             f"Per-domain test {unit} on one shuffled test set mixing every domain (each row of a batch routed on its",
+             "own); normalised as in experiment 1. Storage: the factors' bytes over the dense deltas they replace.",
+             "Time: routed twin (router included) over the shared model alone, same batch, median of 15.", ""]
+    head = ["model / method", *domains, "average", "normalised %", "router acc. %", "storage %", "time ×"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    picks = [e for e in reference["references"] if e["name"].startswith("expert") or e["name"] == "multitask"]
+    picks += [e for e in reference["methods"] if e["method"] in ("task_arithmetic", "ties")]
+    for entry in picks:
+        name = entry["name"] if "name" in entry else f"{entry['method']} ({entry['setting']})"
+        cells = [name] + [_fmt(entry["test"][d], accuracy) for d in domains]
+        cells += [_fmt(entry["average"], accuracy), f"{100 * entry['normalised_average']:.1f}", "", "", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    for row in section["rows"]:
+        cells = [f"**{row['name']}**"] + [_fmt(row["scores"][d], accuracy) for d in domains]
+        speed = f"{row['overhead']['ratio']:.2f}" if row.get("overhead") else "–"
+        cells += [_fmt(row["average"], accuracy), f"**{100 * row['normalised_average']:.1f}**",
+                  f"{100 * row['router_test_accuracy']:.1f}", f"{100 * row['storage_ratio']:.1f}", speed]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def markdown(report: dict) -> str:
     lines = ["# Merge quality on real data", "",
              f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ",
              f"Wall time of this run: {report['wall_seconds'] / 60:.1f} min (trained models and scores cached under bench/out/quality are reused)", ""]
     lines += experiment_one(report["vision"], "Experiment 1 (vision): timm test_resnet on digit domains")
     lines += experiment_one(report["text"], "Experiment 1 (text): byte-level GPT-2 on text domains")
+    if "twin" in report:
+        for modality in ("vision", "text"):
+            count = len(report["twin"][modality]["domains"])
+            lines += twin(report["twin"][modality], report[modality],
+                          f"Experiment 4 ({modality}): Twin-Merging, {count} domains mixed")
     if "scaling" in report:
         lines += scaling(report["scaling"])
     lines += different_init(report["different_init"])

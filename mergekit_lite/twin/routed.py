@@ -9,6 +9,7 @@ dense weight is rebuilt. When every row has the same weights (a fixed mix) the u
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -17,32 +18,76 @@ import torch.nn.functional as F
 RowUpdate = Callable[[torch.Tensor, int], torch.Tensor]  # (input rows, task) -> that task's output update
 
 
-def add_routed(out: torch.Tensor, x: torch.Tensor, route: torch.Tensor, update: RowUpdate) -> torch.Tensor:
-    """out + sum_t route[:, t] * update(x, t), each task computed only on the rows that route to it."""
-    if route.shape[0] != x.shape[0] and x.shape[0] != 1:
-        raise ValueError(f"router weights for {route.shape[0]} rows, input has {x.shape[0]}")
-    route = route.to(out.dtype)
-    if bool((route == route[:1]).all()):  # one mix for the whole batch
-        for task in route[0].nonzero().flatten().tolist():
-            out = out + route[0, task] * update(x, task)
-        return out
-    if x.shape[0] != route.shape[0]:  # an input shared by the batch (e.g. position ids): each row gets its own
-        x = x.expand(route.shape[0], *x.shape[1:])
-        out = out.expand(route.shape[0], *out.shape[1:])
-    out = out.clone()
-    for task in range(route.shape[1]):
-        rows = route[:, task].nonzero().flatten()
+@dataclass
+class Route:
+    """Per-row task weights for one forward pass, with each task's rows found once for every layer."""
+
+    weights: torch.Tensor  # (batch, T)
+    uniform: bool  # every row has the same mix: updates run once on the whole batch
+    groups: list[tuple[int, torch.Tensor, torch.Tensor | None]]  # (task, rows, their weights or None if all 1)
+    one_task_per_row: bool = False  # every row has weight 1 on a single task (top-1 routing)
+    _packed: tuple | None = None
+
+    def packed(self) -> tuple[list[int], int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For one task per row: the tasks present, the largest group size n, the row indices that lay the groups
+        side by side (groups padded to n with row 0), where each real row lands, and which row that is."""
+        if self._packed is None:
+            tasks = [task for task, _, _ in self.groups]
+            size = max(len(rows) for _, rows, _ in self.groups)
+            device = self.weights.device
+            gather = torch.zeros(len(tasks) * size, dtype=torch.long, device=device)
+            slots, rows_all = [], []
+            for g, (_, rows, _) in enumerate(self.groups):
+                gather[g * size: g * size + len(rows)] = rows
+                slots.append(torch.arange(g * size, g * size + len(rows), device=device))
+                rows_all.append(rows)
+            self._packed = (tasks, size, gather, torch.cat(slots), torch.cat(rows_all))
+        return self._packed
+
+    @property
+    def batch(self) -> int:
+        return self.weights.shape[0]
+
+
+def make_route(weights: torch.Tensor) -> Route:
+    weights = weights.float()
+    if bool((weights == weights[:1]).all()):
+        tasks = weights[0].nonzero().flatten().tolist()
+        return Route(weights, True, [(t, None, weights[0, t]) for t in tasks])
+    groups = []
+    for task in range(weights.shape[1]):
+        rows = weights[:, task].nonzero().flatten()
         if rows.numel() == 0:
             continue
+        scale = weights.index_select(0, rows)[:, task]
+        groups.append((task, rows, None if bool((scale == 1).all()) else scale))
+    one_task = all(scale is None for _, _, scale in groups) and sum(len(rows) for _, rows, _ in groups) == len(weights)
+    return Route(weights, False, groups, one_task)
+
+
+def add_routed(out: torch.Tensor, x: torch.Tensor, route: Route, update: RowUpdate) -> torch.Tensor:
+    """out + sum_t w_t * update(x, t) per row, each task computed only on the rows that route to it. `out` is the
+    shared layer's fresh output and is updated in place."""
+    if route.batch != x.shape[0] and x.shape[0] != 1:
+        raise ValueError(f"router weights for {route.batch} rows, input has {x.shape[0]}")
+    if route.uniform:  # one mix for the whole batch
+        for task, _, weight in route.groups:
+            out.add_(update(x, task), alpha=float(weight))
+        return out
+    if x.shape[0] != route.batch:  # an input shared by the batch (e.g. position ids): each row gets its own
+        x = x.expand(route.batch, *x.shape[1:])
+        out = out.expand(route.batch, *out.shape[1:]).clone()
+    for task, rows, scale in route.groups:
         contribution = update(x.index_select(0, rows), task)
-        scale = route.index_select(0, rows)[:, task].view(-1, *([1] * (contribution.dim() - 1)))
-        out.index_add_(0, rows, contribution * scale)
+        if scale is not None:
+            contribution = contribution * scale.to(contribution.dtype).view(-1, *([1] * (contribution.dim() - 1)))
+        out.index_add_(0, rows, contribution)
     return out
 
 
-def row_params(base: torch.Tensor, deltas: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
-    """Per-row 1-D parameters base + route @ deltas: (batch, C)."""
-    return base.unsqueeze(0) + route.to(deltas.dtype) @ deltas
+def row_params(base: torch.Tensor, deltas: torch.Tensor, route: Route) -> torch.Tensor:
+    """Per-row 1-D parameters base + weights @ deltas: (batch, C)."""
+    return torch.addmm(base.unsqueeze(0), route.weights.to(deltas.dtype), deltas)
 
 
 class Routed(torch.nn.Module):
@@ -51,11 +96,18 @@ class Routed(torch.nn.Module):
     def __init__(self, shared: torch.nn.Module) -> None:
         super().__init__()
         self.shared = shared
-        self.route: torch.Tensor | None = None
+        self.route: Route | None = None
 
     @property
     def tasks(self) -> int:
         raise NotImplementedError
+
+
+def _low_rank(x: torch.Tensor, first: torch.Tensor, second: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(x @ first) @ second (+ bias), as two 2-D matrix products over all leading dimensions."""
+    flat = x.reshape(-1, x.shape[-1]) @ first
+    out = flat @ second if bias is None else torch.addmm(bias, flat, second)
+    return out.view(*x.shape[:-1], second.shape[1])
 
 
 class RoutedLinear(Routed):
@@ -73,8 +125,7 @@ class RoutedLinear(Routed):
         return self.lefts.shape[0]
 
     def _update(self, x: torch.Tensor, task: int) -> torch.Tensor:
-        out = (x @ self.rights[task].T) @ self.lefts[task].T
-        return out if self.bias_deltas is None else out + self.bias_deltas[task]
+        return _low_rank(x, self.rights[task].T, self.lefts[task].T, None if self.bias_deltas is None else self.bias_deltas[task])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.shared(x)
@@ -86,20 +137,83 @@ class RoutedConv1D(RoutedLinear):
     so the update is (x L_t) R_t."""
 
     def _update(self, x: torch.Tensor, task: int) -> torch.Tensor:
-        out = (x @ self.lefts[task]) @ self.rights[task]
-        return out if self.bias_deltas is None else out + self.bias_deltas[task]
+        return _low_rank(x, self.lefts[task], self.rights[task], None if self.bias_deltas is None else self.bias_deltas[task])
+
+
+# Above this many multiply-adds per task group a convolution call is compute-bound, and one call per task beats
+# a grouped convolution (which oneDNN runs about half as fast); below it, call overhead dominates and one grouped
+# call for all tasks is faster.
+PER_TASK_MACS = 5e7
 
 
 class RoutedConv2d(RoutedLinear):
     """nn.Conv2d (groups 1): the delta viewed (out, in*kh*kw) is L_t R_t, i.e. a rank-r convolution (R_t as r
-    filters of the same size and stride) followed by a 1x1 convolution (L_t)."""
+    filters of the same size and stride) followed by a 1x1 projection (L_t).
+
+    Small rank-r convolutions run far below a CPU's or GPU's peak, so when every row has a single task (top-1
+    routing) or the whole batch one mix, each task's filters W + L_t R_t are formed once per forward pass
+    (r * weight-size work, not per input) and its rows run through one convolution: the same work as the shared
+    layer. Rows that mix several tasks take the factor path."""
 
     def _update(self, x: torch.Tensor, task: int) -> torch.Tensor:
         conv = self.shared
         filters = self.rights[task].view(-1, *conv.weight.shape[1:])
         low = F.conv2d(x, filters, None, conv.stride, conv.padding, conv.dilation)
-        out = F.conv2d(low, self.lefts[task].unsqueeze(-1).unsqueeze(-1))
+        out = torch.matmul(self.lefts[task], low.flatten(2)).view(low.shape[0], -1, *low.shape[2:])
         return out if self.bias_deltas is None else out + self.bias_deltas[task].view(1, -1, 1, 1)
+
+    def _task_conv(self, x: torch.Tensor, mix: list[tuple[int, float]]) -> torch.Tensor:
+        conv = self.shared
+        weight = conv.weight.reshape(conv.weight.shape[0], -1)
+        bias = conv.bias
+        for task, w in mix:
+            weight = torch.addmm(weight, self.lefts[task], self.rights[task], alpha=w)
+            if self.bias_deltas is not None:
+                bias = self.bias_deltas[task] * w if bias is None else bias + w * self.bias_deltas[task]
+        return F.conv2d(x, weight.view(conv.weight.shape), bias, conv.stride, conv.padding, conv.dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        route = self.route
+        if route is None:
+            return self.shared(x)
+        if route.batch != x.shape[0]:
+            raise ValueError(f"router weights for {route.batch} rows, input has {x.shape[0]}")
+        if route.uniform:
+            return self._task_conv(x, [(task, float(w)) for task, _, w in route.groups])
+        if not route.one_task_per_row:
+            return add_routed(self.shared(x), x, route, self._update)
+        conv = self.shared
+        positions = (x.shape[-2] // conv.stride[0]) * (x.shape[-1] // conv.stride[1])
+        macs = x.shape[0] / len(route.groups) * conv.weight.numel() * positions
+        return self._per_task(x, route) if macs > PER_TASK_MACS or len(route.groups) == 1 else self._grouped(x, route)
+
+    def _per_task(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        out = None
+        for task, rows, _ in route.groups:
+            part = self._task_conv(x.index_select(0, rows), [(task, 1.0)])
+            if out is None:
+                out = part.new_empty((x.shape[0], *part.shape[1:]))
+            out.index_copy_(0, rows, part)
+        return out
+
+    def _grouped(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        """One grouped convolution for all tasks: each task's rows (padded to the largest group) become one group
+        of channels, with that task's filters W + L_t R_t."""
+        conv = self.shared
+        tasks, size, gather, slots, rows = route.packed()
+        groups = len(tasks)
+        weight = conv.weight.reshape(conv.weight.shape[0], -1)
+        filters = torch.baddbmm(weight.expand(groups, -1, -1), self.lefts[tasks], self.rights[tasks])
+        bias = conv.bias.expand(groups, -1) if conv.bias is not None else None
+        if self.bias_deltas is not None:
+            bias = self.bias_deltas[tasks] if bias is None else bias + self.bias_deltas[tasks]
+        packed = x.index_select(0, gather).view(groups, size, *x.shape[1:]).transpose(0, 1)
+        packed = packed.reshape(size, groups * x.shape[1], *x.shape[2:])
+        y = F.conv2d(packed, filters.reshape(-1, *conv.weight.shape[1:]), None if bias is None else bias.reshape(-1),
+                     conv.stride, conv.padding, conv.dilation, groups)
+        y = y.view(size, groups, -1, *y.shape[2:]).transpose(0, 1).reshape(groups * size, -1, *y.shape[2:])
+        out = y.new_empty((x.shape[0], *y.shape[1:]))
+        return out.index_copy_(0, rows, y.index_select(0, slots))
 
 
 class RoutedEmbedding(RoutedLinear):
@@ -130,8 +244,10 @@ class RoutedLayerNorm(Routed):
         shape = (x.shape[0], *([1] * (x.dim() - 2)), -1)
         weight = norm.weight if self.weight_deltas is None else row_params(norm.weight, self.weight_deltas, self.route)
         bias = norm.bias if self.bias_deltas is None else row_params(norm.bias, self.bias_deltas, self.route)
-        y = y * (weight.view(shape) if weight.dim() == 2 else weight)
-        return y + (bias.view(shape) if bias.dim() == 2 else bias)
+        weight = weight.view(shape) if weight.dim() == 2 else weight
+        if bias is None:
+            return y * weight
+        return torch.addcmul(bias.view(shape) if bias.dim() == 2 else bias, y, weight)
 
 
 class RoutedRMSNorm(Routed):
@@ -191,11 +307,12 @@ class RoutedBatchNorm2d(Routed):
             rows[name] = base.unsqueeze(0).expand(x.shape[0], -1) if deltas is None else row_params(base, deltas, self.route)
         scale = rows["weight"] / torch.sqrt(rows["running_var"] + norm.eps)
         shift = rows["bias"] - rows["running_mean"] * scale
-        return x * scale[:, :, None, None] + shift[:, :, None, None]
+        return torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None])
 
 
-def set_route(model: torch.nn.Module, route: torch.Tensor | None) -> None:
+def set_route(model: torch.nn.Module, weights: torch.Tensor | None) -> None:
     """Give every routed layer the per-row task weights (batch, T) for the next forward pass."""
+    route = None if weights is None else make_route(weights)
     for module in model.modules():
         if isinstance(module, Routed):
             module.route = route

@@ -1,7 +1,7 @@
 """The router: a small MLP that reads a pooled feature of the shared model and says which task an input is from.
 
 Where the feature comes from is a trade of accuracy against cost. `stem` (default) pools the output of the
-model's first stage (token embeddings, the stem convolution, the first layer of an MLP): the forward pass stops
+model's first layer (token embeddings, the first convolution, the first layer of an MLP): the forward pass stops
 there, so routing adds almost nothing to inference. `final` pools the last hidden state (the head's input): more
 informative, but it costs a whole extra forward pass. Any module name may be given instead.
 """
@@ -19,8 +19,9 @@ class _Captured(Exception):
     """Raised by the capture hook: the rest of the forward pass is not needed."""
 
 
-def _first_linear(model: torch.nn.Module) -> torch.nn.Module | None:
-    return next((m for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
+def _first_layer(model: torch.nn.Module) -> torch.nn.Module | None:
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding)
+    return next((m for m in model.modules() if isinstance(m, kinds)), None)
 
 
 def _last_linear(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -36,11 +37,7 @@ def feature_site(model: torch.nn.Module, where: str) -> tuple[torch.nn.Module, b
     if where == STEM:
         if hasattr(model, "get_input_embeddings") and hasattr(model, "config"):  # transformers
             return model.get_input_embeddings(), False
-        info = getattr(model, "feature_info", None)
-        if info:  # timm: the first feature stage
-            entry = info[0] if isinstance(info, list) else info.get_dicts()[0]
-            return model.get_submodule(entry["module"]), False
-        first = _first_linear(model)
+        first = _first_layer(model)  # timm and plain models: the first convolution or linear layer
         if first is not None:
             return first, False
         raise ValueError("no stem found for the router feature; name a module (router_feature: <module name>)")

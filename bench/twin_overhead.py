@@ -1,0 +1,108 @@
+"""Inference time of a Twin-Merging runtime against the shared model alone, at realistic layer sizes.
+
+The quality suite's models are tiny, so there the fixed cost of each extra kernel call dominates. Here the
+same runtime (mergekit_lite.twin: routed layers + router on the stem feature) wraps a GPT-2-small-shaped
+transformer (124M parameters) and a ResNet-50, with T tasks at rank 0.1 of min(m, n). Factors are random
+(timing does not depend on their values); rows are routed to tasks at random, top-1 and soft (all tasks).
+
+    python bench/twin_overhead.py            # prints a table of time ratios (median of repeats)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+
+from mergekit_lite.twin.compress import rank_for
+from mergekit_lite.twin.routed import set_route
+from mergekit_lite.twin.router import Router, pooled_features, route_weights
+from mergekit_lite.twin.runtime import install_routes
+from mergekit_lite.twin.store import StackedDelta
+
+
+def random_deltas(model: torch.nn.Module, tasks: int, rank: float, seed: int = 0) -> dict[str, StackedDelta]:
+    gen = torch.Generator().manual_seed(seed)
+    deltas = {}
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_floating_point():
+            continue
+        if tensor.dim() < 2:
+            deltas[name] = StackedDelta(tuple(tensor.shape), dense=torch.randn(tasks, *tensor.shape, generator=gen) * 1e-3)
+            continue
+        rows, cols = tensor.shape[0], math.prod(tensor.shape[1:])
+        r = rank_for((rows, cols), rank)
+        deltas[name] = StackedDelta(tuple(tensor.shape), lefts=torch.randn(tasks, rows, r, generator=gen) * 1e-3,
+                                    rights=torch.randn(tasks, r, cols, generator=gen) * 1e-3)
+    return deltas
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
+@torch.no_grad()
+def measure(name: str, build, inputs: torch.Tensor, tasks: int, repeats: int, output) -> list[dict]:
+    shared = build().eval()
+    twin = build().eval()
+    install_routes(twin, random_deltas(twin, tasks, 0.1))
+    features = pooled_features(twin, "stem", inputs)
+    router = Router(features.shape[1], tasks).eval()
+    shared_ms = median_ms(lambda: output(shared(inputs)), repeats)
+    rows = []
+    for label, top_k in (("top-1", 1), ("soft (all tasks)", 0)):
+        def routed():
+            set_route(twin, None)
+            weights = route_weights(router(pooled_features(twin, "stem", inputs)) * 0 + torch.randn(len(inputs), tasks), top_k)
+            set_route(twin, weights)
+            result = output(twin(inputs))
+            set_route(twin, None)
+            return result
+
+        twin_ms = median_ms(routed, repeats)
+        rows.append({"model": name, "tasks": tasks, "routing": label, "shared_ms": shared_ms, "twin_ms": twin_ms,
+                     "ratio": twin_ms / shared_ms})
+        print(f"| {name} | {tasks} | {label} | {shared_ms:.0f} | {twin_ms:.0f} | {twin_ms / shared_ms:.2f} |", flush=True)
+    return rows
+
+
+def gpt2_small() -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=256))
+
+
+def resnet50() -> torch.nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("resnet50", pretrained=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tasks", type=int, nargs="+", default=[4, 8])
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    print("| model | tasks | routing | shared ms | twin ms | time × |\n|---|---|---|---|---|---|")
+    tokens = torch.randint(0, 50257, (8, 128), generator=torch.Generator().manual_seed(0))
+    images = torch.randn(16, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+    for tasks in args.tasks:
+        measure("GPT-2 small (124M), 8 x 128 tokens", gpt2_small, tokens, tasks, args.repeats, lambda r: r.logits)
+        measure("ResNet-50, 16 x 3 x 160 x 160", resnet50, images, tasks, args.repeats, lambda r: r)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
