@@ -41,28 +41,33 @@ def random_deltas(model: torch.nn.Module, tasks: int, rank: float, seed: int = 0
 
 
 def median_ms(fn, repeats: int) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
     fn()
+    sync()
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - started)
     return 1000 * statistics.median(times)
 
 
 @torch.no_grad()
-def measure(name: str, build, inputs: torch.Tensor, tasks: int, repeats: int, output) -> list[dict]:
-    shared = build().eval()
+def measure(name: str, build, inputs: torch.Tensor, tasks: int, repeats: int, output, device: str) -> list[dict]:
+    shared = build().eval().to(device)
     twin = build().eval()
     install_routes(twin, random_deltas(twin, tasks, 0.1))
+    twin.to(device)
+    inputs = inputs.to(device)
     features = pooled_features(twin, "stem", inputs)
-    router = Router(features.shape[1], tasks).eval()
+    router = Router(features.shape[1], tasks).eval().to(device)
     shared_ms = median_ms(lambda: output(shared(inputs)), repeats)
     rows = []
     for label, top_k in (("top-1", 1), ("soft (all tasks)", 0)):
         def routed():
             set_route(twin, None)
-            weights = route_weights(router(pooled_features(twin, "stem", inputs)) * 0 + torch.randn(len(inputs), tasks), top_k)
+            weights = route_weights(router(pooled_features(twin, "stem", inputs)) * 0 + torch.randn(len(inputs), tasks, device=device), top_k)
             set_route(twin, weights)
             result = output(twin(inputs))
             set_route(twin, None)
@@ -93,14 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tasks", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print("| model | tasks | routing | shared ms | twin ms | time × |\n|---|---|---|---|---|---|")
-    tokens = torch.randint(0, 50257, (8, 128), generator=torch.Generator().manual_seed(0))
-    images = torch.randn(16, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+    batch = 8 if args.device == "cpu" else 64
+    tokens = torch.randint(0, 50257, (batch, 128), generator=torch.Generator().manual_seed(0))
+    images = torch.randn(2 * batch, 3, 160, 160, generator=torch.Generator().manual_seed(0))
     for tasks in args.tasks:
-        measure("GPT-2 small (124M), 8 x 128 tokens", gpt2_small, tokens, tasks, args.repeats, lambda r: r.logits)
-        measure("ResNet-50, 16 x 3 x 160 x 160", resnet50, images, tasks, args.repeats, lambda r: r)
+        measure(f"GPT-2 small (124M), {batch} x 128 tokens", gpt2_small, tokens, tasks, args.repeats,
+                lambda r: r.logits, args.device)
+        measure(f"ResNet-50, {2 * batch} x 3 x 160 x 160", resnet50, images, tasks, args.repeats, lambda r: r, args.device)
     return 0
 
 

@@ -16,9 +16,13 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 
 def _recipe(tmp_path, family, method):
+    from mergekit_lite.methods import get_method
+
+    known = {p.name for p in get_method(method).params}
+    parameters = {k: v for k, v in {"weight": 1.0, "density": 0.4}.items() if k in known}
     lines = [f"merge_method: {method}", f"base_model: {family['base']}", "models:"]
     for name in ("expert1", "expert2", "expert3"):
-        lines += [f"  - model: {family[name]}", "    parameters: {weight: 1.0, density: 0.4}"]
+        lines += [f"  - model: {family[name]}", f"    parameters: {parameters}".replace("'", "")]
     path = tmp_path / f"{method}.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -68,3 +68,16 @@ def test_different_initialisation_pairs_are_scored(quick_report):
         assert "PLeaS 1.0x" in names and "permutation only (1.0x)" in names
         assert ("averaging (linear)" in names) == (name != "label split, separate 5-way heads")
         assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+
+
+@pytest.mark.parametrize("modality", ["vision", "text"])
+def test_twin_merging_routes_mixed_inputs_and_stores_little(quick_report, modality):
+    section = quick_report["twin"][modality]
+    rows = {row["name"]: row for row in section["rows"]}
+    default, oracle = rows["twin (rank 0.1, stem, top-1)"], rows["twin, true task given (no router)"]
+    assert set(default["scores"]) == set(section["domains"])
+    assert default["storage_ratio"] < 0.25 and default["stored_bytes"] > 0
+    assert default["router_test_accuracy"] > 0.75 and oracle["router_test_accuracy"] == 1.0
+    assert default["overhead"]["ratio"] > 0
+    task_arithmetic = next(r for r in quick_report[modality]["methods"] if r["method"] == "task_arithmetic")
+    assert default["normalised_average"] > task_arithmetic["normalised_average"]

@@ -92,7 +92,7 @@ def test_full_rank_routing_to_a_task_gives_that_expert_back(family_twin):
         got = _outputs(twin(x, weights=torch.nn.functional.one_hot(rows, 2).float()))
         for row, task in enumerate(rows.tolist()):  # every row of one batch routed to its own expert
             torch.testing.assert_close(got[row], wanted[task][row], rtol=1e-4, atol=1e-4)
-    assert all(max(t.get("residual_energy", [0.0])) < 1e-6 for t in report["twin"]["tensors"])
+    assert all(max(t.get("residual_energy", [0.0])) < 1e-4 for t in report["twin"]["tensors"])  # float32 SVD
 
 
 def test_the_router_learns_which_task_an_input_is_from(family_twin):
@@ -230,3 +230,19 @@ models:
 def test_bad_twin_recipes_are_refused_and_leave_nothing(tmp_path, gpt2_twin, text, message):
     code, output = _bad(tmp_path, gpt2_twin, text)
     assert code == 2 and message in output, output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_twin_built_and_run_on_cuda_matches_the_cpu_one(tmp_path):
+    paths = make_family(tmp_path / "models", "gpt2", experts=2, scale=0.2)
+    recipe = _recipe(tmp_path, paths, _data(tmp_path, "gpt2"), {"router_samples": 40, "router_epochs": 30})
+    report = merge_recipe_file(recipe, tmp_path / "cuda", MergeOptions(device="cuda"))
+    assert report["device"].startswith("cuda")
+    merge_recipe_file(recipe, tmp_path / "cpu", MergeOptions(device="cpu"))
+    on_gpu, on_cpu = TwinModel.load(tmp_path / "cuda", device="cuda"), TwinModel.load(tmp_path / "cpu")
+    x = _inputs("gpt2")
+    weights = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.0, 1.0], [0.2, 0.8], [1.0, 0.0], [0.0, 1.0]])
+    with torch.no_grad():
+        torch.testing.assert_close(on_gpu(x.cuda(), weights=weights.cuda()).logits.cpu(), on_cpu(x, weights=weights).logits,
+                                   rtol=2e-3, atol=2e-3)
+        assert on_gpu.route(x.cuda()).argmax(-1).device.type == "cuda"

@@ -118,3 +118,18 @@ def test_one_hot_route_with_full_rank_gives_the_expert_back():
     layer.route = make_route(torch.tensor([[0.0, 1.0]] * 4))
     with torch.no_grad():
         torch.testing.assert_close(layer(x), x @ experts[1].T + shared.bias, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_packed_gpu_path_equals_the_per_task_path():
+    torch.manual_seed(3)
+    shared = torch.nn.Linear(16, 12).cuda()
+    layer = RoutedLinear(shared, torch.randn(3, 12, 4).cuda(), torch.randn(3, 4, 16).cuda(), torch.randn(3, 12).cuda())
+    x = torch.randn(7, 5, 16).cuda()
+    route = torch.nn.functional.one_hot(torch.tensor([0, 2, 2, 1, 0, 1, 2]), 3).float().cuda()
+    layer.route = make_route(route)
+    with torch.no_grad():
+        packed = layer(x)
+        expected = torch.stack([x[i] @ dense_for_row(shared.weight, layer.lefts, layer.rights, route[i]).T + shared.bias
+                                + route[i] @ layer.bias_deltas for i in range(7)])
+    torch.testing.assert_close(packed, expected, rtol=1e-4, atol=1e-4)

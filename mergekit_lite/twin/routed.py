@@ -24,9 +24,14 @@ class Route:
 
     weights: torch.Tensor  # (batch, T)
     uniform: bool  # every row has the same mix: updates run once on the whole batch
-    groups: list[tuple[int, torch.Tensor, torch.Tensor | None]]  # (task, rows, their weights or None if all 1)
+    # (task, rows, their weights or None if all 1); uniform routes: (task, None, the batch's weight as a float)
+    groups: list[tuple[int, torch.Tensor | None, torch.Tensor | float | None]]
     one_task_per_row: bool = False  # every row has weight 1 on a single task (top-1 routing)
     _packed: tuple | None = None
+
+    def packs_well(self) -> bool:
+        """Padding every task's rows to the largest group wastes at most half the work."""
+        return len(self.groups) * max(len(rows) for _, rows, _ in self.groups) <= 1.5 * self.batch + 8 * len(self.groups)
 
     def packed(self) -> tuple[list[int], int, torch.Tensor, torch.Tensor, torch.Tensor]:
         """For one task per row: the tasks present, the largest group size n, the row indices that lay the groups
@@ -35,6 +40,8 @@ class Route:
             tasks = [task for task, _, _ in self.groups]
             size = max(len(rows) for _, rows, _ in self.groups)
             device = self.weights.device
+            if device.type == "cuda":  # few distinct shapes, so cuDNN and cuBLAS reuse their plans batch after batch
+                size = -(-size // 8) * 8
             gather = torch.zeros(len(tasks) * size, dtype=torch.long, device=device)
             slots, rows_all = [], []
             for g, (_, rows, _) in enumerate(self.groups):
@@ -52,8 +59,8 @@ class Route:
 def make_route(weights: torch.Tensor) -> Route:
     weights = weights.float()
     if bool((weights == weights[:1]).all()):
-        tasks = weights[0].nonzero().flatten().tolist()
-        return Route(weights, True, [(t, None, weights[0, t]) for t in tasks])
+        mix = weights[0].tolist()
+        return Route(weights, True, [(t, None, w) for t, w in enumerate(mix) if w != 0.0])
     groups = []
     for task in range(weights.shape[1]):
         rows = weights[:, task].nonzero().flatten()
@@ -72,7 +79,7 @@ def add_routed(out: torch.Tensor, x: torch.Tensor, route: Route, update: RowUpda
         raise ValueError(f"router weights for {route.batch} rows, input has {x.shape[0]}")
     if route.uniform:  # one mix for the whole batch
         for task, _, weight in route.groups:
-            out.add_(update(x, task), alpha=float(weight))
+            out.add_(update(x, task), alpha=weight)
         return out
     if x.shape[0] != route.batch:  # an input shared by the batch (e.g. position ids): each row gets its own
         x = x.expand(route.batch, *x.shape[1:])
@@ -127,9 +134,33 @@ class RoutedLinear(Routed):
     def _update(self, x: torch.Tensor, task: int) -> torch.Tensor:
         return _low_rank(x, self.rights[task].T, self.lefts[task].T, None if self.bias_deltas is None else self.bias_deltas[task])
 
+    def _factors(self, tasks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first, second) per task, stacked: the update of rows x is (x @ first) @ second."""
+        return self.rights[tasks].transpose(1, 2), self.lefts[tasks].transpose(1, 2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.shared(x)
-        return out if self.route is None else add_routed(out, x, self.route, self._update)
+        route = self.route
+        if route is None:
+            return out
+        if x.is_cuda and route.one_task_per_row and len(route.groups) > 1 and x.shape[0] == route.batch \
+                and route.packs_well():  # launch-bound on a GPU: a few batched calls instead of several per task
+            return self._packed_add(out, x, route)
+        return add_routed(out, x, route, self._update)
+
+    def _packed_add(self, out: torch.Tensor, x: torch.Tensor, route: Route) -> torch.Tensor:
+        """One task per row: every task's rows laid side by side (padded to the largest group) and updated by two
+        batched matrix products, a handful of kernel calls whatever the number of tasks."""
+        tasks, size, gather, slots, rows = route.packed()
+        first, second = self._factors(tasks)
+        packed = x.index_select(0, gather).reshape(len(tasks), -1, x.shape[-1])
+        low = torch.bmm(packed, first)
+        if self.bias_deltas is None:
+            update = torch.bmm(low, second)
+        else:
+            update = torch.baddbmm(self.bias_deltas[tasks].unsqueeze(1), low, second)
+        update = update.view(len(tasks) * size, *x.shape[1:-1], second.shape[-1])
+        return out.index_add_(0, rows, update.index_select(0, slots))
 
 
 class RoutedConv1D(RoutedLinear):
@@ -138,6 +169,9 @@ class RoutedConv1D(RoutedLinear):
 
     def _update(self, x: torch.Tensor, task: int) -> torch.Tensor:
         return _low_rank(x, self.lefts[task], self.rights[task], None if self.bias_deltas is None else self.bias_deltas[task])
+
+    def _factors(self, tasks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lefts[tasks], self.rights[tasks]
 
 
 # Above this many multiply-adds per task group a convolution call is compute-bound, and one call per task beats
@@ -179,13 +213,15 @@ class RoutedConv2d(RoutedLinear):
         if route.batch != x.shape[0]:
             raise ValueError(f"router weights for {route.batch} rows, input has {x.shape[0]}")
         if route.uniform:
-            return self._task_conv(x, [(task, float(w)) for task, _, w in route.groups])
+            return self._task_conv(x, [(task, w) for task, _, w in route.groups])
         if not route.one_task_per_row:
             return add_routed(self.shared(x), x, route, self._update)
         conv = self.shared
         positions = (x.shape[-2] // conv.stride[0]) * (x.shape[-1] // conv.stride[1])
         macs = x.shape[0] / len(route.groups) * conv.weight.numel() * positions
-        return self._per_task(x, route) if macs > PER_TASK_MACS or len(route.groups) == 1 else self._grouped(x, route)
+        if len(route.groups) == 1 or (macs > PER_TASK_MACS and not x.is_cuda):
+            return self._per_task(x, route)  # on a GPU one grouped call beats T launches
+        return self._grouped(x, route)
 
     def _per_task(self, x: torch.Tensor, route: Route) -> torch.Tensor:
         out = None
@@ -221,6 +257,10 @@ class RoutedEmbedding(RoutedLinear):
 
     def _update(self, ids: torch.Tensor, task: int) -> torch.Tensor:
         return F.embedding(ids, self.lefts[task]) @ self.rights[task]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.shared(ids)
+        return out if self.route is None else add_routed(out, ids, self.route, self._update)
 
 
 class RoutedLayerNorm(Routed):
