@@ -276,7 +276,8 @@ def validate(
     recipe: Path = typer.Argument(..., help="YAML recipe to check."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also read pickled .bin/.pt inputs (weights_only=True)."),
 ) -> None:
-    """Check a recipe and its inputs (paths, shapes, missing tensors) from file headers, without merging."""
+    """Check a recipe and its inputs (paths, shapes, missing tensors) from file headers, without merging. For
+    pleas, also build both models and check their permutation groups."""
     from mergekit_lite.merge import validate_recipe_file
 
     parsed, plan = validate_recipe_file(recipe, allow_pickle=allow_pickle)
@@ -290,6 +291,13 @@ def validate(
         f"{_human_bytes(plan.total_bytes)}",
         highlight=False,
     )
+    if parsed.merge_method == "pleas":  # model-aware: build both models and prove their permutation groups
+        from mergekit_lite.pleas.run import check_models
+
+        found = check_models(parsed, allow_pickle=allow_pickle)
+        out.print(f"[bold green]ok[/]: both models build; {found['groups']} permutation groups ({found['units']} units) "
+                  f"over {found['layers']} layers; permuting them all changes the outputs by "
+                  f"{found['self_check']:.1e} (relative)", highlight=False)
     for warning in plan.warnings:
         err.print(f"[yellow]warning:[/] {warning}", highlight=False)
 

@@ -328,3 +328,27 @@ def test_timm_vit_mlp_units_are_matched_and_the_rest_is_frozen():
                          PleasOptions(norm_statistics="merge", ridge=1e-9))
     with torch.no_grad():
         assert _relative(merged.model(x), model(x)) < 1e-4
+
+
+def test_data_free_inputs_are_refined_toward_the_models_batch_norm_statistics():
+    from mergekit_lite.pleas.sources import generic_inputs
+    from mergekit_lite.pleas.synthetic import statistics_loss, statistics_matched
+
+    models = [resnet(0), resnet(1)]
+    start = generic_inputs((1, 16, 16), 16, seed=0)
+    refined = statistics_matched(models, start, steps=40)
+    assert refined.shape == start.shape
+    before, after = float(statistics_loss(models, start).detach()), float(statistics_loss(models, refined).detach())
+    assert after < 0.8 * before, (before, after)
+    assert all(not p.requires_grad or p.grad is None for m in models for p in m.parameters())
+
+
+def test_validate_builds_both_models_and_checks_their_groups(tmp_path, pleas_inputs):
+    a, b, _ = pleas_inputs
+    recipe = _recipe(tmp_path, a, b, "data: {kind: generic, shape: [1, 16, 16]}\n", "data_free: true")
+    result = runner.invoke(app, ["validate", recipe])
+    assert result.exit_code == 0, result.output
+    assert "permutation groups" in result.output and "both models build" in result.output
+    missing = _recipe(tmp_path, a, b, "data: {path: /nonexistent/x.pt}\n", "samples: 10")
+    result = runner.invoke(app, ["validate", missing])
+    assert result.exit_code == 2 and "not found" in result.output

@@ -486,8 +486,8 @@ def _separate_heads(ws: Workspace, root: Path, save) -> list[dict]:
 
 def pleas_settings(ws: Workspace, root: Path) -> dict[str, dict]:
     """PLeaS rows: permutation only, PLeaS at several widths, and data-free PLeaS. Data: unlabeled training
-    images of the clean digits (both tasks' inputs); data-free: generic images made by the tool, or digits
-    from another domain (the noisy ones)."""
+    images of the clean digits (both tasks' inputs); data-free: generic images made by the tool (refined to the
+    models' batch-norm statistics, 200 steps by default), or digits from another domain (the noisy ones)."""
     from safetensors.torch import save_file
 
     inputs = root / "pleas_inputs.safetensors"
@@ -506,6 +506,8 @@ def pleas_settings(ws: Workspace, root: Path) -> dict[str, dict]:
     settings["PLeaS data-free 1.0x (noisy-digit inputs)"] = {"data": {"path": str(other), "key": "images"},
                                                            "data_free": True, "target_width": 1.0}
     if not ws.plan.quick:
+        settings["PLeaS data-free 1.0x (generic inputs, 500 steps)"] = {**generic, "target_width": 1.0,
+                                                                      "data_free_steps": 500}
         settings["PLeaS data-free 1.5x (generic inputs)"] = {**generic, "target_width": 1.5}
     return settings
 
@@ -530,7 +532,10 @@ def _pleas_merge(ws: Workspace, paths: list[Path], setting: dict, score: Callabl
 
 def run_pleas_scored(ws: Workspace, task: Task, paths: list[Path], setting: dict) -> dict:
     """A PLeaS merge (cached), scored on the test split."""
-    key = _key("pleas", task.name, [str(p) for p in paths], setting)
+    parts = ["pleas", task.name, [str(p) for p in paths], setting]
+    if setting.get("data", {}).get("kind") == "generic":
+        parts.append("batch-norm-matched")  # generic inputs are refined to the models' statistics
+    key = _key(*parts)
     return ws.cached(key, lambda: _pleas_merge(ws, paths, setting,
                                                lambda out: {"scores": {"test": pleas_task_score(task, out)}}))
 

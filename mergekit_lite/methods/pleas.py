@@ -36,6 +36,10 @@ METHOD = MergeMethod(
                   choices=("shared", "separate")),
         ParamSpec("data_free", bool, False, "no task data: generic inputs, or data.path from another domain",
                   scope="global"),
+        ParamSpec("data_free_steps", int, 200, "generic inputs are refined for this many Adam steps so both "
+                  "models' batch-norm layers see their stored statistics (more steps: better merges, each step a "
+                  "forward and backward pass of both models; 0 keeps the raw generic inputs)",
+                  scope="global", minimum=0),
     ),
     needs_base=False,
     min_models=2,

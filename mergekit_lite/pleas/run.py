@@ -25,6 +25,25 @@ def options_from(params: dict[str, Any]) -> PleasOptions:
                         label_spaces=str(params["label_spaces"]))
 
 
+def check_models(recipe, allow_pickle: bool = False) -> dict[str, Any]:
+    """What `merge validate` checks for PLeaS: both models build, have the same permutation groups, and
+    permuting every group at random leaves the first model's outputs unchanged; the data path exists."""
+    from mergekit_lite.pleas.graph import check_groups, permutation_spec
+    from mergekit_lite.pleas.method import _same_structure
+    from mergekit_lite.pleas.sources import input_shape
+
+    paths = [Path(entry.model) for entry in recipe.models]
+    models = [load_model(p, allow_pickle=allow_pickle or recipe.allow_pickle) for p in paths]
+    specs = [permutation_spec(m) for m in models]
+    _same_structure(specs[0], specs[1])
+    example = torch.randn(2, *input_shape(read_config(paths[0])), generator=torch.Generator().manual_seed(0))
+    error = check_groups(models[0], specs[0], example)
+    if recipe.data is not None and recipe.data.path is not None and not Path(recipe.data.path).exists():
+        raise RecipeError(f"data.path {recipe.data.path}: not found")
+    return {"groups": len(specs[0].groups), "units": sum(g.width for g in specs[0].groups),
+            "layers": len(specs[0].layers), "self_check": error}
+
+
 def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], options, progress=None,
                log=lambda message: None) -> dict[str, Any]:
     started = time.perf_counter()
@@ -37,7 +56,8 @@ def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], opti
     seed = seed if seed is not None else (recipe.seed if recipe.seed is not None else 0)
     batches, described = data_batches(recipe.data.model_dump() if recipe.data else None, models[0], config,
                                       int(params["samples"]), int(params["batch_size"]), seed,
-                                      bool(params["data_free"]))
+                                      bool(params["data_free"]), statistics_of=models,
+                                      statistics_steps=int(params["data_free_steps"]))
     loaded = time.perf_counter()
     result = pleas_merge(models[0], models[1], batches, options_from(params), log=log)
     merged_at = time.perf_counter()

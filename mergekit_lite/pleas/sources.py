@@ -182,8 +182,12 @@ TEXT_SUFFIXES = (".txt", ".md", ".text", ".jsonl", ".csv", ".py", ".rst")
 
 
 def data_batches(data: dict | None, model: torch.nn.Module, config: dict, samples: int, batch_size: int, seed: int,
-                 data_free: bool, model_dir: Path | None = None) -> tuple[list[torch.Tensor], str]:
-    """The inputs a model-aware method sees, in batches, and a description for the report."""
+                 data_free: bool, model_dir: Path | None = None,
+                 statistics_of: list[torch.nn.Module] | None = None,
+                 statistics_steps: int = 0) -> tuple[list[torch.Tensor], str]:
+    """The inputs a model-aware method sees, in batches, and a description for the report. With
+    `statistics_steps`, generic inputs are refined for that many steps to match the batch-norm statistics of
+    `statistics_of` (the models being merged), when they have any."""
     data = dict(data or {})
     kind = data.get("kind")
     path = Path(data["path"]) if data.get("path") else None
@@ -194,6 +198,12 @@ def data_batches(data: dict | None, model: torch.nn.Module, config: dict, sample
     if kind == "generic":
         shape = tuple(data["shape"]) if data.get("shape") else input_shape(config)
         inputs, described = generic_inputs(shape, samples, seed), f"generic inputs of shape {list(shape)} (data-free)"
+        if statistics_of and statistics_steps > 0 and len(shape) > 1:
+            from mergekit_lite.pleas.synthetic import batch_norm_layers, statistics_matched
+
+            if any(batch_norm_layers(m) for m in statistics_of):
+                inputs = statistics_matched(statistics_of, inputs, steps=statistics_steps)
+                described += ", refined to match the models' batch-norm statistics"
     elif path is None:
         raise UserError("PLeaS needs data: give data.path (a tensor file or an image folder), or data_free: true")
     elif not path.exists():
