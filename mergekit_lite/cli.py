@@ -317,11 +317,13 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print machine-re
         }
         print(json.dumps(listing, indent=2))
         return
+    width = max(len(p.name) for method in METHODS.values() for p in method.params)
     for name, method in METHODS.items():
         out.print(f"[bold]{name}[/]  {method.summary}" + ("" if method.needs_base else "  (no base_model needed)"), highlight=False)
         for p in method.params:
             where = "per model or global" if p.scope == "model" else "global"
-            out.print(f"    {p.name:<11} {p.kind.__name__:<5} default {p.default!s:<7} {where:<20} {p.help}", highlight=False)
+            out.print(f"    {p.name:<{width}} {p.kind.__name__:<5} default {p.default!s:<7} {where:<20} {p.help}",
+                      highlight=False)
 
 
 @app.command("report")

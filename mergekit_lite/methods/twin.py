@@ -32,8 +32,8 @@ METHOD = MergeMethod(
         ParamSpec("router_samples", int, 256, "inputs per task for the router (a fifth held out for validation)",
                   scope="global", minimum=2),
         ParamSpec("router_epochs", int, 60, "router training epochs", scope="global", minimum=1),
-        ParamSpec("router_feature", str, "stem", "what the router reads: stem (pooled first-stage output, almost free "
-                  "at inference), final (pooled last hidden state, one extra forward pass), or a module name",
+        ParamSpec("router_feature", str, "stem", "what the router reads: stem (pooled output of the first layer, almost "
+                  "free at inference), final (pooled last hidden state, one extra forward pass), or a module name",
                   scope="global"),
         ParamSpec("router_top_k", int, 1, "tasks mixed per input (the largest router weights, renormalised); 0 mixes "
                   "all tasks by the softmax", scope="global", minimum=0),
