@@ -105,10 +105,6 @@ class Routed(torch.nn.Module):
         self.shared = shared
         self.route: Route | None = None
 
-    @property
-    def tasks(self) -> int:
-        raise NotImplementedError
-
 
 def _low_rank(x: torch.Tensor, first: torch.Tensor, second: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """(x @ first) @ second (+ bias), as two 2-D matrix products over all leading dimensions."""
@@ -126,10 +122,6 @@ class RoutedLinear(Routed):
         self.register_buffer("lefts", lefts)  # (T, m, r)
         self.register_buffer("rights", rights)  # (T, r, n)
         self.register_buffer("bias_deltas", bias_deltas)  # (T, m) or None
-
-    @property
-    def tasks(self) -> int:
-        return self.lefts.shape[0]
 
     def _update(self, x: torch.Tensor, task: int) -> torch.Tensor:
         return _low_rank(x, self.rights[task].T, self.lefts[task].T, None if self.bias_deltas is None else self.bias_deltas[task])
@@ -272,10 +264,6 @@ class RoutedLayerNorm(Routed):
         self.register_buffer("weight_deltas", weight_deltas)  # (T, d)
         self.register_buffer("bias_deltas", bias_deltas)
 
-    @property
-    def tasks(self) -> int:
-        return (self.weight_deltas if self.weight_deltas is not None else self.bias_deltas).shape[0]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.route is None:
             return self.shared(x)
@@ -299,10 +287,6 @@ class RoutedRMSNorm(Routed):
         self.register_buffer("weight_deltas", weight_deltas)  # (T, d)
         eps = getattr(shared, "variance_epsilon", None) or getattr(shared, "eps", None)
         self.eps = float(eps) if eps is not None else float(torch.finfo(torch.float32).eps)
-
-    @property
-    def tasks(self) -> int:
-        return self.weight_deltas.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.shared(x)
@@ -330,10 +314,6 @@ class RoutedBatchNorm2d(Routed):
         super().__init__(shared)
         for name in self.NAMES:
             self.register_buffer(f"{name}_deltas", deltas.get(name))
-
-    @property
-    def tasks(self) -> int:
-        return next(getattr(self, f"{n}_deltas") for n in self.NAMES if getattr(self, f"{n}_deltas") is not None).shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.route is None:

@@ -77,13 +77,6 @@ class StackedDelta:
     rights: torch.Tensor | None = None
     dense: torch.Tensor | None = None
 
-    def mixed(self, weights: torch.Tensor) -> torch.Tensor:
-        """sum_t w_t V_t as a dense tensor of the tensor's shape (for a fixed task mix)."""
-        weights = weights.to(self.lefts.dtype if self.dense is None else self.dense.dtype)
-        if self.dense is not None:
-            return torch.einsum("t,t...->...", weights, self.dense)
-        return torch.einsum("t,tmr,trn->mn", weights, self.lefts, self.rights).reshape(self.shape)
-
 
 def read_manifest(directory: Path) -> dict:
     path = Path(directory) / MANIFEST
