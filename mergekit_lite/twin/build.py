@@ -80,7 +80,7 @@ def check_data_paths(recipe: Recipe) -> None:
 
 
 def _compress(directory: Path, recipe: Recipe, tasks: list[str], rank: float, seed: int, device: torch.device,
-              progress) -> tuple[dict[str, dict], list[dict]]:
+              progress) -> tuple[dict[str, dict], list[dict], dict[str, Any]]:
     """Factor every expert's difference to the shared expert, tensor by tensor, into directory/experts."""
     shared = open_checkpoint(directory / SHARED, allow_pickle=recipe.allow_pickle)
     experts = [open_checkpoint(entry.model, allow_pickle=recipe.allow_pickle) for entry in recipe.models]
@@ -89,9 +89,10 @@ def _compress(directory: Path, recipe: Recipe, tasks: list[str], rank: float, se
         layout = {name: tensor_layout(tuple(shared.tensors[name].shape), rank) for name in names}
         dtypes = {name: shared.tensors[name].dtype for name in names}
         stats = []
+        specs = delta_specs(layout, dtypes, tasks)
+        storage = _storage(specs, len(tasks) * sum(shared.tensors[n].nbytes for n in names), layout)
         progress.start(len(names), sum(shared.tensors[n].nbytes for n in names), "compressing exclusive knowledge")
-        with CheckpointWriter(directory / EXPERTS, delta_specs(layout, dtypes, tasks),
-                              metadata={"merged_with": "mergekit_lite twin"}) as writer:
+        with CheckpointWriter(directory / EXPERTS, specs, metadata={"merged_with": "mergekit_lite twin"}) as writer:
             for name in names:
                 base = shared.get(name, device).float()
                 entry, row = layout[name], {"name": name, "shape": layout[name]["shape"]}
@@ -113,7 +114,7 @@ def _compress(directory: Path, recipe: Recipe, tasks: list[str], rank: float, se
                     row.update(rank=entry["rank"], residual_energy=residuals)
                 stats.append(row)
                 progress.advance(shared.tensors[name].nbytes)
-        return layout, stats
+        return layout, stats, storage
     finally:
         progress.stop()
         shared.close()
@@ -168,12 +169,11 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
                                          MergeOptions(device=str(device), seed=seed, shard_size=options.shard_size,
                                                       allow_pickle=recipe.allow_pickle), progress)
         merged_at = time.perf_counter()
-        layout, stats = _compress(directory, recipe, tasks, rank, seed, device, progress)
+        layout, stats, storage = _compress(directory, recipe, tasks, rank, seed, device, progress)
         compressed_at = time.perf_counter()
         router, router_info = _train(directory, recipe, tasks, params, seed, device, log)
         save_file({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}, str(directory / ROUTER))
         trained_at = time.perf_counter()
-        storage = _storage(directory, layout, tasks)
         manifest = {"format": FORMAT, "tasks": tasks, "shared": SHARED, "experts": EXPERTS, "rank": rank,
                     "router": {k: router_info[k] for k in ("feature", "features", "top_k", "dropout")},
                     "tensors": layout}
@@ -203,17 +203,10 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
     return report
 
 
-def _storage(directory: Path, layout: dict[str, dict], tasks: list[str]) -> dict[str, Any]:
-    """Bytes the factors take against the dense deltas they stand for (same dtype), and the ratio."""
-    ckpt = open_checkpoint(directory / EXPERTS)
-    try:
-        stored = sum(info.nbytes for info in ckpt.tensors.values())
-        shared = open_checkpoint(directory / SHARED)
-        dense = len(tasks) * sum(shared.tensors[name].nbytes for name in layout)
-        shared.close()
-    finally:
-        ckpt.close()
-    return {"stored_bytes": stored, "dense_delta_bytes": dense, "ratio": stored / dense if dense else 0.0,
+def _storage(specs: list, dense_bytes: int, layout: dict[str, dict]) -> dict[str, Any]:
+    """Bytes the factors take (the experts file's planned tensors) against the dense deltas they stand for."""
+    stored = sum(spec.nbytes for spec in specs)
+    return {"stored_bytes": stored, "dense_delta_bytes": dense_bytes, "ratio": stored / dense_bytes if dense_bytes else 0.0,
             "factored_tensors": sum(1 for e in layout.values() if e["kind"] == "factors"),
             "dense_tensors": sum(1 for e in layout.values() if e["kind"] == "dense")}
 
