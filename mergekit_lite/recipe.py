@@ -8,6 +8,7 @@ layer index.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Union
 
@@ -145,10 +146,22 @@ def load_recipe(path: str | Path) -> tuple[Recipe, dict[tuple, int]]:
     return parse_recipe(text, str(path))
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1's safe loader, except that exponent numbers without a dot (1e-9, 5E3) are floats, as in YAML 1.2
+    and JSON, instead of strings."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def parse_recipe(text: str, source: str = "<recipe>") -> tuple[Recipe, dict[tuple, int]]:
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_RecipeLoader)
+        data = yaml.load(text, Loader=_RecipeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source

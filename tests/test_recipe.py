@@ -50,6 +50,15 @@ def test_mergekit_recipe_parses_unchanged():
     assert glob["normalize"] is True and glob["lambda"] == 1.0 and glob["trim_scope"] == "tensor"
 
 
+def test_exponent_numbers_without_a_dot_are_numbers():
+    """YAML 1.1 reads 1e-9 as a string; recipes read it as the number users mean (as YAML 1.2 and JSON do)."""
+    recipe, _ = parse_recipe("merge_method: pleas\nmodels: [{model: a}, {model: b}]\ndata: {kind: generic}\n"
+                             "parameters: {ridge: 1e-9, samples: 2E+2}\n")
+    assert recipe.parameters["ridge"] == pytest.approx(1e-9) and recipe.parameters["samples"] == 200
+    recipe, _ = parse_recipe("merge_method: linear\nmodels: [{model: 1e5x}, {model: b}]\n")
+    assert recipe.models[0].model == "1e5x"
+
+
 def test_gradient_interpolates_over_layers():
     points = [0.0, 1.0, 0.0]
     values = [gradient_value(points, f"layers.{i}.w", i, 5) for i in range(5)]

@@ -18,7 +18,7 @@ def _run(*args, **kwargs) -> dict:
 METHOD = MergeMethod(
     name="pleas",
     summary="two models from any initialisation: match units on data, partial merge to a target width, "
-            "least squares per layer (timm models and plain MLPs)",
+            "least squares per layer (timm models, Llama-style decoders, plain MLPs)",
     merge_chunk=_not_tensor_wise,
     params=(
         ParamSpec("target_width", float, 1.0, "compute of the merged model relative to one source model",

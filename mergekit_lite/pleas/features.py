@@ -29,6 +29,33 @@ def capture(graph: torch.fx.GraphModule, inputs: torch.Tensor, wanted: set[str])
     return output, recorder.values
 
 
+@torch.no_grad()
+def capture_hooks(model: torch.nn.Module, inputs: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
+    """{"module:in" or "module:out": that module's first input or its output} for one batch, read with
+    forward hooks (for models fx cannot trace)."""
+    values: dict[str, torch.Tensor] = {}
+    sides: dict[str, set[str]] = {}
+    for key in wanted:
+        name, _, side = key.rpartition(":")
+        sides.setdefault(name, set()).add(side)
+
+    def hook(name: str):
+        def record(module, args, output) -> None:
+            if "in" in sides[name]:
+                values[f"{name}:in"] = args[0]
+            if "out" in sides[name]:
+                values[f"{name}:out"] = output if isinstance(output, torch.Tensor) else output[0]
+        return record
+
+    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in sides]
+    try:
+        model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return values
+
+
 def channel_rows(values: torch.Tensor) -> torch.Tensor:
     """(rows, channels) view of an activation: channels are axis 1 of an image tensor (N, C, H, W) or of
     (N, C), and the last axis of token tensors (N, L, C)."""

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
+from mergekit_lite.errors import UserError
+
 CONV_LINEAR = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)
 NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.LayerNorm)
 SHAPE_KEEPING_MODULES = (
@@ -35,12 +37,29 @@ ADDS = {operator.add, operator.iadd, torch.add}
 
 @dataclass
 class Group:
-    """One permutation group: its width, its members, and the graph nodes whose outputs carry it."""
+    """One permutation group: its width, its members, and the activations whose channel axis carries it.
+
+    A block group (attention heads) permutes whole blocks: `width` counts blocks, and each member's axis holds
+    `segments` sections (3 for a fused q/k/v projection) of `width` equal blocks, which move together."""
 
     index: int
     width: int
     members: list[tuple[str, int]] = field(default_factory=list)  # (parameter or buffer name, axis)
-    nodes: list[str] = field(default_factory=list)  # fx node names whose output's channel axis is this group
+    nodes: list[str] = field(default_factory=list)  # activations (fx node or hook names) whose channels are this group
+    blocks: bool = False
+    segments: dict[str, int] = field(default_factory=dict)  # member name -> sections along its axis (default 1)
+
+    def unit_order(self, order: torch.Tensor, name: str, size: int) -> torch.Tensor:
+        """Index along a member's axis (of `size`) for a group order: the order itself, or its blocks unrolled."""
+        return expand_blocks(order, size, self.width, self.segments.get(name, 1)) if self.blocks else order
+
+
+def expand_blocks(order: torch.Tensor, size: int, blocks: int, segments: int = 1) -> torch.Tensor:
+    """Unit indices along an axis of `size` made of `segments` sections of `blocks` equal blocks, for a block
+    order (new block i is old block order[i], in every section)."""
+    block = size // (segments * blocks)
+    units = (order.long().unsqueeze(1) * block + torch.arange(block)).flatten()
+    return torch.cat([units + s * blocks * block for s in range(segments)])
 
 
 @dataclass
@@ -56,9 +75,27 @@ class Layer:
 
 @dataclass
 class Spec:
+    """Groups and layers of one model, and how to read its activations: from the fx graph's nodes, or (for a
+    hand-written spec) from forward hooks named "module:in" / "module:out"."""
+
     groups: list[Group]
     layers: list[Layer]
-    graph: torch.fx.GraphModule
+    graph: torch.fx.GraphModule | None
+    model: torch.nn.Module | None = None
+
+    def activations(self, batch: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
+        from mergekit_lite.pleas.features import capture, capture_hooks
+
+        if self.graph is not None:
+            return capture(self.graph, batch, wanted)[1]
+        return capture_hooks(self.model, batch, wanted)
+
+    def layer_input(self, layer: Layer) -> str:
+        """The name of the activation a layer reads."""
+        if self.graph is None:
+            return f"{layer.name}:in"
+        node = next(n for n in self.graph.graph.nodes if n.name == layer.node)
+        return node.all_input_nodes[0].name
 
 
 class _Spaces:
@@ -128,7 +165,16 @@ def trace(model: torch.nn.Module) -> torch.fx.GraphModule:
 
 
 def permutation_spec(model: torch.nn.Module) -> Spec:
-    """The model's permutation groups and conv/linear layers, from its fx graph (norms join their input's group)."""
+    """The model's permutation groups and conv/linear layers: a hand-written spec for the families fx cannot
+    trace through (transformers decoders, timm ViTs), else from its fx graph (norms join their input's group)."""
+    from mergekit_lite.pleas.families import hand_written_spec
+
+    spec = hand_written_spec(model)
+    if spec is not None:
+        return spec
+    if getattr(getattr(model, "config", None), "model_type", None) is not None:
+        raise UserError(f"PLeaS covers Llama-style transformers decoders (Llama, Mistral, Qwen2 and others with their "
+                        f"module names); {type(model).__name__} is not supported yet")
     graph = trace(model)
     modules = dict(graph.named_modules())
     spaces = _Spaces()
@@ -230,8 +276,13 @@ def permute_state(state: dict[str, torch.Tensor], spec: Spec, permutations: list
     out = dict(state)
     for group, order in zip(spec.groups, permutations):
         for name, axis in group.members:
-            out[name] = out[name].index_select(axis, order)
+            out[name] = out[name].index_select(axis, group.unit_order(order, name, out[name].shape[axis]))
     return out
+
+
+def output_tensor(output) -> torch.Tensor:
+    """A model's main output: the tensor itself, or a transformers output's logits."""
+    return output if isinstance(output, torch.Tensor) else output.logits
 
 
 @torch.no_grad()
@@ -242,11 +293,11 @@ def check_groups(model: torch.nn.Module, spec: Spec, example: torch.Tensor, seed
     permutations = [torch.randperm(g.width, generator=gen) for g in spec.groups]
     state = model.state_dict()
     model.eval()
-    reference = model(example)
+    reference = output_tensor(model(example))
     shuffled = permute_state(state, spec, permutations)
     try:
         model.load_state_dict(shuffled)
-        changed = model(example)
+        changed = output_tensor(model(example))
     finally:
         model.load_state_dict(state)
     scale = reference.abs().max().clamp_min(1e-12)

@@ -111,9 +111,11 @@ def block_cost(out_layout: Layout, in_layout: Layout) -> int:
     return m_out * (m_in + a_in + b_in) + a_out * (m_in + a_in) + b_out * (m_in + b_in)
 
 
-def allocate_ratios(qualities: list[torch.Tensor], layer_costs, target: float, step: float = 0.125) -> list[float]:
+def allocate_ratios(qualities: list[torch.Tensor], layer_costs, target: float, step: float = 0.125,
+                    fixed: list[bool] | None = None) -> list[float]:
     """Per-group ratios that reach `target` compute (relative to one model) by unmerging, a step at a time,
-    the group whose currently merged pairs match worst. `layer_costs(ratios)` gives the compute ratio."""
+    the group whose currently merged pairs match worst. `layer_costs(ratios)` gives the compute ratio;
+    `fixed` groups stay fully merged."""
     ratios = [0.0] * len(qualities)
     if target <= 1.0 + 1e-9:
         return ratios
@@ -121,7 +123,7 @@ def allocate_ratios(qualities: list[torch.Tensor], layer_costs, target: float, s
     while layer_costs(ratios) < target - 1e-6:
         best, best_value = None, None
         for g, quality in enumerate(sorted_quality):
-            if ratios[g] >= 1.0 - 1e-9:
+            if ratios[g] >= 1.0 - 1e-9 or (fixed is not None and fixed[g]):
                 continue
             kept = len(quality) - int(round(ratios[g] * len(quality)))
             value = float(quality[:kept].mean()) if kept else float("inf")

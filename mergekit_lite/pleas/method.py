@@ -18,8 +18,8 @@ import torch
 
 from mergekit_lite.errors import UserError
 from mergekit_lite.pleas import least_squares as ls
-from mergekit_lite.pleas.features import capture, channel_axis, channel_rows
-from mergekit_lite.pleas.graph import Spec, check_groups, permutation_spec
+from mergekit_lite.pleas.features import channel_axis, channel_rows
+from mergekit_lite.pleas.graph import Group, Spec, check_groups, expand_blocks, permutation_spec
 from mergekit_lite.pleas.matching import (
     CrossStats, Layout, allocate_ratios, block_cost, identity_layout, match, partial_layout,
 )
@@ -46,13 +46,26 @@ def _same_structure(spec_a: Spec, spec_b: Spec) -> None:
         raise UserError("the two models do not have the same architecture (their permutation groups differ)")
 
 
-def _layer_input(spec: Spec, layer) -> str:
-    node = next(n for n in spec.graph.graph.nodes if n.name == layer.node)
-    return node.all_input_nodes[0].name
+def block_scores(correlation: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Similarity of every block of A (an attention head) with every block of B: the mean correlation of
+    their units in order (units inside a block keep their order when blocks move)."""
+    size = correlation.shape[0] // blocks
+    return torch.diagonal(correlation.view(blocks, size, blocks, size), dim1=1, dim2=3).mean(-1)
+
+
+def expand_layout(layout: Layout, group: Group, name: str, size: int) -> Layout:
+    """A block group's layout (over blocks, all merged) as unit indices along one member's axis."""
+    if not group.blocks:
+        return layout
+    segments = group.segments.get(name, 1)
+    units = lambda order: expand_blocks(order, size, group.width, segments)  # noqa: E731
+    per_block = size // group.width
+    return Layout(units(layout.merged_a), units(layout.merged_b), layout.only_a[:0], layout.only_b[:0],
+                  layout.pair_correlation.repeat_interleave(per_block))
 
 
 def _cost_ratio(spec: Spec, layouts_for: Callable[[list[float]], list[Layout]], positions: dict[str, int],
-                frozen_layout: Callable) -> Callable[[list[float]], float]:
+                layer_layout: Callable) -> Callable[[list[float]], float]:
     """Compute (multiply-adds in non-zero blocks) of the merged model relative to one source model."""
     base = sum(_kernel(l.module) * l.module.weight.shape[0] * l.module.weight.shape[1] * positions[l.name]
                for l in spec.layers)
@@ -61,8 +74,7 @@ def _cost_ratio(spec: Spec, layouts_for: Callable[[list[float]], list[Layout]], 
         layouts = layouts_for(ratios)
         total = 0
         for layer in spec.layers:
-            in_layout = layouts[layer.input_group] if layer.input_group is not None else frozen_layout(layer, "in")
-            out_layout = layouts[layer.output_group] if layer.output_group is not None else frozen_layout(layer, "out")
+            in_layout, out_layout = layer_layout(layouts, layer, "in"), layer_layout(layouts, layer, "out")
             total += _kernel(layer.module) * block_cost(out_layout, in_layout) * positions[layer.name]
         return total / base
 
@@ -87,26 +99,36 @@ def _allowed(out_layout: Layout, in_layout: Layout, kernel: int, bias: bool) -> 
 
 
 def resize_to(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """Give conv, linear and norm modules the shapes that `state` holds (a merged model may be wider)."""
+    """Give every module the shapes that `state` holds (a merged model may be wider): size attributes of conv,
+    linear, norm and embedding modules, then every parameter and buffer (tied ones stay tied)."""
     for name, module in model.named_modules():
         weight = state.get(f"{name}.weight")
-        if weight is None:
+        current = getattr(module, "weight", None)
+        if weight is None or not isinstance(current, torch.Tensor) or weight.shape == current.shape:
             continue
-        if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)) and weight.shape != module.weight.shape:
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)):
             module.out_channels, module.in_channels = weight.shape[0], weight.shape[1] * module.groups
-        elif isinstance(module, torch.nn.Linear) and weight.shape != module.weight.shape:
+        elif isinstance(module, torch.nn.Linear):
             module.out_features, module.in_features = weight.shape
-        elif isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and weight.shape != module.weight.shape:
+        elif isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.num_features = weight.shape[0]
-        elif isinstance(module, torch.nn.LayerNorm) and weight.shape != module.weight.shape:
+        elif isinstance(module, torch.nn.LayerNorm):
             module.normalized_shape = tuple(weight.shape)
-        else:
-            continue
+        elif isinstance(module, torch.nn.Embedding):
+            module.num_embeddings, module.embedding_dim = weight.shape
+    replaced: dict[int, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
         for key, value in list(module.named_parameters(recurse=False)):
-            setattr(module, key, torch.nn.Parameter(torch.empty_like(state[f"{name}.{key}"])))
+            target = state.get(prefix + key)
+            if target is not None and target.shape != value.shape:
+                if id(value) not in replaced:
+                    replaced[id(value)] = torch.nn.Parameter(torch.empty_like(target), requires_grad=value.requires_grad)
+                setattr(module, key, replaced[id(value)])
         for key, value in list(module.named_buffers(recurse=False)):
-            if f"{name}.{key}" in state:
-                module.register_buffer(key, torch.empty_like(state[f"{name}.{key}"]))
+            target = state.get(prefix + key)
+            if value is not None and target is not None and target.shape != value.shape:
+                module.register_buffer(key, torch.empty_like(target))
     return model
 
 
@@ -141,24 +163,29 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
     check_error = check_groups(model_a, spec, batches[0][:8])
     log(f"{len(spec.groups)} permutation groups, {len(spec.layers)} conv/linear layers (self-check {check_error:.1e})")
 
-    # 1. correlations between A's and B's units, per group
-    stats = [CrossStats.empty(g.width) for g in spec.groups]
+    # 1. correlations between A's and B's units (or blocks), per group
+    stats: list[CrossStats | None] = [None] * len(spec.groups)
     group_nodes = {name for g in spec.groups for name in g.nodes}
     layer_nodes = {l.node for l in spec.layers}
     positions: dict[str, int] = {}
     for batch in batches:
-        _, acts_a = capture(spec.graph, batch, group_nodes | layer_nodes)
-        _, acts_b = capture(spec_b.graph, batch, group_nodes | layer_nodes)
-        for group, stat in zip(spec.groups, stats):
+        acts_a = spec.activations(batch, group_nodes | layer_nodes)
+        acts_b = spec_b.activations(batch, group_nodes | layer_nodes)
+        for group in spec.groups:
             for node in group.nodes:
-                stat.add(channel_rows(acts_a[node]), channel_rows(acts_b[node]))
+                rows_a, rows_b = channel_rows(acts_a[node]), channel_rows(acts_b[node])
+                if stats[group.index] is None:
+                    stats[group.index] = CrossStats.empty(rows_a.shape[1])
+                stats[group.index].add(rows_a, rows_b)
         if not positions:
             positions = {l.name: acts_a[l.node][0].numel() // l.module.weight.shape[0] for l in spec.layers}
-    correlations = [s.correlation() for s in stats]
+        del acts_a, acts_b
+    correlations = [block_scores(s.correlation(), g.width) if g.blocks else s.correlation()
+                    for g, s in zip(spec.groups, stats)]
     pairs = [match(c) for c in correlations]
     qualities = [c[torch.as_tensor(p[0]), torch.as_tensor(p[1])] for c, p in zip(correlations, pairs)]
 
-    # 2. ratios for the target compute
+    # 2. ratios for the target compute (attention heads always merge whole)
     layouts_for = lambda ratios: [partial_layout(c, p, r) for c, p, r in zip(correlations, pairs, ratios)]  # noqa: E731
 
     heads_b = {l.name: l.module.weight.shape[0] for l in spec_b.layers}
@@ -170,8 +197,16 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
             return identity_layout(layer.module.weight.shape[1])
         return _head_layout(layer.module.weight.shape[0], heads_b[layer.name], options.label_spaces)
 
-    compute = _cost_ratio(spec, layouts_for, positions, frozen)
-    ratios = allocate_ratios(qualities, compute, options.target_width, options.ratio_step)
+    def layer_layout(layouts: list[Layout], layer, side: str) -> Layout:
+        index = layer.input_group if side == "in" else layer.output_group
+        if index is None:
+            return frozen(layer, side)
+        size = layer.module.weight.shape[1 if side == "in" else 0]
+        return expand_layout(layouts[index], spec.groups[index], f"{layer.name}.weight", size)
+
+    compute = _cost_ratio(spec, layouts_for, positions, layer_layout)
+    ratios = allocate_ratios(qualities, compute, options.target_width, options.ratio_step,
+                             fixed=[g.blocks for g in spec.groups])
     layouts = layouts_for(ratios)
     log(f"ratios chosen for compute {options.target_width}: achieved {compute(ratios):.3f}")
 
@@ -179,20 +214,20 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
     merged: dict[str, torch.Tensor] = {}
 
     def in_layout_of(layer) -> Layout:
-        return layouts[layer.input_group] if layer.input_group is not None else frozen(layer, "in")
+        return layer_layout(layouts, layer, "in")
 
     def out_layout_of(layer) -> Layout:
-        return layouts[layer.output_group] if layer.output_group is not None else frozen(layer, "out")
+        return layer_layout(layouts, layer, "out")
 
     # 3. least squares per layer, or permutation-only averaging
     residuals: dict[str, float] = {}
     if options.least_squares:
         normals = {}
-        inputs_of = {l.name: _layer_input(spec, l) for l in spec.layers}
+        inputs_of = {l.name: spec.layer_input(l) for l in spec.layers}
         wanted = layer_nodes | set(inputs_of.values())
         for batch in batches:
-            _, acts_a = capture(spec.graph, batch, wanted)
-            _, acts_b = capture(spec_b.graph, batch, wanted)
+            acts_a = spec.activations(batch, wanted)
+            acts_b = spec_b.activations(batch, wanted)
             for layer in spec.layers:
                 module = layer.module
                 in_layout, out_layout = in_layout_of(layer), out_layout_of(layer)
@@ -232,7 +267,7 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
                                                                   state_b[f"{layer.name}.bias"], 0)
 
     # 4. norms (and anything else) merged by layout
-    group_of_member = {name: (g.index, axis) for g in spec.groups for name, axis in g.members}
+    group_of_member = {name: (g, axis) for g in spec.groups for name, axis in g.members}
     for name, value in state_a.items():
         if name in merged:
             continue
@@ -240,7 +275,8 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
             merged[name] = value.clone()
         elif name in group_of_member:
             group, axis = group_of_member[name]
-            merged[name] = layouts[group].combine(value, state_b[name], axis)
+            layout = expand_layout(layouts[group.index], group, name, value.shape[axis])
+            merged[name] = layout.combine(value, state_b[name], axis)
         else:
             merged[name] = (value + state_b[name]) / 2
     model = resize_to(copy.deepcopy(model_a), merged)

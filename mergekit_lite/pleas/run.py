@@ -30,14 +30,13 @@ def check_models(recipe, allow_pickle: bool = False) -> dict[str, Any]:
     permuting every group at random leaves the first model's outputs unchanged; the data path exists."""
     from mergekit_lite.pleas.graph import check_groups, permutation_spec
     from mergekit_lite.pleas.method import _same_structure
-    from mergekit_lite.pleas.sources import input_shape
+    from mergekit_lite.pleas.sources import example_inputs
 
     paths = [Path(entry.model) for entry in recipe.models]
-    models = [load_model(p, allow_pickle=allow_pickle or recipe.allow_pickle) for p in paths]
+    models = [load_model(p, allow_pickle=allow_pickle or recipe.allow_pickle, transformers_ok=True) for p in paths]
     specs = [permutation_spec(m) for m in models]
     _same_structure(specs[0], specs[1])
-    example = torch.randn(2, *input_shape(read_config(paths[0])), generator=torch.Generator().manual_seed(0))
-    error = check_groups(models[0], specs[0], example)
+    error = check_groups(models[0], specs[0], example_inputs(read_config(paths[0]), 2))
     if recipe.data is not None and recipe.data.path is not None and not Path(recipe.data.path).exists():
         raise RecipeError(f"data.path {recipe.data.path}: not found")
     return {"groups": len(specs[0].groups), "units": sum(g.width for g in specs[0].groups),
@@ -51,12 +50,12 @@ def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], opti
     paths = [Path(entry.model) for entry in recipe.models]
     if recipe.base_model is not None:
         raise RecipeError("pleas merges two models from any initialisation; it takes no base_model")
-    models = [load_model(p, allow_pickle=recipe.allow_pickle) for p in paths]
+    models = [load_model(p, allow_pickle=recipe.allow_pickle, transformers_ok=True) for p in paths]
     config = read_config(paths[0])
     seed = seed if seed is not None else (recipe.seed if recipe.seed is not None else 0)
     batches, described = data_batches(recipe.data.model_dump() if recipe.data else None, models[0], config,
                                       int(params["samples"]), int(params["batch_size"]), seed,
-                                      bool(params["data_free"]), statistics_of=models,
+                                      bool(params["data_free"]), model_dir=paths[0], statistics_of=models,
                                       statistics_steps=int(params["data_free_steps"]))
     loaded = time.perf_counter()
     result = pleas_merge(models[0], models[1], batches, options_from(params), log=log)
@@ -96,6 +95,8 @@ def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], opti
         for name, tensor in state.items():
             writer.write(name, tensor)
         writer.add_file("config.json", json.dumps(source_config, indent=2) + "\n")
+        source_dir = paths[0] if paths[0].is_dir() else paths[0].parent
+        writer.copy_support_files(source_dir)  # tokenizer and generation files of a transformers model
         writer.add_file("merge_recipe.yaml", recipe_text)
         writer.add_file("README.md", _card(paths, result.report, recipe_text))
         files_bytes = sum((writer.tmp_dir / name).stat().st_size for name in writer.files)
@@ -120,6 +121,7 @@ def _card(paths: list[Path], report: dict, recipe_text: str) -> str:
              "", "Models merged:", ""] + [f"- `{p}`" for p in paths]
     lines += ["", f"Compute relative to one source model: {report['compute_ratio']:.3f} (target {report['target_width']}); "
               f"parameters: {report['parameter_ratio']:.3f}x.", "",
-              "Load it with `mergekit_lite.pleas.load_model(path)` (module shapes follow the weights).", "",
+              "Load it with `mergekit_lite.pleas.load_model(path, transformers_ok=True)` (module shapes follow the "
+              "weights; at width 1.0 it also loads with the source model's own loader).", "",
               "## Recipe", "", "```yaml", recipe_text.rstrip(), "```", ""]
     return "\n".join(lines)

@@ -1,12 +1,13 @@
 """Building source models and data for PLeaS, and loading what it writes.
 
-Models: timm checkpoints in the hub layout (config.json with `architecture`, optional `model_args`) and plain
-MLPs (config.json with `"mergekit_lite_mlp": [in, hidden..., out]`). A merged checkpoint wider than its
-source loads the same way: modules take the shapes the weights have.
+Models: timm checkpoints in the hub layout (config.json with `architecture`, optional `model_args`), plain
+MLPs (config.json with `"mergekit_lite_mlp": [in, hidden..., out]`) and transformers checkpoints (through
+their own class). A merged checkpoint wider than its source loads the same way: modules take the shapes the
+weights have.
 
 Data: a tensor file (.safetensors, .npy or .pt, one tensor of inputs), an image folder read with timm's
-data tools and the model's own preprocessing, or generic inputs made here (smooth random images or
-Gaussian vectors: the data-free mode).
+data tools and the model's own preprocessing, a text file read with the checkpoint's tokenizer, or generic
+inputs made here (smooth random images, Gaussian vectors or random token ids: the data-free mode).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def build_model(config: dict, path: Path) -> torch.nn.Module:
         except Exception as exc:  # timm raises many kinds for unknown names and arguments
             raise UserError(f"{path}: timm cannot build {config['architecture']!r}: {exc}") from exc
     kind = config.get("model_type", "unknown")
-    raise UserError(f"{path}: PLeaS works on timm models and plain MLPs; a {kind!r} checkpoint is not supported yet")
+    raise UserError(f"{path}: PLeaS works on timm models, plain MLPs and Llama-style transformers checkpoints; a {kind!r} checkpoint without a transformers class is not supported")
 
 
 def load_transformers_model(path: Path, config: dict) -> torch.nn.Module:
@@ -61,24 +62,20 @@ def load_transformers_model(path: Path, config: dict) -> torch.nn.Module:
     cls = getattr(transformers, names[0], None) if names else None
     if cls is None:
         raise UserError(f"{path}: transformers has no class {names[0] if names else '(none named)'!r} for this checkpoint")
+    directory = path if path.is_dir() else path.parent
+    widths = config.get("pleas") or {}
     try:
-        return cls.from_pretrained(path if path.is_dir() else path.parent, torch_dtype=torch.float32).eval()
+        if widths.get("group_widths", []) == widths.get("source_group_widths", []):
+            return cls.from_pretrained(directory, torch_dtype=torch.float32).eval()
+        # a PLeaS merge wider than its sources: layers of their own widths, which the config cannot state
+        model = cls(cls.config_class.from_pretrained(directory)).float()
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: transformers cannot load it: {exc}") from exc
+    return _load_resized(model, path)
 
 
-def is_transformers(config: dict) -> bool:
-    return "model_type" in config and "architecture" not in config
-
-
-def load_model(path: str | Path, allow_pickle: bool = False, transformers_ok: bool = False) -> torch.nn.Module:
-    """A source or merged checkpoint as an eval-mode torch module (transformers ones only where the caller
-    handles them)."""
-    path = Path(path)
-    config = read_config(path)
-    if transformers_ok and is_transformers(config):
-        return load_transformers_model(path, config)
-    model = build_model(config, path)
+def _load_resized(model: torch.nn.Module, path: Path, allow_pickle: bool = False) -> torch.nn.Module:
+    """Load a checkpoint into `model`, giving its modules the shapes the checkpoint's tensors have."""
     ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
     try:
         state = {name: ckpt.get(name) for name in ckpt.tensors}
@@ -92,6 +89,31 @@ def load_model(path: str | Path, allow_pickle: bool = False, transformers_ok: bo
     resize_to(model, state)
     model.load_state_dict(state)
     return model.eval()
+
+
+def is_transformers(config: dict) -> bool:
+    return "model_type" in config and "architecture" not in config
+
+
+def load_model(path: str | Path, allow_pickle: bool = False, transformers_ok: bool = False) -> torch.nn.Module:
+    """A source or merged checkpoint as an eval-mode torch module (transformers ones only where the caller
+    handles them)."""
+    path = Path(path)
+    config = read_config(path)
+    if transformers_ok and is_transformers(config):
+        return load_transformers_model(path, config)
+    return _load_resized(build_model(config, path), path, allow_pickle)
+
+
+GENERIC_TOKENS = 64  # length of a data-free token window
+
+
+def example_inputs(config: dict, count: int, seed: int = 0) -> torch.Tensor:
+    """A few inputs of the model's kind: token ids for transformers checkpoints, else Gaussian inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    if is_transformers(config):
+        return torch.randint(0, int(config.get("vocab_size", 2)), (count, 16), generator=gen)
+    return torch.randn(count, *input_shape(config), generator=gen)
 
 
 def input_shape(config: dict) -> tuple[int, ...]:
@@ -195,7 +217,12 @@ def data_batches(data: dict | None, model: torch.nn.Module, config: dict, sample
         kind = "text"
     if kind is None:
         kind = ("generic" if data_free else None) if path is None else ("images" if path.is_dir() else "tensors")
-    if kind == "generic":
+    if kind == "generic" and is_transformers(config):
+        length = int(data.get("length") or GENERIC_TOKENS)
+        gen = torch.Generator().manual_seed(seed)
+        inputs = torch.randint(0, int(config["vocab_size"]), (samples, length), generator=gen)
+        described = f"random token ids, {samples} windows of {length} (data-free)"
+    elif kind == "generic":
         shape = tuple(data["shape"]) if data.get("shape") else input_shape(config)
         inputs, described = generic_inputs(shape, samples, seed), f"generic inputs of shape {list(shape)} (data-free)"
         if statistics_of and statistics_steps > 0 and len(shape) > 1:
