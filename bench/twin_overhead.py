@@ -18,9 +18,8 @@ import time
 import torch
 
 from mergekit_lite.twin.compress import rank_for
-from mergekit_lite.twin.routed import set_route
 from mergekit_lite.twin.router import Router, pooled_features, route_weights
-from mergekit_lite.twin.runtime import install_routes
+from mergekit_lite.twin.runtime import TwinModel, install_routes
 from mergekit_lite.twin.store import StackedDelta
 
 
@@ -63,15 +62,13 @@ def measure(name: str, build, inputs: torch.Tensor, tasks: int, repeats: int, ou
     features = pooled_features(twin, "stem", inputs)
     router = Router(features.shape[1], tasks).eval().to(device)
     shared_ms = median_ms(lambda: output(shared(inputs)), repeats)
+    runtime = TwinModel(twin, router, [f"task{t}" for t in range(tasks)], "stem", 1, [])
     rows = []
     for label, top_k in (("top-1", 1), ("soft (all tasks)", 0)):
         def routed():
-            set_route(twin, None)
-            weights = route_weights(router(pooled_features(twin, "stem", inputs)) * 0 + torch.randn(len(inputs), tasks, device=device), top_k)
-            set_route(twin, weights)
-            result = output(twin(inputs))
-            set_route(twin, None)
-            return result
+            runtime.route(inputs)  # the router's cost; its choice is replaced by a random one below
+            weights = route_weights(torch.randn(len(inputs), tasks, device=device), top_k)
+            return output(runtime(inputs, weights=weights))
 
         twin_ms = median_ms(routed, repeats)
         rows.append({"model": name, "tasks": tasks, "routing": label, "shared_ms": shared_ms, "twin_ms": twin_ms,

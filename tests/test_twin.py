@@ -89,9 +89,16 @@ def test_full_rank_routing_to_a_task_gives_that_expert_back(family_twin):
             got = _outputs(twin(x, weights={task["task"]: 1.0}))
             torch.testing.assert_close(got, wanted[index], rtol=1e-4, atol=1e-4)
         rows = torch.tensor([0, 1, 1, 0, 1, 0])
-        got = _outputs(twin(x, weights=torch.nn.functional.one_hot(rows, 2).float()))
+        routed = twin(x, weights=torch.nn.functional.one_hot(rows, 2).float())
+        got = _outputs(routed)
         for row, task in enumerate(rows.tolist()):  # every row of one batch routed to its own expert
             torch.testing.assert_close(got[row], wanted[task][row], rtol=1e-4, atol=1e-4)
+        cache = getattr(routed, "past_key_values", None)
+        if cache is not None:  # rows run grouped by task inside; the key/value cache comes back in the caller's order
+            caches = [expert(x).past_key_values for expert in experts]
+            for row, task in enumerate(rows.tolist()):
+                torch.testing.assert_close(cache.layers[0].keys[row], caches[task].layers[0].keys[row],
+                                           rtol=1e-4, atol=1e-4)
     assert all(max(t.get("residual_energy", [0.0])) < 1e-4 for t in report["twin"]["tensors"])  # float32 SVD
 
 

@@ -7,7 +7,7 @@ import torch
 
 from mergekit_lite.twin import compress
 from mergekit_lite.twin.compress import low_rank, rank_for
-from mergekit_lite.twin.routed import RoutedLinear, dense_for_row, make_route
+from mergekit_lite.twin.routed import RoutedConv2d, RoutedLinear, dense_for_row, make_route, task_order
 
 
 def _matrix(m=60, n=40, rank=None, seed=0):
@@ -118,6 +118,30 @@ def test_one_hot_route_with_full_rank_gives_the_expert_back():
     layer.route = make_route(torch.tensor([[0.0, 1.0]] * 4))
     with torch.no_grad():
         torch.testing.assert_close(layer(x), x @ experts[1].T + shared.bias, rtol=1e-4, atol=1e-5)
+
+
+def test_rows_grouped_by_task_run_on_slices_with_the_same_result():
+    """Top-1 rows sorted by task become spans (slices, no gathers); linear and conv layers give the same rows as
+    the gathered path, and a conv's per-task filters are formed once and kept."""
+    torch.manual_seed(3)
+    tasks = torch.tensor([2, 0, 1, 0, 2, 2, 1])
+    weights = torch.nn.functional.one_hot(tasks, 3).float()
+    order = task_order(weights)
+    assert order is not None and task_order(weights[order]) is None  # sorted already
+    assert task_order(torch.softmax(torch.randn(7, 3), -1)) is None and task_order(weights[:1]) is None
+    scattered, grouped = make_route(weights), make_route(weights[order])
+    assert scattered.spans is None and [t for t, _, _ in grouped.spans] == [0, 1, 2]
+    assert [(s, e) for _, s, e in grouped.spans] == [(0, 2), (2, 4), (4, 7)]
+    linear = RoutedLinear(torch.nn.Linear(8, 6), torch.randn(3, 6, 2), torch.randn(3, 2, 8), torch.randn(3, 6))
+    conv = RoutedConv2d(torch.nn.Conv2d(4, 5, 3, padding=1), torch.randn(3, 5, 2) * 0.1, torch.randn(3, 2, 36) * 0.1)
+    for layer, x in ((linear, torch.randn(7, 3, 8)), (conv, torch.randn(7, 4, 6, 6))):
+        with torch.no_grad():
+            layer.route = scattered
+            expected = layer(x)
+            layer.route = grouped
+            got = layer(x[order])
+        torch.testing.assert_close(got, expected[order], rtol=1e-5, atol=1e-5)
+    assert conv.task_filters() is conv.task_filters()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

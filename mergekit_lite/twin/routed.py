@@ -27,6 +27,7 @@ class Route:
     # (task, rows, their weights or None if all 1); uniform routes: (task, None, the batch's weight as a float)
     groups: list[tuple[int, torch.Tensor | None, torch.Tensor | float | None]]
     one_task_per_row: bool = False  # every row has weight 1 on a single task (top-1 routing)
+    spans: list[tuple[int, int, int]] | None = None  # one task per row, rows grouped by task: (task, start, end)
     _packed: tuple | None = None
 
     def packs_well(self) -> bool:
@@ -69,7 +70,24 @@ def make_route(weights: torch.Tensor) -> Route:
         scale = weights.index_select(0, rows)[:, task]
         groups.append((task, rows, None if bool((scale == 1).all()) else scale))
     one_task = all(scale is None for _, _, scale in groups) and sum(len(rows) for _, rows, _ in groups) == len(weights)
-    return Route(weights, False, groups, one_task)
+    spans = None
+    if one_task:  # rows grouped by task (TwinModel sorts them so): slices instead of gathers and scatters
+        firsts = [int(rows[0]) for _, rows, _ in groups]
+        if all(int(rows[-1]) - int(rows[0]) + 1 == len(rows) for _, rows, _ in groups):
+            spans = sorted((first, task, first + len(rows)) for first, (task, rows, _) in zip(firsts, groups))
+            spans = [(task, start, end) for start, task, end in spans]
+    return Route(weights, False, groups, one_task, spans)
+
+
+def task_order(weights: torch.Tensor) -> torch.Tensor | None:
+    """For top-1 routing over several tasks: the row order that groups rows by task (stable), so routed layers
+    work on slices; None when rows mix tasks, share one task, or are grouped already."""
+    if weights.shape[0] < 2 or not bool(((weights == 0) | (weights == 1)).all()) or not bool((weights.sum(-1) == 1).all()):
+        return None
+    task = weights.argmax(-1)
+    if bool((task == task[0]).all()) or bool((task[1:] >= task[:-1]).all()):
+        return None
+    return torch.argsort(task, stable=True)
 
 
 def add_routed(out: torch.Tensor, x: torch.Tensor, route: Route, update: RowUpdate) -> torch.Tensor:
@@ -84,6 +102,10 @@ def add_routed(out: torch.Tensor, x: torch.Tensor, route: Route, update: RowUpda
     if x.shape[0] != route.batch:  # an input shared by the batch (e.g. position ids): each row gets its own
         x = x.expand(route.batch, *x.shape[1:])
         out = out.expand(route.batch, *out.shape[1:]).clone()
+    if route.spans is not None:
+        for task, start, end in route.spans:
+            out[start:end] += update(x[start:end], task)
+        return out
     for task, rows, scale in route.groups:
         contribution = update(x.index_select(0, rows), task)
         if scale is not None:
@@ -177,9 +199,12 @@ class RoutedConv2d(RoutedLinear):
     filters of the same size and stride) followed by a 1x1 projection (L_t).
 
     Small rank-r convolutions run far below a CPU's or GPU's peak, so when every row has a single task (top-1
-    routing) or the whole batch one mix, each task's filters W + L_t R_t are formed once per forward pass
-    (r * weight-size work, not per input) and its rows run through one convolution: the same work as the shared
-    layer. Rows that mix several tasks take the factor path."""
+    routing) each task's filters W + L_t R_t serve its rows in one convolution: the same work as the shared
+    layer. Those filters depend on the task alone, so they are formed once and kept (`keep_filters`; T copies of
+    the layer's filters, small for convolutions, which spend their time on activations). Rows that mix several
+    tasks take the factor path."""
+
+    keep_filters = True
 
     def _update(self, x: torch.Tensor, task: int) -> torch.Tensor:
         conv = self.shared
@@ -188,14 +213,37 @@ class RoutedConv2d(RoutedLinear):
         out = torch.matmul(self.lefts[task], low.flatten(2)).view(low.shape[0], -1, *low.shape[2:])
         return out if self.bias_deltas is None else out + self.bias_deltas[task].view(1, -1, 1, 1)
 
+    def task_filters(self) -> torch.Tensor:
+        """(T, out, in*kh*kw): every task's filters W + L_t R_t (kept between calls when `keep_filters`)."""
+        weight = self.shared.weight
+        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype, self.lefts.data_ptr())
+        cached = getattr(self, "_filters", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        flat = weight.reshape(weight.shape[0], -1)
+        filters = torch.baddbmm(flat.expand(len(self.lefts), -1, -1), self.lefts.to(flat.dtype), self.rights.to(flat.dtype))
+        if self.keep_filters:
+            self._filters = (key, filters)
+        return filters
+
+    def _task_bias(self, task: int) -> torch.Tensor | None:
+        bias = self.shared.bias
+        if self.bias_deltas is None:
+            return bias
+        return self.bias_deltas[task] if bias is None else bias + self.bias_deltas[task]
+
     def _task_conv(self, x: torch.Tensor, mix: list[tuple[int, float]]) -> torch.Tensor:
         conv = self.shared
-        weight = conv.weight.reshape(conv.weight.shape[0], -1)
-        bias = conv.bias
-        for task, w in mix:
-            weight = torch.addmm(weight, self.lefts[task], self.rights[task], alpha=w)
-            if self.bias_deltas is not None:
-                bias = self.bias_deltas[task] * w if bias is None else bias + w * self.bias_deltas[task]
+        if len(mix) == 1 and mix[0][1] == 1.0:  # one task: its kept filters
+            task = mix[0][0]
+            weight, bias = self.task_filters()[task], self._task_bias(task)
+        else:
+            weight = conv.weight.reshape(conv.weight.shape[0], -1)
+            bias = conv.bias
+            for task, w in mix:
+                weight = torch.addmm(weight, self.lefts[task], self.rights[task], alpha=w)
+                if self.bias_deltas is not None:
+                    bias = self.bias_deltas[task] * w if bias is None else bias + w * self.bias_deltas[task]
         return F.conv2d(x, weight.view(conv.weight.shape), bias, conv.stride, conv.padding, conv.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -216,6 +264,8 @@ class RoutedConv2d(RoutedLinear):
         return self._grouped(x, route)
 
     def _per_task(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        if route.spans is not None:
+            return torch.cat([self._task_conv(x[start:end], [(task, 1.0)]) for task, start, end in route.spans])
         out = None
         for task, rows, _ in route.groups:
             part = self._task_conv(x.index_select(0, rows), [(task, 1.0)])
@@ -230,8 +280,7 @@ class RoutedConv2d(RoutedLinear):
         conv = self.shared
         tasks, size, gather, slots, rows = route.packed()
         groups = len(tasks)
-        weight = conv.weight.reshape(conv.weight.shape[0], -1)
-        filters = torch.baddbmm(weight.expand(groups, -1, -1), self.lefts[tasks], self.rights[tasks])
+        filters = self.task_filters()[tasks]
         bias = conv.bias.expand(groups, -1) if conv.bias is not None else None
         if self.bias_deltas is not None:
             bias = self.bias_deltas[tasks] if bias is None else bias + self.bias_deltas[tasks]

@@ -62,8 +62,8 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> to
     if hidden.dim() == 2:
         return hidden
     if hidden.dim() == 4:
-        flat = hidden.flatten(2)
-        return torch.cat([flat.mean(-1), flat.std(-1, unbiased=False)], dim=1)
+        std, mean = torch.std_mean(hidden.flatten(2), dim=-1, correction=0)
+        return torch.cat([mean, std], dim=1)
     if hidden.dim() != 3:
         raise ValueError(f"cannot pool a feature of shape {tuple(hidden.shape)}")
     mask = torch.ones(hidden.shape[:2], device=hidden.device) if attention_mask is None else attention_mask.float()

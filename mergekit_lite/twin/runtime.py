@@ -15,7 +15,8 @@ import torch
 
 from mergekit_lite.errors import UserError
 from mergekit_lite.twin.routed import (RoutedBatchNorm2d, RoutedConv1D, RoutedConv2d, RoutedEmbedding,
-                                       RoutedLayerNorm, RoutedLinear, RoutedRMSNorm, is_rms_norm, set_route)
+                                       RoutedLayerNorm, RoutedLinear, RoutedRMSNorm, is_rms_norm, set_route,
+                                       task_order)
 from mergekit_lite.twin.router import Router, pooled_features, route_weights
 from mergekit_lite.twin.store import EXPERTS, ROUTER, SHARED, StackedDelta, dense_name, left_name, load_deltas, \
     read_manifest, right_name
@@ -81,6 +82,26 @@ def install_routes(model: torch.nn.Module, deltas: dict[str, StackedDelta]) -> t
     return sorted(routed), sorted(set(deltas) - routed)
 
 
+def _batch_major(value, batch: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
+
+
+def _rows_in_order(out, index: torch.Tensor, batch: int):
+    """A model's output with its batch rows taken in `index` order: tensors, tuples, dicts and transformers
+    outputs (a key/value cache is reordered in place)."""
+    if _batch_major(out, batch):
+        return out.index_select(0, index.to(out.device))
+    if hasattr(out, "reorder_cache"):
+        out.reorder_cache(index)
+        return out
+    if isinstance(out, dict):
+        values = {key: _rows_in_order(value, index, batch) for key, value in out.items()}
+        return values if type(out) is dict else type(out)(**values)
+    if isinstance(out, (tuple, list)):
+        return type(out)(_rows_in_order(value, index, batch) for value in out)
+    return out
+
+
 def task_weights(tasks: list[str], weights: dict[str, float]) -> torch.Tensor:
     """{task: weight} -> a vector over the directory's tasks (unnamed tasks weigh 0)."""
     unknown = sorted(set(weights) - set(tasks))
@@ -130,11 +151,17 @@ class TwinModel(torch.nn.Module):
         weights = torch.as_tensor(weights, dtype=torch.float32).to(inputs.device)
         if weights.dim() == 1:
             weights = weights.unsqueeze(0).expand(batch, -1)
+        order = task_order(weights)
+        if order is not None:  # rows grouped by task inside the model, handed back in the caller's order
+            pick = lambda value: value.index_select(0, order) if _batch_major(value, batch) else value  # noqa: E731
+            inputs, weights = pick(inputs), pick(weights)
+            kwargs = {key: pick(value) for key, value in kwargs.items()}
         set_route(self.model, weights)
         try:
-            return self.model(inputs, **kwargs)
+            out = self.model(inputs, **kwargs)
         finally:
             set_route(self.model, None)
+        return out if order is None else _rows_in_order(out, torch.argsort(order), batch)
 
 
 def collapse(directory: str | Path, weights: dict[str, float], out: str | Path, force: bool = False) -> dict:
