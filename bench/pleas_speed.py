@@ -4,7 +4,7 @@ Two timm resnet18 models (11.2M parameters each, different random initialisation
 from a few forward passes), saved in timm's hub layout; 1,000 inputs of 3x32x32 in a tensor file; then
 `merge run` on a PLeaS recipe in this process (the command's own entry), timed, with its report's split.
 
-    python bench/pleas_speed.py [--samples 1000] [--size 32] [--target-width 1.0]
+    python bench/pleas_speed.py [--samples 1000] [--size 32] [--target-width 1.0] [--device cpu|cuda|auto]
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--target-width", type=float, default=1.0)
     parser.add_argument("--workdir", type=Path, default=ROOT / "out" / "pleas_speed")
+    parser.add_argument("--device", default="auto", help="where the merge runs (auto: CUDA when present)")
     args = parser.parse_args(argv)
     a, b, data = build(args.workdir, args.size, args.samples)
     recipe = args.workdir / "recipe.yaml"
@@ -62,13 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     from mergekit_lite.cli import app
 
     started = time.perf_counter()
-    app(["run", str(recipe), str(args.workdir / "merged"), "--force", "--quiet"], prog_name="merge",
+    app(["run", str(recipe), str(args.workdir / "merged"), "--force", "--quiet", "--device", args.device], prog_name="merge",
         standalone_mode=False)
     wall = time.perf_counter() - started
     report = json.loads((args.workdir / "merged" / "merge_report.json").read_text())
     timings = report["timings_seconds"]
     print(f"resnet18 x2, {args.samples} samples of 3x{args.size}x{args.size}, target width {args.target_width}, "
-          f"{torch.get_num_threads()} threads")
+          f"on {report['device']}, {torch.get_num_threads()} threads")
     print(f"wall {wall:.1f} s (load {timings['read']:.1f} s, merge {timings['compute']:.1f} s, "
           f"write {timings['write']:.1f} s); peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     print(f"compute ratio {report['pleas']['compute_ratio']:.3f}, groups {len(report['pleas']['groups'])}, "

@@ -11,8 +11,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from twin_overhead import gpt2_small, random_deltas, resnet50
-from mergekit_lite.twin.routed import set_route
-from mergekit_lite.twin.runtime import install_routes
+from mergekit_lite.twin.router import Router
+from mergekit_lite.twin.runtime import TwinModel, install_routes
 
 
 def main() -> None:
@@ -32,15 +32,14 @@ def main() -> None:
         x = torch.randint(0, 50257, (args.batch, 128), device=args.device)
     weights = torch.nn.functional.one_hot(torch.randint(0, args.tasks, (args.batch,)), args.tasks).float().to(args.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    runtime = TwinModel(twin, Router(1, args.tasks), [str(t) for t in range(args.tasks)], "stem", 1, [])
     with torch.no_grad():
         for _ in range(2):
-            set_route(twin, weights)
-            twin(x)
+            runtime(x, weights=weights)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         with profile(activities=activities) as prof:
-            set_route(twin, weights)
-            twin(x)
+            runtime(x, weights=weights)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
     key = "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"

@@ -377,3 +377,18 @@ def test_validate_builds_both_models_and_checks_their_groups(tmp_path, pleas_inp
     missing = _recipe(tmp_path, a, b, "data: {path: /nonexistent/x.pt}\n", "samples: 10")
     result = runner.invoke(app, ["validate", missing])
     assert result.exit_code == 2 and "not found" in result.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pleas_on_cuda_equals_pleas_on_cpu(tmp_path, pleas_inputs):
+    """The models run and the statistics and least squares accumulate on the GPU; the merge matches the CPU's."""
+    a, b, data = pleas_inputs
+    recipe = _recipe(tmp_path, a, b, f"data: {{path: {data}}}\n", "samples: 200, target_width: 1.25")
+    for device in ("cpu", "cuda"):
+        result = runner.invoke(app, ["run", recipe, str(tmp_path / device), "--device", device])
+        assert result.exit_code == 0, result.output
+        assert json.loads((tmp_path / device / "merge_report.json").read_text())["device"].startswith(device)
+    x = torch.randn(16, 1, 16, 16)
+    with torch.no_grad():
+        on_cpu, on_gpu = load_model(tmp_path / "cpu"), load_model(tmp_path / "cuda")
+        assert _relative(on_gpu(x), on_cpu(x)) < 1e-3

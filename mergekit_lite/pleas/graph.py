@@ -276,7 +276,8 @@ def permute_state(state: dict[str, torch.Tensor], spec: Spec, permutations: list
     out = dict(state)
     for group, order in zip(spec.groups, permutations):
         for name, axis in group.members:
-            out[name] = out[name].index_select(axis, group.unit_order(order, name, out[name].shape[axis]))
+            index = group.unit_order(order, name, out[name].shape[axis]).to(out[name].device)
+            out[name] = out[name].index_select(axis, index)
     return out
 
 

@@ -45,9 +45,9 @@ class Normal:
     rows: int = 0
 
     @classmethod
-    def empty(cls, inputs: int, outputs: int) -> "Normal":
-        return cls(torch.zeros(inputs, inputs, dtype=torch.float64), torch.zeros(inputs, outputs, dtype=torch.float64),
-                   torch.zeros(outputs, dtype=torch.float64))
+    def empty(cls, inputs: int, outputs: int, device: torch.device | str = "cpu") -> "Normal":
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        return cls(zeros(inputs, inputs), zeros(inputs, outputs), zeros(outputs))
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.double(), y.double()
@@ -69,17 +69,19 @@ def solve(normal: Normal, allowed: list[tuple[torch.Tensor, torch.Tensor]], ridg
     that is never active on it) keep the models' own weights instead of collapsing to zero. Returns W and the
     relative residual ||XW - Y||^2 / ||Y||^2."""
     p, out = normal.cross.shape
-    weights = torch.zeros(p, out, dtype=torch.float64)
+    device = normal.gram.device
+    weights = torch.zeros(p, out, dtype=torch.float64, device=device)
+    prior = prior.to(device=device, dtype=torch.float64)
     scale = float(normal.gram.diagonal().mean()) or 1.0
     for outputs, inputs in allowed:
         if not outputs.any() or not inputs.any():
             continue
-        index = inputs.nonzero().squeeze(1)
+        index, columns = inputs.nonzero().squeeze(1).to(device), outputs.nonzero().squeeze(1).to(device)
         gram = normal.gram[index][:, index]
-        gram = gram + ridge * scale * torch.eye(len(index), dtype=torch.float64)
-        rhs = normal.cross[index][:, outputs] + ridge * scale * prior.double()[index][:, outputs]
+        gram = gram + ridge * scale * torch.eye(len(index), dtype=torch.float64, device=device)
+        rhs = normal.cross[index][:, columns] + ridge * scale * prior[index][:, columns]
         solution = torch.linalg.solve(gram, rhs)
-        weights[index.unsqueeze(1), outputs.nonzero().squeeze(1).unsqueeze(0)] = solution
+        weights[index.unsqueeze(1), columns.unsqueeze(0)] = solution
     fitted = (weights * (normal.gram @ weights)).sum() - 2 * (weights * normal.cross).sum() + normal.target_sq.sum()
     residual = float(fitted.clamp_min(0) / normal.target_sq.sum().clamp_min(1e-30))
     return weights, residual

@@ -25,8 +25,8 @@ class CrossStats:
     cross: torch.Tensor  # sum of a_i * b_j, (d, d)
 
     @classmethod
-    def empty(cls, width: int) -> "CrossStats":
-        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+    def empty(cls, width: int, device: torch.device | str = "cpu") -> "CrossStats":
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
         return cls(0, z(width), z(width), z(width), z(width), z(width, width))
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -74,7 +74,7 @@ class Layout:
 
     def combine(self, a: torch.Tensor, b: torch.Tensor, axis: int) -> torch.Tensor:
         """Values of A and B along `axis`, laid out as [mean of merged pairs | A-only | B-only]."""
-        pick = lambda t, i: t.index_select(axis, i)  # noqa: E731
+        pick = lambda t, i: t.index_select(axis, i.to(t.device))  # noqa: E731
         merged = (pick(a, self.merged_a) + pick(b, self.merged_b)) / 2
         return torch.cat([merged, pick(a, self.only_a), pick(b, self.only_b)], dim=axis)
 

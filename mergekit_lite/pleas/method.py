@@ -33,6 +33,7 @@ class PleasOptions:
     least_squares: bool = True  # False: permutation-only merge (matched weights averaged)
     label_spaces: str = "shared"  # "separate": the output heads predict different classes (kept side by side)
     ratio_step: float = 0.125
+    device: str = "cpu"  # where the models run and the statistics accumulate (matching itself runs on the CPU)
 
 
 @dataclass
@@ -143,8 +144,9 @@ def reestimate_norm_statistics(model: torch.nn.Module, batches: Iterable[torch.T
         m.reset_running_stats()
         m.momentum = None
     model.train()
+    device = next(model.parameters()).device
     for batch in batches:
-        model(batch)
+        model(batch.to(device))
     for m, momentum in saved:
         m.momentum = momentum
     model.eval()
@@ -156,7 +158,9 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
     options = options or PleasOptions()
     if not 1.0 <= options.target_width <= 2.0:
         raise UserError(f"target_width must be between 1.0 and 2.0, not {options.target_width}")
-    model_a, model_b = model_a.eval(), model_b.eval()
+    device = torch.device(options.device)
+    model_a, model_b = model_a.eval().to(device), model_b.eval().to(device)
+    batches = [batch.to(device) for batch in batches]
     spec = permutation_spec(model_a)
     spec_b = permutation_spec(model_b)
     _same_structure(spec, spec_b)
@@ -175,12 +179,12 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
             for node in group.nodes:
                 rows_a, rows_b = channel_rows(acts_a[node]), channel_rows(acts_b[node])
                 if stats[group.index] is None:
-                    stats[group.index] = CrossStats.empty(rows_a.shape[1])
+                    stats[group.index] = CrossStats.empty(rows_a.shape[1], device)
                 stats[group.index].add(rows_a, rows_b)
         if not positions:
             positions = {l.name: acts_a[l.node][0].numel() // l.module.weight.shape[0] for l in spec.layers}
         del acts_a, acts_b
-    correlations = [block_scores(s.correlation(), g.width) if g.blocks else s.correlation()
+    correlations = [(block_scores(s.correlation(), g.width) if g.blocks else s.correlation()).cpu()
                     for g, s in zip(spec.groups, stats)]
     pairs = [match(c) for c in correlations]
     qualities = [c[torch.as_tensor(p[0]), torch.as_tensor(p[1])] for c, p in zip(correlations, pairs)]
@@ -238,7 +242,7 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
                     x = ls.with_bias_column(x)
                 y = ls.output_rows(module, out_layout.combine(y_a, y_b, channel_axis(y_a)))
                 if layer.name not in normals:
-                    normals[layer.name] = ls.Normal.empty(x.shape[1], y.shape[1])
+                    normals[layer.name] = ls.Normal.empty(x.shape[1], y.shape[1], device)
                 normals[layer.name].add(x, y)
         for layer in spec.layers:
             module = layer.module
@@ -333,9 +337,10 @@ def _lift_weight(weight: torch.Tensor, side: str, out_layout: Layout, in_layout:
     cols, col_present = axis_plan(in_layout)
     row_scale = row_present * torch.cat([torch.full((out_layout.merged,), 0.5),
                                          torch.ones(len(out_layout.only_a) + len(out_layout.only_b))])
-    lifted = weight.index_select(0, rows).index_select(1, cols)
+    on = lambda t: t.to(weight.device)  # noqa: E731
+    lifted = weight.index_select(0, on(rows)).index_select(1, on(cols))
     extra = [1] * (weight.dim() - 2)
-    return lifted * row_scale.view(-1, 1, *extra) * col_present.view(1, -1, *extra)
+    return lifted * on(row_scale).view(-1, 1, *extra) * on(col_present).view(1, -1, *extra)
 
 
 def _head_layout(width_a: int, width_b: int, label_spaces: str) -> Layout:

@@ -13,16 +13,17 @@ import torch
 
 from mergekit_lite import __version__
 from mergekit_lite.checkpoint import CheckpointWriter, TensorSpec
+from mergekit_lite.device import resolve_device
 from mergekit_lite.errors import RecipeError
 from mergekit_lite.pleas.method import PleasOptions, pleas_merge
 from mergekit_lite.pleas.sources import data_batches, load_model, read_config
 from mergekit_lite.report import SCHEMA, file_sha256, library_versions, peak_memory
 
 
-def options_from(params: dict[str, Any]) -> PleasOptions:
+def options_from(params: dict[str, Any], device: torch.device | str = "cpu") -> PleasOptions:
     return PleasOptions(target_width=float(params["target_width"]), ridge=float(params["ridge"]),
                         norm_statistics=str(params["norm_statistics"]), least_squares=bool(params["least_squares"]),
-                        label_spaces=str(params["label_spaces"]))
+                        label_spaces=str(params["label_spaces"]), device=str(device))
 
 
 def check_models(recipe, allow_pickle: bool = False) -> dict[str, Any]:
@@ -50,7 +51,8 @@ def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], opti
     paths = [Path(entry.model) for entry in recipe.models]
     if recipe.base_model is not None:
         raise RecipeError("pleas merges two models from any initialisation; it takes no base_model")
-    models = [load_model(p, allow_pickle=recipe.allow_pickle, transformers_ok=True) for p in paths]
+    device = resolve_device(options.device if options.device != "auto" or recipe.device is None else recipe.device)
+    models = [load_model(p, allow_pickle=recipe.allow_pickle, transformers_ok=True).to(device) for p in paths]
     config = read_config(paths[0])
     seed = seed if seed is not None else (recipe.seed if recipe.seed is not None else 0)
     batches, described = data_batches(recipe.data.model_dump() if recipe.data else None, models[0], config,
@@ -58,9 +60,9 @@ def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], opti
                                       bool(params["data_free"]), model_dir=paths[0], statistics_of=models,
                                       statistics_steps=int(params["data_free_steps"]))
     loaded = time.perf_counter()
-    result = pleas_merge(models[0], models[1], batches, options_from(params), log=log)
+    result = pleas_merge(models[0], models[1], batches, options_from(params, device), log=log)
     merged_at = time.perf_counter()
-    state = {k: v.contiguous() for k, v in result.model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
     specs = [TensorSpec(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in state.items()]
     source_config = dict(config)
     outputs = result.report["outputs"]
@@ -84,7 +86,7 @@ def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], opti
         "method": "pleas",
         "recipe": recipe.model_dump(mode="json", exclude_none=True),
         "seed": seed,
-        "device": "cpu",
+        "device": str(device),
         "host": {"python": platform.python_version(), "machine": platform.machine()},
         "inputs": [{"role": "model", "path": str(p)} for p in paths],
         "data": {"source": described, "samples": sum(len(b) for b in batches)},
@@ -106,7 +108,7 @@ def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], opti
         report["timings_seconds"] = {"read": loaded - started, "compute": merged_at - loaded,
                                      "write": time.perf_counter() - merged_at, "total": time.perf_counter() - started}
         report["warnings"] = []
-        report["peak_memory"] = peak_memory(torch.device("cpu"))
+        report["peak_memory"] = peak_memory(device)
         if report_path is None:
             writer.add_file("merge_report.json", json.dumps(report, indent=2) + "\n")
     if report_path is not None:

@@ -48,8 +48,9 @@ def statistics_matched(models: list[torch.nn.Module], start: torch.Tensor, steps
     if not any(batch_norm_layers(m) for m in models):
         return start
     out = []
+    device = next(models[0].parameters()).device
     for first in range(0, len(start), batch):
-        x = start[first: first + batch].clone().requires_grad_(True)
+        x = start[first: first + batch].to(device).clone().requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=lr)
         for step in range(steps):
             loss = statistics_loss(models, x)
@@ -57,5 +58,5 @@ def statistics_matched(models: list[torch.nn.Module], start: torch.Tensor, steps
             x.grad = grad
             optimizer.step()
         log(f"data-free inputs {first}-{first + len(x)}: statistics loss {float(loss.detach()):.4f}")
-        out.append(x.detach())
+        out.append(x.detach().cpu())
     return torch.cat(out)
