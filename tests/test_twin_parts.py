@@ -7,7 +7,8 @@ import torch
 
 from mergekit_lite.twin import compress
 from mergekit_lite.twin.compress import low_rank, rank_for
-from mergekit_lite.twin.routed import RoutedConv2d, RoutedLinear, dense_for_row, make_route, task_order
+from mergekit_lite.twin.routed import (RoutedBatchNorm2d, RoutedConv2d, RoutedLinear, dense_for_row, make_route,
+                                       task_order)
 
 
 def _matrix(m=60, n=40, rank=None, seed=0):
@@ -142,6 +143,19 @@ def test_rows_grouped_by_task_run_on_slices_with_the_same_result():
             got = layer(x[order])
         torch.testing.assert_close(got, expected[order], rtol=1e-5, atol=1e-5)
     assert conv.task_filters() is conv.task_filters()
+    shared = torch.nn.BatchNorm2d(4).eval()
+    shared.running_mean.uniform_(-1, 1), shared.running_var.uniform_(0.5, 2)
+    deltas = {"weight": torch.randn(3, 4) * 0.1, "running_var": torch.rand(3, 4) * 0.1}
+    norm, x = RoutedBatchNorm2d(shared, deltas), torch.randn(7, 4, 5, 5)
+    norm.route = scattered
+    with torch.no_grad():
+        got = norm(x)
+        for row, task in enumerate(tasks.tolist()):  # the norm each row's expert has
+            expert = torch.nn.BatchNorm2d(4).eval()
+            expert.load_state_dict(shared.state_dict())
+            expert.weight += deltas["weight"][task]
+            expert.running_var += deltas["running_var"][task]
+            torch.testing.assert_close(got[row], expert(x[row: row + 1])[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -58,7 +58,7 @@ class Normal:
 
 
 def with_bias_column(rows: torch.Tensor) -> torch.Tensor:
-    return torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], dim=1)
+    return torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)], dim=1)
 
 
 def solve(normal: Normal, allowed: list[tuple[torch.Tensor, torch.Tensor]], ridge: float,

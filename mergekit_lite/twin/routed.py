@@ -29,6 +29,7 @@ class Route:
     one_task_per_row: bool = False  # every row has weight 1 on a single task (top-1 routing)
     spans: list[tuple[int, int, int]] | None = None  # one task per row, rows grouped by task: (task, start, end)
     _packed: tuple | None = None
+    _task_of_row: torch.Tensor | None = None
 
     def packs_well(self) -> bool:
         """Padding every task's rows to the largest group wastes at most half the work."""
@@ -55,6 +56,12 @@ class Route:
     @property
     def batch(self) -> int:
         return self.weights.shape[0]
+
+    def task_of_row(self) -> torch.Tensor:
+        """For one task per row: each row's task index (batch,)."""
+        if self._task_of_row is None:
+            self._task_of_row = self.weights.argmax(-1)
+        return self._task_of_row
 
 
 def make_route(weights: torch.Tensor) -> Route:
@@ -152,15 +159,34 @@ class RoutedLinear(Routed):
         """(first, second) per task, stacked: the update of rows x is (x @ first) @ second."""
         return self.rights[tasks].transpose(1, 2), self.lefts[tasks].transpose(1, 2)
 
+    def _pair(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first, second) of one task, as views."""
+        return self.rights[task].T, self.lefts[task].T
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.shared(x)
         route = self.route
         if route is None:
             return out
+        if route.spans is not None and x.shape[0] == route.batch and out.is_contiguous():
+            return self._add_on_slices(out, x, route)
         if x.is_cuda and route.one_task_per_row and len(route.groups) > 1 and x.shape[0] == route.batch \
                 and route.packs_well():  # launch-bound on a GPU: a few batched calls instead of several per task
             return self._packed_add(out, x, route)
         return add_routed(out, x, route, self._update)
+
+    def _add_on_slices(self, out: torch.Tensor, x: torch.Tensor, route: Route) -> torch.Tensor:
+        """Rows grouped by task: each task's update is accumulated straight into its slice of the output by
+        the second matrix product (no gathered copies, no separate update tensor)."""
+        flat_out, flat_x = out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1])
+        per_row = flat_out.shape[0] // route.batch
+        for task, start, end in route.spans:
+            first, second = self._pair(task)
+            rows = slice(start * per_row, end * per_row)
+            flat_out[rows].addmm_(flat_x[rows] @ first, second)
+            if self.bias_deltas is not None:
+                flat_out[rows] += self.bias_deltas[task]
+        return out
 
     def _packed_add(self, out: torch.Tensor, x: torch.Tensor, route: Route) -> torch.Tensor:
         """One task per row: every task's rows laid side by side (padded to the largest group) and updated by two
@@ -186,6 +212,9 @@ class RoutedConv1D(RoutedLinear):
 
     def _factors(self, tasks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lefts[tasks], self.rights[tasks]
+
+    def _pair(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lefts[task], self.rights[task]
 
 
 # Above this many multiply-adds per task group a convolution call is compute-bound, and one call per task beats
@@ -259,7 +288,7 @@ class RoutedConv2d(RoutedLinear):
         conv = self.shared
         positions = (x.shape[-2] // conv.stride[0]) * (x.shape[-1] // conv.stride[1])
         macs = x.shape[0] / len(route.groups) * conv.weight.numel() * positions
-        if len(route.groups) == 1 or (macs > PER_TASK_MACS and not x.is_cuda):
+        if len(route.groups) == 1 or route.spans is not None or (macs > PER_TASK_MACS and not x.is_cuda):
             return self._per_task(x, route)  # on a GPU one grouped call beats T launches
         return self._grouped(x, route)
 
@@ -370,6 +399,10 @@ class RoutedBatchNorm2d(Routed):
         if self.shared.training:
             raise RuntimeError("routed batch norm runs in eval mode only (per-row statistics)")
         norm = self.shared
+        if self.route.one_task_per_row and not self.route.uniform and norm.affine:  # each row: its task's folded norm
+            scale, shift = self.task_scale_shift()
+            task = self.route.task_of_row()
+            return torch.addcmul(shift[task][:, :, None, None], x, scale[task][:, :, None, None])
         rows = {}
         for name in self.NAMES:
             base, deltas = getattr(norm, name), getattr(self, f"{name}_deltas")
@@ -377,6 +410,23 @@ class RoutedBatchNorm2d(Routed):
         scale = rows["weight"] / torch.sqrt(rows["running_var"] + norm.eps)
         shift = rows["bias"] - rows["running_mean"] * scale
         return torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None])
+
+    def task_scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per task (T, C): the norm folded into one scale and shift, formed once and kept."""
+        norm = self.shared
+        key = tuple((t.data_ptr(), t._version) for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var))
+        cached = getattr(self, "_folded", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        tasks = next(d for d in (getattr(self, f"{n}_deltas") for n in self.NAMES) if d is not None).shape[0]
+        values = {}
+        for name in self.NAMES:
+            base, deltas = getattr(norm, name), getattr(self, f"{name}_deltas")
+            values[name] = base.unsqueeze(0).expand(tasks, -1) if deltas is None else base + deltas
+        scale = values["weight"] / torch.sqrt(values["running_var"] + norm.eps)
+        folded = (scale, values["bias"] - values["running_mean"] * scale)
+        self._folded = (key, folded)
+        return folded
 
 
 def set_route(model: torch.nn.Module, weights: torch.Tensor | None) -> None:
