@@ -4,7 +4,9 @@ Every routed layer wraps the shared layer and holds, per task, either low-rank f
 (left L_t (m, r), right R_t (r, n) of the delta viewed as 2-D) or dense deltas of 1-D tensors. Before a forward
 pass the caller sets `route`, a (batch, T) tensor of task weights. A task's update is applied only to the rows
 that give it weight, at O(r (m + n)) per row, so a sparse (top-k) route costs k low-rank products per row, and no
-dense weight is rebuilt. When every row has the same weights (a fixed mix) the update runs once on the batch.
+dense weight is rebuilt per input (convolutions keep each task's filters: see RoutedConv2d). When every row has
+the same weights (a fixed mix) the update runs once on the batch; when rows are grouped by task (TwinModel sorts
+top-1 rows so) layers work on slices.
 """
 
 from __future__ import annotations
