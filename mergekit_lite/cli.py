@@ -295,7 +295,8 @@ def validate(
         from mergekit_lite.pleas.run import check_models
 
         found = check_models(parsed, allow_pickle=allow_pickle)
-        out.print(f"[bold green]ok[/]: both models build; {found['groups']} permutation groups ({found['units']} units) "
+        heads = f", {found['heads']} attention-head blocks" if found.get("heads") else ""
+        out.print(f"[bold green]ok[/]: both models build; {found['groups']} permutation groups ({found['units']} units{heads}) "
                   f"over {found['layers']} layers; permuting them all changes the outputs by "
                   f"{found['self_check']:.1e} (relative)", highlight=False)
     for warning in plan.warnings:

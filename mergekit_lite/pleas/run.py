@@ -40,7 +40,8 @@ def check_models(recipe, allow_pickle: bool = False) -> dict[str, Any]:
     error = check_groups(models[0], specs[0], example_inputs(read_config(paths[0]), 2))
     if recipe.data is not None and recipe.data.path is not None and not Path(recipe.data.path).exists():
         raise RecipeError(f"data.path {recipe.data.path}: not found")
-    return {"groups": len(specs[0].groups), "units": sum(g.width for g in specs[0].groups),
+    return {"groups": len(specs[0].groups), "units": sum(g.width for g in specs[0].groups if not g.blocks),
+            "heads": sum(g.width for g in specs[0].groups if g.blocks),
             "layers": len(specs[0].layers), "self_check": error}
 
 
