@@ -142,7 +142,10 @@ def test_rows_grouped_by_task_run_on_slices_with_the_same_result():
             layer.route = grouped
             got = layer(x[order])
         torch.testing.assert_close(got, expected[order], rtol=1e-5, atol=1e-5)
-    assert conv.task_filters() is conv.task_filters()
+    with torch.no_grad():
+        assert conv.task_filters() is conv.task_filters()
+    conv._filters = None
+    assert conv.task_filters().requires_grad and conv._filters is None  # a graph is never kept between calls
     shared = torch.nn.BatchNorm2d(4).eval()
     shared.running_mean.uniform_(-1, 1), shared.running_var.uniform_(0.5, 2)
     deltas = {"weight": torch.randn(3, 4) * 0.1, "running_var": torch.rand(3, 4) * 0.1}

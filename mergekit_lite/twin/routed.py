@@ -253,7 +253,7 @@ class RoutedConv2d(RoutedLinear):
             return cached[1]
         flat = weight.reshape(weight.shape[0], -1)
         filters = torch.baddbmm(flat.expand(len(self.lefts), -1, -1), self.lefts.to(flat.dtype), self.rights.to(flat.dtype))
-        if self.keep_filters:
+        if self.keep_filters and not filters.requires_grad:  # a kept tensor must not hold an autograd graph
             self._filters = (key, filters)
         return filters
 
@@ -427,7 +427,8 @@ class RoutedBatchNorm2d(Routed):
             values[name] = base.unsqueeze(0).expand(tasks, -1) if deltas is None else base + deltas
         scale = values["weight"] / torch.sqrt(values["running_var"] + norm.eps)
         folded = (scale, values["bias"] - values["running_mean"] * scale)
-        self._folded = (key, folded)
+        if not scale.requires_grad:  # a kept tensor must not hold an autograd graph
+            self._folded = (key, folded)
         return folded
 
 

@@ -132,6 +132,7 @@ class TwinModel(torch.nn.Module):
         settings = manifest["router"]
         router = Router(settings["features"], len(manifest["tasks"]), settings.get("dropout", 0.1))
         router.load_state_dict(load_file(str(directory / ROUTER)))
+        model.requires_grad_(False)  # an inference runtime: per-task filters and norms can then be kept
         return cls(model, router.to(device).eval(), manifest["tasks"], settings["feature"], settings["top_k"],
                    unrouted).eval()
 
