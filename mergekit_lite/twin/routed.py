@@ -128,6 +128,11 @@ def row_params(base: torch.Tensor, deltas: torch.Tensor, route: Route) -> torch.
     return torch.addmm(base.unsqueeze(0), route.weights.to(deltas.dtype), deltas)
 
 
+def tensor_key(*tensors: torch.Tensor | None) -> tuple:
+    """Storage, in-place version, device and dtype of tensors: a result kept from them is stale once this changes."""
+    return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors if t is not None)
+
+
 class Routed(torch.nn.Module):
     """Base for routed layers: the shared layer and the route for the next forward pass."""
 
@@ -247,7 +252,7 @@ class RoutedConv2d(RoutedLinear):
     def task_filters(self) -> torch.Tensor:
         """(T, out, in*kh*kw): every task's filters W + L_t R_t (kept between calls when `keep_filters`)."""
         weight = self.shared.weight
-        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype, self.lefts.data_ptr())
+        key = tensor_key(weight, self.lefts, self.rights)
         cached = getattr(self, "_filters", None)
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -416,7 +421,8 @@ class RoutedBatchNorm2d(Routed):
     def task_scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per task (T, C): the norm folded into one scale and shift, formed once and kept."""
         norm = self.shared
-        key = tuple((t.data_ptr(), t._version) for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var))
+        key = tensor_key(norm.weight, norm.bias, norm.running_mean, norm.running_var,
+                         *(getattr(self, f"{name}_deltas") for name in self.NAMES))
         cached = getattr(self, "_folded", None)
         if cached is not None and cached[0] == key:
             return cached[1]
