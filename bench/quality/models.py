@@ -111,6 +111,18 @@ def new_text_model(width: float = 1.0, seed: int = 0) -> torch.nn.Module:
     return transformers.GPT2LMHeadModel(config)
 
 
+def new_llama_text_model(seed: int = 0) -> torch.nn.Module:
+    """A byte-level Llama (rotary positions, grouped-query attention, gated MLP) about the GPT-2 text model's size."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=257, hidden_size=TEXT_WIDTHS[1.0], num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=344,
+                                      max_position_embeddings=CONTEXT, bos_token_id=256, eos_token_id=256,
+                                      tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(config)
+
+
 def save_text(model: torch.nn.Module, directory: Path) -> Path:
     from mergekit_lite.examples import byte_tokenizer_files
 
@@ -120,9 +132,10 @@ def save_text(model: torch.nn.Module, directory: Path) -> Path:
 
 
 def load_text(directory: Path) -> torch.nn.Module:
-    import transformers
+    """Any of the text checkpoints, including PLeaS merges wider than their sources."""
+    from mergekit_lite.pleas import load_model
 
-    return transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
+    return load_model(directory, transformers_ok=True).eval()
 
 
 def _windows(tokens: torch.Tensor, count: int, gen: torch.Generator) -> torch.Tensor:

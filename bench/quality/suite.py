@@ -445,6 +445,44 @@ def experiment_three(ws: Workspace) -> dict:
     return out
 
 
+def experiment_three_text(ws: Workspace) -> list[dict]:
+    """Two byte-level Llamas trained from scratch with different seeds on the same prose and code: averaging,
+    permutation only, PLeaS at several widths, and data-free PLeaS (random token ids). Test loss per domain."""
+    from safetensors.torch import save_file
+
+    plan, root = ws.plan, ws.root / "different_init_text"
+    domains = ("prose", "code")
+    task = text_task(domains)
+    streams = [data.text_domain(d, "train") for d in domains]
+    paths = []
+    for seed in (1, 2):
+        build = (lambda seed=seed: models.train_text(models.new_llama_text_model(seed=seed), streams,
+                                                     steps=plan.text_base_steps, lr=3e-3, seed=seed))
+        paths.append(_trained(root / f"llama_seed{seed}", build, models.save_text, ws.log))
+    rows = [{"name": "model A", "scores": score_cached(ws, task, paths[0], "test", "A")},
+            {"name": "model B", "scores": score_cached(ws, task, paths[1], "test", "B")},
+            {"name": "ensemble", "scores": ws.cached(_key("ensemble", task.name, [str(p) for p in paths], "test"),
+                                                     lambda: ensemble_scores(task, paths, "test"))}]
+    averaged = run_merge_scored(ws, task, "default", "linear", paths[0], paths, {}, ("test",))
+    rows.append({"name": "averaging (linear)", "scores": averaged["scores"]["test"], "seconds": averaged["seconds"]})
+    tokens = root / "pleas_tokens.safetensors"
+    if not tokens.exists():  # unlabeled training windows of both domains
+        windows = [models.evaluation_windows(s, 500)[:, :-1] for s in streams]
+        save_file({"tokens": torch.cat(windows).contiguous()}, str(tokens))
+    with_data = {"data": {"path": str(tokens), "key": "tokens"}}
+    settings = {"permutation only (1.0x)": {**with_data, "least_squares": False, "target_width": 1.0}}
+    for width in (1.0, 1.5, 2.0):
+        settings[f"PLeaS {width}x"] = {**with_data, "target_width": width}
+    settings["PLeaS data-free 1.0x (random token ids)"] = {"data": {"kind": "generic"}, "data_free": True,
+                                                           "target_width": 1.0}
+    for label, setting in settings.items():
+        key = _key("pleas-text", [str(p) for p in paths], setting)
+        result = ws.cached(key, lambda setting=setting: _pleas_merge(
+            ws, paths, setting, lambda out: {"scores": task.score(out, "test")}))
+        rows.append({"name": label, **result})
+    return rows
+
+
 def _separate_heads(ws: Workspace, root: Path, save) -> list[dict]:
     """Model A knows digits 0-4 and model B digits 5-9, each with its own five-way head. The joint prediction
     reads A's outputs as digits 0-4 and B's as 5-9: PLeaS's merged head predicts over that union."""
@@ -577,5 +615,8 @@ def run(ws: Workspace) -> dict:
         report["scaling"] = experiment_two(ws)
     ws.log("experiment 3: different initialisations")
     report["different_init"] = experiment_three(ws)
+    if not plan.quick:
+        ws.log("experiment 3 (text): byte-level Llamas from different initialisations")
+        report["different_init_text"] = experiment_three_text(ws)
     report["seconds"] = time.perf_counter() - started
     return report

@@ -74,6 +74,23 @@ def different_init(section: dict) -> list[str]:
     return lines + [""]
 
 
+def different_init_text(rows: list[dict]) -> list[str]:
+    lines = ["### Experiment 3 (text): byte-level Llamas from different initialisations (test loss, nats/byte)", "",
+             "Both trained from scratch on the same prose and code with seeds 1 and 2. PLeaS reads 1,000 unlabeled",
+             "training windows of 64 bytes (or random token ids, data-free); heads always merge whole, so extra",
+             "width goes to MLP units and the residual stream. Lower is better.", ""]
+    domains = list(rows[0]["scores"])
+    head = ["model / method", *domains, "average", "compute ×", "seconds"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        scores = [row["scores"][d] for d in domains]
+        cells = [row["name"], *(_fmt(v, False) for v in scores), _fmt(sum(scores) / len(scores), False),
+                 f"{row['compute_ratio']:.2f}" if "compute_ratio" in row else "–",
+                 f"{row['seconds']:.0f}" if "seconds" in row else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def twin(section: dict, reference: dict, title: str) -> list[str]:
     """Twin-Merging rows beside experiment 1's references and its task arithmetic and TIES rows."""
     accuracy = section["higher_is_better"]
@@ -115,6 +132,8 @@ def markdown(report: dict) -> str:
     if "scaling" in report:
         lines += scaling(report["scaling"])
     lines += different_init(report["different_init"])
+    if "different_init_text" in report:
+        lines += different_init_text(report["different_init_text"])
     check = report["self_merge"]
     lines += ["### Checks", "",
               f"- linear merge of an expert with itself: tensors identical = {check['identical_tensors']}; "

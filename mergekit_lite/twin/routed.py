@@ -295,7 +295,7 @@ class RoutedConv2d(RoutedLinear):
         conv = self.shared
         positions = (x.shape[-2] // conv.stride[0]) * (x.shape[-1] // conv.stride[1])
         macs = x.shape[0] / len(route.groups) * conv.weight.numel() * positions
-        if len(route.groups) == 1 or route.spans is not None or (macs > PER_TASK_MACS and not x.is_cuda):
+        if len(route.groups) == 1 or (macs > PER_TASK_MACS and not x.is_cuda):
             return self._per_task(x, route)  # on a GPU one grouped call beats T launches
         return self._grouped(x, route)
 
