@@ -157,8 +157,8 @@ def test_reestimated_statistics_match_the_model_with_its_own_statistics_reestima
 
 @pytest.mark.parametrize("family", list(FAMILIES)[:2])
 def test_width_two_with_every_group_unmerged_is_the_ensemble(family):
-    """(Attention heads always merge whole, and a layer norm over a widened stream is not the two models' norms,
-    so transformers are not ensembles at width 2.)"""
+    """(A layer or RMS norm over a widened stream is not the two models' norms, so two different transformers
+    are not quite an ensemble at width 2: see the next test.)"""
     build, shape = FAMILIES[family]
     a, b = build(0), build(7)
     merged = pleas_merge(a, b, _batches(shape), PleasOptions(target_width=2.0, norm_statistics="merge", ridge=1e-9))
@@ -167,6 +167,50 @@ def test_width_two_with_every_group_unmerged_is_the_ensemble(family):
     x = torch.randn(20, *shape)
     with torch.no_grad():
         assert _relative(merged.model(x), (a(x) + b(x)) / 2) < 1e-3
+
+
+@pytest.mark.parametrize("family", list(FAMILIES)[2:])
+def test_transformers_at_width_two_keep_both_models_heads_side_by_side(family):
+    """With a permuted copy of itself, the widened stream holds the same values twice, so its norms are the
+    model's own and the width-2 merge (every head, MLP unit and stream unit of both copies kept) must give the
+    model back; a tied output head must still average the two copies' logits, not add them."""
+    build, shape = FAMILIES[family]
+    model = build(0)
+    permuted = _permuted_copy(model, build)
+    x = _inputs(shape, 20)
+    for least_squares in (True, False):
+        merged = pleas_merge(model, permuted, _batches(shape), PleasOptions(
+            target_width=2.0, norm_statistics="merge", least_squares=least_squares, ridge=1e-9))
+        report = merged.report
+        assert all(g["ratio"] == 1.0 and g["merged_width"] == 2 * g["width"] for g in report["groups"])
+        assert report["compute_ratio"] == pytest.approx(2.0)
+        with torch.no_grad():
+            assert _relative(_run(merged.model, x), _run(model, x)) < 1e-4, least_squares
+
+
+def test_heads_unmerge_whole_and_count_in_the_compute_target(tmp_path):
+    """Between 1 and 2, head groups move a whole head at a time; the merged attention runs with the head count
+    its projections have (also once saved and loaded back), and attention's own multiply-adds count toward the
+    target."""
+    from safetensors.torch import save_file
+
+    a, b = vit(0), vit(5)
+    batches = _batches((3, 32, 32))
+    merged = pleas_merge(a, b, batches, PleasOptions(target_width=1.3))
+    report = merged.report
+    heads = [g for g in report["groups"] if g["width"] == a.blocks[0].attn.num_heads]
+    assert any(g["merged_width"] > g["width"] for g in heads)
+    for block, group in zip(merged.model.blocks, heads):
+        assert block.attn.num_heads == group["merged_width"]
+        assert block.attn.qkv.out_features == 3 * block.attn.num_heads * block.attn.head_dim
+    assert 1.3 <= report["compute_ratio"] < 1.45
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"architecture": "test_vit", "model_args": {"num_classes": 10, "img_size": 32}}))
+    save_file({k: v.contiguous() for k, v in merged.model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    loaded = load_model(tmp_path)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert _relative(loaded(x), merged.model(x)) < 1e-6
 
 
 def test_intermediate_width_meets_the_target_and_unmerges_worst_groups_first():
@@ -365,6 +409,8 @@ def test_data_free_inputs_are_refined_toward_the_models_batch_norm_statistics():
     assert refined.shape == start.shape
     before, after = float(statistics_loss(models, start).detach()), float(statistics_loss(models, refined).detach())
     assert after < 0.8 * before, (before, after)
+    timid = float(statistics_loss(models, statistics_matched(models, start, steps=40, lr=0.05)).detach())
+    assert after < timid  # the default step size gets further in the same number of steps
     assert all(not p.requires_grad or p.grad is None for m in models for p in m.parameters())
 
 

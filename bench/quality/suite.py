@@ -156,6 +156,10 @@ def merge_run(recipe: Path, out: Path) -> float:
     return time.perf_counter() - started
 
 
+# Part of every PLeaS row's cache key: bump it when a change to PLeaS changes its results, so rows are rebuilt.
+PLEAS_VERSION = "heads-unmerge"
+
+
 def _key(*parts) -> str:
     """A cache key; a checkpoint directory among the parts counts with its weights' modification time, so a
     retrained model never reuses the scores of the one it replaced."""
@@ -471,12 +475,12 @@ def experiment_three_text(ws: Workspace) -> list[dict]:
         save_file({"tokens": torch.cat(windows).contiguous()}, str(tokens))
     with_data = {"data": {"path": str(tokens), "key": "tokens"}}
     settings = {"permutation only (1.0x)": {**with_data, "least_squares": False, "target_width": 1.0}}
-    for width in (1.0, 1.5, 2.0):
+    for width in (1.0, 1.25, 1.5, 2.0):
         settings[f"PLeaS {width}x"] = {**with_data, "target_width": width}
     settings["PLeaS data-free 1.0x (random token ids)"] = {"data": {"kind": "generic"}, "data_free": True,
                                                            "target_width": 1.0}
     for label, setting in settings.items():
-        key = _key("pleas-text", [str(p) for p in paths], setting)
+        key = _key("pleas-text", PLEAS_VERSION, [str(p) for p in paths], setting)
         result = ws.cached(key, lambda setting=setting: _pleas_merge(
             ws, paths, setting, lambda out: {"scores": task.score(out, "test")}))
         rows.append({"name": label, **result})
@@ -513,7 +517,7 @@ def _separate_heads(ws: Workspace, root: Path, save) -> list[dict]:
         rows.append({"name": "ensemble", "accuracy": joint(both)})
         for label, setting in pleas_settings(ws, root).items():
             setting = {**setting, "label_spaces": "separate"}
-            key = _key("pleas-heads", [str(p) for p in paths], setting)
+            key = _key("pleas-heads", PLEAS_VERSION, [str(p) for p in paths], setting)
             score = lambda out: {"accuracy": joint(models.vision_probabilities(load_model(out), test))}  # noqa: E731
             result = ws.cached(key, lambda setting=setting: _pleas_merge(ws, paths, setting, score))
             rows.append({"name": label, **result})
@@ -572,7 +576,7 @@ def _pleas_merge(ws: Workspace, paths: list[Path], setting: dict, score: Callabl
 
 def run_pleas_scored(ws: Workspace, task: Task, paths: list[Path], setting: dict) -> dict:
     """A PLeaS merge (cached), scored on the test split."""
-    parts = ["pleas", task.name, [str(p) for p in paths], setting]
+    parts = ["pleas", PLEAS_VERSION, task.name, [str(p) for p in paths], setting]
     if setting.get("data", {}).get("kind") == "generic":
         parts.append("batch-norm-matched")  # generic inputs are refined to the models' statistics
     key = _key(*parts)

@@ -77,8 +77,8 @@ def different_init(section: dict) -> list[str]:
 def different_init_text(rows: list[dict]) -> list[str]:
     lines = ["### Experiment 3 (text): byte-level Llamas from different initialisations (test loss, nats/byte)", "",
              "Both trained from scratch on the same prose and code with seeds 1 and 2. PLeaS reads 1,000 unlabeled",
-             "training windows of 64 bytes (or random token ids, data-free); heads always merge whole, so extra",
-             "width goes to MLP units and the residual stream. Lower is better.", ""]
+             "training windows of 64 bytes (or random token ids, data-free). Wider merges keep some attention heads,",
+             "MLP units and stream units of both models side by side. Lower is better.", ""]
     domains = list(rows[0]["scores"])
     head = ["model / method", *domains, "average", "compute ×", "seconds"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -25,7 +25,7 @@ METHOD = MergeMethod(
                   scope="global", minimum=1.0, maximum=2.0),
         ParamSpec("samples", int, 1000, "inputs used for matching and least squares", scope="global", minimum=1),
         ParamSpec("batch_size", int, 100, "inputs per forward pass", scope="global", minimum=1),
-        ParamSpec("ridge", float, 1e-4, "least-squares ridge, relative to the mean Gram diagonal", scope="global",
+        ParamSpec("ridge", float, 1e-2, "least-squares ridge, relative to the mean Gram diagonal", scope="global",
                   minimum=0.0),
         ParamSpec("norm_statistics", str, "reestimate", "batch-norm statistics: re-estimated on the data, or merged",
                   scope="global", choices=("reestimate", "merge")),

@@ -5,7 +5,9 @@ norms included: layer and RMS norms treat features alike, so a shared permutatio
 with them), each block's MLP units, and each block's attention heads as whole blocks. Heads move as a
 whole: their query, key and value rows and the output projection's columns, in the same order. Units inside
 a head keep their order, which rotary position embeddings require. With grouped-query attention a block is
-one key/value head with the query heads that share it. Activations are read with forward hooks.
+one key/value head with the query heads that share it. A merge wider than its sources may keep heads of
+both models side by side: the attention then has more heads of the same size. Activations are read with
+forward hooks.
 """
 
 from __future__ import annotations
@@ -100,7 +102,9 @@ def _decoder_spec(model: torch.nn.Module) -> Spec | None:
         prefix = f"model.layers.{i}"
         attn, mlp, heads_key = f"{prefix}.self_attn", f"{prefix}.mlp", f"heads.{i}"
         builder.norm(f"{prefix}.input_layernorm", stream)
-        builder.group(heads_key, kv_heads, blocks=True).nodes.append(f"{attn}.o_proj:in")
+        group = builder.group(heads_key, kv_heads, blocks=True)
+        group.nodes.append(f"{attn}.o_proj:in")
+        group.attention = (f"{attn}.q_proj", block.self_attn.q_proj.out_features // kv_heads)
         for name in ("q_proj", "k_proj", "v_proj"):
             builder.linear(f"{attn}.{name}", stream, heads_key)
         builder.linear(f"{attn}.o_proj", heads_key, stream)
@@ -119,8 +123,10 @@ def _decoder_spec(model: torch.nn.Module) -> Spec | None:
         name = "lm_head" if getattr(model, "lm_head", None) is head else "score"
         if head.weight is core.embed_tokens.weight:
             builder.member(stream, f"{name}.weight", 1)  # tied to the embeddings: merged with them, not solved
-        else:
-            builder.linear(name, stream, None)
+            spec = builder.spec()
+            spec.halve_private = ["model.norm.weight"]
+            return spec
+        builder.linear(name, stream, None)
     return builder.spec()
 
 
@@ -153,6 +159,7 @@ def _vit_spec(model: torch.nn.Module) -> Spec | None:
         builder.norm(f"{prefix}.norm1", stream)
         group = builder.group(heads_key, block.attn.num_heads, blocks=True)
         group.nodes.append(f"{prefix}.attn.proj:in")
+        group.attention = (f"{prefix}.attn.qkv", block.attn.head_dim)
         builder.member(heads_key, f"{prefix}.attn.qkv.weight", 0, segments=3)
         builder.member(heads_key, f"{prefix}.attn.qkv.bias", 0, segments=3)
         builder.member(stream, f"{prefix}.attn.qkv.weight", 1)

@@ -48,6 +48,8 @@ class Group:
     nodes: list[str] = field(default_factory=list)  # activations (fx node or hook names) whose channels are this group
     blocks: bool = False
     segments: dict[str, int] = field(default_factory=dict)  # member name -> sections along its axis (default 1)
+    # attention heads: (the query projection, whose token count is the sequence length; query units per block)
+    attention: tuple[str, int] | None = None
 
     def unit_order(self, order: torch.Tensor, name: str, size: int) -> torch.Tensor:
         """Index along a member's axis (of `size`) for a group order: the order itself, or its blocks unrolled."""
@@ -82,6 +84,9 @@ class Spec:
     layers: list[Layer]
     graph: torch.fx.GraphModule | None
     model: torch.nn.Module | None = None
+    # the norm gains before an output head tied to the input embeddings: that head cannot be solved or halved,
+    # so each model's private units there are halved instead (the logits stay the mean of both models')
+    halve_private: list[str] = field(default_factory=list)
 
     def activations(self, batch: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
         from mergekit_lite.pleas.features import capture, capture_hooks

@@ -1,7 +1,8 @@
 """Matching units of two models, partial matching, and choosing per-group ratios for a target compute.
 
 A group's layout after partial matching with ratio r: [merged pairs | A-only units | B-only units], where the
-(1 - r) * d best-correlated pairs are merged and the other units of both models are kept side by side.
+(1 - r) * d best-correlated pairs are merged and the other units of both models are kept side by side. A
+layout of units inside sections (a fused q/k/v projection) reorders that to one such run per section.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class Layout:
     only_a: torch.Tensor
     only_b: torch.Tensor
     pair_correlation: torch.Tensor  # correlation of each merged pair, best first
+    order: torch.Tensor | None = None  # final unit order over [merged | A-only | B-only] (None: as is)
 
     @property
     def width(self) -> int:
@@ -76,12 +78,14 @@ class Layout:
         """Values of A and B along `axis`, laid out as [mean of merged pairs | A-only | B-only]."""
         pick = lambda t, i: t.index_select(axis, i.to(t.device))  # noqa: E731
         merged = (pick(a, self.merged_a) + pick(b, self.merged_b)) / 2
-        return torch.cat([merged, pick(a, self.only_a), pick(b, self.only_b)], dim=axis)
+        out = torch.cat([merged, pick(a, self.only_a), pick(b, self.only_b)], dim=axis)
+        return out if self.order is None else pick(out, self.order)
 
     def origin(self) -> torch.Tensor:
         """Per merged unit: 0 merged, 1 from A only, 2 from B only."""
-        return torch.cat([torch.zeros(self.merged, dtype=torch.long), torch.ones(len(self.only_a), dtype=torch.long),
-                          torch.full((len(self.only_b),), 2, dtype=torch.long)])
+        origin = torch.cat([torch.zeros(self.merged, dtype=torch.long), torch.ones(len(self.only_a), dtype=torch.long),
+                            torch.full((len(self.only_b),), 2, dtype=torch.long)])
+        return origin if self.order is None else origin[self.order]
 
 
 def identity_layout(width: int) -> Layout:
@@ -111,19 +115,20 @@ def block_cost(out_layout: Layout, in_layout: Layout) -> int:
     return m_out * (m_in + a_in + b_in) + a_out * (m_in + a_in) + b_out * (m_in + b_in)
 
 
-def allocate_ratios(qualities: list[torch.Tensor], layer_costs, target: float, step: float = 0.125,
-                    fixed: list[bool] | None = None) -> list[float]:
+def allocate_ratios(qualities: list[torch.Tensor], layer_costs, target: float, step: float = 0.125) -> list[float]:
     """Per-group ratios that reach `target` compute (relative to one model) by unmerging, a step at a time,
-    the group whose currently merged pairs match worst. `layer_costs(ratios)` gives the compute ratio;
-    `fixed` groups stay fully merged."""
+    the group whose currently merged pairs match worst (a step is at least one unit: one head of a head group).
+    `layer_costs(ratios)` gives the compute ratio. At 2.0 every group is unmerged: the two models side by side."""
     ratios = [0.0] * len(qualities)
     if target <= 1.0 + 1e-9:
         return ratios
+    if target >= 2.0 - 1e-9:
+        return [1.0] * len(qualities)
     sorted_quality = [torch.sort(q, descending=True).values for q in qualities]
     while layer_costs(ratios) < target - 1e-6:
         best, best_value = None, None
         for g, quality in enumerate(sorted_quality):
-            if ratios[g] >= 1.0 - 1e-9 or (fixed is not None and fixed[g]):
+            if ratios[g] >= 1.0 - 1e-9:
                 continue
             kept = len(quality) - int(round(ratios[g] * len(quality)))
             value = float(quality[:kept].mean()) if kept else float("inf")
@@ -131,5 +136,5 @@ def allocate_ratios(qualities: list[torch.Tensor], layer_costs, target: float, s
                 best, best_value = g, value
         if best is None:
             break
-        ratios[best] = min(1.0, ratios[best] + step)
+        ratios[best] = min(1.0, ratios[best] + max(step, 1.0 / len(sorted_quality[best])))
     return ratios

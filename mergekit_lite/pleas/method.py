@@ -28,7 +28,7 @@ from mergekit_lite.pleas.matching import (
 @dataclass
 class PleasOptions:
     target_width: float = 1.0  # compute relative to one source model, 1.0 .. 2.0
-    ridge: float = 1e-4  # relative to the mean diagonal of each layer's Gram matrix
+    ridge: float = 1e-2  # relative to the mean diagonal of each layer's Gram matrix
     norm_statistics: str = "reestimate"  # or "merge": average the running statistics like any parameter
     least_squares: bool = True  # False: permutation-only merge (matched weights averaged)
     label_spaces: str = "shared"  # "separate": the output heads predict different classes (kept side by side)
@@ -55,31 +55,51 @@ def block_scores(correlation: torch.Tensor, blocks: int) -> torch.Tensor:
 
 
 def expand_layout(layout: Layout, group: Group, name: str, size: int) -> Layout:
-    """A block group's layout (over blocks, all merged) as unit indices along one member's axis."""
+    """A block group's layout (over blocks: attention heads) as unit indices along one member's axis of `size`
+    in the source models. Units of a block stay in order; an axis of several sections (fused q/k/v) keeps them,
+    each laid out as [merged blocks | A-only blocks | B-only blocks]."""
     if not group.blocks:
         return layout
     segments = group.segments.get(name, 1)
-    units = lambda order: expand_blocks(order, size, group.width, segments)  # noqa: E731
-    per_block = size // group.width
-    return Layout(units(layout.merged_a), units(layout.merged_b), layout.only_a[:0], layout.only_b[:0],
-                  layout.pair_correlation.repeat_interleave(per_block))
+    units = lambda blocks: expand_blocks(blocks, size, group.width, segments)  # noqa: E731
+    per_block = size // (segments * group.width)
+    order = None
+    if segments > 1:
+        runs = [len(part) * per_block for part in (layout.merged_a, layout.only_a, layout.only_b)]
+        starts = [0, segments * runs[0], segments * (runs[0] + runs[1])]
+        order = torch.cat([torch.arange(run) + start + s * run for s in range(segments)
+                           for start, run in zip(starts, runs)])
+    return Layout(units(layout.merged_a), units(layout.merged_b), units(layout.only_a), units(layout.only_b),
+                  layout.pair_correlation.repeat_interleave(per_block).repeat(segments), order)
 
 
 def _cost_ratio(spec: Spec, layouts_for: Callable[[list[float]], list[Layout]], positions: dict[str, int],
                 layer_layout: Callable) -> Callable[[list[float]], float]:
-    """Compute (multiply-adds in non-zero blocks) of the merged model relative to one source model."""
+    """Compute (multiply-adds in non-zero blocks, and attention's scores and weighted sums per head) of the
+    merged model relative to one source model."""
     base = sum(_kernel(l.module) * l.module.weight.shape[0] * l.module.weight.shape[1] * positions[l.name]
-               for l in spec.layers)
+               for l in spec.layers) + _attention_macs(spec, positions, [g.width for g in spec.groups])
 
     def ratio(ratios: list[float]) -> float:
         layouts = layouts_for(ratios)
-        total = 0
+        total = _attention_macs(spec, positions, [layout.width for layout in layouts])
         for layer in spec.layers:
             in_layout, out_layout = layer_layout(layouts, layer, "in"), layer_layout(layouts, layer, "out")
             total += _kernel(layer.module) * block_cost(out_layout, in_layout) * positions[layer.name]
         return total / base
 
     return ratio
+
+
+def _attention_macs(spec: Spec, positions: dict[str, int], widths: list[int]) -> int:
+    """Multiply-adds of attention itself (query-key scores and the weighted sum of values, n^2 per query unit
+    each) for head groups of the given widths in blocks."""
+    total = 0
+    for group, width in zip(spec.groups, widths):
+        if group.attention is not None:
+            layer, units = group.attention
+            total += 2 * positions[layer] ** 2 * units * width
+    return total
 
 
 def _kernel(module: torch.nn.Module) -> int:
@@ -117,6 +137,12 @@ def resize_to(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.n
             module.normalized_shape = tuple(weight.shape)
         elif isinstance(module, torch.nn.Embedding):
             module.num_embeddings, module.embedding_dim = weight.shape
+    for name, module in model.named_modules():  # timm attention reads its head count from attributes
+        qkv = state.get(f"{name}.qkv.weight")
+        if qkv is not None and isinstance(getattr(module, "num_heads", None), int) and getattr(module, "head_dim", None):
+            module.num_heads = qkv.shape[0] // (3 * module.head_dim)
+            if hasattr(module, "attn_dim"):
+                module.attn_dim = module.num_heads * module.head_dim
     replaced: dict[int, torch.Tensor] = {}
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
@@ -189,7 +215,7 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
     pairs = [match(c) for c in correlations]
     qualities = [c[torch.as_tensor(p[0]), torch.as_tensor(p[1])] for c, p in zip(correlations, pairs)]
 
-    # 2. ratios for the target compute (attention heads always merge whole)
+    # 2. ratios for the target compute
     layouts_for = lambda ratios: [partial_layout(c, p, r) for c, p, r in zip(correlations, pairs, ratios)]  # noqa: E731
 
     heads_b = {l.name: l.module.weight.shape[0] for l in spec_b.layers}
@@ -209,8 +235,7 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
         return expand_layout(layouts[index], spec.groups[index], f"{layer.name}.weight", size)
 
     compute = _cost_ratio(spec, layouts_for, positions, layer_layout)
-    ratios = allocate_ratios(qualities, compute, options.target_width, options.ratio_step,
-                             fixed=[g.blocks for g in spec.groups])
+    ratios = allocate_ratios(qualities, compute, options.target_width, options.ratio_step)
     layouts = layouts_for(ratios)
     log(f"ratios chosen for compute {options.target_width}: achieved {compute(ratios):.3f}")
 
@@ -281,6 +306,9 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
             group, axis = group_of_member[name]
             layout = expand_layout(layouts[group.index], group, name, value.shape[axis])
             merged[name] = layout.combine(value, state_b[name], axis)
+            if name in spec.halve_private:
+                half = 1.0 - 0.5 * (layout.origin() > 0).to(value.dtype).to(value.device)
+                merged[name] = merged[name] * half.view(-1, *([1] * (value.dim() - axis - 1)))
         else:
             merged[name] = (value + state_b[name]) / 2
     model = resize_to(copy.deepcopy(model_a), merged)
@@ -290,9 +318,9 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
     model.eval()
 
     dense = sum(_kernel(l.module) * out_layout_of(l).width * in_layout_of(l).width * positions[l.name]
-                for l in spec.layers)
+                for l in spec.layers) + _attention_macs(spec, positions, [layout.width for layout in layouts])
     base = sum(_kernel(l.module) * l.module.weight.shape[0] * l.module.weight.shape[1] * positions[l.name]
-               for l in spec.layers)
+               for l in spec.layers) + _attention_macs(spec, positions, [g.width for g in spec.groups])
     params_a = sum(v.numel() for v in state_a.values() if v.is_floating_point())
     params_merged = sum(v.numel() for v in merged.values() if v.is_floating_point())
     report = {
@@ -337,6 +365,10 @@ def _lift_weight(weight: torch.Tensor, side: str, out_layout: Layout, in_layout:
     cols, col_present = axis_plan(in_layout)
     row_scale = row_present * torch.cat([torch.full((out_layout.merged,), 0.5),
                                          torch.ones(len(out_layout.only_a) + len(out_layout.only_b))])
+    if out_layout.order is not None:
+        rows, row_scale = rows[out_layout.order], row_scale[out_layout.order]
+    if in_layout.order is not None:
+        cols, col_present = cols[in_layout.order], col_present[in_layout.order]
     on = lambda t: t.to(weight.device)  # noqa: E731
     lifted = weight.index_select(0, on(rows)).index_select(1, on(cols))
     extra = [1] * (weight.dim() - 2)

@@ -41,10 +41,12 @@ def statistics_loss(models: list[torch.nn.Module], x: torch.Tensor) -> torch.Ten
     return torch.stack(terms).sum()
 
 
-def statistics_matched(models: list[torch.nn.Module], start: torch.Tensor, steps: int = 200, lr: float = 0.05,
+def statistics_matched(models: list[torch.nn.Module], start: torch.Tensor, steps: int = 200, lr: float = 0.5,
                        batch: int = 256, log: Callable[[str], None] = lambda message: None) -> torch.Tensor:
     """Refine `start` (e.g. smooth random images) by Adam on the batch-norm statistics loss, a batch at a time.
-    Models stay in eval mode and untouched; only the inputs change."""
+    Models stay in eval mode and untouched; only the inputs change. Inputs are in normalised units, so steps of
+    up to half a unit per pixel: a tenth of that leaves the statistics far from the stored ones after 200
+    steps, and the merge on such inputs is clearly worse (RESULTS.md, experiment 3)."""
     if not any(batch_norm_layers(m) for m in models):
         return start
     out = []
