@@ -358,6 +358,16 @@ def show_report(
         out.print(f"  twin   rank {twin['rank']:g}; factors {_human_bytes(twin['storage']['stored_bytes'])} = "
                   f"{twin['storage']['ratio']:.1%} of dense deltas; router ({twin['router']['feature']}) validation "
                   f"accuracy {twin['router']['accuracy_val']:.1%}", highlight=False)
+    if "pleas" in report:
+        pleas = report["pleas"]
+        units = [g for g in pleas["groups"] if g.get("kind", "units") == "units"]
+        heads = [g for g in pleas["groups"] if g.get("kind") == "heads"]
+        widths = f"{sum(g['width'] for g in units)} -> {sum(g['merged_width'] for g in units)} units"
+        if heads:
+            widths += f", {sum(g['width'] for g in heads)} -> {sum(g['merged_width'] for g in heads)} heads"
+        quality = sum(g["match_quality"] for g in pleas["groups"]) / max(len(pleas["groups"]), 1)
+        out.print(f"  pleas  compute {pleas['compute_ratio']:.3f}x (target {pleas['target_width']:g}), parameters "
+                  f"{pleas['parameter_ratio']:.3f}x; {widths}; mean match quality {quality:.3f}", highlight=False)
     out.print("  time   " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()), highlight=False)
     out.print(f"  memory peak RSS {_human_bytes(memory['rss_bytes'])}"
               + (f", CUDA {_human_bytes(memory['cuda_bytes'])}" if "cuda_bytes" in memory else ""), highlight=False)

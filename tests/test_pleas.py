@@ -282,6 +282,7 @@ def test_merge_run_writes_a_wider_checkpoint_that_loads(tmp_path, pleas_inputs):
     assert report["method"] == "pleas" and report["data"]["samples"] == 200
     shown = runner.invoke(app, ["report", str(out)])
     assert shown.exit_code == 0 and "pleas merge" in shown.output
+    assert f"compute {report['pleas']['compute_ratio']:.3f}x (target 1.5)" in shown.output
     assert report["pleas"]["compute_ratio"] >= 1.5
     assert all("residual" in layer for layer in report["pleas"]["layers"])
     assert all("match_quality" in group and "ratio" in group for group in report["pleas"]["groups"])

@@ -7,7 +7,7 @@ import torch
 
 from mergekit_lite.twin import compress
 from mergekit_lite.twin.compress import low_rank, rank_for
-from mergekit_lite.twin.routed import (RoutedBatchNorm2d, RoutedConv2d, RoutedLinear, dense_for_row, make_route,
+from mergekit_lite.twin.routed import (RoutedBatchNorm2d, RoutedConv1D, RoutedConv2d, RoutedLinear, dense_for_row, make_route,
                                        task_order)
 
 
@@ -86,6 +86,39 @@ def test_each_row_is_routed_on_its_own_and_equals_the_dense_rebuild():
             torch.testing.assert_close(out[row], x[row] @ weight.T + shared.bias, rtol=1e-5, atol=1e-5)
         layer.route = None
         torch.testing.assert_close(layer(x), shared(x))
+
+
+def test_soft_routes_run_every_task_at_once_and_equal_the_dense_rebuild():
+    """When rows weigh most tasks (soft routing), linear, Conv1D and conv layers take all tasks' factors in one
+    product; every row must still see W + sum_t w_t L_t R_t and b + sum_t w_t db_t."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(4)
+    tasks, rank = 3, 2
+    route = torch.softmax(torch.randn(5, tasks), dim=-1)
+    route[1, 2] = 0.0  # a row that skips a task: still dense enough overall
+    assert make_route(route).dense()
+    linear = RoutedLinear(torch.nn.Linear(8, 6), torch.randn(tasks, 6, rank), torch.randn(tasks, rank, 8),
+                          torch.randn(tasks, 6))
+    conv1d = RoutedConv1D(Conv1D(6, 8), torch.randn(tasks, 8, rank), torch.randn(tasks, rank, 6), torch.randn(tasks, 6))
+    conv = RoutedConv2d(torch.nn.Conv2d(4, 5, 3, padding=1, stride=2), torch.randn(tasks, 5, rank),
+                        torch.randn(tasks, rank, 36), torch.randn(tasks, 5))
+    cases = ((linear, torch.randn(5, 3, 8)), (conv1d, torch.randn(5, 3, 8)), (conv, torch.randn(5, 4, 7, 7)))
+    with torch.no_grad():
+        for layer, x in cases:
+            layer.route = make_route(route)
+            out = layer(x)
+            shared = layer.shared
+            for row in range(5):
+                weight = dense_for_row(shared.weight, layer.lefts, layer.rights, route[row])
+                bias = shared.bias + route[row] @ layer.bias_deltas
+                if isinstance(layer, RoutedConv2d):
+                    expected = torch.nn.functional.conv2d(x[row:row + 1], weight, bias, 2, 1)[0]
+                elif isinstance(layer, RoutedConv1D):
+                    expected = x[row] @ weight + bias
+                else:
+                    expected = x[row] @ weight.T + bias
+                torch.testing.assert_close(out[row], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_sparse_routes_touch_only_their_rows():

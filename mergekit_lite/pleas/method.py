@@ -77,8 +77,7 @@ def _cost_ratio(spec: Spec, layouts_for: Callable[[list[float]], list[Layout]], 
                 layer_layout: Callable) -> Callable[[list[float]], float]:
     """Compute (multiply-adds in non-zero blocks, and attention's scores and weighted sums per head) of the
     merged model relative to one source model."""
-    base = sum(_kernel(l.module) * l.module.weight.shape[0] * l.module.weight.shape[1] * positions[l.name]
-               for l in spec.layers) + _attention_macs(spec, positions, [g.width for g in spec.groups])
+    base = _source_macs(spec, positions)
 
     def ratio(ratios: list[float]) -> float:
         layouts = layouts_for(ratios)
@@ -89,6 +88,12 @@ def _cost_ratio(spec: Spec, layouts_for: Callable[[list[float]], list[Layout]], 
         return total / base
 
     return ratio
+
+
+def _source_macs(spec: Spec, positions: dict[str, int]) -> int:
+    """Multiply-adds of one source model: its conv/linear layers and its attention."""
+    return sum(_kernel(l.module) * l.module.weight.shape[0] * l.module.weight.shape[1] * positions[l.name]
+               for l in spec.layers) + _attention_macs(spec, positions, [g.width for g in spec.groups])
 
 
 def _attention_macs(spec: Spec, positions: dict[str, int], widths: list[int]) -> int:
@@ -319,8 +324,7 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
 
     dense = sum(_kernel(l.module) * out_layout_of(l).width * in_layout_of(l).width * positions[l.name]
                 for l in spec.layers) + _attention_macs(spec, positions, [layout.width for layout in layouts])
-    base = sum(_kernel(l.module) * l.module.weight.shape[0] * l.module.weight.shape[1] * positions[l.name]
-               for l in spec.layers) + _attention_macs(spec, positions, [g.width for g in spec.groups])
+    base = _source_macs(spec, positions)
     params_a = sum(v.numel() for v in state_a.values() if v.is_floating_point())
     params_merged = sum(v.numel() for v in merged.values() if v.is_floating_point())
     report = {
@@ -337,7 +341,8 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
         "norm_statistics": options.norm_statistics,
         "self_check_error": check_error,
         "groups": [
-            {"group": g.index, "width": g.width, "merged_width": layouts[g.index].width, "ratio": ratios[g.index],
+            {"group": g.index, "kind": "heads" if g.blocks else "units", "width": g.width,
+             "merged_width": layouts[g.index].width, "ratio": ratios[g.index],
              "merged_pairs": layouts[g.index].merged,
              "match_quality": float(qualities[g.index].mean()),
              "merged_pair_quality": float(layouts[g.index].pair_correlation.mean()) if layouts[g.index].merged else None,

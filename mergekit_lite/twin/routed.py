@@ -33,6 +33,12 @@ class Route:
     _packed: tuple | None = None
     _task_of_row: torch.Tensor | None = None
 
+    def dense(self) -> bool:
+        """Most rows give weight to most tasks (soft routing): every task's factors in one product beat a
+        gathered product per task."""
+        return not self.uniform and not self.one_task_per_row and \
+            sum(len(rows) for _, rows, _ in self.groups) >= 0.5 * self.batch * self.weights.shape[1]
+
     def packs_well(self) -> bool:
         """Padding every task's rows to the largest group wastes at most half the work."""
         return len(self.groups) * max(len(rows) for _, rows, _ in self.groups) <= 1.5 * self.batch + 8 * len(self.groups)
@@ -170,6 +176,34 @@ class RoutedLinear(Routed):
         """(first, second) of one task, as views."""
         return self.rights[task].T, self.lefts[task].T
 
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every task's factors side by side: first (n, T*r), second (T*r, m); task t owns columns / rows
+        t*r .. (t+1)*r. Formed once and kept."""
+        key = tensor_key(self.lefts, self.rights)
+        cached = getattr(self, "_stacked_factors", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        first, second = self._factors(list(range(len(self.lefts))))  # (T, n, r), (T, r, m)
+        stacked = (first.permute(1, 0, 2).reshape(first.shape[1], -1).contiguous(), second.reshape(-1, second.shape[-1]))
+        if not stacked[0].requires_grad:
+            self._stacked_factors = (key, stacked)
+        return stacked
+
+    def _add_dense(self, out: torch.Tensor, x: torch.Tensor, route: Route) -> torch.Tensor:
+        """Soft routing: all tasks' rank-r products at once, each row's share of task t scaled by its weight
+        there (two matrix products and a scale, whatever the number of tasks)."""
+        first, second = self._stacked()
+        rank = first.shape[1] // route.weights.shape[1]
+        scale = route.weights.to(x.dtype).repeat_interleave(rank, dim=1)  # (batch, T*r)
+        flat_x = x.reshape(-1, x.shape[-1])
+        low = (flat_x @ first).view(x.shape[0], -1, first.shape[1]) * scale.unsqueeze(1)
+        flat_out = out.view(-1, out.shape[-1])
+        flat_out.addmm_(low.view(-1, first.shape[1]), second)
+        if self.bias_deltas is not None:
+            bias = route.weights.to(out.dtype) @ self.bias_deltas  # (batch, m)
+            out += bias.view(x.shape[0], *([1] * (out.dim() - 2)), -1)
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.shared(x)
         route = self.route
@@ -177,6 +211,8 @@ class RoutedLinear(Routed):
             return out
         if route.spans is not None and x.shape[0] == route.batch and out.is_contiguous():
             return self._add_on_slices(out, x, route)
+        if route.dense() and x.shape[0] == route.batch and out.is_contiguous():
+            return self._add_dense(out, x, route)
         if x.is_cuda and route.one_task_per_row and len(route.groups) > 1 and x.shape[0] == route.batch \
                 and route.packs_well():  # launch-bound on a GPU: a few batched calls instead of several per task
             return self._packed_add(out, x, route)
@@ -290,6 +326,8 @@ class RoutedConv2d(RoutedLinear):
             raise ValueError(f"router weights for {route.batch} rows, input has {x.shape[0]}")
         if route.uniform:
             return self._task_conv(x, [(task, w) for task, _, w in route.groups])
+        if route.dense():
+            return self._add_dense_conv(self.shared(x), x, route)
         if not route.one_task_per_row:
             return add_routed(self.shared(x), x, route, self._update)
         conv = self.shared
@@ -298,6 +336,20 @@ class RoutedConv2d(RoutedLinear):
         if len(route.groups) == 1 or (macs > PER_TASK_MACS and not x.is_cuda):
             return self._per_task(x, route)  # on a GPU one grouped call beats T launches
         return self._grouped(x, route)
+
+    def _add_dense_conv(self, out: torch.Tensor, x: torch.Tensor, route: Route) -> torch.Tensor:
+        """Soft routing: one rank-(T*r) convolution with every task's R_t filters, each row's channels of task t
+        scaled by its weight there, then one 1x1 projection with every task's L_t."""
+        conv = self.shared
+        tasks, rank = self.rights.shape[0], self.rights.shape[1]
+        filters = self.rights.reshape(tasks * rank, *conv.weight.shape[1:])
+        low = F.conv2d(x, filters, None, conv.stride, conv.padding, conv.dilation)
+        low = low * route.weights.to(low.dtype).repeat_interleave(rank, dim=1)[:, :, None, None]
+        lefts = self.lefts.permute(1, 0, 2).reshape(self.lefts.shape[1], tasks * rank)
+        out += torch.matmul(lefts, low.flatten(2)).view_as(out)
+        if self.bias_deltas is not None:
+            out += (route.weights.to(out.dtype) @ self.bias_deltas)[:, :, None, None]
+        return out
 
     def _per_task(self, x: torch.Tensor, route: Route) -> torch.Tensor:
         if route.spans is not None:
