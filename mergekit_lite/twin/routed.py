@@ -6,7 +6,8 @@ pass the caller sets `route`, a (batch, T) tensor of task weights. A task's upda
 that give it weight, at O(r (m + n)) per row, so a sparse (top-k) route costs k low-rank products per row, and no
 dense weight is rebuilt per input (convolutions keep each task's filters: see RoutedConv2d). When every row has
 the same weights (a fixed mix) the update runs once on the batch; when rows are grouped by task (TwinModel sorts
-top-1 rows so) layers work on slices.
+top-1 rows so) layers work on slices; when most rows weigh most tasks (soft routing) every task's factors run
+in one product, side by side (a second copy of the factors, kept).
 """
 
 from __future__ import annotations
@@ -273,10 +274,16 @@ class RoutedConv2d(RoutedLinear):
     Small rank-r convolutions run far below a CPU's or GPU's peak, so when every row has a single task (top-1
     routing) each task's filters W + L_t R_t serve its rows in one convolution: the same work as the shared
     layer. Those filters depend on the task alone, so they are formed once and kept (`keep_filters`; T copies of
-    the layer's filters, small for convolutions, which spend their time on activations). Rows that mix several
-    tasks take the factor path."""
+    the layer's filters, small for convolutions, which spend their time on activations). When a batch norm alone
+    reads this conv's output (`norm_after`, linked by the runtime from the fx graph), top-1 rows get it folded
+    into their task's filters and the norm passes them through. Rows that mix several tasks take the factor
+    path."""
 
     keep_filters = True
+    norm_after: tuple["RoutedBatchNorm2d", ...] = ()  # the batch norm that alone reads this conv's output (folded)
+
+    def _folds(self, route: Route) -> bool:
+        return bool(self.norm_after) and folds_norm(route)
 
     def _update(self, x: torch.Tensor, task: int) -> torch.Tensor:
         conv = self.shared
@@ -292,11 +299,33 @@ class RoutedConv2d(RoutedLinear):
         cached = getattr(self, "_filters", None)
         if cached is not None and cached[0] == key:
             return cached[1]
-        flat = weight.reshape(weight.shape[0], -1)
-        filters = torch.baddbmm(flat.expand(len(self.lefts), -1, -1), self.lefts.to(flat.dtype), self.rights.to(flat.dtype))
+        filters = self._formed_filters()
         if self.keep_filters and not filters.requires_grad:  # a kept tensor must not hold an autograd graph
             self._filters = (key, filters)
         return filters
+
+    def _formed_filters(self) -> torch.Tensor:
+        flat = self.shared.weight.reshape(self.shared.weight.shape[0], -1)
+        return torch.baddbmm(flat.expand(len(self.lefts), -1, -1), self.lefts.to(flat.dtype), self.rights.to(flat.dtype))
+
+    def folded_filters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per task, the filters and bias with the following batch norm folded in: (T, out, in*kh*kw), (T, out),
+        kept (`keep_filters`). Mixed top-1 batches use only these; the plain per-task filters are formed (and
+        kept too) only if a batch routed wholly to one task comes along."""
+        norm = self.norm_after[0]
+        key = tensor_key(self.shared.weight, self.shared.bias, self.lefts, self.rights, self.bias_deltas) + norm.state_key()
+        cached = getattr(self, "_folded_filters", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        scale, shift = norm.task_scale_shift()
+        filters = self._formed_filters() * scale.unsqueeze(-1)
+        bias = torch.zeros_like(shift) if self.shared.bias is None else self.shared.bias.expand_as(shift)
+        if self.bias_deltas is not None:
+            bias = bias + self.bias_deltas
+        folded = (filters, bias * scale + shift)
+        if self.keep_filters and not filters.requires_grad:
+            self._folded_filters = (key, folded)
+        return folded
 
     def _task_bias(self, task: int) -> torch.Tensor | None:
         bias = self.shared.bias
@@ -304,9 +333,12 @@ class RoutedConv2d(RoutedLinear):
             return bias
         return self.bias_deltas[task] if bias is None else bias + self.bias_deltas[task]
 
-    def _task_conv(self, x: torch.Tensor, mix: list[tuple[int, float]]) -> torch.Tensor:
+    def _task_conv(self, x: torch.Tensor, mix: list[tuple[int, float]], fold: bool = False) -> torch.Tensor:
         conv = self.shared
-        if len(mix) == 1 and mix[0][1] == 1.0:  # one task: its kept filters
+        if fold:  # one task, the batch norm after this conv folded in
+            filters, biases = self.folded_filters()
+            weight, bias = filters[mix[0][0]], biases[mix[0][0]]
+        elif len(mix) == 1 and mix[0][1] == 1.0:  # one task: its kept filters
             task = mix[0][0]
             weight, bias = self.task_filters()[task], self._task_bias(task)
         else:
@@ -352,11 +384,12 @@ class RoutedConv2d(RoutedLinear):
         return out
 
     def _per_task(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        fold = self._folds(route)
         if route.spans is not None:
-            return torch.cat([self._task_conv(x[start:end], [(task, 1.0)]) for task, start, end in route.spans])
+            return torch.cat([self._task_conv(x[start:end], [(task, 1.0)], fold) for task, start, end in route.spans])
         out = None
         for task, rows, _ in route.groups:
-            part = self._task_conv(x.index_select(0, rows), [(task, 1.0)])
+            part = self._task_conv(x.index_select(0, rows), [(task, 1.0)], fold)
             if out is None:
                 out = part.new_empty((x.shape[0], *part.shape[1:]))
             out.index_copy_(0, rows, part)
@@ -368,10 +401,13 @@ class RoutedConv2d(RoutedLinear):
         conv = self.shared
         tasks, size, gather, slots, rows = route.packed()
         groups = len(tasks)
-        filters = self.task_filters()[tasks]
-        bias = conv.bias.expand(groups, -1) if conv.bias is not None else None
-        if self.bias_deltas is not None:
-            bias = self.bias_deltas[tasks] if bias is None else bias + self.bias_deltas[tasks]
+        if self._folds(route):
+            filters, bias = (t[tasks] for t in self.folded_filters())
+        else:
+            filters = self.task_filters()[tasks]
+            bias = conv.bias.expand(groups, -1) if conv.bias is not None else None
+            if self.bias_deltas is not None:
+                bias = self.bias_deltas[tasks] if bias is None else bias + self.bias_deltas[tasks]
         packed = x.index_select(0, gather).view(groups, size, *x.shape[1:]).transpose(0, 1)
         packed = packed.reshape(size, groups * x.shape[1], *x.shape[2:])
         y = F.conv2d(packed, filters.reshape(-1, *conv.weight.shape[1:]), None if bias is None else bias.reshape(-1),
@@ -446,6 +482,7 @@ class RoutedBatchNorm2d(Routed):
     shift per channel."""
 
     NAMES = ("weight", "bias", "running_mean", "running_var")
+    folded = False  # set when the conv before it applies it (top-1 rows only)
 
     def __init__(self, shared: torch.nn.BatchNorm2d, deltas: dict[str, torch.Tensor]) -> None:
         super().__init__(shared)
@@ -457,6 +494,8 @@ class RoutedBatchNorm2d(Routed):
             return self.shared(x)
         if self.shared.training:
             raise RuntimeError("routed batch norm runs in eval mode only (per-row statistics)")
+        if self.folded and folds_norm(self.route):
+            return x  # the conv before it already applied each row's task norm
         norm = self.shared
         if self.route.one_task_per_row and not self.route.uniform and norm.affine:  # each row: its task's folded norm
             scale, shift = self.task_scale_shift()
@@ -470,11 +509,15 @@ class RoutedBatchNorm2d(Routed):
         shift = rows["bias"] - rows["running_mean"] * scale
         return torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None])
 
+    def state_key(self) -> tuple:
+        norm = self.shared
+        return tensor_key(norm.weight, norm.bias, norm.running_mean, norm.running_var,
+                          *(getattr(self, f"{name}_deltas") for name in self.NAMES))
+
     def task_scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per task (T, C): the norm folded into one scale and shift, formed once and kept."""
         norm = self.shared
-        key = tensor_key(norm.weight, norm.bias, norm.running_mean, norm.running_var,
-                         *(getattr(self, f"{name}_deltas") for name in self.NAMES))
+        key = self.state_key()
         cached = getattr(self, "_folded", None)
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -488,6 +531,26 @@ class RoutedBatchNorm2d(Routed):
         if not scale.requires_grad:  # a kept tensor must not hold an autograd graph
             self._folded = (key, folded)
         return folded
+
+
+def folds_norm(route: Route | None) -> bool:
+    """Rows of one task each, not all the same: a conv serves each task's rows with that task's filters, and can
+    apply the batch norm that follows it in the same call."""
+    return route is not None and route.one_task_per_row and not route.uniform
+
+
+def fold_norms(model: torch.nn.Module, pairs: dict[str, str]) -> int:
+    """Let each routed conv apply the routed batch norm that alone reads its output (`pairs`: conv name -> norm
+    name), for top-1 rows; returns how many were linked."""
+    linked = 0
+    for conv_name, norm_name in pairs.items():
+        conv, norm = model.get_submodule(conv_name), model.get_submodule(norm_name)
+        if isinstance(conv, RoutedConv2d) and isinstance(norm, RoutedBatchNorm2d) and norm.shared.affine \
+                and norm.shared.track_running_stats and conv.shared.out_channels == norm.shared.num_features:
+            conv.norm_after = (norm,)  # a tuple: not registered as a child module
+            norm.folded = True
+            linked += 1
+    return linked
 
 
 def set_route(model: torch.nn.Module, weights: torch.Tensor | None) -> None:

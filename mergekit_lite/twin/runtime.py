@@ -15,8 +15,8 @@ import torch
 
 from mergekit_lite.errors import UserError
 from mergekit_lite.twin.routed import (RoutedBatchNorm2d, RoutedConv1D, RoutedConv2d, RoutedEmbedding,
-                                       RoutedLayerNorm, RoutedLinear, RoutedRMSNorm, is_rms_norm, set_route,
-                                       task_order)
+                                       RoutedLayerNorm, RoutedLinear, RoutedRMSNorm, fold_norms, is_rms_norm,
+                                       set_route, task_order)
 from mergekit_lite.twin.router import Router, pooled_features, route_weights
 from mergekit_lite.twin.store import EXPERTS, ROUTER, SHARED, StackedDelta, dense_name, left_name, load_deltas, \
     read_manifest, right_name
@@ -30,6 +30,7 @@ def _is_conv1d(module: torch.nn.Module) -> bool:
 def install_routes(model: torch.nn.Module, deltas: dict[str, StackedDelta]) -> tuple[list[str], list[str]]:
     """Wrap every layer whose tensors have deltas in its routed form; returns (routed, unrouted) tensor names.
     Unrouted tensors (e.g. a ViT position embedding) keep the shared value at run time."""
+    pairs = conv_norm_pairs(model)
     names_of: dict[int, list[str]] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
         names_of.setdefault(id(tensor), []).append(name)
@@ -79,7 +80,35 @@ def install_routes(model: torch.nn.Module, deltas: dict[str, StackedDelta]) -> t
         parent, _, leaf = module_name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, wrapper)
         routed.update(n for n in used if n is not None)
+    fold_norms(model, pairs)
     return sorted(routed), sorted(set(deltas) - routed)
+
+
+def conv_norm_pairs(model: torch.nn.Module) -> dict[str, str]:
+    """Convolutions whose output nothing but one batch norm reads (conv -> norm, as in ResNets): conv name ->
+    norm name, from the model's fx graph; empty for models without batch norms or that do not trace."""
+    if not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
+        return {}
+    from mergekit_lite.pleas.graph import trace
+
+    try:
+        graph = trace(model)
+    except Exception:  # torch.fx raises many kinds on untraceable code: then nothing is folded
+        return {}
+    calls: dict[str, int] = {}
+    for node in graph.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = {}
+    for node in graph.graph.nodes:
+        if node.op != "call_module" or not isinstance(graph.get_submodule(node.target), torch.nn.BatchNorm2d):
+            continue
+        source = node.args[0] if node.args else None
+        if isinstance(source, torch.fx.Node) and source.op == "call_module" and len(source.users) == 1 \
+                and isinstance(graph.get_submodule(source.target), torch.nn.Conv2d) \
+                and calls[source.target] == 1 and calls[node.target] == 1:
+            pairs[source.target] = node.target
+    return pairs
 
 
 def _batch_major(value, batch: int) -> bool:
