@@ -33,12 +33,15 @@ class Route:
     spans: list[tuple[int, int, int]] | None = None  # one task per row, rows grouped by task: (task, start, end)
     _packed: tuple | None = None
     _task_of_row: torch.Tensor | None = None
+    _dense: bool | None = None
 
     def dense(self) -> bool:
         """Most rows give weight to most tasks (soft routing): every task's factors in one product beat a
-        gathered product per task."""
-        return not self.uniform and not self.one_task_per_row and \
-            sum(len(rows) for _, rows, _ in self.groups) >= 0.5 * self.batch * self.weights.shape[1]
+        gathered product per task. Found once per route, asked by every layer."""
+        if self._dense is None:
+            self._dense = not self.uniform and not self.one_task_per_row and \
+                sum(len(rows) for _, rows, _ in self.groups) >= 0.5 * self.batch * self.weights.shape[1]
+        return self._dense
 
     def packs_well(self) -> bool:
         """Padding every task's rows to the largest group wastes at most half the work."""
