@@ -323,7 +323,7 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print machine-re
         out.print(f"[bold]{name}[/]  {method.summary}" + ("" if method.needs_base else "  (no base_model needed)"), highlight=False)
         for p in method.params:
             where = "per model or global" if p.scope == "model" else "global"
-            out.print(f"    {p.name:<{width}} {p.kind.__name__:<5} default {p.default!s:<7} {where:<20} {p.help}",
+            out.print(f"    {p.name:<{width}} {p.kind.__name__:<5} default {'auto' if p.default is None else p.default!s:<7} {where:<20} {p.help}",
                       highlight=False)
 
 
@@ -368,6 +368,11 @@ def show_report(
         quality = sum(g["match_quality"] for g in pleas["groups"]) / max(len(pleas["groups"]), 1)
         out.print(f"  pleas  compute {pleas['compute_ratio']:.3f}x (target {pleas['target_width']:g}), parameters "
                   f"{pleas['parameter_ratio']:.3f}x; {widths}; mean match quality {quality:.3f}", highlight=False)
+        if pleas.get("tuning"):
+            tuning = pleas["tuning"]
+            out.print(f"  tuned  {tuning['steps']} steps toward the combined outputs: relative output gap "
+                      f"{tuning['output_gap_before']:.4f} -> {tuning['output_gap_after']:.4f} "
+                      f"({tuning['seconds']:.1f} s)", highlight=False)
     out.print("  time   " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()), highlight=False)
     out.print(f"  memory peak RSS {_human_bytes(memory['rss_bytes'])}"
               + (f", CUDA {_human_bytes(memory['cuda_bytes'])}" if "cuda_bytes" in memory else ""), highlight=False)

@@ -294,5 +294,5 @@ def recipe_params(recipe: Recipe, method: MergeMethod, model_index: int | None, 
             continue
         raw = entry.get(spec.name, recipe.parameters.get(spec.name, spec.default))
         value = resolve_value(raw, tensor_name, layer, num_layers)
-        resolved[spec.name] = spec.kind(value) if spec.kind in (int, float) else value
+        resolved[spec.name] = spec.kind(value) if spec.kind in (int, float) and value is not None else value
     return resolved

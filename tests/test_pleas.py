@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -291,11 +292,15 @@ def test_merge_run_writes_a_wider_checkpoint_that_loads(tmp_path, pleas_inputs):
 def test_merge_run_data_free_uses_generic_inputs(tmp_path, pleas_inputs):
     a, b, _ = pleas_inputs
     recipe = _recipe(tmp_path, a, b, "data: {kind: generic, shape: [1, 16, 16]}\n",
-                     "data_free: true, samples: 100, batch_size: 50")
+                     "data_free: true, data_free_steps: 20, samples: 100, batch_size: 50")
     result = runner.invoke(app, ["run", recipe, str(tmp_path / "merged")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
     assert "generic" in report["data"]["source"]
+    tuning = report["pleas"]["tuning"]  # data-free merges are tuned by default
+    assert tuning["steps"] == 300 and tuning["output_gap_after"] < tuning["output_gap_before"]
+    shown = runner.invoke(app, ["report", str(tmp_path / "merged")])
+    assert "tuned  300 steps" in shown.output
     with torch.no_grad():
         assert load_model(tmp_path / "merged")(torch.randn(2, 1, 16, 16)).shape == (2, 10)
 
@@ -413,6 +418,60 @@ def test_data_free_inputs_are_refined_toward_the_models_batch_norm_statistics():
     timid = float(statistics_loss(models, statistics_matched(models, start, steps=40, lr=0.05)).detach())
     assert after < timid  # the default step size gets further in the same number of steps
     assert all(not p.requires_grad or p.grad is None for m in models for p in m.parameters())
+
+
+def test_data_free_images_from_another_domain_are_refined_too(tmp_path):
+    """A user's other-domain images are refined toward the statistics like generic ones; the same file given
+    as task data is used as it is."""
+    from mergekit_lite.pleas.sources import data_batches
+    from mergekit_lite.pleas.synthetic import statistics_loss
+
+    models = [resnet(0), resnet(1)]
+    path = tmp_path / "other.safetensors"
+    images = torch.rand(24, 1, 16, 16) * 3.0
+    save_file({"images": images}, str(path))
+    config = {"architecture": "test_resnet"}
+    load = lambda data_free: data_batches({"path": str(path)}, models[0], config, 24, 12, 0, data_free,  # noqa: E731
+                                          statistics_of=models, statistics_steps=30)
+    as_data, described_data = load(False)
+    refined, described_free = load(True)
+    as_data, refined = torch.cat(as_data), torch.cat(refined)
+    assert "refined" not in described_data and "another domain" in described_free and "refined" in described_free
+    assert sorted(as_data.flatten().tolist()) == sorted(images.flatten().tolist())
+    before, after = float(statistics_loss(models, as_data).detach()), float(statistics_loss(models, refined).detach())
+    assert after < 0.5 * before, (before, after)
+
+
+def test_output_target_averages_shared_classes_and_keeps_separate_ones_side_by_side():
+    from mergekit_lite.pleas.method import _head_layout
+    from mergekit_lite.pleas.tuning import output_target
+
+    out_a, out_b = torch.randn(3, 7, 4), torch.randn(3, 7, 4)
+    assert torch.allclose(output_target(out_a, out_b, _head_layout(4, 4, "shared")), (out_a + out_b) / 2)
+    assert torch.equal(output_target(out_a, out_b, _head_layout(4, 4, "separate")), torch.cat([out_a, out_b], -1))
+
+
+def test_tuning_closes_the_output_gap_the_layer_wise_fit_leaves(tmp_path, pleas_inputs):
+    """Two differently initialised models merged at 1.0 on a few inputs: tuning brings the merged outputs
+    closer to the mean of the sources' on those inputs, and on inputs it never saw; the report says by how
+    much. The data-free default tunes; with data the default does not."""
+    a, b, data = pleas_inputs
+    source_a, source_b = load_model(a), load_model(b)
+    inputs = torch.randn(200, 1, 16, 16)
+    batches = [inputs[i: i + 50] for i in range(0, 200, 50)]
+    plain = pleas_merge(copy.deepcopy(source_a), copy.deepcopy(source_b), batches, PleasOptions()).model
+    result = pleas_merge(copy.deepcopy(source_a), copy.deepcopy(source_b), batches, PleasOptions(tune_steps=60))
+    tuning = result.report["tuning"]
+    assert tuning["steps"] == 60 and tuning["output_gap_after"] < 0.8 * tuning["output_gap_before"], tuning
+    unseen = torch.randn(100, 1, 16, 16)
+    with torch.no_grad():
+        target = (source_a(unseen) + source_b(unseen)) / 2
+        gap = lambda model: float((model(unseen) - target).pow(2).sum() / target.pow(2).sum())  # noqa: E731
+        assert gap(result.model) < gap(plain)
+    assert all(p.grad is None for p in result.model.parameters())
+    from mergekit_lite.pleas.run import tune_steps
+    assert tune_steps({"data_free": True}) == 300 and tune_steps({"data_free": False}) == 0
+    assert tune_steps({"data_free": True, "tune_steps": 0}) == 0
 
 
 def test_validate_builds_both_models_and_checks_their_groups(tmp_path, pleas_inputs):

@@ -158,6 +158,13 @@ def merge_run(recipe: Path, out: Path) -> float:
 
 # Part of every PLeaS row's cache key: bump it when a change to PLeaS changes its results, so rows are rebuilt.
 PLEAS_VERSION = "heads-unmerge"
+# Data-free rows also carry this one: tuning toward the combined outputs and the refinement of another domain's
+# images changed them alone.
+PLEAS_DATA_FREE_VERSION = "tuned"
+
+
+def _pleas_version(setting: dict) -> str:
+    return f"{PLEAS_VERSION}/{PLEAS_DATA_FREE_VERSION}" if setting.get("data_free") else PLEAS_VERSION
 
 
 def _key(*parts) -> str:
@@ -477,10 +484,13 @@ def experiment_three_text(ws: Workspace) -> list[dict]:
     settings = {"permutation only (1.0x)": {**with_data, "least_squares": False, "target_width": 1.0}}
     for width in (1.0, 1.25, 1.5, 2.0):
         settings[f"PLeaS {width}x"] = {**with_data, "target_width": width}
+    settings["PLeaS 1.0x, tuned 300 steps"] = {**with_data, "target_width": 1.0, "tune_steps": 300}
     settings["PLeaS data-free 1.0x (random token ids)"] = {"data": {"kind": "generic"}, "data_free": True,
                                                            "target_width": 1.0}
+    settings["PLeaS data-free 1.0x (random token ids, not tuned)"] = {"data": {"kind": "generic"}, "data_free": True,
+                                                                      "target_width": 1.0, "tune_steps": 0}
     for label, setting in settings.items():
-        key = _key("pleas-text", PLEAS_VERSION, [str(p) for p in paths], setting)
+        key = _key("pleas-text", _pleas_version(setting), [str(p) for p in paths], setting)
         result = ws.cached(key, lambda setting=setting: _pleas_merge(
             ws, paths, setting, lambda out: {"scores": task.score(out, "test")}))
         rows.append({"name": label, **result})
@@ -517,7 +527,7 @@ def _separate_heads(ws: Workspace, root: Path, save) -> list[dict]:
         rows.append({"name": "ensemble", "accuracy": joint(both)})
         for label, setting in pleas_settings(ws, root).items():
             setting = {**setting, "label_spaces": "separate"}
-            key = _key("pleas-heads", PLEAS_VERSION, [str(p) for p in paths], setting)
+            key = _key("pleas-heads", _pleas_version(setting), [str(p) for p in paths], setting)
             score = lambda out: {"accuracy": joint(models.vision_probabilities(load_model(out), test))}  # noqa: E731
             result = ws.cached(key, lambda setting=setting: _pleas_merge(ws, paths, setting, score))
             rows.append({"name": label, **result})
@@ -537,21 +547,23 @@ def pleas_settings(ws: Workspace, root: Path) -> dict[str, dict]:
         save_file({"images": data.image_domain("clean", "train").images.contiguous()}, str(inputs))
     with_data = {"data": {"path": str(inputs), "key": "images"}}
     generic = {"data": {"kind": "generic", "shape": [1, data.IMAGE_SIZE, data.IMAGE_SIZE]}, "data_free": True}
-    if ws.plan.quick:  # the CI check: a short refinement is enough to show the path works
-        generic["data_free_steps"] = 10
+    short = {"data_free_steps": 10, "tune_steps": 20} if ws.plan.quick else {}  # the CI check: the paths work
+    generic.update(short)
     settings = {"permutation only (1.0x)": {**with_data, "least_squares": False, "target_width": 1.0}}
     widths = (1.0, 1.5) if ws.plan.quick else (1.0, 1.25, 1.5, 2.0)
     for width in widths:
         settings[f"PLeaS {width}x"] = {**with_data, "target_width": width}
+    if not ws.plan.quick:
+        settings["PLeaS 1.0x, tuned 300 steps"] = {**with_data, "target_width": 1.0, "tune_steps": 300}
     settings["PLeaS data-free 1.0x (generic inputs)"] = {**generic, "target_width": 1.0}
     other = root / "pleas_other_domain.safetensors"
     if not other.exists():
         save_file({"images": data.image_domain("noise", "train").images.contiguous()}, str(other))
     settings["PLeaS data-free 1.0x (noisy-digit inputs)"] = {"data": {"path": str(other), "key": "images"},
-                                                           "data_free": True, "target_width": 1.0}
+                                                           "data_free": True, "target_width": 1.0, **short}
     if not ws.plan.quick:
-        settings["PLeaS data-free 1.0x (generic inputs, 500 steps)"] = {**generic, "target_width": 1.0,
-                                                                      "data_free_steps": 500}
+        settings["PLeaS data-free 1.0x (generic inputs, not tuned)"] = {**generic, "target_width": 1.0,
+                                                                      "tune_steps": 0}
         settings["PLeaS data-free 1.5x (generic inputs)"] = {**generic, "target_width": 1.5}
     return settings
 
@@ -576,7 +588,7 @@ def _pleas_merge(ws: Workspace, paths: list[Path], setting: dict, score: Callabl
 
 def run_pleas_scored(ws: Workspace, task: Task, paths: list[Path], setting: dict) -> dict:
     """A PLeaS merge (cached), scored on the test split."""
-    parts = ["pleas", PLEAS_VERSION, task.name, [str(p) for p in paths], setting]
+    parts = ["pleas", _pleas_version(setting), task.name, [str(p) for p in paths], setting]
     if setting.get("data", {}).get("kind") == "generic":
         parts.append("batch-norm-matched")  # generic inputs are refined to the models' statistics
     key = _key(*parts)

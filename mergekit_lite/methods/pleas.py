@@ -36,10 +36,15 @@ METHOD = MergeMethod(
                   choices=("shared", "separate")),
         ParamSpec("data_free", bool, False, "no task data: generic inputs, or data.path from another domain",
                   scope="global"),
-        ParamSpec("data_free_steps", int, 200, "generic inputs are refined for this many Adam steps so both "
-                  "models' batch-norm layers see their stored statistics (more steps: better merges, each step a "
-                  "forward and backward pass of both models; 0 keeps the raw generic inputs)",
+        ParamSpec("data_free_steps", int, 200, "data-free images (generic or data.path) are refined for this "
+                  "many Adam steps so both models' batch-norm layers see their stored statistics (more steps: better "
+                  "merges, each step a forward and backward pass of both models; 0 keeps the inputs as they are)",
                   scope="global", minimum=0),
+        ParamSpec("tune_steps", int, None, "Adam steps tuning the whole merged model toward the two models' "
+                  "combined outputs on the same inputs, no labels (auto: 300 when data_free, else 0)",
+                  scope="global", minimum=0),
+        ParamSpec("tune_lr", float, 3e-4, "Adam step size of that tuning", scope="global", minimum=0.0,
+                  exclusive_minimum=True),
     ),
     needs_base=False,
     min_models=2,

@@ -4,7 +4,8 @@
 2. per group, correlation of A's and B's units on data, Hungarian matching (matching.py);
 3. per-group ratios that meet the target compute, unmerging the worst-matched groups first;
 4. per conv/linear layer, closed-form least squares from the layouts' inputs to the layouts' targets
-   (least_squares.py); norms merged by layout, and their running statistics re-estimated on the data.
+   (least_squares.py); norms merged by layout, and their running statistics re-estimated on the data;
+5. optionally, the whole merged model tuned toward the sources' combined outputs on the same inputs (tuning.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class PleasOptions:
     label_spaces: str = "shared"  # "separate": the output heads predict different classes (kept side by side)
     ratio_step: float = 0.125
     device: str = "cpu"  # where the models run and the statistics accumulate (matching itself runs on the CPU)
+    tune_steps: int = 0  # Adam steps of end-to-end tuning toward the combined outputs (0: none)
+    tune_lr: float = 3e-4
 
 
 @dataclass
@@ -321,6 +324,14 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
     if options.norm_statistics == "reestimate":
         reestimate_norm_statistics(model, batches)
     model.eval()
+    tuning = None
+    if options.tune_steps > 0:
+        from mergekit_lite.pleas.tuning import tune_outputs
+
+        head = next((out_layout_of(l) for l in spec.layers if l.output_group is None), None)
+        if head is None:
+            raise UserError("PLeaS tuning needs an output layer outside every permutation group")
+        tuning = tune_outputs(model, model_a, model_b, batches, head, options.tune_steps, options.tune_lr, log=log)
 
     dense = sum(_kernel(l.module) * out_layout_of(l).width * in_layout_of(l).width * positions[l.name]
                 for l in spec.layers) + _attention_macs(spec, positions, [layout.width for layout in layouts])
@@ -350,6 +361,7 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
             for g in spec.groups
         ],
         "layers": [{"layer": l.name, "residual": residuals.get(l.name)} for l in spec.layers],
+        "tuning": tuning,
     }
     return PleasResult(model, report)
 

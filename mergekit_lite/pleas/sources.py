@@ -208,8 +208,10 @@ def data_batches(data: dict | None, model: torch.nn.Module, config: dict, sample
                  statistics_of: list[torch.nn.Module] | None = None,
                  statistics_steps: int = 0) -> tuple[list[torch.Tensor], str]:
     """The inputs a model-aware method sees, in batches, and a description for the report. With
-    `statistics_steps`, generic inputs are refined for that many steps to match the batch-norm statistics of
-    `statistics_of` (the models being merged), when they have any."""
+    `statistics_steps`, data-free images (generic ones or another domain's) are refined for that many steps to
+    match the batch-norm statistics of `statistics_of` (the models being merged), when they have any: another
+    domain's images start closer to the task's than noise does, and refined they merge far better than as
+    they come (RESULTS.md, experiment 3)."""
     data = dict(data or {})
     kind = data.get("kind")
     path = Path(data["path"]) if data.get("path") else None
@@ -225,12 +227,6 @@ def data_batches(data: dict | None, model: torch.nn.Module, config: dict, sample
     elif kind == "generic":
         shape = tuple(data["shape"]) if data.get("shape") else input_shape(config)
         inputs, described = generic_inputs(shape, samples, seed), f"generic inputs of shape {list(shape)} (data-free)"
-        if statistics_of and statistics_steps > 0 and len(shape) > 1:
-            from mergekit_lite.pleas.synthetic import batch_norm_layers, statistics_matched
-
-            if any(batch_norm_layers(m) for m in statistics_of):
-                inputs = statistics_matched(statistics_of, inputs, steps=statistics_steps)
-                described += ", refined to match the models' batch-norm statistics"
     elif path is None:
         raise UserError("PLeaS needs data: give data.path (a tensor file or an image folder), or data_free: true")
     elif not path.exists():
@@ -250,4 +246,11 @@ def data_batches(data: dict | None, model: torch.nn.Module, config: dict, sample
         raise UserError(f"data.kind {kind!r}: use tensors, images, text or generic")
     if data_free and kind != "generic":
         described += " (data-free: inputs from another domain)"
+    if (data_free or kind == "generic") and statistics_of and statistics_steps > 0 and inputs.is_floating_point() \
+            and inputs.dim() > 2:
+        from mergekit_lite.pleas.synthetic import batch_norm_layers, statistics_matched
+
+        if any(batch_norm_layers(m) for m in statistics_of):
+            inputs = statistics_matched(statistics_of, inputs, steps=statistics_steps)
+            described += ", refined to match the models' batch-norm statistics"
     return [inputs[i: i + batch_size] for i in range(0, len(inputs), batch_size)], described
