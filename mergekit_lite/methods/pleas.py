@@ -41,7 +41,8 @@ METHOD = MergeMethod(
                   "merges, each step a forward and backward pass of both models; 0 keeps the inputs as they are)",
                   scope="global", minimum=0),
         ParamSpec("tune_steps", int, None, "Adam steps tuning the whole merged model toward the two models' "
-                  "combined outputs on the same inputs, no labels (auto: 300 when data_free, else 0)",
+                  "combined outputs on the same inputs, no labels; needs about 4x the model's memory "
+                  "(auto: 300 when data_free, else 0)",
                   scope="global", minimum=0),
         ParamSpec("tune_lr", float, 3e-4, "Adam step size of that tuning", scope="global", minimum=0.0,
                   exclusive_minimum=True),
