@@ -469,6 +469,8 @@ def test_tuning_closes_the_output_gap_the_layer_wise_fit_leaves(tmp_path, pleas_
         gap = lambda model: float((model(unseen) - target).pow(2).sum() / target.pow(2).sum())  # noqa: E731
         assert gap(result.model) < gap(plain)
     assert all(p.grad is None for p in result.model.parameters())
+    again = pleas_merge(copy.deepcopy(source_a), copy.deepcopy(source_b), batches, PleasOptions(tune_steps=60)).model
+    assert all(torch.equal(x, y) for x, y in zip(result.model.state_dict().values(), again.state_dict().values()))
     from mergekit_lite.pleas.run import tune_steps
     assert tune_steps({"data_free": True}) == 300 and tune_steps({"data_free": False}) == 0
     assert tune_steps({"data_free": True, "tune_steps": 0}) == 0

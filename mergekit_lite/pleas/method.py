@@ -37,6 +37,7 @@ class PleasOptions:
     device: str = "cpu"  # where the models run and the statistics accumulate (matching itself runs on the CPU)
     tune_steps: int = 0  # Adam steps of end-to-end tuning toward the combined outputs (0: none)
     tune_lr: float = 3e-4
+    seed: int = 0  # the order in which tuning visits the batches
 
 
 @dataclass
@@ -331,7 +332,8 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
         head = next((out_layout_of(l) for l in spec.layers if l.output_group is None), None)
         if head is None:
             raise UserError("PLeaS tuning needs an output layer outside every permutation group")
-        tuning = tune_outputs(model, model_a, model_b, batches, head, options.tune_steps, options.tune_lr, log=log)
+        tuning = tune_outputs(model, model_a, model_b, batches, head, options.tune_steps, options.tune_lr,
+                              seed=options.seed, log=log)
 
     dense = sum(_kernel(l.module) * out_layout_of(l).width * in_layout_of(l).width * positions[l.name]
                 for l in spec.layers) + _attention_macs(spec, positions, [layout.width for layout in layouts])

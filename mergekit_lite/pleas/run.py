@@ -32,11 +32,11 @@ def tune_steps(params: dict[str, Any]) -> int:
     return DATA_FREE_TUNE_STEPS if params.get("data_free") else 0
 
 
-def options_from(params: dict[str, Any], device: torch.device | str = "cpu") -> PleasOptions:
+def options_from(params: dict[str, Any], device: torch.device | str = "cpu", seed: int = 0) -> PleasOptions:
     return PleasOptions(target_width=float(params["target_width"]), ridge=float(params["ridge"]),
                         norm_statistics=str(params["norm_statistics"]), least_squares=bool(params["least_squares"]),
                         label_spaces=str(params["label_spaces"]), device=str(device),
-                        tune_steps=tune_steps(params), tune_lr=float(params.get("tune_lr", 3e-4)))
+                        tune_steps=tune_steps(params), tune_lr=float(params.get("tune_lr", 3e-4)), seed=seed)
 
 
 def check_models(recipe, allow_pickle: bool = False) -> dict[str, Any]:
@@ -74,7 +74,7 @@ def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], opti
                                       bool(params["data_free"]), model_dir=paths[0], statistics_of=models,
                                       statistics_steps=int(params["data_free_steps"]))
     loaded = time.perf_counter()
-    result = pleas_merge(models[0], models[1], batches, options_from(params, device), log=log)
+    result = pleas_merge(models[0], models[1], batches, options_from(params, device, seed), log=log)
     merged_at = time.perf_counter()
     state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
     specs = [TensorSpec(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in state.items()]
