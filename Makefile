@@ -26,6 +26,9 @@ demo: env
 	$(BIN)/merge report $(DEMO)/merged --top 8
 	$(BIN)/merge run recipes/twin.yaml $(DEMO)/twin
 	$(BIN)/merge twin-collapse $(DEMO)/twin --weights prose=0.5,code=0.5 --out $(DEMO)/twin_prose_code
+	$(BIN)/python -m mergekit_lite.examples $(DEMO)/models_resnet test_resnet 1
+	$(BIN)/merge run recipes/pleas.yaml $(DEMO)/pleas
+	$(BIN)/merge report $(DEMO)/pleas --top 3
 
 test: env
 	$(BIN)/python -m pytest -q
