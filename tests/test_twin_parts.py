@@ -265,3 +265,12 @@ def test_a_batch_norm_after_a_conv_is_folded_into_its_task_filters_for_top1_rows
             conv.norm_after = ()
         for name, weights in routes.items():
             torch.testing.assert_close(folded[name], run(weights), rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_pooled_image_features_are_each_channels_mean_and_standard_deviation():
+    from mergekit_lite.twin.router import pool
+
+    gen = torch.Generator().manual_seed(0)
+    maps = torch.randn(3, 5, 12, 12, generator=gen) * torch.linspace(0.2, 4.0, 5).view(1, 5, 1, 1) + 6.0
+    expected = torch.cat([maps.mean((2, 3)), maps.std((2, 3), correction=0)], dim=1)
+    assert torch.allclose(pool(maps), expected, rtol=1e-4, atol=1e-5)
