@@ -36,7 +36,7 @@ def options_from(params: dict[str, Any], device: torch.device | str = "cpu", see
     return PleasOptions(target_width=float(params["target_width"]), ridge=float(params["ridge"]),
                         norm_statistics=str(params["norm_statistics"]), least_squares=bool(params["least_squares"]),
                         label_spaces=str(params["label_spaces"]), device=str(device),
-                        tune_steps=tune_steps(params), tune_lr=float(params.get("tune_lr", 3e-4)), seed=seed)
+                        tune_steps=tune_steps(params), tune_lr=float(params["tune_lr"]), seed=seed)
 
 
 def check_models(recipe, allow_pickle: bool = False) -> dict[str, Any]:
