@@ -143,6 +143,20 @@ def tensor_key(*tensors: torch.Tensor | None) -> tuple:
     return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors if t is not None)
 
 
+def kept(owner: torch.nn.Module, slot: str, key: tuple, make: Callable[[], tuple | torch.Tensor],
+         keep: bool = True):
+    """`make()`'s result, formed once per `key` (see tensor_key) and kept on `owner` under `slot`; never kept
+    when it holds an autograd graph (the model is being trained) or when `keep` is false."""
+    cached = getattr(owner, slot, None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    value = make()
+    first = value[0] if isinstance(value, tuple) else value
+    if keep and not first.requires_grad:
+        setattr(owner, slot, (key, value))
+    return value
+
+
 class Routed(torch.nn.Module):
     """Base for routed layers: the shared layer and the route for the next forward pass."""
 
@@ -183,15 +197,11 @@ class RoutedLinear(Routed):
     def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every task's factors side by side: first (n, T*r), second (T*r, m); task t owns columns / rows
         t*r .. (t+1)*r. Formed once and kept."""
-        key = tensor_key(self.lefts, self.rights)
-        cached = getattr(self, "_stacked_factors", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        first, second = self._factors(list(range(len(self.lefts))))  # (T, n, r), (T, r, m)
-        stacked = (first.permute(1, 0, 2).reshape(first.shape[1], -1).contiguous(), second.reshape(-1, second.shape[-1]))
-        if not stacked[0].requires_grad:
-            self._stacked_factors = (key, stacked)
-        return stacked
+        def stack() -> tuple[torch.Tensor, torch.Tensor]:
+            first, second = self._factors(list(range(len(self.lefts))))  # (T, n, r), (T, r, m)
+            return first.permute(1, 0, 2).reshape(first.shape[1], -1).contiguous(), second.reshape(-1, second.shape[-1])
+
+        return kept(self, "_stacked_factors", tensor_key(self.lefts, self.rights), stack)
 
     def _add_dense(self, out: torch.Tensor, x: torch.Tensor, route: Route) -> torch.Tensor:
         """Soft routing: all tasks' rank-r products at once, each row's share of task t scaled by its weight
@@ -297,15 +307,8 @@ class RoutedConv2d(RoutedLinear):
 
     def task_filters(self) -> torch.Tensor:
         """(T, out, in*kh*kw): every task's filters W + L_t R_t (kept between calls when `keep_filters`)."""
-        weight = self.shared.weight
-        key = tensor_key(weight, self.lefts, self.rights)
-        cached = getattr(self, "_filters", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        filters = self._formed_filters()
-        if self.keep_filters and not filters.requires_grad:  # a kept tensor must not hold an autograd graph
-            self._filters = (key, filters)
-        return filters
+        return kept(self, "_filters", tensor_key(self.shared.weight, self.lefts, self.rights), self._formed_filters,
+                    self.keep_filters)
 
     def _formed_filters(self) -> torch.Tensor:
         flat = self.shared.weight.reshape(self.shared.weight.shape[0], -1)
@@ -316,19 +319,16 @@ class RoutedConv2d(RoutedLinear):
         kept (`keep_filters`). Mixed top-1 batches use only these; the plain per-task filters are formed (and
         kept too) only if a batch routed wholly to one task comes along."""
         norm = self.norm_after[0]
+
+        def fold() -> tuple[torch.Tensor, torch.Tensor]:
+            scale, shift = norm.task_scale_shift()
+            bias = torch.zeros_like(shift) if self.shared.bias is None else self.shared.bias.expand_as(shift)
+            if self.bias_deltas is not None:
+                bias = bias + self.bias_deltas
+            return self._formed_filters() * scale.unsqueeze(-1), bias * scale + shift
+
         key = tensor_key(self.shared.weight, self.shared.bias, self.lefts, self.rights, self.bias_deltas) + norm.state_key()
-        cached = getattr(self, "_folded_filters", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        scale, shift = norm.task_scale_shift()
-        filters = self._formed_filters() * scale.unsqueeze(-1)
-        bias = torch.zeros_like(shift) if self.shared.bias is None else self.shared.bias.expand_as(shift)
-        if self.bias_deltas is not None:
-            bias = bias + self.bias_deltas
-        folded = (filters, bias * scale + shift)
-        if self.keep_filters and not filters.requires_grad:
-            self._folded_filters = (key, folded)
-        return folded
+        return kept(self, "_folded_filters", key, fold, self.keep_filters)
 
     def _task_bias(self, task: int) -> torch.Tensor | None:
         bias = self.shared.bias
@@ -520,20 +520,17 @@ class RoutedBatchNorm2d(Routed):
     def task_scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per task (T, C): the norm folded into one scale and shift, formed once and kept."""
         norm = self.shared
-        key = self.state_key()
-        cached = getattr(self, "_folded", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        tasks = next(d for d in (getattr(self, f"{n}_deltas") for n in self.NAMES) if d is not None).shape[0]
-        values = {}
-        for name in self.NAMES:
-            base, deltas = getattr(norm, name), getattr(self, f"{name}_deltas")
-            values[name] = base.unsqueeze(0).expand(tasks, -1) if deltas is None else base + deltas
-        scale = values["weight"] / torch.sqrt(values["running_var"] + norm.eps)
-        folded = (scale, values["bias"] - values["running_mean"] * scale)
-        if not scale.requires_grad:  # a kept tensor must not hold an autograd graph
-            self._folded = (key, folded)
-        return folded
+
+        def fold() -> tuple[torch.Tensor, torch.Tensor]:
+            tasks = next(d for d in (getattr(self, f"{n}_deltas") for n in self.NAMES) if d is not None).shape[0]
+            values = {}
+            for name in self.NAMES:
+                base, deltas = getattr(norm, name), getattr(self, f"{name}_deltas")
+                values[name] = base.unsqueeze(0).expand(tasks, -1) if deltas is None else base + deltas
+            scale = values["weight"] / torch.sqrt(values["running_var"] + norm.eps)
+            return scale, values["bias"] - values["running_mean"] * scale
+
+        return kept(self, "_folded", self.state_key(), fold)
 
 
 def folds_norm(route: Route | None) -> bool:
