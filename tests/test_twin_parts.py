@@ -119,6 +119,7 @@ def test_soft_routes_run_every_task_at_once_and_equal_the_dense_rebuild():
                 else:
                     expected = x[row] @ weight.T + bias
                 torch.testing.assert_close(out[row], expected, rtol=1e-4, atol=1e-4)
+        assert conv.stacked_filters()[0] is conv.stacked_filters()[0]  # formed once, kept between batches
 
 
 def test_sparse_routes_touch_only_their_rows():

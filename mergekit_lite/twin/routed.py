@@ -362,7 +362,7 @@ class RoutedConv2d(RoutedLinear):
         if route.uniform:
             return self._task_conv(x, [(task, w) for task, _, w in route.groups])
         if route.dense():
-            return self._add_dense_conv(self.shared(x), x, route)
+            return self._dense_conv(x, route)
         if not route.one_task_per_row:
             return add_routed(self.shared(x), x, route, self._update)
         conv = self.shared
@@ -372,16 +372,33 @@ class RoutedConv2d(RoutedLinear):
             return self._per_task(x, route)  # on a GPU one grouped call beats T launches
         return self._grouped(x, route)
 
-    def _add_dense_conv(self, out: torch.Tensor, x: torch.Tensor, route: Route) -> torch.Tensor:
-        """Soft routing: one rank-(T*r) convolution with every task's R_t filters, each row's channels of task t
-        scaled by its weight there, then one 1x1 projection with every task's L_t."""
+    def stacked_filters(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """For soft routing, formed once and kept (`keep_filters`): the shared filters followed by every task's R_t
+        filters (out + T*r, in, kh, kw), their bias (the shared bias, zero for the R_t channels), and every task's
+        L_t side by side as a 1x1 projection (out, T*r, 1, 1)."""
         conv = self.shared
-        tasks, rank = self.rights.shape[0], self.rights.shape[1]
-        filters = self.rights.reshape(tasks * rank, *conv.weight.shape[1:])
-        low = F.conv2d(x, filters, None, conv.stride, conv.padding, conv.dilation)
-        low = low * route.weights.to(low.dtype).repeat_interleave(rank, dim=1)[:, :, None, None]
-        lefts = self.lefts.permute(1, 0, 2).reshape(self.lefts.shape[1], tasks * rank)
-        out += torch.matmul(lefts, low.flatten(2)).view_as(out)
+
+        def stack() -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+            tasks, rank = self.rights.shape[:2]
+            filters = torch.cat([conv.weight, self.rights.reshape(tasks * rank, *conv.weight.shape[1:]).to(conv.weight.dtype)])
+            bias = None if conv.bias is None else F.pad(conv.bias, (0, tasks * rank))
+            projection = self.lefts.permute(1, 0, 2).reshape(self.lefts.shape[1], tasks * rank, 1, 1)
+            return filters, bias, projection.to(conv.weight.dtype).contiguous()
+
+        key = tensor_key(conv.weight, conv.bias, self.lefts, self.rights)
+        return kept(self, "_stacked_filters", key, stack, self.keep_filters)
+
+    def _dense_conv(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        """Soft routing: one convolution with the shared filters and every task's R_t side by side (the shared
+        output and all rank-r maps at once), each row's maps of task t scaled by its weight there, then one 1x1
+        projection with every task's L_t added to the shared output: two convolution calls whatever the number of
+        tasks, and no rank-(T*r) convolution on its own (which runs far below the kernel's peak)."""
+        conv = self.shared
+        filters, bias, projection = self.stacked_filters()
+        both = F.conv2d(x, filters, bias, conv.stride, conv.padding, conv.dilation)
+        rank = self.rights.shape[1]
+        scale = route.weights.to(both.dtype).repeat_interleave(rank, dim=1)[:, :, None, None]
+        out = F.conv2d(both[:, conv.out_channels:] * scale, projection).add_(both[:, :conv.out_channels])
         if self.bias_deltas is not None:
             out += (route.weights.to(out.dtype) @ self.bias_deltas)[:, :, None, None]
         return out
