@@ -5,7 +5,8 @@ same runtime (mergekit_lite.twin: routed layers + router on the stem feature) wr
 transformer (124M parameters) and a ResNet-50, with T tasks at rank 0.1 of min(m, n). Factors are random
 (timing does not depend on their values); rows are routed to tasks at random, top-1 and soft (all tasks).
 
-    python bench/twin_overhead.py            # prints a table of time ratios (median of repeats)
+    python bench/twin_overhead.py            # prints a table of time ratios (twin and shared run in turn)
+    python bench/twin_overhead.py --models gpt2 --task-weight-budget 0   # factors only in linear layers
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 
 from mergekit_lite.twin.compress import rank_for
 from mergekit_lite.twin.router import Router, pooled_features, route_weights
-from mergekit_lite.twin.runtime import TwinModel, install_routes
+from mergekit_lite.twin.routed import keep_task_weights
+from mergekit_lite.twin.runtime import TASK_WEIGHT_BUDGET, TwinModel, install_routes
 from mergekit_lite.twin.store import StackedDelta
 
 
@@ -39,29 +41,35 @@ def random_deltas(model: torch.nn.Module, tasks: int, rank: float, seed: int = 0
     return deltas
 
 
-def median_ms(fn, repeats: int) -> float:
+def paired_ms(first, second, repeats: int) -> tuple[float, float, float]:
+    """Median wall times (ms) of two functions run in turn `repeats` times, and the median of the per-turn ratios
+    second / first (a slow spell of the machine lands on both)."""
     sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
+
+    def seconds(fn) -> float:
         started = time.perf_counter()
         fn()
         sync()
-        times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
+        return time.perf_counter() - started
+
+    first(), second()
+    sync()
+    pairs = [(seconds(first), seconds(second)) for _ in range(repeats)]
+    return (1000 * statistics.median(a for a, _ in pairs), 1000 * statistics.median(b for _, b in pairs),
+            statistics.median(b / a for a, b in pairs))
 
 
 @torch.no_grad()
-def measure(name: str, build, inputs: torch.Tensor, tasks: int, repeats: int, output, device: str) -> list[dict]:
+def measure(name: str, build, inputs: torch.Tensor, tasks: int, repeats: int, output, device: str,
+            budget: int) -> list[dict]:
     shared = build().eval().to(device)
     twin = build().eval()
     install_routes(twin, random_deltas(twin, tasks, 0.1))
     twin.to(device)
+    kept_layers, kept_bytes = keep_task_weights(twin, budget)
     inputs = inputs.to(device)
     features = pooled_features(twin, "stem", inputs)
     router = Router(features.shape[1], tasks).eval().to(device)
-    shared_ms = median_ms(lambda: output(shared(inputs)), repeats)
     runtime = TwinModel(twin, router, [f"task{t}" for t in range(tasks)], "stem", 1, [])
     rows = []
     for label, top_k in (("top-1", 1), ("soft (all tasks)", 0)):
@@ -70,10 +78,11 @@ def measure(name: str, build, inputs: torch.Tensor, tasks: int, repeats: int, ou
             weights = route_weights(torch.randn(len(inputs), tasks, device=device), top_k)
             return output(runtime(inputs, weights=weights))
 
-        twin_ms = median_ms(routed, repeats)
+        shared_ms, twin_ms, ratio = paired_ms(lambda: output(shared(inputs)), routed, repeats)
         rows.append({"model": name, "tasks": tasks, "routing": label, "shared_ms": shared_ms, "twin_ms": twin_ms,
-                     "ratio": twin_ms / shared_ms})
-        print(f"| {name} | {tasks} | {label} | {shared_ms:.0f} | {twin_ms:.0f} | {twin_ms / shared_ms:.2f} |", flush=True)
+                     "ratio": ratio, "kept_layers": kept_layers, "kept_mib": kept_bytes / 2**20})
+        print(f"| {name} | {tasks} | {label} | {kept_layers} ({kept_bytes / 2**20:.0f} MiB) | {shared_ms:.0f} | "
+              f"{twin_ms:.0f} | {ratio:.2f} |", flush=True)
     return rows
 
 
@@ -96,16 +105,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tasks", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--models", nargs="+", choices=["gpt2", "resnet50"], default=["gpt2", "resnet50"])
+    parser.add_argument("--task-weight-budget", type=float, default=TASK_WEIGHT_BUDGET / 2**20, metavar="MIB",
+                        help="memory that linear layers may spend on per-task weights (TwinModel.load's default)")
     args = parser.parse_args(argv)
+    budget = int(args.task_weight_budget * 2**20)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    print("| model | tasks | routing | shared ms | twin ms | time × |\n|---|---|---|---|---|---|")
+    print("| model | tasks | routing | linear layers with kept task weights | shared ms | twin ms | time × |\n"
+          "|---|---|---|---|---|---|---|")
     batch = 8 if args.device == "cpu" else 64
     tokens = torch.randint(0, 50257, (batch, 128), generator=torch.Generator().manual_seed(0))
     images = torch.randn(2 * batch, 3, 160, 160, generator=torch.Generator().manual_seed(0))
     for tasks in args.tasks:
-        measure(f"GPT-2 small (124M), {batch} x 128 tokens", gpt2_small, tokens, tasks, args.repeats,
-                lambda r: r.logits, args.device)
-        measure(f"ResNet-50, {2 * batch} x 3 x 160 x 160", resnet50, images, tasks, args.repeats, lambda r: r, args.device)
+        if "gpt2" in args.models:
+            measure(f"GPT-2 small (124M), {batch} x 128 tokens", gpt2_small, tokens, tasks, args.repeats,
+                    lambda r: r.logits, args.device, budget)
+        if "resnet50" in args.models:
+            measure(f"ResNet-50, {2 * batch} x 3 x 160 x 160", resnet50, images, tasks, args.repeats, lambda r: r,
+                    args.device, budget)
     return 0
 
 

@@ -77,9 +77,13 @@ def family_twin(request, tmp_path_factory):
     return family, root, paths, tasks, report
 
 
-def test_full_rank_routing_to_a_task_gives_that_expert_back(family_twin):
+@pytest.mark.parametrize("budget", ["default", 0])
+def test_full_rank_routing_to_a_task_gives_that_expert_back(family_twin, budget):
+    """Per-task weights kept in the linear layers (the default budget holds all of these small models') or
+    factors alone (budget 0): the same experts back."""
     family, root, paths, tasks, report = family_twin
-    twin = TwinModel.load(root / "twin")
+    twin = TwinModel.load(root / "twin") if budget == "default" else TwinModel.load(root / "twin", task_weight_budget=budget)
+    assert (twin.kept_task_weights["layers"] > 0) == (budget == "default")
     assert twin.unrouted == []  # every tensor with a delta is applied inside a routed layer
     x = _inputs(family)
     experts = [load_model(paths[f"expert{i}"], transformers_ok=True) for i in (1, 2)]

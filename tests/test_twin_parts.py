@@ -7,8 +7,8 @@ import torch
 
 from mergekit_lite.twin import compress
 from mergekit_lite.twin.compress import low_rank, rank_for
-from mergekit_lite.twin.routed import (RoutedBatchNorm2d, RoutedConv1D, RoutedConv2d, RoutedLinear, dense_for_row, make_route,
-                                       task_order)
+from mergekit_lite.twin.routed import (RoutedBatchNorm2d, RoutedConv1D, RoutedConv2d, RoutedLinear, dense_for_row,
+                                       keep_task_weights, make_route, task_order)
 
 
 def _matrix(m=60, n=40, rank=None, seed=0):
@@ -193,6 +193,43 @@ def test_rows_grouped_by_task_run_on_slices_with_the_same_result():
             expert.weight += deltas["weight"][task]
             expert.running_var += deltas["running_var"][task]
             torch.testing.assert_close(got[row], expert(x[row: row + 1])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_kept_task_weights_give_the_factor_paths_rows_and_go_to_the_smallest_layers_first():
+    """Top-1 rows grouped by task through each task's kept weight W + L_t R_t (and bias) equal the shared layer
+    plus the factors, for nn.Linear and GPT-2's Conv1D, with and without biases; rows not grouped take the factor
+    path. The budget goes to the smallest layers first and is never exceeded."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(5)
+    tasks = torch.tensor([0, 0, 1, 2, 2, 2, 1])
+    order = tasks.argsort(stable=True)
+    grouped = make_route(torch.nn.functional.one_hot(tasks[order], 3).float())
+    assert grouped.spans is not None
+    layers = [RoutedLinear(torch.nn.Linear(8, 6), torch.randn(3, 6, 2), torch.randn(3, 2, 8), torch.randn(3, 6)),
+              RoutedLinear(torch.nn.Linear(8, 6, bias=False), torch.randn(3, 6, 2), torch.randn(3, 2, 8)),
+              RoutedConv1D(Conv1D(6, 8), torch.randn(3, 8, 2), torch.randn(3, 2, 6), torch.randn(3, 6))]
+    x = torch.randn(7, 3, 8)
+    with torch.no_grad():
+        for layer in layers:
+            layer.route = grouped
+            expected = layer(x[order])
+            layer.keep_task_weights = True
+            got = layer(x[order])
+            assert getattr(layer, "_task_weights", None) is not None  # the kept-weight path ran
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            assert layer.per_task_weights()[0] is layer.per_task_weights()[0]  # formed once, kept between batches
+            layer.route = make_route(torch.nn.functional.one_hot(tasks, 3).float())  # not grouped: factor path
+            torch.testing.assert_close(layer(x)[order], got, rtol=1e-5, atol=1e-5)
+
+    model = torch.nn.Sequential(
+        RoutedLinear(torch.nn.Linear(64, 64), torch.randn(3, 64, 2), torch.randn(3, 2, 64)),  # 48 KiB kept
+        RoutedLinear(torch.nn.Linear(8, 8), torch.randn(3, 8, 2), torch.randn(3, 2, 8)),  # 768 bytes
+        RoutedLinear(torch.nn.Linear(16, 16), torch.randn(3, 16, 2), torch.randn(3, 2, 16)))  # 3 KiB
+    assert keep_task_weights(model, 4096) == (2, 768 + 3072)
+    assert [layer.keep_task_weights for layer in model] == [False, True, True]
+    assert keep_task_weights(model, 1 << 20) == (3, 768 + 3072 + 49152)
+    assert keep_task_weights(model, 0) == (0, 0) and not any(layer.keep_task_weights for layer in model)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

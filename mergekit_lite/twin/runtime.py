@@ -16,7 +16,7 @@ import torch
 from mergekit_lite.errors import UserError
 from mergekit_lite.twin.routed import (RoutedBatchNorm2d, RoutedConv1D, RoutedConv2d, RoutedEmbedding,
                                        RoutedLayerNorm, RoutedLinear, RoutedRMSNorm, fold_norms, is_rms_norm,
-                                       set_route, task_order)
+                                       keep_task_weights, set_route, task_order)
 from mergekit_lite.twin.router import Router, pooled_features, route_weights
 from mergekit_lite.twin.store import EXPERTS, ROUTER, SHARED, StackedDelta, dense_name, left_name, load_deltas, \
     read_manifest, right_name
@@ -139,6 +139,11 @@ def task_weights(tasks: list[str], weights: dict[str, float]) -> torch.Tensor:
     return torch.tensor([float(weights.get(task, 0.0)) for task in tasks])
 
 
+# Memory (bytes) that TwinModel.load lets small linear layers spend on per-task weights by default: every layer of
+# a small model, the smallest layers of a GPT-2-small-sized one.
+TASK_WEIGHT_BUDGET = 256 * 2**20
+
+
 class TwinModel(torch.nn.Module):
     """The shared model with routed layers and the router; call it like the model itself."""
 
@@ -147,9 +152,14 @@ class TwinModel(torch.nn.Module):
         super().__init__()
         self.model, self.router, self.tasks = model, router, list(tasks)
         self.feature, self.top_k, self.unrouted = feature, top_k, unrouted
+        self.kept_task_weights = {"layers": 0, "bytes": 0}  # set by load (keep_task_weights)
 
     @classmethod
-    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "TwinModel":
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu",
+             task_weight_budget: int = TASK_WEIGHT_BUDGET) -> "TwinModel":
+        """The shared model with routed layers and the router, on `device`. `task_weight_budget` (bytes) bounds the
+        memory that the smallest linear layers may spend on keeping each task's own weight for top-1 rows
+        (faster than the factors there); 0 keeps none. Convolutions keep their per-task filters regardless."""
         from safetensors.torch import load_file
 
         from mergekit_lite.pleas.sources import load_model
@@ -158,12 +168,15 @@ class TwinModel(torch.nn.Module):
         manifest = read_manifest(directory)
         model = load_model(directory / SHARED, transformers_ok=True).to(device)
         _, unrouted = install_routes(model, load_deltas(directory, manifest, device))
+        kept_weights = keep_task_weights(model, task_weight_budget)
         settings = manifest["router"]
         router = Router(settings["features"], len(manifest["tasks"]), settings.get("dropout", 0.1))
         router.load_state_dict(load_file(str(directory / ROUTER)))
         model.requires_grad_(False)  # an inference runtime: per-task filters and norms can then be kept
-        return cls(model, router.to(device).eval(), manifest["tasks"], settings["feature"], settings["top_k"],
+        twin = cls(model, router.to(device).eval(), manifest["tasks"], settings["feature"], settings["top_k"],
                    unrouted).eval()
+        twin.kept_task_weights = {"layers": kept_weights[0], "bytes": kept_weights[1]}
+        return twin
 
     @torch.no_grad()
     def route(self, inputs, **kwargs) -> torch.Tensor:
