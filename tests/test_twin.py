@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from mergekit_lite.cli import app
+from mergekit_lite.errors import UserError
 from mergekit_lite.examples import make_family
 from mergekit_lite.merge import MergeOptions, merge_recipe_file
 from mergekit_lite.pleas.sources import load_model
@@ -84,6 +85,8 @@ def test_full_rank_routing_to_a_task_gives_that_expert_back(family_twin, budget)
     family, root, paths, tasks, report = family_twin
     twin = TwinModel.load(root / "twin") if budget == "default" else TwinModel.load(root / "twin", task_weight_budget=budget)
     assert (twin.kept_task_weights["layers"] > 0) == (budget == "default")
+    with pytest.raises(UserError, match="task_weight_budget"):
+        TwinModel.load(root / "twin", task_weight_budget=-1)
     assert twin.unrouted == []  # every tensor with a delta is applied inside a routed layer
     x = _inputs(family)
     experts = [load_model(paths[f"expert{i}"], transformers_ok=True) for i in (1, 2)]

@@ -164,6 +164,8 @@ class TwinModel(torch.nn.Module):
 
         from mergekit_lite.pleas.sources import load_model
 
+        if task_weight_budget < 0:
+            raise UserError(f"task_weight_budget is a number of bytes, 0 or more (got {task_weight_budget})")
         directory = Path(directory)
         manifest = read_manifest(directory)
         model = load_model(directory / SHARED, transformers_ok=True).to(device)
