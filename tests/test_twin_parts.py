@@ -166,6 +166,8 @@ def test_rows_grouped_by_task_run_on_slices_with_the_same_result():
     assert task_order(torch.softmax(torch.randn(7, 3), -1)) is None and task_order(weights[:1]) is None
     scattered, grouped = make_route(weights), make_route(weights[order])
     assert scattered.spans is None and [t for t, _, _ in grouped.spans] == [0, 1, 2]
+    assert [(t, rows.tolist(), scale) for t, rows, scale in scattered.groups] == \
+        [(t, (tasks == t).nonzero().flatten().tolist(), None) for t in range(3)]
     assert [(s, e) for _, s, e in grouped.spans] == [(0, 2), (2, 4), (4, 7)]
     linear = RoutedLinear(torch.nn.Linear(8, 6), torch.randn(3, 6, 2), torch.randn(3, 2, 8), torch.randn(3, 6))
     conv = RoutedConv2d(torch.nn.Conv2d(4, 5, 3, padding=1), torch.randn(3, 5, 2) * 0.1, torch.randn(3, 2, 36) * 0.1)

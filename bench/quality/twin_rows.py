@@ -146,7 +146,7 @@ def experiment_four(ws: Workspace, task: Task, paths: dict[str, Path], domains: 
     labels = QUICK if ws.plan.quick else tuple(SETTINGS)
     for label in labels:
         params, change = SETTINGS[label]
-        key = _key("twin/10", task.name, str(paths["base"]), [str(paths[d]) for d in domains], params, change, batch)
+        key = _key("twin/11", task.name, str(paths["base"]), [str(paths[d]) for d in domains], params, change, batch)
 
         def compute(params=params, change=change) -> dict:
             work = ws.root / "merges" / key

@@ -81,6 +81,8 @@ def make_route(weights: torch.Tensor) -> Route:
     if bool((weights == weights[:1]).all()):
         mix = weights[0].tolist()
         return Route(weights, True, [(t, None, w) for t, w in enumerate(mix) if w != 0.0])
+    if is_one_hot(weights):
+        return _one_task_route(weights)
     groups = []
     for task in range(weights.shape[1]):
         rows = weights[:, task].nonzero().flatten()
@@ -98,10 +100,34 @@ def make_route(weights: torch.Tensor) -> Route:
     return Route(weights, False, groups, one_task, spans)
 
 
+def is_one_hot(weights: torch.Tensor) -> bool:
+    """Every row gives weight 1 to a single task and 0 to the rest (top-1 routing)."""
+    return bool(((weights == 0) | (weights == 1)).all()) and bool((weights.sum(-1) == 1).all())
+
+
+def _one_task_route(weights: torch.Tensor) -> Route:
+    """The route of one-hot rows, built from each row's task in a handful of calls (not several per task): rows
+    already grouped by task get spans."""
+    task = weights.argmax(-1)
+    if bool((task[1:] >= task[:-1]).all()):  # grouped (TwinModel sorts rows so): spans from the counts
+        counts = torch.bincount(task, minlength=weights.shape[1]).tolist()
+        starts = [sum(counts[:t]) for t in range(len(counts))]
+        spans = [(t, start, start + count) for t, (start, count) in enumerate(zip(starts, counts)) if count]
+        groups = [(t, torch.arange(start, end, device=weights.device), None) for t, start, end in spans]
+        route = Route(weights, False, groups, True, spans)
+    else:
+        order = torch.argsort(task, stable=True)
+        counts = torch.bincount(task, minlength=weights.shape[1]).tolist()
+        groups = [(t, rows, None) for t, rows in enumerate(torch.split(order, counts)) if len(rows)]
+        route = Route(weights, False, groups, True)
+    route._task_of_row = task
+    return route
+
+
 def task_order(weights: torch.Tensor) -> torch.Tensor | None:
     """For top-1 routing over several tasks: the row order that groups rows by task (stable), so routed layers
     work on slices; None when rows mix tasks, share one task, or are grouped already."""
-    if weights.shape[0] < 2 or not bool(((weights == 0) | (weights == 1)).all()) or not bool((weights.sum(-1) == 1).all()):
+    if weights.shape[0] < 2 or not is_one_hot(weights):
         return None
     task = weights.argmax(-1)
     if bool((task == task[0]).all()) or bool((task[1:] >= task[:-1]).all()):
@@ -631,12 +657,16 @@ def keep_task_weights(model: torch.nn.Module, budget_bytes: int) -> tuple[int, i
     return chosen, used
 
 
-def set_route(model: torch.nn.Module, weights: torch.Tensor | None) -> None:
-    """Give every routed layer the per-row task weights (batch, T) for the next forward pass."""
+def routed_layers(model: torch.nn.Module) -> list[Routed]:
+    return [module for module in model.modules() if isinstance(module, Routed)]
+
+
+def set_route(model: torch.nn.Module | list[Routed], weights: torch.Tensor | None) -> None:
+    """Give every routed layer (of a model, or a list from routed_layers, which saves walking the model on every
+    batch) the per-row task weights (batch, T) for the next forward pass."""
     route = None if weights is None else make_route(weights)
-    for module in model.modules():
-        if isinstance(module, Routed):
-            module.route = route
+    for module in routed_layers(model) if isinstance(model, torch.nn.Module) else model:
+        module.route = route
 
 
 def dense_for_row(shared: torch.Tensor, lefts: torch.Tensor, rights: torch.Tensor, route_row: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from mergekit_lite.errors import UserError
 from mergekit_lite.twin.routed import (RoutedBatchNorm2d, RoutedConv1D, RoutedConv2d, RoutedEmbedding,
                                        RoutedLayerNorm, RoutedLinear, RoutedRMSNorm, fold_norms, is_rms_norm,
-                                       keep_task_weights, set_route, task_order)
+                                       keep_task_weights, routed_layers, set_route, task_order)
 from mergekit_lite.twin.router import Router, pooled_features, route_weights
 from mergekit_lite.twin.store import EXPERTS, ROUTER, SHARED, StackedDelta, dense_name, left_name, load_deltas, \
     read_manifest, right_name
@@ -153,6 +153,7 @@ class TwinModel(torch.nn.Module):
         self.model, self.router, self.tasks = model, router, list(tasks)
         self.feature, self.top_k, self.unrouted = feature, top_k, unrouted
         self.kept_task_weights = {"layers": 0, "bytes": 0}  # set by load (keep_task_weights)
+        self.routed = routed_layers(model)  # found once: each batch sets their route
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu",
@@ -183,7 +184,7 @@ class TwinModel(torch.nn.Module):
     @torch.no_grad()
     def route(self, inputs, **kwargs) -> torch.Tensor:
         """Per-row task weights (batch, T) from the shared model's feature (no routes applied)."""
-        set_route(self.model, None)
+        set_route(self.routed, None)
         features = pooled_features(self.model, self.feature, inputs, **kwargs)
         return route_weights(self.router(features), self.top_k)
 
@@ -201,11 +202,11 @@ class TwinModel(torch.nn.Module):
             pick = lambda value: value.index_select(0, order) if _batch_major(value, batch) else value  # noqa: E731
             inputs, weights = pick(inputs), pick(weights)
             kwargs = {key: pick(value) for key, value in kwargs.items()}
-        set_route(self.model, weights)
+        set_route(self.routed, weights)
         try:
             out = self.model(inputs, **kwargs)
         finally:
-            set_route(self.model, None)
+            set_route(self.routed, None)
         return out if order is None else _rows_in_order(out, torch.argsort(order), batch)
 
 
