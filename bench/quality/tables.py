@@ -120,6 +120,12 @@ def twin(section: dict, reference: dict, title: str) -> list[str]:
         cells += [_fmt(row["average"], accuracy), f"**{100 * row['normalised_average']:.1f}**",
                   f"{100 * row['router_test_accuracy']:.1f}", f"{100 * row['storage_ratio']:.1f}", speed]
         lines.append("| " + " | ".join(cells) + " |")
+    whole = [row for row in section["rows"] if row.get("overhead_whole_set")]
+    for row in whole:
+        timing = row["overhead_whole_set"]
+        lines += ["", f"{row['name']} on the whole mixed test set as one batch ({timing['batch']} rows, so about "
+                  f"{timing['batch'] // len(domains)} per task; 9 turns): {timing['ratio']:.2f}× the shared model "
+                  f"({timing['shared_ms']:.0f} ms shared)."]
     return lines + [""]
 
 

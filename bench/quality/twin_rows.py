@@ -29,7 +29,8 @@ SETTINGS = {  # label -> (twin recipe parameters, runtime change)
     "twin, final-layer feature": ({"rank": 0.1, "router_feature": "final"}, None),
     "twin, full rank (no compression)": ({"rank": 1.0}, None),
 }
-QUICK = ("twin (rank 0.1, stem, top-1)", "twin, true task given (no router)")
+DEFAULT_SETTING = "twin (rank 0.1, stem, top-1)"  # also timed on the whole test set in one batch
+QUICK = (DEFAULT_SETTING, "twin, true task given (no router)")
 
 
 def mixed_inputs(task: Task, domains: tuple[str, ...], split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,8 +95,10 @@ def _per_domain(task: Task, outputs: list[torch.Tensor], targets: torch.Tensor, 
 
 
 @torch.no_grad()
-def evaluate(task: Task, directory: Path, domains: tuple[str, ...], change: str | None, batch: int) -> dict:
-    """Scores on the mixed test set, router accuracy there, and the routed/shared inference time ratio."""
+def evaluate(task: Task, directory: Path, domains: tuple[str, ...], change: str | None, batch: int,
+             whole_set_timing: bool = False) -> dict:
+    """Scores on the mixed test set, router accuracy there, and the routed/shared inference time ratio (on one
+    batch; with `whole_set_timing` also on the whole test set at once, where each task has more rows)."""
     from mergekit_lite.pleas.sources import load_model
     from mergekit_lite.twin import TwinModel
 
@@ -116,8 +119,11 @@ def evaluate(task: Task, directory: Path, domains: tuple[str, ...], change: str 
         outputs.append(logits(twin(x, weights=weights)))
     scores = _per_domain(task, outputs, targets, ids, domains)
     router_accuracy = float((torch.cat(picked) == ids).float().mean())
-    return {"scores": scores, "router_test_accuracy": router_accuracy,
-            "overhead": overhead(twin, shared, inputs[:batch], logits) if change != "oracle" else None}
+    result = {"scores": scores, "router_test_accuracy": router_accuracy,
+              "overhead": overhead(twin, shared, inputs[:batch], logits) if change != "oracle" else None}
+    if whole_set_timing:
+        result["overhead_whole_set"] = overhead(twin, shared, inputs, logits, repeats=9)
+    return result
 
 
 def overhead(twin, shared, x: torch.Tensor, logits, repeats: int = 25) -> dict:
@@ -146,15 +152,16 @@ def experiment_four(ws: Workspace, task: Task, paths: dict[str, Path], domains: 
     labels = QUICK if ws.plan.quick else tuple(SETTINGS)
     for label in labels:
         params, change = SETTINGS[label]
-        key = _key("twin/11", task.name, str(paths["base"]), [str(paths[d]) for d in domains], params, change, batch)
+        whole = label == DEFAULT_SETTING
+        key = _key("twin/12", task.name, str(paths["base"]), [str(paths[d]) for d in domains], params, change, batch)
 
-        def compute(params=params, change=change) -> dict:
+        def compute(params=params, change=change, whole=whole) -> dict:
             work = ws.root / "merges" / key
             work.mkdir(parents=True, exist_ok=True)
             recipe = write_twin_recipe(work / "recipe.yaml", paths["base"], {d: paths[d] for d in domains}, files, params)
             seconds = merge_run(recipe, work / "out")
             report = json.loads((work / "out" / "merge_report.json").read_text())
-            result = evaluate(task, work / "out", domains, change, batch)
+            result = evaluate(task, work / "out", domains, change, batch, whole_set_timing=whole)
             shutil.rmtree(work)
             twin = report["twin"]
             return {**result, "seconds": seconds, "storage_ratio": twin["storage"]["ratio"],
