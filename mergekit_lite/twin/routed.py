@@ -109,17 +109,15 @@ def _one_task_route(weights: torch.Tensor) -> Route:
     """The route of one-hot rows, built from each row's task in a handful of calls (not several per task): rows
     already grouped by task get spans."""
     task = weights.argmax(-1)
+    counts = torch.bincount(task, minlength=weights.shape[1]).tolist()
     if bool((task[1:] >= task[:-1]).all()):  # grouped (TwinModel sorts rows so): spans from the counts
-        counts = torch.bincount(task, minlength=weights.shape[1]).tolist()
         starts = [sum(counts[:t]) for t in range(len(counts))]
         spans = [(t, start, start + count) for t, (start, count) in enumerate(zip(starts, counts)) if count]
         groups = [(t, torch.arange(start, end, device=weights.device), None) for t, start, end in spans]
         route = Route(weights, False, groups, True, spans)
     else:
-        order = torch.argsort(task, stable=True)
-        counts = torch.bincount(task, minlength=weights.shape[1]).tolist()
-        groups = [(t, rows, None) for t, rows in enumerate(torch.split(order, counts)) if len(rows)]
-        route = Route(weights, False, groups, True)
+        rows_by_task = torch.split(torch.argsort(task, stable=True), counts)
+        route = Route(weights, False, [(t, rows, None) for t, rows in enumerate(rows_by_task) if len(rows)], True)
     route._task_of_row = task
     return route
 
