@@ -234,6 +234,25 @@ def test_kept_task_weights_give_the_factor_paths_rows_and_go_to_the_smallest_lay
     assert keep_task_weights(model, 0) == (0, 0) and not any(layer.keep_task_weights for layer in model)
 
 
+def test_top1_rows_on_small_maps_take_one_stacked_convolution_and_equal_the_dense_rebuild():
+    """On maps with a few positions a row, top-1 rows of a small conv run through one convolution with the shared
+    filters and every R_t (no batch split); each row must still see its own task's W + L_t R_t and bias."""
+    torch.manual_seed(6)
+    tasks, rank = 3, 2
+    conv = RoutedConv2d(torch.nn.Conv2d(4, 8, 3, padding=1, stride=2), torch.randn(tasks, 8, rank),
+                        torch.randn(tasks, rank, 36), torch.randn(tasks, 8))
+    rows = torch.tensor([2, 0, 1, 1, 0, 2, 2])
+    conv.route = make_route(torch.nn.functional.one_hot(rows, tasks).float())
+    x = torch.randn(7, 4, 3, 3)  # 2 x 2 output positions
+    with torch.no_grad():
+        out = conv(x)
+        assert getattr(conv, "_stacked_filters", None) is not None  # the one-convolution path ran
+        for row, task in enumerate(rows.tolist()):
+            weight = dense_for_row(conv.shared.weight, conv.lefts, conv.rights, torch.eye(tasks)[task])
+            expected = torch.nn.functional.conv2d(x[row:row + 1], weight, conv.shared.bias + conv.bias_deltas[task], 2, 1)
+            torch.testing.assert_close(out[row], expected[0], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_packed_gpu_path_equals_the_per_task_path():
     torch.manual_seed(3)
