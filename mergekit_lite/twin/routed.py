@@ -451,7 +451,7 @@ class RoutedConv2d(RoutedLinear):
         return self._grouped(x, route)
 
     def stacked_filters(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """For soft routing, formed once and kept (`keep_filters`): the shared filters followed by every task's R_t
+        """For _dense_conv, formed once and kept (`keep_filters`): the shared filters followed by every task's R_t
         filters (out + T*r, in, kh, kw), their bias (the shared bias, zero for the R_t channels), and every task's
         L_t side by side as a 1x1 projection (out, T*r, 1, 1)."""
         conv = self.shared
