@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -127,20 +125,12 @@ def evaluate(task: Task, directory: Path, domains: tuple[str, ...], change: str 
 
 
 def overhead(twin, shared, x: torch.Tensor, logits, repeats: int = 25) -> dict:
-    """Wall time of the routed twin (router included) over the shared model alone, same batch: the two run in
-    turn, so a slow spell of the machine lands on both, and the ratio is the median of the per-turn ratios."""
-    def seconds(fn) -> float:
-        started = time.perf_counter()
-        fn()
-        return time.perf_counter() - started
+    """Wall time of the routed twin (router included) over the shared model alone, same batch, the two run in
+    turn (bench/twin_overhead.py's paired_ms)."""
+    from twin_overhead import paired_ms
 
-    run_shared, run_twin = (lambda: logits(shared(x))), (lambda: logits(twin(x)))
-    run_shared(), run_twin()  # warm-up: kept filters and caches formed
-    pairs = [(seconds(run_shared), seconds(run_twin)) for _ in range(repeats)]
-    shared_s = statistics.median(s for s, _ in pairs)
-    twin_s = statistics.median(t for _, t in pairs)
-    return {"shared_ms": 1000 * shared_s, "twin_ms": 1000 * twin_s,
-            "ratio": statistics.median(t / s for s, t in pairs), "batch": len(x)}
+    shared_ms, twin_ms, ratio = paired_ms(lambda: logits(shared(x)), lambda: logits(twin(x)), repeats)
+    return {"shared_ms": shared_ms, "twin_ms": twin_ms, "ratio": ratio, "batch": len(x)}
 
 
 def experiment_four(ws: Workspace, task: Task, paths: dict[str, Path], domains: tuple[str, ...]) -> dict:
