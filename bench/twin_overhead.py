@@ -7,6 +7,7 @@ transformer (124M parameters) and a ResNet-50, with T tasks at rank 0.1 of min(m
 
     python bench/twin_overhead.py            # prints a table of time ratios (twin and shared run in turn)
     python bench/twin_overhead.py --models gpt2 --task-weight-budget 0   # factors only in linear layers
+    python bench/twin_overhead.py --models resnet50 --image-size 64 --images 64   # small images: task lanes
 """
 
 from __future__ import annotations
@@ -79,10 +80,11 @@ def measure(name: str, build, inputs: torch.Tensor, tasks: int, repeats: int, ou
             return output(runtime(inputs, weights=weights))
 
         shared_ms, twin_ms, ratio = paired_ms(lambda: output(shared(inputs)), routed, repeats)
+        lanes = {True: "yes", False: "no (failed the check)", None: "no"}[runtime.uses_lanes] if top_k == 1 else "–"
         rows.append({"model": name, "tasks": tasks, "routing": label, "shared_ms": shared_ms, "twin_ms": twin_ms,
-                     "ratio": ratio, "kept_layers": kept_layers, "kept_mib": kept_bytes / 2**20})
-        print(f"| {name} | {tasks} | {label} | {kept_layers} ({kept_bytes / 2**20:.0f} MiB) | {shared_ms:.0f} | "
-              f"{twin_ms:.0f} | {ratio:.2f} |", flush=True)
+                     "ratio": ratio, "kept_layers": kept_layers, "kept_mib": kept_bytes / 2**20, "lanes": lanes})
+        print(f"| {name} | {tasks} | {label} | {kept_layers} ({kept_bytes / 2**20:.0f} MiB) | {lanes} | "
+              f"{shared_ms:.0f} | {twin_ms:.0f} | {ratio:.2f} |", flush=True)
     return rows
 
 
@@ -106,22 +108,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--models", nargs="+", choices=["gpt2", "resnet50"], default=["gpt2", "resnet50"])
+    parser.add_argument("--image-size", type=int, default=160, help="ResNet-50 input side in pixels")
+    parser.add_argument("--images", type=int, default=0, help="ResNet-50 batch (default: 16 on the CPU, 128 on a GPU)")
     parser.add_argument("--task-weight-budget", type=float, default=TASK_WEIGHT_BUDGET / 2**20, metavar="MIB",
                         help="memory that linear layers may spend on per-task weights (TwinModel.load's default)")
     args = parser.parse_args(argv)
     budget = int(args.task_weight_budget * 2**20)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    print("| model | tasks | routing | linear layers with kept task weights | shared ms | twin ms | time × |\n"
-          "|---|---|---|---|---|---|---|")
+    print("| model | tasks | routing | linear layers with kept task weights | task lanes | shared ms | twin ms | time × |\n"
+          "|---|---|---|---|---|---|---|---|")
     batch = 8 if args.device == "cpu" else 64
     tokens = torch.randint(0, 50257, (batch, 128), generator=torch.Generator().manual_seed(0))
-    images = torch.randn(2 * batch, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+    side = args.image_size
+    images = torch.randn(args.images or 2 * batch, 3, side, side, generator=torch.Generator().manual_seed(0))
     for tasks in args.tasks:
         if "gpt2" in args.models:
             measure(f"GPT-2 small (124M), {batch} x 128 tokens", gpt2_small, tokens, tasks, args.repeats,
                     lambda r: r.logits, args.device, budget)
         if "resnet50" in args.models:
-            measure(f"ResNet-50, {2 * batch} x 3 x 160 x 160", resnet50, images, tasks, args.repeats, lambda r: r,
+            measure(f"ResNet-50, {len(images)} x 3 x {side} x {side}", resnet50, images, tasks, args.repeats, lambda r: r,
                     args.device, budget)
     return 0
 

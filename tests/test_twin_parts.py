@@ -268,64 +268,6 @@ def test_the_packed_gpu_path_equals_the_per_task_path():
     torch.testing.assert_close(packed, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_a_batch_norm_after_a_conv_is_folded_into_its_task_filters_for_top1_rows():
-    """In a ResNet every conv's output is read by one batch norm alone; with top-1 rows the conv applies that
-    norm (each task's scale and shift folded into its filters) and the norm passes its input through. The
-    outputs must equal the unfolded runtime's, for top-1 rows, a fixed mix and soft rows."""
-    import math
-
-    import timm
-
-    from mergekit_lite.twin.runtime import conv_norm_pairs, install_routes
-    from mergekit_lite.twin.store import StackedDelta
-
-    torch.manual_seed(0)
-    model = timm.create_model("test_resnet", in_chans=1, num_classes=5).eval()
-    with torch.no_grad():
-        for module in model.modules():  # statistics and gains far from the identity
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.normal_()
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.normal_(1.0, 0.3)
-    tasks, gen, deltas = 3, torch.Generator().manual_seed(1), {}
-    for name, tensor in model.state_dict().items():
-        if not tensor.is_floating_point():
-            continue
-        if tensor.dim() < 2:
-            deltas[name] = StackedDelta(tuple(tensor.shape), dense=torch.rand(tasks, *tensor.shape, generator=gen) * 0.1)
-        else:
-            rows, cols = tensor.shape[0], math.prod(tensor.shape[1:])
-            deltas[name] = StackedDelta(tuple(tensor.shape), lefts=torch.randn(tasks, rows, 2, generator=gen) * 0.1,
-                                        rights=torch.randn(tasks, 2, cols, generator=gen) * 0.1)
-    pairs = conv_norm_pairs(model)
-    assert len(pairs) == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-    install_routes(model, deltas)
-    convs = [m for m in model.modules() if isinstance(m, RoutedConv2d)]
-    assert all(conv.norm_after and conv.norm_after[0].folded for conv in convs)
-    assert not any(isinstance(m, RoutedBatchNorm2d) for conv in convs for m in conv.children())
-
-    def run(weights: torch.Tensor) -> torch.Tensor:
-        from mergekit_lite.twin.routed import set_route
-
-        set_route(model, weights)
-        try:
-            return model(x)
-        finally:
-            set_route(model, None)
-
-    x = torch.randn(7, 1, 16, 16)
-    routes = {"top-1": torch.nn.functional.one_hot(torch.tensor([0, 2, 1, 1, 0, 2, 2]), tasks).float(),
-              "fixed mix": torch.tensor([[0.3, 0.7, 0.0]]).expand(7, -1),
-              "soft": torch.softmax(torch.randn(7, tasks), -1)}
-    with torch.no_grad():
-        folded = {name: run(w) for name, w in routes.items()}
-        for conv in convs:
-            conv.norm_after[0].folded = False
-            conv.norm_after = ()
-        for name, weights in routes.items():
-            torch.testing.assert_close(folded[name], run(weights), rtol=1e-4, atol=1e-4, msg=name)
-
-
 def test_pooled_image_features_are_each_channels_mean_and_standard_deviation():
     from mergekit_lite.twin.router import pool
 

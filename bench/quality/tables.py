@@ -104,7 +104,8 @@ def twin(section: dict, reference: dict, title: str) -> list[str]:
              f"Per-domain test {unit} on one shuffled test set mixing every domain (each row of a batch routed on its",
              "own); normalised as in experiment 1. Storage: the factors' bytes over the dense deltas they replace.",
              "Time: routed twin (router included) over the shared model alone, same batch, the two run in turn 25 times; "
-             "median of the ratios.", ""]
+             "median of the ratios" + ("; in brackets, over the shared model converted to channels-last memory format "
+                                      "(its fastest layout on a CPU)." if accuracy else "."), ""]
     head = ["model / method", *domains, "average", "normalised %", "router acc. %", "storage %", "time ×"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     picks = [e for e in reference["references"] if e["name"].startswith("expert") or e["name"] == "multitask"]
@@ -117,6 +118,8 @@ def twin(section: dict, reference: dict, title: str) -> list[str]:
     for row in section["rows"]:
         cells = [f"**{row['name']}**"] + [_fmt(row["scores"][d], accuracy) for d in domains]
         speed = f"{row['overhead']['ratio']:.2f}" if row.get("overhead") else "–"
+        if (row.get("overhead") or {}).get("channels_last"):
+            speed += f" ({row['overhead']['channels_last']['ratio']:.2f})"
         cells += [_fmt(row["average"], accuracy), f"**{100 * row['normalised_average']:.1f}**",
                   f"{100 * row['router_test_accuracy']:.1f}", f"{100 * row['storage_ratio']:.1f}", speed]
         lines.append("| " + " | ".join(cells) + " |")
@@ -125,7 +128,9 @@ def twin(section: dict, reference: dict, title: str) -> list[str]:
         timing = row["overhead_whole_set"]
         lines += ["", f"{row['name']} on the whole mixed test set as one batch ({timing['batch']} rows, so about "
                   f"{timing['batch'] // len(domains)} per task; 9 turns): {timing['ratio']:.2f}× the shared model "
-                  f"({timing['shared_ms']:.0f} ms shared)."]
+                  f"({timing['shared_ms']:.0f} ms shared)" + (
+                      f", {timing['channels_last']['ratio']:.2f}× the shared model in channels-last "
+                      f"({timing['channels_last']['shared_ms']:.0f} ms)" if timing.get("channels_last") else "") + "."]
     return lines + [""]
 
 

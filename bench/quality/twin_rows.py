@@ -126,11 +126,20 @@ def evaluate(task: Task, directory: Path, domains: tuple[str, ...], change: str 
 
 def overhead(twin, shared, x: torch.Tensor, logits, repeats: int = 25) -> dict:
     """Wall time of the routed twin (router included) over the shared model alone, same batch, the two run in
-    turn (bench/twin_overhead.py's paired_ms)."""
+    turn (bench/twin_overhead.py's paired_ms). Images also against the shared model in channels-last memory
+    format, its fastest layout on a CPU (the twin runs its convolutions channels-last on task lanes)."""
+    import copy
+
     from twin_overhead import paired_ms
 
     shared_ms, twin_ms, ratio = paired_ms(lambda: logits(shared(x)), lambda: logits(twin(x)), repeats)
-    return {"shared_ms": shared_ms, "twin_ms": twin_ms, "ratio": ratio, "batch": len(x)}
+    result = {"shared_ms": shared_ms, "twin_ms": twin_ms, "ratio": ratio, "batch": len(x)}
+    if x.dim() == 4:
+        fast = copy.deepcopy(shared).to(memory_format=torch.channels_last)
+        fast_x = x.contiguous(memory_format=torch.channels_last)
+        fast_ms, twin_ms, ratio = paired_ms(lambda: logits(fast(fast_x)), lambda: logits(twin(x)), repeats)
+        result["channels_last"] = {"shared_ms": fast_ms, "twin_ms": twin_ms, "ratio": ratio}
+    return result
 
 
 def experiment_four(ws: Workspace, task: Task, paths: dict[str, Path], domains: tuple[str, ...]) -> dict:
@@ -143,7 +152,7 @@ def experiment_four(ws: Workspace, task: Task, paths: dict[str, Path], domains: 
     for label in labels:
         params, change = SETTINGS[label]
         whole = label == DEFAULT_SETTING and not ws.plan.quick  # the quick plan (CI) skips the slow whole-set timing
-        key = _key("twin/13", task.name, str(paths["base"]), [str(paths[d]) for d in domains], params, change, batch)
+        key = _key("twin/15", task.name, str(paths["base"]), [str(paths[d]) for d in domains], params, change, batch)
 
         def compute(params=params, change=change, whole=whole) -> dict:
             work = ws.root / "merges" / key

@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from mergekit_lite.twin.lanes import Lanes
+
 RowUpdate = Callable[[torch.Tensor, int], torch.Tensor]  # (input rows, task) -> that task's output update
 
 
@@ -31,6 +33,7 @@ class Route:
     groups: list[tuple[int, torch.Tensor | None, torch.Tensor | float | None]]
     one_task_per_row: bool = False  # every row has weight 1 on a single task (top-1 routing)
     spans: list[tuple[int, int, int]] | None = None  # one task per row, rows grouped by task: (task, start, end)
+    lanes: Lanes | None = None  # the model runs on the batch packed into task lanes (see lanes.py)
     _packed: tuple | None = None
     _task_of_row: torch.Tensor | None = None
     _dense: bool | None = None
@@ -98,6 +101,11 @@ def make_route(weights: torch.Tensor) -> Route:
             spans = sorted((first, task, first + len(rows)) for first, (task, rows, _) in zip(firsts, groups))
             spans = [(task, start, end) for start, task, end in spans]
     return Route(weights, False, groups, one_task, spans)
+
+
+def lanes_route(weights: torch.Tensor, lanes: Lanes) -> Route:
+    """The route of a top-1 batch that the model runs packed into task lanes."""
+    return Route(weights.float(), False, [], True, lanes=lanes)
 
 
 def is_one_hot(weights: torch.Tensor) -> bool:
@@ -288,6 +296,8 @@ class RoutedLinear(Routed):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         route = self.route
+        if route is not None and route.lanes is not None:
+            return self._on_lanes(x, route.lanes)
         if self.keep_task_weights and route is not None and route.spans is not None and x.shape[0] == route.batch:
             return self._on_task_weights(x, route)
         out = self.shared(x)
@@ -301,6 +311,23 @@ class RoutedLinear(Routed):
                 and route.packs_well():  # launch-bound on a GPU: a few batched calls instead of several per task
             return self._packed_add(out, x, route)
         return add_routed(out, x, route, self._update)
+
+    def _on_lanes(self, x: torch.Tensor, lanes: Lanes) -> torch.Tensor:
+        """Features laid out as lanes (..., T * n), e.g. a conv net's pooled features: each lane through its task's
+        weight (kept weights, or the shared layer plus its factors), one batched product for all lanes."""
+        if type(self) is not RoutedLinear:
+            raise NotImplementedError(f"{type(self).__name__} does not run on task lanes")
+        per_lane = x.reshape(-1, lanes.count, x.shape[-1] // lanes.count).transpose(0, 1)  # (lanes, rows, n)
+        if self.keep_task_weights:
+            weights, biases = self.per_task_weights()
+            operand = weights.transpose(1, 2)
+            y = torch.bmm(per_lane, operand) if biases is None else torch.baddbmm(biases.unsqueeze(1), per_lane, operand)
+        else:
+            first, second = self._factors(list(range(lanes.count)))
+            y = torch.baddbmm(F.linear(per_lane, self.shared.weight, self.shared.bias), torch.bmm(per_lane, first), second)
+            if self.bias_deltas is not None:
+                y += self.bias_deltas.unsqueeze(1)
+        return y.transpose(0, 1).reshape(*x.shape[:-1], -1)
 
     def _add_on_slices(self, out: torch.Tensor, x: torch.Tensor, route: Route) -> torch.Tensor:
         """Rows grouped by task: each task's update is accumulated straight into its slice of the output by
@@ -357,6 +384,25 @@ PER_TASK_MACS = 5e7
 # packing rows. The quality suite's ResNet on the CPU (8 tasks, rank 0.1, batch 256): the whole model 8-12 %
 # faster than with grouped calls in those layers; at 16 positions and more the grouped call wins.
 FEW_POSITIONS = 4
+
+
+def single_tap(conv: torch.nn.Conv2d, height: int, width: int) -> tuple[int, int] | None:
+    """The kernel tap through which every output position reads the input, when there is one: a 1x1 kernel
+    without padding (on the input taken at the stride), or any kernel on a 1x1 map whose padding leaves a single
+    tap over the input and one output position. None otherwise."""
+    if not isinstance(conv.padding, tuple):
+        return None
+    if conv.kernel_size == (1, 1) and conv.padding == (0, 0):
+        return 0, 0
+    if (height, width) != (1, 1):
+        return None
+    tap = []
+    for size, pad, dilation, stride in zip(conv.kernel_size, conv.padding, conv.dilation, conv.stride):
+        outputs = (1 + 2 * pad - dilation * (size - 1) - 1) // stride + 1
+        if outputs != 1 or pad % dilation or pad // dilation >= size:
+            return None
+        tap.append(pad // dilation)
+    return tap[0], tap[1]
 
 
 class RoutedConv2d(RoutedLinear):
@@ -432,6 +478,8 @@ class RoutedConv2d(RoutedLinear):
         route = self.route
         if route is None:
             return self.shared(x)
+        if route.lanes is not None:
+            return self._on_lanes(x, route.lanes)
         if route.batch != x.shape[0]:
             raise ValueError(f"router weights for {route.batch} rows, input has {x.shape[0]}")
         if route.uniform:
@@ -449,6 +497,52 @@ class RoutedConv2d(RoutedLinear):
                 and not x.is_cuda:  # measured on CPUs only
             return self._dense_conv(x, route)  # the soft path with one-hot weights: no batch split
         return self._grouped(x, route)
+
+    def lane_filters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Filters (T * out, in, kh, kw), channels-last, and bias for one grouped convolution over the task lanes
+        (group t: task t's filters, with the batch norm after this conv folded in when there is one); formed once
+        and kept (`keep_filters`)."""
+        conv = self.shared
+        if self.norm_after:
+            filters, biases = self.folded_filters()
+        else:
+            filters = self.task_filters()
+            biases = None if conv.bias is None and self.bias_deltas is None else \
+                torch.stack([self._task_bias(task) for task in range(len(filters))])
+
+        def form() -> tuple[torch.Tensor, torch.Tensor | None]:
+            grouped = filters.view(-1, *conv.weight.shape[1:]).contiguous(memory_format=torch.channels_last)
+            return grouped, None if biases is None else biases.reshape(-1)
+
+        return kept(self, "_lane_filters", tensor_key(filters, biases), form, self.keep_filters)
+
+    def _on_lanes(self, x: torch.Tensor, lanes: Lanes) -> torch.Tensor:
+        """Task lanes side by side in the channels: one grouped convolution, lane t with task t's filters; on
+        small maps where each output position reads one kernel tap, one batched matrix product instead."""
+        conv = self.shared
+        filters, bias = self.lane_filters()
+        tap = single_tap(conv, x.shape[-2], x.shape[-1])
+        if tap is not None and x.dim() == 4:
+            reads = x[:, :, ::conv.stride[0], ::conv.stride[1]] if conv.kernel_size == (1, 1) else x
+            if reads.shape[-2] * reads.shape[-1] <= FEW_POSITIONS:
+                return self._lane_matmul(reads, filters, bias, tap, lanes)
+        return F.conv2d(x, filters, bias, conv.stride, conv.padding, conv.dilation, lanes.count)
+
+    def _lane_matmul(self, x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None, tap: tuple[int, int],
+                     lanes: Lanes) -> torch.Tensor:
+        """A convolution that reads one tap per output position, on the lanes of a small map: each lane's rows
+        (every position) times its task's tap matrix in one batched product; the result comes out channels-last,
+        as the grouped convolutions take it. On maps of a few positions oneDNN's grouped calls run at a third of
+        this speed."""
+        def taps() -> tuple[torch.Tensor, torch.Tensor | None]:
+            matrix = filters[:, :, tap[0], tap[1]].reshape(lanes.count, -1, filters.shape[1]).transpose(1, 2)
+            return matrix.contiguous(), None if bias is None else bias.view(lanes.count, 1, -1)
+
+        matrix, lane_bias = kept(self, "_lane_taps", tensor_key(filters) + (tap,), taps, self.keep_filters)
+        size, _, height, width = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(-1, lanes.count, matrix.shape[1]).transpose(0, 1)  # (lanes, rows, in)
+        y = torch.bmm(rows, matrix) if lane_bias is None else torch.baddbmm(lane_bias, rows, matrix)
+        return y.transpose(0, 1).reshape(size, height, width, -1).permute(0, 3, 1, 2)
 
     def stacked_filters(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """For _dense_conv, formed once and kept (`keep_filters`): the shared filters followed by every task's R_t
@@ -600,6 +694,9 @@ class RoutedBatchNorm2d(Routed):
         if self.folded and folds_norm(self.route):
             return x  # the conv before it already applied each row's task norm
         norm = self.shared
+        if self.route.lanes is not None:  # each lane's channels: its task's folded norm
+            scale, shift = (t.reshape(-1, 1, 1) for t in self.task_scale_shift())
+            return torch.addcmul(shift, x, scale)
         if self.route.one_task_per_row and not self.route.uniform and norm.affine:  # each row: its task's folded norm
             scale, shift = self.task_scale_shift()
             task = self.route.task_of_row()

@@ -14,9 +14,11 @@ from pathlib import Path
 import torch
 
 from mergekit_lite.errors import UserError
+from mergekit_lite.twin.lanes import Lanes, lane_size, lay_out, pack, unpack
 from mergekit_lite.twin.routed import (RoutedBatchNorm2d, RoutedConv1D, RoutedConv2d, RoutedEmbedding,
                                        RoutedLayerNorm, RoutedLinear, RoutedRMSNorm, fold_norms, is_rms_norm,
-                                       keep_task_weights, routed_layers, set_route, task_order)
+                                       is_one_hot, keep_task_weights, lanes_route, routed_layers, set_route,
+                                       task_order)
 from mergekit_lite.twin.router import Router, pooled_features, route_weights
 from mergekit_lite.twin.store import EXPERTS, ROUTER, SHARED, StackedDelta, dense_name, left_name, load_deltas, \
     read_manifest, right_name
@@ -144,8 +146,30 @@ def task_weights(tasks: list[str], weights: dict[str, float]) -> torch.Tensor:
 TASK_WEIGHT_BUDGET = 256 * 2**20
 
 
+def same_outputs(got: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Equal up to the rounding of a different kernel (grouped vs plain convolutions) in the tensors' dtype."""
+    if got.shape != reference.shape or got.dtype != reference.dtype:
+        return False
+    tolerance = 1e-3 if reference.dtype == torch.float32 else 3e-2
+    scale = float(reference.abs().max()) if reference.numel() else 0.0
+    return torch.allclose(got, reference, rtol=tolerance, atol=tolerance * max(scale, 1.0))
+
+
+# Task lanes are used when each task's rows cost at most this many multiply-adds in the average routed conv;
+# above it every layer's per-task calls run near the kernels' peak and lanes would only add padding. On the CPU
+# (8 tasks): the quality suite's ResNet at 256 rows (3e6 a task) and a ResNet-50 at 32 and 64 px (2.5e7-5e7) gain
+# from lanes; a ResNet-50 at 160 px with 2-4 rows a task (8e7-1.6e8) runs at 1.1-1.2x the shared model without.
+LANE_GROUP_MACS = 6e7
+
+
 class TwinModel(torch.nn.Module):
-    """The shared model with routed layers and the router; call it like the model itself."""
+    """The shared model with routed layers and the router; call it like the model itself.
+
+    Top-1 batches of a convolutional net on the CPU run packed into task lanes (lanes.py): the whole model once,
+    with grouped convolutions, instead of every layer splitting the batch by task. The first such batch runs
+    both ways and lanes are used from then on only if the outputs agree (`uses_lanes`: None until then)."""
+
+    lane_devices = ("cpu",)  # where lanes were measured to pay; add "cuda" to try them there
 
     def __init__(self, model: torch.nn.Module, router: Router, tasks: list[str], feature: str, top_k: int,
                  unrouted: list[str]) -> None:
@@ -154,6 +178,10 @@ class TwinModel(torch.nn.Module):
         self.feature, self.top_k, self.unrouted = feature, top_k, unrouted
         self.kept_task_weights = {"layers": 0, "bytes": 0}  # set by load (keep_task_weights)
         self.routed = routed_layers(model)  # found once: each batch sets their route
+        self._row_macs: dict[tuple, float] = {}  # input shape -> multiply-adds a row in the average routed conv
+        lane_layers = (RoutedConv2d, RoutedBatchNorm2d, RoutedLinear)
+        self.uses_lanes: bool | None = None if any(isinstance(m, RoutedConv2d) for m in self.routed) and \
+            all(type(m) in lane_layers for m in self.routed) else False
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu",
@@ -197,6 +225,70 @@ class TwinModel(torch.nn.Module):
         weights = torch.as_tensor(weights, dtype=torch.float32).to(inputs.device)
         if weights.dim() == 1:
             weights = weights.unsqueeze(0).expand(batch, -1)
+        lanes = self._lanes(inputs, weights, kwargs)
+        if lanes is not None:
+            if self.uses_lanes:
+                return self._run_on_lanes(inputs, weights, lanes)
+            reference = self._run(inputs, weights, kwargs)
+            try:
+                self.uses_lanes = same_outputs(self._run_on_lanes(inputs, weights, lanes), reference)
+            except Exception:  # a layer that cannot take lanes (shapes, channel counts): the per-layer path stays
+                self.uses_lanes = False
+            return reference
+        return self._run(inputs, weights, kwargs)
+
+    def _lanes(self, inputs, weights: torch.Tensor, kwargs: dict) -> Lanes | None:
+        """The lane layout for this batch, or None when lanes do not apply: not a conv net of lane-ready layers
+        (or it failed the check), extra inputs, not an image-like float tensor, a training model, soft or
+        single-task rows, a mix too uneven to pad (lanes.lane_size), or tasks with many rows each in large
+        convolutions (LANE_GROUP_MACS)."""
+        if self.uses_lanes is False or kwargs or not isinstance(inputs, torch.Tensor) or inputs.dim() < 3 \
+                or not inputs.is_floating_point() or inputs.device.type not in self.lane_devices \
+                or self.model.training or not is_one_hot(weights):
+            return None
+        task_of_row = weights.argmax(-1)
+        counts = torch.bincount(task_of_row, minlength=weights.shape[1]).tolist()
+        size = lane_size(counts)
+        if size is None or len(inputs) / sum(1 for n in counts if n) * self._conv_macs_per_row(inputs) > LANE_GROUP_MACS:
+            return None
+        return lay_out(task_of_row, len(counts), size)
+
+    def _conv_macs_per_row(self, inputs: torch.Tensor) -> float:
+        """Multiply-adds of one input row in the average routed convolution, found once per input shape by
+        running one row through the shared model."""
+        key = tuple(inputs.shape[1:])
+        if key not in self._row_macs:
+            macs = []
+
+            def count(conv, _, out):
+                macs.append(conv.shared.weight.numel() * out.shape[-2] * out.shape[-1])
+
+            convs = [m for m in self.routed if isinstance(m, RoutedConv2d)]
+            hooks = [conv.register_forward_hook(count) for conv in convs]
+            try:
+                with torch.no_grad():
+                    self.model(inputs[:1])
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            self._row_macs[key] = sum(macs) / max(len(macs), 1)
+        return self._row_macs[key]
+
+    def _run_on_lanes(self, inputs: torch.Tensor, weights: torch.Tensor, lanes: Lanes) -> torch.Tensor:
+        route = lanes_route(weights, lanes)
+        for module in self.routed:
+            module.route = route
+        try:
+            out = self.model(pack(inputs, lanes))
+        finally:
+            set_route(self.routed, None)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"task lanes need a model that returns a tensor, not {type(out).__name__}")
+        return unpack(out, lanes).contiguous()
+
+    def _run(self, inputs, weights: torch.Tensor, kwargs: dict):
+        """The per-layer path: rows grouped by task, each routed layer serving every task's rows."""
+        batch = inputs.shape[0]
         order = task_order(weights)
         if order is not None:  # rows grouped by task inside the model, handed back in the caller's order
             pick = lambda value: value.index_select(0, order) if _batch_major(value, batch) else value  # noqa: E731
