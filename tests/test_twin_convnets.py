@@ -130,8 +130,8 @@ def test_single_tap_finds_the_one_kernel_position_each_output_reads():
 @pytest.mark.parametrize("head", ["kept weights", "factors"])
 def test_task_lanes_give_every_row_what_the_per_layer_path_gives_it(norms, head):
     """A mixed top-1 batch: the first call runs both ways and checks them; later calls run on lanes (grouped
-    convolutions, batch norms per lane, the one-tap matrix product on the last stages' small maps, the linear
-    head per lane) and must match the per-layer path row for row."""
+    convolutions, batch norms per lane, matrix products on the last stages' small maps, the linear head per lane)
+    and must match the per-layer path row for row."""
     model, _ = _routed_resnet(seed=2)
     if norms == "unfolded":
         _unfold_norms(model)
@@ -152,7 +152,10 @@ def test_task_lanes_give_every_row_what_the_per_layer_path_gives_it(norms, head)
             torch.testing.assert_close(twin(x, weights=weights), expected, rtol=1e-4, atol=1e-4)
     convs = [m for m in model.modules() if isinstance(m, RoutedConv2d)]
     assert all(getattr(conv, "_lane_filters", None) is not None for conv in convs)
-    assert any(getattr(conv, "_lane_taps", None) is not None for conv in convs)  # 16 px: 1x1 and 2x2 maps at the end
+    # 16 px: the last stages' maps have 1-4 positions; their 1x1 convs and their 3x3 convs on a 1x1 map read one tap,
+    # the 3x3 convs on 2x2 maps run as one matrix per task
+    assert any(getattr(conv, "_lane_taps", None) is not None for conv in convs)
+    assert any(getattr(conv, "_lane_maps", None) is not None for conv in convs)
 
 
 class _ChannelMixer(torch.nn.Module):

@@ -521,12 +521,44 @@ class RoutedConv2d(RoutedLinear):
         small maps where each output position reads one kernel tap, one batched matrix product instead."""
         conv = self.shared
         filters, bias = self.lane_filters()
-        tap = single_tap(conv, x.shape[-2], x.shape[-1])
-        if tap is not None and x.dim() == 4:
+        if x.dim() == 4:
+            tap = single_tap(conv, x.shape[-2], x.shape[-1])
             reads = x[:, :, ::conv.stride[0], ::conv.stride[1]] if conv.kernel_size == (1, 1) else x
             if reads.shape[-2] * reads.shape[-1] <= FEW_POSITIONS:
-                return self._lane_matmul(reads, filters, bias, tap, lanes)
+                if tap is not None:
+                    return self._lane_matmul(reads, filters, bias, tap, lanes)
+                if isinstance(conv.padding, tuple):
+                    return self._lane_map_matmul(x, filters, bias, lanes)
         return F.conv2d(x, filters, bias, conv.stride, conv.padding, conv.dilation, lanes.count)
+
+    def _lane_map_matmul(self, x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None,
+                         lanes: Lanes) -> torch.Tensor:
+        """A convolution on a map of a few positions as the linear map it is: each lane's rows, the whole map
+        flattened, times its task's (positions * in, output positions * out) matrix, found once per map size by
+        convolving the unit basis. About the convolution's own work on maps of at most 4 positions, in one
+        batched product instead of a grouped call that runs far below its peak there."""
+        conv = self.shared
+        size, _, height, width = x.shape
+
+        def maps() -> tuple[torch.Tensor, torch.Tensor | None]:
+            channels = filters.shape[1]
+            basis = torch.eye(height * width * channels, dtype=filters.dtype, device=filters.device)
+            basis = basis.view(-1, height, width, channels).permute(0, 3, 1, 2)  # unit maps in (H, W, C) order
+            per_task = [F.conv2d(basis, task_filters, None, conv.stride, conv.padding, conv.dilation)
+                        for task_filters in filters.split(len(filters) // lanes.count)]
+            out_height, out_width = per_task[0].shape[-2:]
+            matrix = torch.stack([m.permute(0, 2, 3, 1).reshape(len(basis), -1) for m in per_task])
+            lane_bias = None if bias is None else \
+                bias.view(lanes.count, 1, 1, -1).expand(-1, 1, out_height * out_width, -1).reshape(lanes.count, 1, -1)
+            return matrix, lane_bias, (out_height, out_width)
+
+        matrix, lane_bias, (out_height, out_width) = kept(self, "_lane_maps", tensor_key(filters, bias) + (height, width),
+                                                          maps, self.keep_filters)
+        rows = x.permute(0, 2, 3, 1).reshape(size, height * width, lanes.count, -1).permute(2, 0, 1, 3)
+        rows = rows.reshape(lanes.count, size, -1)  # (lanes, rows, H * W * in)
+        y = torch.bmm(rows, matrix) if lane_bias is None else torch.baddbmm(lane_bias, rows, matrix)
+        y = y.view(lanes.count, size, out_height, out_width, -1).permute(1, 2, 3, 0, 4)
+        return y.reshape(size, out_height, out_width, -1).permute(0, 3, 1, 2)
 
     def _lane_matmul(self, x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None, tap: tuple[int, int],
                      lanes: Lanes) -> torch.Tensor:
