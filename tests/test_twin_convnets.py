@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 
-from mergekit_lite.twin import lanes as lanes_module
 from mergekit_lite.twin import runtime
-from mergekit_lite.twin.lanes import lane_size, lay_out, pack, unpack
+from mergekit_lite.twin.lanes import lane_size, lay_out, pack, split_tasks, unpack
 from mergekit_lite.twin.routed import RoutedBatchNorm2d, RoutedConv2d, RoutedLinear, set_route, single_tap
 from mergekit_lite.twin.router import Router
 from mergekit_lite.twin.runtime import TwinModel, conv_norm_pairs, install_routes
@@ -186,24 +185,47 @@ def test_a_model_that_mixes_channels_fails_the_lane_check_and_keeps_the_per_laye
         torch.testing.assert_close(twin(x, weights=weights), per_layer(x, weights=weights))
 
 
-def test_lanes_are_left_out_for_uneven_batches_large_convolutions_text_and_training(monkeypatch):
+def test_split_tasks_runs_the_largest_tasks_alone_until_the_rest_packs():
+    assert split_tasks([3, 2, 3]) == ([], 3)
+    assert split_tasks([200, 7, 8, 6]) == ([0], 8)  # the rest: 3 x 8 slots for 21 rows
+    assert split_tasks([100, 90, 5, 4, 5]) == ([0, 1], 5)  # 5 lanes (two empty) x 5 slots for 14 rows
+    assert split_tasks([100, 90, 5, 4]) is None  # 4 x 5 slots for 9 rows: still beyond MAX_PADDING
+    assert split_tasks([7, 1, 0]) == ([0, 1], None)  # one task left: it runs alone too
+    assert split_tasks([100, 90, 80, 2, 1, 1, 1, 1]) is None  # would need three alone
+    assert split_tasks([0, 5, 0]) == ([1], None)
+
+
+def test_a_batch_held_mostly_by_one_task_runs_it_alone_and_the_rest_on_lanes():
+    model, _ = _routed_resnet(seed=8)
+    twin, per_layer = _twin(model), _twin(model)
+    per_layer.uses_lanes = False
+    tasks = torch.tensor([0] * 14 + [1, 2, 1, 2])[torch.randperm(18, generator=torch.Generator().manual_seed(0))]
+    weights = torch.nn.functional.one_hot(tasks, TASKS).float()
+    x = torch.randn(18, 1, 16, 16)
+    plan = twin._lane_plan(x, weights, {})
+    assert [task for task, _ in plan.alone] == [0] and plan.alone[0][1].tolist() == (tasks == 0).nonzero().flatten().tolist()
+    assert plan.rest.tolist() == (tasks != 0).nonzero().flatten().tolist() and plan.lanes.size == 2
+    with torch.no_grad():
+        expected = per_layer(x, weights=weights)
+        torch.testing.assert_close(twin(x, weights=weights), expected, rtol=1e-4, atol=1e-4)
+        assert twin.uses_lanes is True
+        torch.testing.assert_close(twin(x, weights=weights), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_lanes_are_left_out_for_single_task_soft_and_training_batches_and_large_convolutions(monkeypatch):
     model, _ = _routed_resnet(seed=6)
     twin = _twin(model)
     x = torch.randn(8, 1, 16, 16)
     mixed = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), TASKS).float()
-    skewed = torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 0, 0, 0, 0, 1]), TASKS).float()
-    assert twin._lanes(x, mixed, {}) is not None
-    assert twin._lanes(x, skewed, {}) is None
-    assert twin._lanes(x, torch.softmax(torch.randn(8, TASKS), -1), {}) is None
-    assert twin._lanes(x.flatten(1), mixed, {}) is None  # not image-like
+    assert twin._lane_plan(x, mixed, {}) is not None
+    assert twin._lane_plan(x, torch.nn.functional.one_hot(torch.zeros(8, dtype=torch.long), TASKS).float(), {}) is None
+    assert twin._lane_plan(x, torch.softmax(torch.randn(8, TASKS), -1), {}) is None
+    assert twin._lane_plan(x.flatten(1), mixed, {}) is None  # not image-like
     twin.train()
-    assert twin._lanes(x, mixed, {}) is None
+    assert twin._lane_plan(x, mixed, {}) is None
     twin.eval()
     monkeypatch.setattr(runtime, "LANE_GROUP_MACS", twin._conv_macs_per_row(x))  # one row a task is the most
-    assert twin._lanes(x, mixed, {}) is None
-    monkeypatch.setattr(lanes_module, "MAX_PADDING", 1.0)
-    monkeypatch.setattr(runtime, "LANE_GROUP_MACS", 1e12)
-    assert twin._lanes(x, mixed, {}) is None  # 9 slots for 8 rows
+    assert twin._lane_plan(x, mixed, {}) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

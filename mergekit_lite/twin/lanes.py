@@ -42,6 +42,25 @@ def lane_size(counts: list[int]) -> int | None:
     return size if len(counts) * size <= MAX_PADDING * sum(counts) else None
 
 
+def split_tasks(counts: list[int], most_alone: int = 2) -> tuple[list[int], int | None] | None:
+    """For a batch that lanes cannot pad within MAX_PADDING because a few tasks hold most rows: (the tasks to
+    run on their own, largest first, at most `most_alone`; the lane size for the other rows, None when at most
+    one task is left, which then runs on its own too). None when that does not make the rest fit."""
+    rest, alone = list(counts), []
+    while True:
+        present = [task for task, n in enumerate(rest) if n]
+        if len(present) < 2:
+            return alone + present, None
+        size = lane_size(rest)
+        if size is not None:
+            return alone, size
+        if len(alone) == most_alone:
+            return None
+        largest = max(present, key=lambda task: rest[task])
+        alone.append(largest)
+        rest[largest] = 0
+
+
 def lay_out(task_of_row: torch.Tensor, tasks: int, size: int) -> Lanes:
     """The gather and scatter indices that put task t's rows, in their order, into lane t."""
     device = task_of_row.device

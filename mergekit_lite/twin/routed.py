@@ -458,21 +458,38 @@ class RoutedConv2d(RoutedLinear):
         return self.bias_deltas[task] if bias is None else bias + self.bias_deltas[task]
 
     def _task_conv(self, x: torch.Tensor, mix: list[tuple[int, float]], fold: bool = False) -> torch.Tensor:
+        """The whole input through one task's filters, or one mix's (`fold`: with the batch norm after this conv
+        folded in, for that task or mix)."""
         conv = self.shared
-        if fold:  # one task, the batch norm after this conv folded in
+        one_task = len(mix) == 1 and mix[0][1] == 1.0
+        if fold and one_task:
             filters, biases = self.folded_filters()
             weight, bias = filters[mix[0][0]], biases[mix[0][0]]
-        elif len(mix) == 1 and mix[0][1] == 1.0:  # one task: its kept filters
+        elif one_task:  # its kept filters
             task = mix[0][0]
             weight, bias = self.task_filters()[task], self._task_bias(task)
-        else:
-            weight = conv.weight.reshape(conv.weight.shape[0], -1)
-            bias = conv.bias
-            for task, w in mix:
-                weight = torch.addmm(weight, self.lefts[task], self.rights[task], alpha=w)
-                if self.bias_deltas is not None:
-                    bias = self.bias_deltas[task] * w if bias is None else bias + w * self.bias_deltas[task]
+        else:  # a mix: its filters formed once and kept while batches keep that mix
+            key = tensor_key(conv.weight, conv.bias, self.lefts, self.rights, self.bias_deltas) + (tuple(mix), fold)
+            if fold:
+                key += self.norm_after[0].state_key()
+            weight, bias = kept(self, "_mix_filters", key, lambda: self._mixed_filters(mix, fold), self.keep_filters)
         return F.conv2d(x, weight.view(conv.weight.shape), bias, conv.stride, conv.padding, conv.dilation)
+
+    def _mixed_filters(self, mix: list[tuple[int, float]], fold: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W + sum_t w_t L_t R_t (viewed 2-D) and the bias with the same mix of bias deltas; `fold`: times the mix's
+        batch-norm scale, plus its shift."""
+        conv = self.shared
+        weight = conv.weight.reshape(conv.weight.shape[0], -1)
+        bias = conv.bias
+        for task, w in mix:
+            weight = torch.addmm(weight, self.lefts[task], self.rights[task], alpha=w)
+            if self.bias_deltas is not None:
+                bias = self.bias_deltas[task] * w if bias is None else bias + w * self.bias_deltas[task]
+        if fold:
+            scale, shift = self.norm_after[0].mix_scale_shift(mix)
+            weight = weight * scale.unsqueeze(-1)
+            bias = shift if bias is None else bias * scale + shift
+        return weight, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         route = self.route
@@ -483,7 +500,7 @@ class RoutedConv2d(RoutedLinear):
         if route.batch != x.shape[0]:
             raise ValueError(f"router weights for {route.batch} rows, input has {x.shape[0]}")
         if route.uniform:
-            return self._task_conv(x, [(task, w) for task, _, w in route.groups])
+            return self._task_conv(x, [(task, w) for task, _, w in route.groups], self._folds(route))
         if route.dense():
             return self._dense_conv(x, route)
         if not route.one_task_per_row:
@@ -496,6 +513,8 @@ class RoutedConv2d(RoutedLinear):
         if positions <= FEW_POSITIONS and self.rights.shape[0] * self.rights.shape[1] <= conv.out_channels \
                 and not x.is_cuda:  # measured on CPUs only
             return self._dense_conv(x, route)  # the soft path with one-hot weights: no batch split
+        if not route.packs_well():  # one task holds most rows: padding every task to it would multiply the work
+            return self._per_task(x, route)
         return self._grouped(x, route)
 
     def lane_filters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -711,7 +730,7 @@ class RoutedBatchNorm2d(Routed):
     shift per channel."""
 
     NAMES = ("weight", "bias", "running_mean", "running_var")
-    folded = False  # set when the conv before it applies it (top-1 rows only)
+    folded = False  # set when the conv before it applies it (top-1 rows and fixed mixes)
 
     def __init__(self, shared: torch.nn.BatchNorm2d, deltas: dict[str, torch.Tensor]) -> None:
         super().__init__(shared)
@@ -729,7 +748,10 @@ class RoutedBatchNorm2d(Routed):
         if self.route.lanes is not None:  # each lane's channels: its task's folded norm
             scale, shift = (t.reshape(-1, 1, 1) for t in self.task_scale_shift())
             return torch.addcmul(shift, x, scale)
-        if self.route.one_task_per_row and not self.route.uniform and norm.affine:  # each row: its task's folded norm
+        if self.route.uniform and norm.affine:  # one mix for the batch: its norm, formed once
+            scale, shift = self.mix_scale_shift([(task, w) for task, _, w in self.route.groups])
+            return torch.addcmul(shift[:, None, None], x, scale[:, None, None])
+        if self.route.one_task_per_row and norm.affine:  # each row: its task's folded norm
             scale, shift = self.task_scale_shift()
             task = self.route.task_of_row()
             return torch.addcmul(shift[task][:, :, None, None], x, scale[task][:, :, None, None])
@@ -745,6 +767,23 @@ class RoutedBatchNorm2d(Routed):
         norm = self.shared
         return tensor_key(norm.weight, norm.bias, norm.running_mean, norm.running_var,
                           *(getattr(self, f"{name}_deltas") for name in self.NAMES))
+
+    def mix_scale_shift(self, mix: list[tuple[int, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C,) scale and shift of the norm whose parameters are the shared ones plus sum_t w_t of the deltas (as
+        each row of a soft route gets), kept for the last mix seen."""
+        norm = self.shared
+
+        def fold() -> tuple[torch.Tensor, torch.Tensor]:
+            values = {}
+            for name in self.NAMES:
+                value, deltas = getattr(norm, name), getattr(self, f"{name}_deltas")
+                for task, w in mix if deltas is not None else ():
+                    value = value + w * deltas[task]
+                values[name] = value
+            scale = values["weight"] / torch.sqrt(values["running_var"] + norm.eps)
+            return scale, values["bias"] - values["running_mean"] * scale
+
+        return kept(self, "_mix_folded", self.state_key() + (tuple(mix),), fold)
 
     def task_scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per task (T, C): the norm folded into one scale and shift, formed once and kept."""
@@ -763,14 +802,14 @@ class RoutedBatchNorm2d(Routed):
 
 
 def folds_norm(route: Route | None) -> bool:
-    """Rows of one task each, not all the same: a conv serves each task's rows with that task's filters, and can
-    apply the batch norm that follows it in the same call."""
-    return route is not None and route.one_task_per_row and not route.uniform
+    """Rows of one task each, or one mix for the whole batch: a conv serves the rows with their task's or the
+    mix's filters, and can apply the batch norm that follows it in the same call."""
+    return route is not None and (route.one_task_per_row or route.uniform)
 
 
 def fold_norms(model: torch.nn.Module, pairs: dict[str, str]) -> int:
     """Let each routed conv apply the routed batch norm that alone reads its output (`pairs`: conv name -> norm
-    name), for top-1 rows; returns how many were linked."""
+    name), for top-1 rows and fixed mixes; returns how many were linked."""
     linked = 0
     for conv_name, norm_name in pairs.items():
         conv, norm = model.get_submodule(conv_name), model.get_submodule(norm_name)

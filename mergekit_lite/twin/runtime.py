@@ -9,12 +9,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mergekit_lite.errors import UserError
-from mergekit_lite.twin.lanes import Lanes, lane_size, lay_out, pack, unpack
+from mergekit_lite.twin.lanes import Lanes, lay_out, pack, split_tasks, unpack
 from mergekit_lite.twin.routed import (RoutedBatchNorm2d, RoutedConv1D, RoutedConv2d, RoutedEmbedding,
                                        RoutedLayerNorm, RoutedLinear, RoutedRMSNorm, fold_norms, is_rms_norm,
                                        is_one_hot, keep_task_weights, lanes_route, routed_layers, set_route,
@@ -146,6 +147,15 @@ def task_weights(tasks: list[str], weights: dict[str, float]) -> torch.Tensor:
 TASK_WEIGHT_BUDGET = 256 * 2**20
 
 
+@dataclass
+class LanePlan:
+    """A top-1 batch on lanes: the tasks that run alone (task, its rows), and the other rows with their lanes."""
+
+    alone: list[tuple[int, torch.Tensor]]
+    rest: torch.Tensor | None  # rows on lanes; None: every row (no task alone), or no lanes
+    lanes: Lanes | None
+
+
 def same_outputs(got: torch.Tensor, reference: torch.Tensor) -> bool:
     """Equal up to the rounding of a different kernel (grouped vs plain convolutions) in the tensors' dtype."""
     if got.shape != reference.shape or got.dtype != reference.dtype:
@@ -225,33 +235,62 @@ class TwinModel(torch.nn.Module):
         weights = torch.as_tensor(weights, dtype=torch.float32).to(inputs.device)
         if weights.dim() == 1:
             weights = weights.unsqueeze(0).expand(batch, -1)
-        lanes = self._lanes(inputs, weights, kwargs)
-        if lanes is not None:
+        plan = self._lane_plan(inputs, weights, kwargs)
+        if plan is not None:
             if self.uses_lanes:
-                return self._run_on_lanes(inputs, weights, lanes)
+                return self._run_planned(inputs, weights, plan)
             reference = self._run(inputs, weights, kwargs)
             try:
-                self.uses_lanes = same_outputs(self._run_on_lanes(inputs, weights, lanes), reference)
+                self.uses_lanes = same_outputs(self._run_planned(inputs, weights, plan), reference)
             except Exception:  # a layer that cannot take lanes (shapes, channel counts): the per-layer path stays
                 self.uses_lanes = False
             return reference
         return self._run(inputs, weights, kwargs)
 
-    def _lanes(self, inputs, weights: torch.Tensor, kwargs: dict) -> Lanes | None:
-        """The lane layout for this batch, or None when lanes do not apply: not a conv net of lane-ready layers
-        (or it failed the check), extra inputs, not an image-like float tensor, a training model, soft or
-        single-task rows, a mix too uneven to pad (lanes.lane_size), or tasks with many rows each in large
-        convolutions (LANE_GROUP_MACS)."""
+    def _lane_plan(self, inputs, weights: torch.Tensor, kwargs: dict) -> LanePlan | None:
+        """How this batch runs on lanes, or None when lanes do not apply: not a conv net of lane-ready layers (or
+        it failed the check), extra inputs, not an image-like float tensor, a training model, soft or
+        single-task rows, a mix too uneven to pad even with its largest tasks run on their own
+        (lanes.split_tasks), or tasks with many rows each in large convolutions (LANE_GROUP_MACS)."""
         if self.uses_lanes is False or kwargs or not isinstance(inputs, torch.Tensor) or inputs.dim() < 3 \
                 or not inputs.is_floating_point() or inputs.device.type not in self.lane_devices \
                 or self.model.training or not is_one_hot(weights):
             return None
         task_of_row = weights.argmax(-1)
         counts = torch.bincount(task_of_row, minlength=weights.shape[1]).tolist()
-        size = lane_size(counts)
-        if size is None or len(inputs) / sum(1 for n in counts if n) * self._conv_macs_per_row(inputs) > LANE_GROUP_MACS:
+        if sum(1 for n in counts if n) < 2:
             return None
-        return lay_out(task_of_row, len(counts), size)
+        split = split_tasks(counts)
+        if split is None:
+            return None
+        alone, size = split
+        rest = [n if task not in alone else 0 for task, n in enumerate(counts)]
+        if size is not None and sum(rest) / sum(1 for n in rest if n) * self._conv_macs_per_row(inputs) > LANE_GROUP_MACS:
+            return None
+        if not alone:
+            return LanePlan([], None, lay_out(task_of_row, len(counts), size))
+        runs_alone = [(task, (task_of_row == task).nonzero().flatten()) for task in alone]
+        if size is None:
+            return LanePlan(runs_alone, None, None)
+        rest_rows = torch.isin(task_of_row, torch.tensor(alone, device=task_of_row.device), invert=True).nonzero().flatten()
+        return LanePlan(runs_alone, rest_rows, lay_out(task_of_row.index_select(0, rest_rows), len(counts), size))
+
+    def _run_planned(self, inputs: torch.Tensor, weights: torch.Tensor, plan: LanePlan) -> torch.Tensor:
+        """The tasks that run alone, each on its own filters for the whole model, then the rest on lanes; the
+        outputs put back in row order."""
+        if not plan.alone:
+            return self._run_on_lanes(inputs, weights, plan.lanes)
+        parts = [(rows, None) for _, rows in plan.alone] + ([(plan.rest, plan.lanes)] if plan.lanes else [])
+        out = None
+        for rows, lanes in parts:
+            x, w = inputs.index_select(0, rows), weights.index_select(0, rows)
+            y = self._run(x, w, {}) if lanes is None else self._run_on_lanes(x, w, lanes)
+            if not isinstance(y, torch.Tensor):
+                raise TypeError(f"task lanes need a model that returns a tensor, not {type(y).__name__}")
+            if out is None:
+                out = y.new_empty((len(inputs), *y.shape[1:]))
+            out.index_copy_(0, rows, y)
+        return out
 
     def _conv_macs_per_row(self, inputs: torch.Tensor) -> float:
         """Multiply-adds of one input row in the average routed convolution, found once per input shape by
