@@ -430,13 +430,22 @@ class RoutedConv2d(RoutedLinear):
         out = torch.matmul(self.lefts[task], low.flatten(2)).view(low.shape[0], -1, *low.shape[2:])
         return out if self.bias_deltas is None else out + self.bias_deltas[task].view(1, -1, 1, 1)
 
+    def _filter_layout(self, flat: torch.Tensor) -> torch.Tensor:
+        """(T or 1, out, in*kh*kw) -> (T or 1, out, in, kh, kw), each task's filters channels-last on the CPU: oneDNN
+        then runs the whole net channels-last, its fastest layout there (a batch of one task on the quality
+        suite's ResNet: 0.70x the shared model's time, 1.05x with plain filters), and the stack, viewed
+        (T*out, in, kh, kw), is the grouped weight of task lanes as it is."""
+        stacked = flat.reshape(-1, *self.shared.weight.shape[1:])
+        layout = torch.channels_last if flat.device.type == "cpu" else torch.contiguous_format
+        return stacked.contiguous(memory_format=layout).view(flat.shape[0], *self.shared.weight.shape)
+
     def task_filters(self) -> torch.Tensor:
-        """(T, out, in*kh*kw): every task's filters W + L_t R_t (kept between calls when `keep_filters`)."""
-        return kept(self, "_filters", tensor_key(self.shared.weight, self.lefts, self.rights), self._formed_task_weights,
-                    self.keep_filters)
+        """(T, out, in, kh, kw): every task's filters W + L_t R_t (kept between calls when `keep_filters`)."""
+        return kept(self, "_filters", tensor_key(self.shared.weight, self.lefts, self.rights),
+                    lambda: self._filter_layout(self._formed_task_weights()), self.keep_filters)
 
     def folded_filters(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per task, the filters and bias with the following batch norm folded in: (T, out, in*kh*kw), (T, out),
+        """Per task, the filters and bias with the following batch norm folded in: (T, out, in, kh, kw), (T, out),
         kept (`keep_filters`). Mixed top-1 batches use only these; the plain per-task filters are formed (and
         kept too) only if a batch routed wholly to one task comes along."""
         norm = self.norm_after[0]
@@ -446,7 +455,7 @@ class RoutedConv2d(RoutedLinear):
             bias = torch.zeros_like(shift) if self.shared.bias is None else self.shared.bias.expand_as(shift)
             if self.bias_deltas is not None:
                 bias = bias + self.bias_deltas
-            return self._formed_task_weights() * scale.unsqueeze(-1), bias * scale + shift
+            return self._filter_layout(self._formed_task_weights() * scale.unsqueeze(-1)), bias * scale + shift
 
         key = tensor_key(self.shared.weight, self.shared.bias, self.lefts, self.rights, self.bias_deltas) + norm.state_key()
         return kept(self, "_folded_filters", key, fold, self.keep_filters)
@@ -473,11 +482,11 @@ class RoutedConv2d(RoutedLinear):
             if fold:
                 key += self.norm_after[0].state_key()
             weight, bias = kept(self, "_mix_filters", key, lambda: self._mixed_filters(mix, fold), self.keep_filters)
-        return F.conv2d(x, weight.view(conv.weight.shape), bias, conv.stride, conv.padding, conv.dilation)
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation)
 
     def _mixed_filters(self, mix: list[tuple[int, float]], fold: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """W + sum_t w_t L_t R_t (viewed 2-D) and the bias with the same mix of bias deltas; `fold`: times the mix's
-        batch-norm scale, plus its shift."""
+        """W + sum_t w_t L_t R_t and the bias with the same mix of bias deltas; `fold`: times the mix's batch-norm
+        scale, plus its shift."""
         conv = self.shared
         weight = conv.weight.reshape(conv.weight.shape[0], -1)
         bias = conv.bias
@@ -489,7 +498,7 @@ class RoutedConv2d(RoutedLinear):
             scale, shift = self.norm_after[0].mix_scale_shift(mix)
             weight = weight * scale.unsqueeze(-1)
             bias = shift if bias is None else bias * scale + shift
-        return weight, bias
+        return self._filter_layout(weight.unsqueeze(0))[0], bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         route = self.route
@@ -519,8 +528,8 @@ class RoutedConv2d(RoutedLinear):
 
     def lane_filters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Filters (T * out, in, kh, kw), channels-last, and bias for one grouped convolution over the task lanes
-        (group t: task t's filters, with the batch norm after this conv folded in when there is one); formed once
-        and kept (`keep_filters`)."""
+        (group t: task t's filters, with the batch norm after this conv folded in when there is one): a view of
+        the kept per-task filters on the CPU, a kept copy elsewhere."""
         conv = self.shared
         if self.norm_after:
             filters, biases = self.folded_filters()
@@ -598,7 +607,8 @@ class RoutedConv2d(RoutedLinear):
     def stacked_filters(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """For _dense_conv, formed once and kept (`keep_filters`): the shared filters followed by every task's R_t
         filters (out + T*r, in, kh, kw), their bias (the shared bias, zero for the R_t channels), and every task's
-        L_t side by side as a 1x1 projection (out, T*r, 1, 1)."""
+        L_t side by side as a 1x1 projection (out, T*r, 1, 1); channels-last on the CPU, where oneDNN runs them
+        faster whatever the input's layout (soft routing on the quality suite's ResNet: 2.39x -> 1.65-1.70x)."""
         conv = self.shared
 
         def stack() -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -606,7 +616,9 @@ class RoutedConv2d(RoutedLinear):
             filters = torch.cat([conv.weight, self.rights.reshape(tasks * rank, *conv.weight.shape[1:]).to(conv.weight.dtype)])
             bias = None if conv.bias is None else F.pad(conv.bias, (0, tasks * rank))
             projection = self.lefts.permute(1, 0, 2).reshape(self.lefts.shape[1], tasks * rank, 1, 1)
-            return filters, bias, projection.to(conv.weight.dtype).contiguous()
+            layout = torch.channels_last if filters.device.type == "cpu" else torch.contiguous_format
+            return filters.contiguous(memory_format=layout), bias, \
+                projection.to(conv.weight.dtype).contiguous(memory_format=layout)
 
         key = tensor_key(conv.weight, conv.bias, self.lefts, self.rights)
         return kept(self, "_stacked_filters", key, stack, self.keep_filters)
