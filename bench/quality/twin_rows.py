@@ -152,7 +152,7 @@ def experiment_four(ws: Workspace, task: Task, paths: dict[str, Path], domains: 
     for label in labels:
         params, change = SETTINGS[label]
         whole = label == DEFAULT_SETTING and not ws.plan.quick  # the quick plan (CI) skips the slow whole-set timing
-        key = _key("twin/16", task.name, str(paths["base"]), [str(paths[d]) for d in domains], params, change, batch)
+        key = _key("twin/18", task.name, str(paths["base"]), [str(paths[d]) for d in domains], params, change, batch)
 
         def compute(params=params, change=change, whole=whole) -> dict:
             work = ws.root / "merges" / key
