@@ -7,7 +7,9 @@ that give it weight, at O(r (m + n)) per row, so a sparse (top-k) route costs k 
 dense weight is rebuilt per input (convolutions keep each task's filters: see RoutedConv2d). When every row has
 the same weights (a fixed mix) the update runs once on the batch; when rows are grouped by task (TwinModel sorts
 top-1 rows so) layers work on slices; when most rows weigh most tasks (soft routing) every task's factors run
-in one product, side by side (a second copy of the factors, kept).
+in one product, side by side (a second copy of the factors, kept). For a conv net's top-1 batch the runtime may
+instead set a route with task lanes (lanes.py): the whole batch laid out by task, every layer serving all
+tasks in one call.
 """
 
 from __future__ import annotations
@@ -545,8 +547,9 @@ class RoutedConv2d(RoutedLinear):
         return kept(self, "_lane_filters", tensor_key(filters, biases), form, self.keep_filters)
 
     def _on_lanes(self, x: torch.Tensor, lanes: Lanes) -> torch.Tensor:
-        """Task lanes side by side in the channels: one grouped convolution, lane t with task t's filters; on
-        small maps where each output position reads one kernel tap, one batched matrix product instead."""
+        """Task lanes side by side in the channels: one grouped convolution, lane t with task t's filters; on maps
+        of at most FEW_POSITIONS positions one batched matrix product instead (per position when each output
+        reads one kernel tap, else over the whole flattened map)."""
         conv = self.shared
         filters, bias = self.lane_filters()
         if x.dim() == 4:

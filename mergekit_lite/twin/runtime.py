@@ -161,8 +161,8 @@ def same_outputs(got: torch.Tensor, reference: torch.Tensor) -> bool:
     if got.shape != reference.shape or got.dtype != reference.dtype:
         return False
     tolerance = 1e-3 if reference.dtype == torch.float32 else 3e-2
-    scale = float(reference.abs().max()) if reference.numel() else 0.0
-    return torch.allclose(got, reference, rtol=tolerance, atol=tolerance * max(scale, 1.0))
+    scale = float(reference.nan_to_num().abs().max()) if reference.numel() else 0.0
+    return torch.allclose(got, reference, rtol=tolerance, atol=tolerance * max(scale, 1.0), equal_nan=True)
 
 
 # Task lanes are used when each task's rows cost at most this many multiply-adds in the average routed conv;
@@ -176,8 +176,9 @@ class TwinModel(torch.nn.Module):
     """The shared model with routed layers and the router; call it like the model itself.
 
     Top-1 batches of a convolutional net on the CPU run packed into task lanes (lanes.py): the whole model once,
-    with grouped convolutions, instead of every layer splitting the batch by task. The first such batch runs
-    both ways and lanes are used from then on only if the outputs agree (`uses_lanes`: None until then)."""
+    with grouped convolutions, instead of every layer splitting the batch by task (a task holding most of the
+    batch runs alone first, on its own filters). The first such batch runs both ways and lanes are used from
+    then on only if the outputs agree (`uses_lanes`: None until then)."""
 
     lane_devices = ("cpu",)  # where lanes were measured to pay; add "cuda" to try them there
 
