@@ -740,6 +740,12 @@ def is_rms_norm(module: torch.nn.Module) -> bool:
             and getattr(module, "bias", None) is None)
 
 
+def _scale_shift(values: dict[str, torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode batch norm's weight, bias and running statistics as one scale and shift per channel."""
+    scale = values["weight"] / torch.sqrt(values["running_var"] + eps)
+    return scale, values["bias"] - values["running_mean"] * scale
+
+
 class RoutedBatchNorm2d(Routed):
     """nn.BatchNorm2d in eval mode: each row gets its own statistics, gain and bias, folded into one scale and
     shift per channel."""
@@ -774,8 +780,7 @@ class RoutedBatchNorm2d(Routed):
         for name in self.NAMES:
             base, deltas = getattr(norm, name), getattr(self, f"{name}_deltas")
             rows[name] = base.unsqueeze(0).expand(x.shape[0], -1) if deltas is None else row_params(base, deltas, self.route)
-        scale = rows["weight"] / torch.sqrt(rows["running_var"] + norm.eps)
-        shift = rows["bias"] - rows["running_mean"] * scale
+        scale, shift = _scale_shift(rows, norm.eps)
         return torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None])
 
     def state_key(self) -> tuple:
@@ -795,8 +800,7 @@ class RoutedBatchNorm2d(Routed):
                 for task, w in mix if deltas is not None else ():
                     value = value + w * deltas[task]
                 values[name] = value
-            scale = values["weight"] / torch.sqrt(values["running_var"] + norm.eps)
-            return scale, values["bias"] - values["running_mean"] * scale
+            return _scale_shift(values, norm.eps)
 
         return kept(self, "_mix_folded", self.state_key() + (tuple(mix),), fold)
 
@@ -810,8 +814,7 @@ class RoutedBatchNorm2d(Routed):
             for name in self.NAMES:
                 base, deltas = getattr(norm, name), getattr(self, f"{name}_deltas")
                 values[name] = base.unsqueeze(0).expand(tasks, -1) if deltas is None else base + deltas
-            scale = values["weight"] / torch.sqrt(values["running_var"] + norm.eps)
-            return scale, values["bias"] - values["running_mean"] * scale
+            return _scale_shift(values, norm.eps)
 
         return kept(self, "_folded", self.state_key(), fold)
 
