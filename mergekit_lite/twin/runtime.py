@@ -190,9 +190,8 @@ class TwinModel(torch.nn.Module):
         self.kept_task_weights = {"layers": 0, "bytes": 0}  # set by load (keep_task_weights)
         self.routed = routed_layers(model)  # found once: each batch sets their route
         self._row_macs: dict[tuple, float] = {}  # input shape -> multiply-adds a row in the average routed conv
-        self.convolutional = any(isinstance(m, RoutedConv2d) for m in self.routed)
         lane_layers = (RoutedConv2d, RoutedBatchNorm2d, RoutedLinear)
-        self.uses_lanes: bool | None = None if self.convolutional and \
+        self.uses_lanes: bool | None = None if any(isinstance(m, RoutedConv2d) for m in self.routed) and \
             all(type(m) in lane_layers for m in self.routed) else False
 
     @classmethod
