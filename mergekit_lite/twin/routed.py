@@ -229,14 +229,19 @@ class RoutedLinear(Routed):
         flat = self.shared.weight.reshape(self.lefts.shape[1], -1)
         return torch.baddbmm(flat.expand(len(self.lefts), -1, -1), self.lefts.to(flat.dtype), self.rights.to(flat.dtype))
 
+    def task_biases(self) -> torch.Tensor | None:
+        """(T, m): every task's bias b + db_t; None when the layer has neither."""
+        bias = self.shared.bias
+        if self.bias_deltas is None:
+            return None if bias is None else bias.expand(len(self.lefts), -1)
+        deltas = self.bias_deltas.to(self.shared.weight.dtype)
+        return deltas if bias is None else deltas + bias
+
     def per_task_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Every task's weight W + L_t R_t (T, *the weight's shape) and bias (T, m) or None, formed once and kept
         (`keep_task_weights`)."""
         def form() -> tuple[torch.Tensor, torch.Tensor | None]:
-            bias = self.shared.bias
-            if self.bias_deltas is not None:
-                bias = self.bias_deltas.to(self.shared.weight.dtype) + (0 if bias is None else bias)
-            return self._formed_task_weights(), None if bias is None else bias.expand(len(self.lefts), -1)
+            return self._formed_task_weights(), self.task_biases()
 
         key = tensor_key(self.shared.weight, self.shared.bias, self.lefts, self.rights, self.bias_deltas)
         return kept(self, "_task_weights", key, form)
@@ -384,7 +389,8 @@ PER_TASK_MACS = 5e7
 # take the soft path with one-hot weights: one convolution for the whole batch with the shared filters and every
 # R_t (T*r extra channels, allowed up to the layer's own count), where the grouped call would spend its time
 # packing rows. The quality suite's ResNet on the CPU (8 tasks, rank 0.1, batch 256): the whole model 8-12 %
-# faster than with grouped calls in those layers; at 16 positions and more the grouped call wins.
+# faster than with grouped calls in those layers; at 16 positions and more the grouped call wins. On task lanes
+# the same bound picks the batched matrix products over grouped calls (a 4x4 map lost: 1.58x against 1.37x).
 FEW_POSITIONS = 4
 
 
@@ -454,19 +460,12 @@ class RoutedConv2d(RoutedLinear):
 
         def fold() -> tuple[torch.Tensor, torch.Tensor]:
             scale, shift = norm.task_scale_shift()
-            bias = torch.zeros_like(shift) if self.shared.bias is None else self.shared.bias.expand_as(shift)
-            if self.bias_deltas is not None:
-                bias = bias + self.bias_deltas
+            bias = self.task_biases()
+            bias = torch.zeros_like(shift) if bias is None else bias
             return self._filter_layout(self._formed_task_weights() * scale.unsqueeze(-1)), bias * scale + shift
 
         key = tensor_key(self.shared.weight, self.shared.bias, self.lefts, self.rights, self.bias_deltas) + norm.state_key()
         return kept(self, "_folded_filters", key, fold, self.keep_filters)
-
-    def _task_bias(self, task: int) -> torch.Tensor | None:
-        bias = self.shared.bias
-        if self.bias_deltas is None:
-            return bias
-        return self.bias_deltas[task] if bias is None else bias + self.bias_deltas[task]
 
     def _task_conv(self, x: torch.Tensor, mix: list[tuple[int, float]], fold: bool = False) -> torch.Tensor:
         """The whole input through one task's filters, or one mix's (`fold`: with the batch norm after this conv
@@ -478,7 +477,8 @@ class RoutedConv2d(RoutedLinear):
             weight, bias = filters[mix[0][0]], biases[mix[0][0]]
         elif one_task:  # its kept filters
             task = mix[0][0]
-            weight, bias = self.task_filters()[task], self._task_bias(task)
+            weight, biases = self.task_filters()[task], self.task_biases()
+            bias = None if biases is None else biases[task]
         else:  # a mix: its filters formed once and kept while batches keep that mix
             key = tensor_key(conv.weight, conv.bias, self.lefts, self.rights, self.bias_deltas) + (tuple(mix), fold)
             if fold:
@@ -536,9 +536,7 @@ class RoutedConv2d(RoutedLinear):
         if self.norm_after:
             filters, biases = self.folded_filters()
         else:
-            filters = self.task_filters()
-            biases = None if conv.bias is None and self.bias_deltas is None else \
-                torch.stack([self._task_bias(task) for task in range(len(filters))])
+            filters, biases = self.task_filters(), self.task_biases()
 
         def form() -> tuple[torch.Tensor, torch.Tensor | None]:
             grouped = filters.view(-1, *conv.weight.shape[1:]).contiguous(memory_format=torch.channels_last)
@@ -667,10 +665,8 @@ class RoutedConv2d(RoutedLinear):
         if self._folds(route):
             filters, bias = (t[tasks] for t in self.folded_filters())
         else:
-            filters = self.task_filters()[tasks]
-            bias = conv.bias.expand(groups, -1) if conv.bias is not None else None
-            if self.bias_deltas is not None:
-                bias = self.bias_deltas[tasks] if bias is None else bias + self.bias_deltas[tasks]
+            filters, bias = self.task_filters()[tasks], self.task_biases()
+            bias = None if bias is None else bias[tasks]
         packed = x.index_select(0, gather).view(groups, size, *x.shape[1:]).transpose(0, 1)
         packed = packed.reshape(size, groups * x.shape[1], *x.shape[2:])
         y = F.conv2d(packed, filters.reshape(-1, *conv.weight.shape[1:]), None if bias is None else bias.reshape(-1),
