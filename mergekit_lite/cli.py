@@ -11,10 +11,11 @@ from typing import Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mergekit_lite import __version__
-from mergekit_lite.errors import UserError
+from mergekit_lite.errors import UserError, one_line
 
 app = typer.Typer(
     help="Merge neural-network checkpoints (TIES, DARE, task arithmetic, ...) streamed from safetensors.",
@@ -54,7 +55,7 @@ def guarded(command: Callable) -> Callable:
         except UserError as exc:
             if _state["debug"]:
                 traceback.print_exc()
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {printable(one_line(exc, limit=2000))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted; nothing was published at the output path (merge run ... --resume continues)")
@@ -63,13 +64,19 @@ def guarded(command: Callable) -> Callable:
             if _state["debug"]:
                 traceback.print_exc()
             err.print(
-                f"[bold red]internal error:[/] {exc.__class__.__name__}: {exc} (a bug; rerun with --debug for the traceback)",
+                f"[bold red]internal error:[/] {exc.__class__.__name__}: {printable(one_line(exc))} (a bug; rerun with "
+                "--debug for the traceback)",
                 highlight=False,
                 soft_wrap=True,
             )
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def printable(text: str) -> str:
+    """Text safe to print: rich markup escaped, and a path's undecodable bytes shown as escapes, not a crash."""
+    return escape(text.encode("utf-8", "backslashreplace").decode("utf-8"))
 
 
 def _human_bytes(n: float) -> str:
@@ -334,15 +341,22 @@ def show_report(
     top: int = typer.Option(10, "--top", min=1, help="How many tensors to list."),
 ) -> None:
     """Summarise a merge report: inputs, output, timings, memory, and per-tensor statistics."""
+    from mergekit_lite.checkpoint.files import REPORT_SCHEMA_PREFIX, load_json
+
     file = path / "merge_report.json" if path.is_dir() else path
-    try:
-        report = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{file}: no such report") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{file}: not a readable JSON report: {exc}") from exc
-    if not isinstance(report, dict) or not str(report.get("schema", "")).startswith("mergekit_lite.report/"):
+    if not file.exists():
+        raise UserError(f"{file}: no such report")
+    report = load_json(file, None, "report")
+    if not isinstance(report, dict) or not str(report.get("schema", "")).startswith(REPORT_SCHEMA_PREFIX):
         raise UserError(f"{file}: not a mergekit_lite report (no schema field)")
+    try:
+        _print_report(report, top)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise UserError(f"{file}: a damaged report: {exc.__class__.__name__} {one_line(exc)}; it lacks or garbles "
+                        "the fields a report has") from None
+
+
+def _print_report(report: dict, top: int) -> None:
     timings, memory = report["timings_seconds"], report["peak_memory"]
     out.print(f"[bold]{report['method']}[/] merge, {report['created']}, seed {report['seed']}, device {report['device']}", highlight=False)
     for item in report["inputs"]:

@@ -20,6 +20,7 @@ import torch
 
 from mergekit_lite import kernels
 from mergekit_lite.checkpoint import Checkpoint, CheckpointWriter, TensorSpec, open_checkpoint
+from mergekit_lite.checkpoint.files import same_path
 from mergekit_lite.checkpoint.writer import DEFAULT_SHARD_BYTES, check_output_path
 from mergekit_lite.device import resolve_device
 from mergekit_lite.errors import UserError
@@ -98,15 +99,15 @@ class MergePlan:
 
 
 def open_sources(recipe: Recipe, method: MergeMethod, allow_pickle: bool = False) -> Sources:
-    """Open the inputs. Methods without a base (linear) mix every listed model, the base_model too if listed."""
-    allow = allow_pickle or recipe.allow_pickle
+    """Open the inputs. Methods without a base (linear) mix every listed model, the base_model too if listed;
+    the others skip a model entry that names the base, however it is spelled (`base`, `base/`, a link)."""
     uses_base = method.needs_base and recipe.base_model is not None
-    base = open_checkpoint(recipe.base_model, allow_pickle=allow) if uses_base else None
+    base = open_checkpoint(recipe.base_model, allow_pickle=allow_pickle) if uses_base else None
     experts, entries = [], []
     for index, entry in enumerate(recipe.models):
-        if uses_base and entry.model == recipe.base_model:
+        if uses_base and same_path(entry.model, recipe.base_model):
             continue
-        experts.append(open_checkpoint(entry.model, allow_pickle=allow))
+        experts.append(open_checkpoint(entry.model, allow_pickle=allow_pickle))
         entries.append(index)
     return Sources(base=base, experts=experts, entry_of_expert=entries)
 
@@ -125,17 +126,30 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     sources = open_sources(recipe, method, allow_pickle)
     reference = sources.reference
     warnings: list[str] = []
+    if not reference.tensors:
+        raise UserError(f"{reference.path}: holds no tensors; there is nothing to merge")
     for expert in sources.experts:
         _check_same_architecture(reference, expert)
     plans = []
+    kept_as_is = []
     for name, info in reference.tensors.items():
-        plan = TensorPlan(name=name, shape=info.shape, dtype=output_dtype(recipe, info.dtype), merge=info.dtype.is_floating_point)
+        # Integer and boolean tensors (quantisation tables, masks, position ids) are not averaged as numbers,
+        # and nor is an empty tensor: they are copied from the reference, as mergekit does.
+        merge = info.dtype.is_floating_point and info.numel > 0
+        if not info.dtype.is_floating_point:
+            kept_as_is.append(name)
+        plan = TensorPlan(name=name, shape=info.shape, dtype=output_dtype(recipe, info.dtype), merge=merge)
         for index, expert in enumerate(sources.experts):
             other = expert.tensors.get(name)
             tied = tied_embedding_name(expert, name) if other is None else None
             if tied is not None:
                 plan.read_as[index] = tied
                 other = expert.tensors[tied]
+            if other is not None and other.dtype.is_floating_point != info.dtype.is_floating_point:
+                raise UserError(
+                    f"{expert.path}: tensor {name!r} is {str(other.dtype).removeprefix('torch.')} but {reference.path} "
+                    f"stores it as {str(info.dtype).removeprefix('torch.')}; quantised or integer weights cannot be "
+                    "merged with floating-point ones (dequantise first)")
             if other is None:
                 if sources.base is None:
                     raise UserError(f"{expert.path}: has no tensor {name!r}, which {reference.path} has; {method.name} needs it in every model")
@@ -155,6 +169,9 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
             aligned = ", ".join(str(sources.experts[i].path) for i in plan.row_aligned)
             warnings.append(f"{name}: vocabulary size differs in {aligned}; rows aligned to {reference.path}")
         plans.append(plan)
+    if kept_as_is:
+        warnings.append(f"{len(kept_as_is)} integer or boolean tensor(s) copied from {reference.path}, not merged, "
+                        f"e.g. {kept_as_is[0]!r}")
     extra = sorted({n for e in sources.experts for n in e.tensors if n not in reference.tensors})
     if extra:
         warnings.append(f"{len(extra)} tensor(s) not in {reference.path} are left out, e.g. {extra[0]!r}")
@@ -206,7 +223,7 @@ def row_chunks(shape: tuple[int, ...], chunk_elements: int | None = None) -> lis
 
     Depends on the shape alone, so seeded random methods give the same result on every run.
     """
-    if len(shape) < 2 or shape[0] == 0:
+    if len(shape) < 2 or math.prod(shape) == 0:
         return [(0, shape[0] if shape else 1)]
     per_row = max(1, math.prod(shape[1:]))
     step = max(1, (chunk_elements or CHUNK_ELEMENTS) // per_row)

@@ -16,3 +16,11 @@ class CheckpointError(UserError):
 
 class RecipeError(UserError):
     """A recipe is malformed, names unknown keys, or has values of the wrong type or range."""
+
+
+def one_line(exc: BaseException | str, limit: int = 300) -> str:
+    """The first line of an exception's message, cut to `limit` characters: torch and the C++ layers under it
+    write multi-line messages with stack frames, and an error line must stay one line."""
+    text = str(exc).strip()
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "") or exc.__class__.__name__
+    return first if len(first) <= limit else first[: limit - 1] + "…"

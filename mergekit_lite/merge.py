@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mergekit_lite.checkpoint import CheckpointWriter
+from mergekit_lite.checkpoint.files import (check_report_target, load_json, real, refuse_overlap,
+                                            roots_of, shard_fingerprint)
+from mergekit_lite.checkpoint.lock import output_lock
+from mergekit_lite.checkpoint.writer import check_output_path
 from mergekit_lite.engine import MergePlan, MergeResult, Progress, plan_merge, run_merge
 from mergekit_lite.errors import RecipeError, UserError
 from mergekit_lite.methods import get_method
 from mergekit_lite.recipe import Recipe, load_recipe, recipe_params
-from mergekit_lite.report import build_report, model_card
+from mergekit_lite.report import build_report, model_card, write_report
 
 REPORT_NAME = "merge_report.json"
 RECIPE_NAME = "merge_recipe.yaml"
@@ -74,21 +79,45 @@ def tokenizer_dir(recipe: Recipe, plan: MergePlan) -> Path:
     return _directory(path)
 
 
+def recipe_inputs(recipe: Recipe) -> list[str]:
+    """Every path a recipe reads: models, base, tokenizer source, data."""
+    paths = [entry.model for entry in recipe.models] + ([recipe.base_model] if recipe.base_model else [])
+    if recipe.tokenizer_source not in (None, "base", "union"):
+        paths.append(recipe.tokenizer_source)
+    data = [recipe.data] + [entry.data for entry in recipe.models]
+    return paths + [item.path for item in data if item is not None and item.path]
+
+
+def guard_paths(inputs: list[str], out: Path, force: bool, report_path: Path | None) -> None:
+    """Before any work: the output may be written, is apart from every input (so --force cannot delete one),
+    and --report is new or an earlier report."""
+    check_output_path(out, force)
+    refuse_overlap(out, inputs, "output")
+    if report_path is not None:
+        refuse_overlap(report_path, inputs, "report")
+        if real(report_path) == real(out) or real(report_path).is_relative_to(real(out)):
+            raise UserError(f"{report_path}: --report lies in the output directory; leave --report out to write it there")
+        check_report_target(report_path)
+
+
+
 def _directory(path: Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
 def merge_recipe_file(recipe_path: str | Path, out_dir: str | Path | None, options: MergeOptions,
                       progress: Progress | None = None) -> dict[str, Any]:
-    """Validate, plan, merge and publish; returns the report (also written to the output or --report)."""
-    recipe, _lines = load_recipe(recipe_path)
-    recipe_text = Path(recipe_path).read_text(encoding="utf-8")
+    """Validate, plan, merge and publish; returns the report (also written to the output or --report). The output
+    is locked from here to its publication: a second run on it is refused at once."""
+    recipe, _lines, recipe_text = load_recipe(recipe_path)
     out = resolve_output(recipe, out_dir)
-    method = get_method(recipe.merge_method)
-    if method.runner is not None:
-        params = recipe_params(recipe, method, None, "", None, 0)
-        return method.runner(recipe, recipe_text, out, params, options, progress)
-    return merge_tensorwise(recipe, recipe_text, out, options, progress)
+    guard_paths(recipe_inputs(recipe), out, options.force, options.report_path)
+    with output_lock(out):
+        method = get_method(recipe.merge_method)
+        if method.runner is not None:
+            params = recipe_params(recipe, method, None, "", None, 0)
+            return method.runner(recipe, recipe_text, out, params, options, progress)
+        return merge_tensorwise(recipe, recipe_text, out, options, progress)
 
 
 def merge_tensorwise(recipe: Recipe, recipe_text: str, out: Path, options: MergeOptions,
@@ -115,21 +144,19 @@ def merge_tensorwise(recipe: Recipe, recipe_text: str, out: Path, options: Merge
               progress=progress, finalize=finalize, resume=options.resume,
               fingerprint=plan_fingerprint(plan, options.seed, shard_bytes))
     if options.report_path is not None:
-        options.report_path.parent.mkdir(parents=True, exist_ok=True)
-        options.report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_report(options.report_path, report)
     return report
 
 
 def plan_fingerprint(plan: MergePlan, seed: int | None, shard_bytes: int | None) -> str:
     """What an interrupted run must share with this one for its tensors to be reused: the recipe, the seed,
-    the shard size, and every input file's path, size and modification time."""
+    the shard size, and every input file's path, size, modification time and sampled content."""
     digest = hashlib.sha256()
     digest.update(json.dumps(plan.recipe.model_dump(mode="json"), sort_keys=True).encode())
     digest.update(f"{seed}|{shard_bytes}".encode())
     for ckpt in [plan.sources.base, *plan.sources.experts]:
         for shard in ckpt.shards if ckpt is not None else []:
-            stat = shard.stat()
-            digest.update(f"{shard.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+            digest.update(shard_fingerprint(shard).encode())
     return digest.hexdigest()
 
 
@@ -139,15 +166,15 @@ def _dtype_updates(reference: Path, dtype: str) -> dict[str, str]:
 
     config_file = reference / "config.json"
     keys = []
-    if config_file.is_file():
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-        keys = [k for k in ("torch_dtype", "dtype") if k in config]
+    if os.path.lexists(config_file):
+        config = load_json(config_file, roots_of(reference), "config.json")
+        keys = [k for k in ("torch_dtype", "dtype") if isinstance(config, dict) and k in config]
     return {key: DTYPES[dtype] for key in keys or ["torch_dtype"]}
 
 
 def validate_recipe_file(recipe_path: str | Path, allow_pickle: bool = False) -> tuple[Recipe, MergePlan]:
     """Check a recipe and its inputs (paths, shapes, missing tensors) from headers alone; merges nothing."""
-    recipe, _ = load_recipe(recipe_path)
+    recipe, _, _ = load_recipe(recipe_path)
     planned = recipe
     if recipe.merge_method == "twin":  # its shared expert is a tensor-wise merge; every task's data must exist
         from mergekit_lite.twin.build import check_data_paths, shared_recipe

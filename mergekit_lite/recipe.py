@@ -15,6 +15,7 @@ from typing import Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mergekit_lite.checkpoint.files import same_path
 from mergekit_lite.errors import RecipeError
 from mergekit_lite.methods import MergeMethod, get_method
 
@@ -81,10 +82,18 @@ class Recipe(BaseModel):
     seed: int | None = None
     shard_size: str | int | None = None
     device: str | None = None
-    allow_pickle: bool = False
+    allow_pickle: bool | None = None  # refused when true: pickles are allowed by the command-line flag alone
     chat_template: str | None = None
     data: DataSource | None = None
     shared_merge: SharedMerge | None = None
+
+    @field_validator("allow_pickle")
+    @classmethod
+    def _pickles_by_flag_only(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("pickled files are allowed only by the command-line flag --allow-pickle, never by a "
+                             "recipe (a recipe may come from someone else)")
+        return value
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -134,16 +143,63 @@ def _clean_loc(loc: tuple) -> tuple:
     return tuple(p for p in loc if isinstance(p, int) or ("[" not in p and p not in ("bool", "int", "float", "str")))
 
 
-def load_recipe(path: str | Path) -> tuple[Recipe, dict[tuple, int]]:
-    """Parse and validate a recipe file; errors name the file, line and key."""
+# A recipe is a few kilobytes; even one listing hundreds of models with gradients is far below these.
+MAX_RECIPE_BYTES = 1024 * 1024
+MAX_RECIPE_NODES = 100_000  # after expanding YAML aliases: a ten-line alias bomb expands to billions
+MAX_RECIPE_DEPTH = 64
+
+
+def read_recipe_text(path: str | Path) -> str:
+    """The recipe's text, read once (it may come from a pipe, which reads empty the second time)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_RECIPE_BYTES + 1)
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"{path}: cannot read recipe: {exc}") from exc
-    return parse_recipe(text, str(path))
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read recipe: {exc.strerror or exc}") from exc
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: more than {MAX_RECIPE_BYTES:,} bytes; not a recipe")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: cannot read recipe: not UTF-8 text (byte {exc.start})") from None
+
+
+def load_recipe(path: str | Path) -> tuple[Recipe, dict[tuple, int], str]:
+    """Parse and validate a recipe file; errors name the file, line and key. Returns the text too."""
+    text = read_recipe_text(path)
+    recipe, lines = parse_recipe(text, str(path))
+    return recipe, lines, text
+
+
+def _check_expansion(node: yaml.Node, source: str) -> None:
+    """Refuse documents whose aliases expand past MAX_RECIPE_NODES nodes or nest past MAX_RECIPE_DEPTH, before
+    anything walks the expanded tree (node counts are memoised per node, so the check itself stays linear)."""
+    sizes: dict[int, tuple[int, int]] = {}
+
+    def measure(item: yaml.Node, depth: int) -> tuple[int, int]:
+        if depth > MAX_RECIPE_DEPTH:
+            raise RecipeError(f"{source}:{item.start_mark.line + 1}: nested more than {MAX_RECIPE_DEPTH} levels deep")
+        known = sizes.get(id(item))
+        if known is not None:
+            return known
+        count, deepest = 1, 0
+        children = (item.value if isinstance(item, yaml.SequenceNode) else
+                    [part for pair in item.value for part in pair] if isinstance(item, yaml.MappingNode) else [])
+        for child in children:
+            child_count, child_depth = measure(child, depth + 1)
+            count, deepest = count + child_count, max(deepest, child_depth + 1)
+            if count > MAX_RECIPE_NODES:
+                raise RecipeError(f"{source}: expands to more than {MAX_RECIPE_NODES:,} values (YAML aliases?); "
+                                  "not a recipe")
+        if depth + deepest > MAX_RECIPE_DEPTH:
+            raise RecipeError(f"{source}:{item.start_mark.line + 1}: nested more than {MAX_RECIPE_DEPTH} levels deep")
+        sizes[id(item)] = (count, deepest)
+        return count, deepest
+
+    measure(node, 0)
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -161,7 +217,11 @@ _RecipeLoader.add_implicit_resolver(
 def parse_recipe(text: str, source: str = "<recipe>") -> tuple[Recipe, dict[tuple, int]]:
     try:
         node = yaml.compose(text, Loader=_RecipeLoader)
+        if node is not None:
+            _check_expansion(node, source)
         data = yaml.load(text, Loader=_RecipeLoader)
+    except RecursionError:
+        raise RecipeError(f"{source}: nested too deeply to be a recipe") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
@@ -212,7 +272,8 @@ def check_parameters(recipe: Recipe, source: str, lines: dict[tuple, int]) -> Me
             problem = spec.check(scalar)
             if problem:
                 raise RecipeError(f"{where(loc)}: {_dotted(loc)}: {problem}")
-    experts = [m for m in recipe.models if m.model != recipe.base_model or not method.needs_base]
+    experts = [m for m in recipe.models if not method.needs_base or recipe.base_model is None
+               or not same_path(m.model, recipe.base_model)]
     if method.needs_base and recipe.base_model is None:
         raise RecipeError(f"{source}: {method.name} needs base_model")
     if len(experts) < method.min_models:

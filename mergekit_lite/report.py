@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
 import resource
 import sys
@@ -13,9 +14,10 @@ from typing import Any, Callable
 import torch
 
 from mergekit_lite import __version__
+from mergekit_lite.checkpoint.files import REPORT_SCHEMA_PREFIX, replace_file
 from mergekit_lite.engine import MergeResult
 
-SCHEMA = "mergekit_lite.report/1"
+SCHEMA = f"{REPORT_SCHEMA_PREFIX}1"
 
 
 def file_sha256(path: Path) -> str:
@@ -24,6 +26,11 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """A report at --report, replaced whole (a report this tool wrote before may be there; nothing else is)."""
+    replace_file(path, (json.dumps(report, indent=2) + "\n").encode())
 
 
 def peak_memory(device: torch.device) -> dict[str, int]:

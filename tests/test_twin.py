@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from mergekit_lite.cli import app
@@ -29,13 +31,13 @@ def _data(root: Path, family: str) -> list[dict]:
         images = {"bright": torch.rand(48, 3, 32, 32, generator=gen) + 1.0,
                   "dark": -torch.rand(48, 3, 32, 32, generator=gen) - 1.0}
         for task, tensor in images.items():
-            torch.save({"x": tensor}, root / f"{task}.pt")
-        return [{"task": t, "data": {"path": str(root / f"{t}.pt"), "key": "x"}} for t in images]
+            save_file({"x": tensor}, str(root / f"{task}.safetensors"))
+        return [{"task": t, "data": {"path": str(root / f"{t}.safetensors"), "key": "x"}} for t in images]
     if family == "bert":  # no tokenizer saved: token ids from a tensor file
         ids = {"low": torch.randint(0, 100, (48, 24)), "high": torch.randint(150, 256, (48, 24))}
         for task, tensor in ids.items():
-            torch.save(tensor, root / f"{task}.pt")
-        return [{"task": t, "data": {"path": str(root / f"{t}.pt")}} for t in ids]
+            np.save(root / f"{task}.npy", tensor.numpy())
+        return [{"task": t, "data": {"path": str(root / f"{t}.npy")}} for t in ids]
     for task, text in TEXT.items():
         (root / f"{task}.txt").write_text(text, encoding="utf-8")
     return [{"task": t, "data": {"path": str(root / f"{t}.txt"), "length": 24}} for t in TEXT]

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 import data
 import models
@@ -53,7 +54,7 @@ def router_data(task: Task, domains: tuple[str, ...], root: Path, samples: int) 
     root.mkdir(parents=True, exist_ok=True)
     files = {}
     for d in domains:
-        path = root / f"{d}.pt"
+        path = root / f"{d}.safetensors"
         if not path.exists():
             if task.higher_is_better:
                 inputs = data.image_domain(d, "train").images
@@ -62,7 +63,7 @@ def router_data(task: Task, domains: tuple[str, ...], root: Path, samples: int) 
                 gen = torch.Generator().manual_seed(1)
                 starts = torch.randint(0, len(tokens) - models.CONTEXT, (samples,), generator=gen)
                 inputs = torch.stack([tokens[s: s + models.CONTEXT] for s in starts.tolist()])
-            torch.save(inputs, path)
+            save_file({"inputs": inputs.contiguous()}, str(path))
         files[d] = path
     return files
 

@@ -6,7 +6,6 @@ for, so only what is in use occupies memory.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +13,9 @@ from typing import Any
 
 import torch
 
+from mergekit_lite.checkpoint.files import checked_file, load_json, open_regular, real, roots_of
 from mergekit_lite.checkpoint.safetensors_format import TensorInfo, read_header
-from mergekit_lite.errors import CheckpointError
+from mergekit_lite.errors import CheckpointError, one_line
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -77,7 +77,7 @@ class Checkpoint:
         if buffer.numel():
             fd = self._fds.get(info.file)
             if fd is None:
-                fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+                fd = self._fds[info.file] = open_regular(info.file, None, "safetensors file")
             view = memoryview(buffer.numpy())
             position, done = info.offset + first * row_bytes, 0
             while done < len(view):
@@ -112,29 +112,29 @@ def open_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
     """Open a checkpoint directory or file; every user mistake becomes a CheckpointError naming the path."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
-    if path.is_file():
+        raise CheckpointError(f"{path}: no such file or directory" + (" (a dangling link)" if path.is_symlink() else ""))
+    if not path.is_dir():
         return _open_file(path, allow_pickle)
-    config = _read_config(path)
-    index = path / SAFETENSORS_INDEX
-    if index.is_file():
-        return _open_sharded(path, index, config, "safetensors-sharded", allow_pickle)
-    single = path / SAFETENSORS_SINGLE
-    if single.is_file():
-        return _from_files(path, [single], config, "safetensors")
+    roots = roots_of(path)
+    config = _read_config(path, roots)
+    present = lambda name: os.path.lexists(path / name)  # noqa: E731  (links and FIFOs are refused when read)
+    if present(SAFETENSORS_INDEX):
+        return _open_sharded(path, path / SAFETENSORS_INDEX, config, "safetensors-sharded", allow_pickle, roots)
+    if present(SAFETENSORS_SINGLE):
+        return _from_files(path, [checked_file(path / SAFETENSORS_SINGLE, roots, "weights file")], config, "safetensors")
     others = sorted(path.glob("*.safetensors"))
     if len(others) == 1:
-        return _from_files(path, others, config, "safetensors")
-    if (path / PICKLE_INDEX).is_file() or any((path / name).is_file() for name in PICKLE_SINGLE):
+        return _from_files(path, [checked_file(others[0], roots, "weights file")], config, "safetensors")
+    if present(PICKLE_INDEX) or any(present(name) for name in PICKLE_SINGLE):
         if not allow_pickle:
             raise CheckpointError(
                 f"{path}: holds only pickled weights (.bin/.pt), which can run code when loaded; "
                 "pass --allow-pickle to load them with torch.load(weights_only=True)"
             )
-        if (path / PICKLE_INDEX).is_file():
-            return _open_sharded(path, path / PICKLE_INDEX, config, "pickle-sharded", allow_pickle)
-        file = next(path / name for name in PICKLE_SINGLE if (path / name).is_file())
-        return _from_pickle(path, file, config)
+        if present(PICKLE_INDEX):
+            return _open_sharded(path, path / PICKLE_INDEX, config, "pickle-sharded", allow_pickle, roots)
+        file = next(path / name for name in PICKLE_SINGLE if present(name))
+        return _from_pickle(path, checked_file(file, roots, "weights file"), config)
     if len(others) > 1:
         raise CheckpointError(
             f"{path}: holds {len(others)} .safetensors files but no {SAFETENSORS_INDEX} to say how they fit together"
@@ -145,29 +145,30 @@ def open_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
 
 
 def _open_file(path: Path, allow_pickle: bool) -> Checkpoint:
-    config = _read_config(path.parent) if (path.parent / "config.json").is_file() else None
+    """A file the user named: it may itself be a link anywhere, but the files beside it that it brings along
+    (config, index shards) must lie in its directory."""
+    roots = roots_of(path.parent)
+    config = _read_config(path.parent, roots)
+    if path.name.endswith(".index.json"):
+        return _open_sharded(path.parent, path, config, "safetensors-sharded", allow_pickle, roots)
+    file = checked_file(path, None, "weights file")
     if path.suffix == ".safetensors":
-        return _from_files(path, [path], config, "safetensors")
+        return _from_files(path, [file], config, "safetensors")
     if path.suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise CheckpointError(
                 f"{path}: pickled weights can run code when loaded; pass --allow-pickle to load them with "
                 "torch.load(weights_only=True)"
             )
-        return _from_pickle(path, path, config)
-    if path.name.endswith(".index.json"):
-        return _open_sharded(path.parent, path, config, "safetensors-sharded", allow_pickle)
+        return _from_pickle(path, file, config)
     raise CheckpointError(f"{path}: unsupported format (expected .safetensors, a checkpoint directory, or .bin/.pt)")
 
 
-def _read_config(directory: Path) -> dict[str, Any] | None:
+def _read_config(directory: Path, roots: list[Path] | None = None) -> dict[str, Any] | None:
     file = directory / "config.json"
-    if not file.is_file():
+    if not os.path.lexists(file):
         return None
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{file}: not valid JSON: {exc}") from exc
+    config = load_json(file, roots if roots is not None else roots_of(directory), "config.json")
     if not isinstance(config, dict):
         raise CheckpointError(f"{file}: must hold a JSON object")
     return config
@@ -183,16 +184,14 @@ def _from_files(path: Path, files: list[Path], config: dict | None, fmt: str) ->
     return Checkpoint(path=path, format=fmt, tensors=tensors, config=config, shards=files)
 
 
-def _open_sharded(directory: Path, index: Path, config: dict | None, fmt: str, allow_pickle: bool) -> Checkpoint:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index}: not a valid index file (needs a 'weight_map' object): {exc}") from exc
-    root = directory.resolve()
-    shard_names = sorted(set(weight_map.values()))
-    files = [_shard_path(index, root, name) for name in shard_names]
+def _open_sharded(directory: Path, index: Path, config: dict | None, fmt: str, allow_pickle: bool,
+                  roots: list[Path]) -> Checkpoint:
+    parsed = load_json(index, roots, "index file")
+    weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: not a valid index file (needs a 'weight_map' object)")
+    shard_names = sorted(set(weight_map.values()), key=str)
+    files = [_shard_path(index, roots, name) for name in shard_names]
     if fmt.startswith("pickle"):
         ckpt = Checkpoint(path=directory, format=fmt, tensors={}, config=config, shards=files)
         for file in files:
@@ -206,24 +205,28 @@ def _open_sharded(directory: Path, index: Path, config: dict | None, fmt: str, a
     return ckpt
 
 
-def _shard_path(index: Path, root: Path, name: object) -> Path:
-    """A shard path from an index: relative, inside the checkpoint directory, and present."""
-    if not isinstance(name, str) or not name:
+def _shard_path(index: Path, roots: list[Path], name: object) -> Path:
+    """A shard path from an index: relative, inside the checkpoint directory (or its cache repo), present and
+    a regular file."""
+    if not isinstance(name, str) or not name or "\x00" in name:
         raise CheckpointError(f"{index}: shard name {name!r} is not a file name")
-    candidate = (root / name).resolve()
-    if Path(name).is_absolute() or not candidate.is_relative_to(root):
+    root = roots[0]
+    candidate = real(root / name)
+    if Path(name).is_absolute() or not any(candidate == r or candidate.is_relative_to(r) for r in roots):
         raise CheckpointError(f"{index}: shard path {name!r} points outside {root}; refusing to read it")
-    if not candidate.is_file():
+    if not os.path.lexists(root / name):
         raise CheckpointError(f"{index}: names shard {name!r}, which does not exist in {root}")
-    return candidate
+    return checked_file(root / name, roots, "shard")
 
 
 def load_pickled(file: Path) -> dict[str, torch.Tensor]:
     """Load pickled weights with weights_only=True, so the pickle can build tensors but run no code."""
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(checked_file(file, None, "pickled weights"), map_location="cpu", weights_only=True, mmap=True)
+    except CheckpointError:
+        raise
     except Exception as exc:
-        raise CheckpointError(f"{file}: cannot load pickled weights safely: {exc}") from exc
+        raise CheckpointError(f"{file}: cannot load pickled weights safely: {one_line(exc)}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

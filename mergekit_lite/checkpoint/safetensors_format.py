@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from mergekit_lite.errors import CheckpointError
+from mergekit_lite.checkpoint.files import open_regular, parse_json
+from mergekit_lite.errors import CheckpointError, one_line
 
 # A header larger than this is refused before it is read: real headers are kilobytes to a few megabytes.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -87,10 +88,13 @@ class Header:
 
 
 def read_header(path: Path) -> Header:
-    """Read and validate a safetensors header; refuse truncated, oversized or inconsistent files."""
+    """Read and validate a safetensors header; refuse truncated, oversized or inconsistent files, and anything
+    the safetensors library itself would refuse (so every input we accept, and every output we write from it,
+    loads there too)."""
+    fd = open_regular(path, None, "safetensors file")
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as handle:
+        with os.fdopen(fd, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
             prefix = handle.read(8)
             if len(prefix) < 8:
                 raise CheckpointError(f"{path}: file is {size} bytes, too short to be safetensors (truncated or empty)")
@@ -102,19 +106,28 @@ def read_header(path: Path) -> Header:
             raw = handle.read(header_len)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    try:
-        parsed = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: header is not valid JSON ({exc.__class__.__name__}); the file is corrupt") from exc
+    parsed = parse_json(raw, str(path), "safetensors header")
     if not isinstance(parsed, dict):
         raise CheckpointError(f"{path}: header is not a JSON object; the file is corrupt")
     data_start = 8 + header_len
     metadata = parsed.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path}: __metadata__ must be an object of strings")
     tensors = {name: _tensor_info(path, name, entry, data_start) for name, entry in parsed.items()}
     _check_offsets(path, parsed, size - data_start)
-    return Header(tensors=tensors, metadata={str(k): str(v) for k, v in metadata.items()}, data_start=data_start)
+    _library_accepts(path)
+    return Header(tensors=tensors, metadata=metadata, data_start=data_start)
+
+
+def _library_accepts(path: Path) -> None:
+    """The safetensors library's own validation of the header (it reads the header and maps the file)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as exc:  # the library raises its own SafetensorError and others for bad headers
+        raise CheckpointError(f"{path}: the safetensors library refuses this file: {one_line(exc)}") from exc
 
 
 def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
@@ -123,9 +136,9 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> Tenso
     code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if code not in DTYPE_OF_CODE:
         raise CheckpointError(f"{path}: tensor {name!r} has dtype {code!r}, which this torch cannot load")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**63 for d in shape):
         raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets)):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and 0 <= o < 2**63 for o in offsets)):
         raise CheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
     dtype = DTYPE_OF_CODE[code]
     nbytes = math.prod(shape) * element_size(dtype)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from mergekit_lite.checkpoint.files import checked_file, copy_checked, load_json, roots_of
+from mergekit_lite.checkpoint.lock import output_lock
 from mergekit_lite.checkpoint.safetensors_format import element_size, encode_header
 from mergekit_lite.errors import UserError
 
@@ -70,16 +72,31 @@ def shard_file_names(count: int) -> list[str]:
 
 
 def check_output_path(out_dir: Path, force: bool) -> None:
-    """Refuse an output path we may not write, before any work is done."""
-    if out_dir.exists() and not force:
-        raise UserError(f"{out_dir}: already exists; pass --force to replace it")
-    if out_dir.exists() and not out_dir.is_dir() and not out_dir.is_file():
-        raise UserError(f"{out_dir}: exists and is neither a file nor a directory")
+    """Refuse an output path we may not write, before any work is done. A symlink at the path, dangling or
+    not, counts as existing: --force replaces the link itself, never what it points to."""
     parent = out_dir.absolute().parent
     if not parent.is_dir():
         raise UserError(f"{out_dir}: parent directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise UserError(f"{out_dir}: parent directory {parent} is not writable")
+    if os.path.lexists(out_dir) and not force:
+        kind = "a dangling symlink" if out_dir.is_symlink() and not out_dir.exists() else "already exists"
+        raise UserError(f"{out_dir}: {kind}" + ("" if kind == "already exists" else " is there") +
+                        "; pass --force to replace it")
+    if out_dir.exists() and not out_dir.is_symlink() and not out_dir.is_dir() and not out_dir.is_file():
+        raise UserError(f"{out_dir}: exists and is neither a file nor a directory")
+
+
+RESUME_HINT = "; the partial output is kept, so after freeing space `merge run ... --resume` continues it"
+
+
+def write_small_file(path: Path, data: bytes, hint: str = "") -> None:
+    """Write one of the small files (config, card, recipe, report); a full disk is the user's to fix."""
+    try:
+        with open(path, "wb") as handle:
+            handle.write(data)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write: {exc.strerror or exc}{hint}") from exc
 
 
 class CheckpointWriter:
@@ -125,8 +142,20 @@ class CheckpointWriter:
         self._shard_fds: list[int] = []
         self._seals: dict[int, Future] = {}
         self._sealer: ThreadPoolExecutor | None = None
+        self._lock = None
+        self.resumed = False  # whether an interrupted run's partial output is being continued
 
     def __enter__(self) -> CheckpointWriter:
+        self._lock = output_lock(self.out_dir)
+        self._lock.__enter__()
+        try:
+            check_output_path(self.out_dir, self.force)  # again, now that no other run can change it
+            return self._open()
+        except BaseException:
+            self._release()
+            raise
+
+    def _open(self) -> CheckpointWriter:
         previous = _read_journal(self.tmp_dir / JOURNAL) if self.tmp_dir.exists() else None
         if previous is not None and not self.resume and not self.force:
             raise UserError(
@@ -139,6 +168,7 @@ class CheckpointWriter:
                 "settings; rerun without --resume (and with --force) to start over"
             )
         continuing = self.resume and previous is not None
+        self.resumed = continuing
         try:
             if not continuing:
                 if self.tmp_dir.exists():
@@ -164,10 +194,10 @@ class CheckpointWriter:
                 self._journal.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
                 self._journal.flush()
         except OSError as exc:
-            self._abort(keep=False)
+            self._abort(keep=continuing)
             raise UserError(f"{self.tmp_dir}: cannot write: {exc.strerror or exc}") from exc
         except BaseException:
-            self._abort(keep=False)
+            self._abort(keep=continuing)  # e.g. Ctrl-C while re-checking: the interrupted work stays resumable
             raise
         return self
 
@@ -195,8 +225,11 @@ class CheckpointWriter:
         """Note in the journal that a tensor is complete, with its checksum and report entry, for --resume."""
         if self._journal is None or name in self._pending:
             return
-        self._journal.write(json.dumps({"tensor": name, "crc": self._crc.get(name, 0), "entry": entry}) + "\n")
-        self._journal.flush()
+        try:
+            self._journal.write(json.dumps({"tensor": name, "crc": self._crc.get(name, 0), "entry": entry}) + "\n")
+            self._journal.flush()
+        except OSError as exc:
+            raise UserError(f"{self.tmp_dir / JOURNAL}: cannot write: {exc.strerror or exc}{RESUME_HINT}") from exc
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         spec = self.specs.get(name)
@@ -244,33 +277,32 @@ class CheckpointWriter:
         try:
             _write_all(fd, data, offset)
         except OSError as exc:
-            raise UserError(
-                f"{self.tmp_dir}: cannot write: {exc.strerror or exc}; the partial output is kept, so after "
-                "freeing space `merge run ... --resume` continues it"
-            ) from exc
+            raise UserError(f"{self.tmp_dir}: cannot write: {exc.strerror or exc}{RESUME_HINT}") from exc
 
     def add_file(self, relative_name: str, content: str | bytes) -> None:
-        data = content.encode("utf-8") if isinstance(content, str) else content
-        (self.tmp_dir / relative_name).write_bytes(data)
+        # surrogateescape: a path with a non-UTF-8 byte (in a card or recipe) is written back as its own bytes
+        data = content.encode("utf-8", "surrogateescape") if isinstance(content, str) else content
+        write_small_file(self.tmp_dir / relative_name, data, RESUME_HINT)
 
     def copy_config(self, source_dir: Path, updates: dict | None = None) -> bool:
         """Copy config.json from a source checkpoint, with `updates` applied; False when it has none."""
         config_file = source_dir / "config.json"
-        if not config_file.is_file():
+        if not os.path.lexists(config_file):
             return False
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config = load_json(config_file, roots_of(source_dir), "config.json")
         config.update(updates or {})
         self.add_file("config.json", json.dumps(config, indent=2) + "\n")
         return True
 
     def copy_support_files(self, source_dir: Path) -> list[str]:
         """Copy tokenizer, generation and preprocessing files (known names only) from a source checkpoint."""
-        copied = []
-        for name in SUPPORT_FILES:
-            if (source_dir / name).is_file():
-                shutil.copyfile(source_dir / name, self.tmp_dir / name)
-                copied.append(name)
-        return copied
+        names = support_files(source_dir)
+        for name in names:
+            try:
+                copy_checked(source_dir / name, self.tmp_dir / name, roots_of(source_dir), name)
+            except OSError as exc:
+                raise UserError(f"{self.tmp_dir / name}: cannot write: {exc.strerror or exc}{RESUME_HINT}") from exc
+        return names
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
@@ -296,6 +328,7 @@ class CheckpointWriter:
         except BaseException:
             self._abort(keep=False)
             raise
+        self._release()
 
     @property
     def files(self) -> list[str]:
@@ -316,7 +349,7 @@ class CheckpointWriter:
         os.replace(self.tmp_dir, self.out_dir)
         _fsync_dir(self.out_dir.absolute().parent)
         if old is not None:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
 
     def _close_fds(self) -> None:
         for future in self._seals.values():  # never close a file under a running seal
@@ -334,6 +367,12 @@ class CheckpointWriter:
             self._journal = None
         if not keep:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            lock.__exit__(None, None, None)
 
 
 JOURNAL = ".merge_journal.jsonl"
@@ -359,6 +398,15 @@ def _read_journal(path: Path) -> tuple[str, dict[str, dict]] | None:
         except (json.JSONDecodeError, KeyError, TypeError):
             break  # a line cut short by a kill: everything after it is unknown
     return fingerprint, records
+
+
+def support_files(source_dir: Path) -> list[str]:
+    """The known tokenizer / generation / preprocessing files a checkpoint has, each checked to be a regular file
+    inside it (a link to a secret elsewhere, a FIFO or a device is refused, not copied)."""
+    names = [name for name in SUPPORT_FILES if os.path.lexists(source_dir / name)]
+    for name in names:
+        checked_file(source_dir / name, roots_of(source_dir), name)
+    return names
 
 
 def _is_write_failure(exc: BaseException | None) -> bool:

@@ -8,6 +8,7 @@ a cosine) computes it in `prepare` from a re-readable stream of the same chunks,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -173,3 +174,18 @@ def normalize_param(default: bool) -> ParamSpec:
 
 def rescale_param(default: bool) -> ParamSpec:
     return ParamSpec("rescale", bool, default, "divide kept entries by their keep probability", scope="global")
+
+
+DOT_BLOCK = 4096
+
+
+def fixed_order_dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """a·b with a result that does not depend on the thread count: BLAS and torch split a long reduction across
+    threads, so its rounding (and a method's output bytes) would follow the machine. Products of float32 values
+    are exact in float64; each fixed block is summed on its own and the block sums are added exactly."""
+    a, b = a.reshape(-1).double(), b.reshape(-1).double()
+    pad = -a.numel() % DOT_BLOCK
+    if pad:
+        a = torch.nn.functional.pad(a, (0, pad))
+        b = torch.nn.functional.pad(b, (0, pad))
+    return math.fsum((a * b).view(-1, DOT_BLOCK).sum(1).tolist())

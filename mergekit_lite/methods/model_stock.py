@@ -5,9 +5,8 @@ from __future__ import annotations
 import itertools
 import math
 
-import torch
 
-from mergekit_lite.methods.base import Chunk, ChunkResult, ChunkStream, MergeMethod, TensorContext
+from mergekit_lite.methods.base import Chunk, ChunkResult, ChunkStream, MergeMethod, TensorContext, fixed_order_dot
 from mergekit_lite.methods.sparsify import task_vectors
 
 
@@ -20,14 +19,15 @@ def stock_ratio(count: int, cosine: float) -> float:
 def mean_pairwise_cosine(context: TensorContext, stream: ChunkStream) -> float:
     """The ratio for this tensor, from the task vectors' dot products accumulated over its chunks."""
     count = len(context.model_params)
-    gram = torch.zeros(count, count, dtype=torch.float64)
+    gram = [[0.0] * count for _ in range(count)]
     for chunk in stream():
-        deltas = torch.stack([d.reshape(-1) for d in task_vectors(chunk)[0]])
-        gram += (deltas @ deltas.T).double().cpu()
+        deltas = task_vectors(chunk)[0]
+        for i, j in itertools.combinations_with_replacement(range(count), 2):
+            gram[i][j] += fixed_order_dot(deltas[i], deltas[j])
     cosines = []
     for i, j in itertools.combinations(range(count), 2):
-        denominator = math.sqrt(float(gram[i, i]) * float(gram[j, j]))
-        cosines.append(float(gram[i, j]) / denominator if denominator > 0 else 0.0)
+        denominator = math.sqrt(gram[i][i] * gram[j][j])
+        cosines.append(gram[i][j] / denominator if denominator > 0 else 0.0)
     return stock_ratio(count, sum(cosines) / len(cosines))
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
-from mergekit_lite.methods.base import Chunk, ChunkResult, ChunkStream, MergeMethod, ParamSpec, TensorContext
+from mergekit_lite.methods.base import (Chunk, ChunkResult, ChunkStream, MergeMethod, ParamSpec, TensorContext,
+                                        fixed_order_dot)
 
 T = ParamSpec("t", float, 0.5, "interpolation position: 0 gives base_model, 1 the other model", scope="global",
               minimum=0.0, maximum=1.0)
@@ -29,9 +28,9 @@ def whole_tensor_geometry(context: TensorContext, stream: ChunkStream) -> tuple[
     sq0 = sq1 = dot = 0.0
     for chunk in stream():
         v0, v1 = chunk.base.reshape(-1), chunk.experts[0].reshape(-1)
-        sq0 += float(torch.dot(v0, v0))
-        sq1 += float(torch.dot(v1, v1))
-        dot += float(torch.dot(v0, v1))
+        sq0 += fixed_order_dot(v0, v0)
+        sq1 += fixed_order_dot(v1, v1)
+        dot += fixed_order_dot(v0, v1)
     return slerp_coefficients(context.params["t"], math.sqrt(sq0), math.sqrt(sq1), dot)
 
 

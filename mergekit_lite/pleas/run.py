@@ -17,7 +17,7 @@ from mergekit_lite.device import resolve_device
 from mergekit_lite.errors import RecipeError
 from mergekit_lite.pleas.method import PleasOptions, pleas_merge
 from mergekit_lite.pleas.sources import data_batches, load_model, read_config
-from mergekit_lite.report import SCHEMA, file_sha256, library_versions, peak_memory
+from mergekit_lite.report import SCHEMA, file_sha256, library_versions, peak_memory, write_report
 
 
 DATA_FREE_TUNE_STEPS = 300
@@ -47,7 +47,7 @@ def check_models(recipe, allow_pickle: bool = False) -> dict[str, Any]:
     from mergekit_lite.pleas.sources import example_inputs
 
     paths = [Path(entry.model) for entry in recipe.models]
-    models = [load_model(p, allow_pickle=allow_pickle or recipe.allow_pickle, transformers_ok=True) for p in paths]
+    models = [load_model(p, allow_pickle=allow_pickle, transformers_ok=True) for p in paths]
     specs = [permutation_spec(m) for m in models]
     _same_structure(specs[0], specs[1])
     error = check_groups(models[0], specs[0], example_inputs(read_config(paths[0]), 2))
@@ -66,13 +66,14 @@ def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], opti
     if recipe.base_model is not None:
         raise RecipeError("pleas merges two models from any initialisation; it takes no base_model")
     device = resolve_device(options.device if options.device != "auto" or recipe.device is None else recipe.device)
-    models = [load_model(p, allow_pickle=recipe.allow_pickle, transformers_ok=True).to(device) for p in paths]
+    models = [load_model(p, allow_pickle=options.allow_pickle, transformers_ok=True).to(device) for p in paths]
     config = read_config(paths[0])
     seed = seed if seed is not None else (recipe.seed if recipe.seed is not None else 0)
     batches, described = data_batches(recipe.data.model_dump() if recipe.data else None, models[0], config,
                                       int(params["samples"]), int(params["batch_size"]), seed,
                                       bool(params["data_free"]), model_dir=paths[0], statistics_of=models,
-                                      statistics_steps=int(params["data_free_steps"]))
+                                      statistics_steps=int(params["data_free_steps"]),
+                                      allow_pickle=options.allow_pickle)
     loaded = time.perf_counter()
     result = pleas_merge(models[0], models[1], batches, options_from(params, device, seed), log=log)
     merged_at = time.perf_counter()
@@ -126,8 +127,7 @@ def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], opti
         if report_path is None:
             writer.add_file("merge_report.json", json.dumps(report, indent=2) + "\n")
     if report_path is not None:
-        report_path.parent.mkdir(parents=True, exist_ok=True)
-        report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_report(report_path, report)
     return report
 
 

@@ -12,27 +12,55 @@ inputs made here (smooth random images, Gaussian vectors or random token ids: th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mergekit_lite.checkpoint import open_checkpoint
-from mergekit_lite.errors import UserError
+from mergekit_lite.checkpoint.files import checked_file, load_json, roots_of
+from mergekit_lite.errors import UserError, one_line
 from mergekit_lite.pleas.method import resize_to
 
 
 def read_config(path: Path) -> dict:
-    config_file = (path if path.is_dir() else path.parent) / "config.json"
+    directory = path if path.is_dir() else path.parent
+    config_file = directory / "config.json"
     if not config_file.is_file():
         raise UserError(f"{path}: PLeaS needs a config.json to build the model (timm hub layout or a plain MLP)")
-    return json.loads(config_file.read_text(encoding="utf-8"))
+    config = load_json(config_file, roots_of(directory), "config.json")
+    if not isinstance(config, dict):
+        raise UserError(f"{config_file}: must hold a JSON object")
+    return config
 
 
-def build_model(config: dict, path: Path) -> torch.nn.Module:
+# timm arguments that make create_model read a file (torch.load, unpickling) or reach the network.
+LOADING_ARGUMENTS = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir",
+                     "pretrained_strict", "overlay", "file", "url", "hf_hub_id")
+# A config may claim any size; one that describes more parameters than this many times the checkpoint holds
+# (plus a margin for tiny models) is refused before a byte is allocated.
+SIZE_MARGIN = 4
+SIZE_SLACK = 1_000_000
+
+
+def build_model(config: dict, path: Path, parameters: int | None = None) -> torch.nn.Module:
+    """The source model's module, built on the meta device first to check that the config's claimed size
+    agrees with the `parameters` its checkpoint holds (a config naming huge layers would otherwise allocate
+    gigabytes), then for real."""
+    if parameters is not None:
+        with torch.device("meta"):
+            claimed = sum(p.numel() for p in _build(config, path).parameters())
+        if claimed > SIZE_MARGIN * parameters + SIZE_SLACK:
+            raise UserError(f"{path}: config.json describes a model of {claimed:,} parameters but the checkpoint holds "
+                            f"{parameters:,}; the config does not belong to these weights")
+    return _build(config, path)
+
+
+def _build(config: dict, path: Path) -> torch.nn.Module:
     if "mergekit_lite_mlp" in config:
         sizes = config["mergekit_lite_mlp"]
+        if not (isinstance(sizes, list) and len(sizes) >= 2 and all(type(n) is int and n > 0 for n in sizes)):
+            raise UserError(f"{path}: mergekit_lite_mlp must list at least two positive layer sizes")
         layers: list[torch.nn.Module] = []
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
             layers.append(torch.nn.Linear(a, b))
@@ -42,18 +70,26 @@ def build_model(config: dict, path: Path) -> torch.nn.Module:
     if "architecture" in config:
         import timm
 
-        args = dict(config.get("model_args") or {})
+        args = config.get("model_args") or {}
+        if not isinstance(args, dict):
+            raise UserError(f"{path}: config.json model_args must be an object")
+        loading = sorted(set(args) & set(LOADING_ARGUMENTS))
+        if loading:
+            raise UserError(f"{path}: config.json model_args.{loading[0]} would make timm load weights from elsewhere; "
+                            "remove it (the weights come from this checkpoint)")
+        args = dict(args)
         args.setdefault("num_classes", config.get("num_classes", 1000))
         try:
-            return timm.create_model(config["architecture"], pretrained=False, **args)
+            return timm.create_model(str(config["architecture"]), pretrained=False, **args)
         except Exception as exc:  # timm raises many kinds for unknown names and arguments
-            raise UserError(f"{path}: timm cannot build {config['architecture']!r}: {exc}") from exc
+            raise UserError(f"{path}: timm cannot build {config['architecture']!r}: {one_line(exc)}") from exc
     kind = config.get("model_type", "unknown")
     raise UserError(f"{path}: PLeaS works on timm models, plain MLPs and Llama-style transformers checkpoints; a {kind!r} checkpoint without a transformers class is not supported")
 
 
-def load_transformers_model(path: Path, config: dict) -> torch.nn.Module:
-    """A transformers checkpoint through its own class (config `architectures`), never remote code."""
+def load_transformers_model(path: Path, config: dict, parameters: int, allow_pickle: bool = False) -> torch.nn.Module:
+    """A transformers checkpoint through its own class (config `architectures`), never remote code, and pickled
+    weights only with `allow_pickle`."""
     import transformers
     from transformers.utils import logging as hf_logging
 
@@ -65,13 +101,19 @@ def load_transformers_model(path: Path, config: dict) -> torch.nn.Module:
     directory = path if path.is_dir() else path.parent
     widths = config.get("pleas") or {}
     try:
+        model_config = cls.config_class.from_pretrained(directory)
+        with torch.device("meta"):
+            claimed = sum(p.numel() for p in cls(model_config).parameters())
+        if claimed > SIZE_MARGIN * parameters + SIZE_SLACK:
+            raise UserError(f"{path}: config.json describes a model of {claimed:,} parameters but the checkpoint holds "
+                            f"{parameters:,}; the config does not belong to these weights")
         if widths.get("group_widths", []) == widths.get("source_group_widths", []):
-            return cls.from_pretrained(directory, torch_dtype=torch.float32).eval()
+            return cls.from_pretrained(directory, torch_dtype=torch.float32, use_safetensors=not allow_pickle).eval()
         # a PLeaS merge wider than its sources: layers of their own widths, which the config cannot state
-        model = cls(cls.config_class.from_pretrained(directory)).float()
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: transformers cannot load it: {exc}") from exc
-    return _load_resized(model, path)
+        model = cls(model_config).float()
+    except (OSError, ValueError, TypeError, RuntimeError) as exc:
+        raise UserError(f"{path}: transformers cannot load it: {one_line(exc)}") from exc
+    return _load_resized(model, path, allow_pickle)
 
 
 def _load_resized(model: torch.nn.Module, path: Path, allow_pickle: bool = False) -> torch.nn.Module:
@@ -97,12 +139,15 @@ def is_transformers(config: dict) -> bool:
 
 def load_model(path: str | Path, allow_pickle: bool = False, transformers_ok: bool = False) -> torch.nn.Module:
     """A source or merged checkpoint as an eval-mode torch module (transformers ones only where the caller
-    handles them)."""
+    handles them). The checkpoint is opened (and its files checked) before anything reads it."""
     path = Path(path)
     config = read_config(path)
+    ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
+    parameters = ckpt.num_parameters
+    ckpt.close()
     if transformers_ok and is_transformers(config):
-        return load_transformers_model(path, config)
-    return _load_resized(build_model(config, path), path, allow_pickle)
+        return load_transformers_model(path, config, parameters, allow_pickle)
+    return _load_resized(build_model(config, path, parameters), path, allow_pickle)
 
 
 GENERIC_TOKENS = 64  # length of a data-free token window
@@ -143,28 +188,53 @@ def generic_inputs(shape: tuple[int, ...], count: int, seed: int) -> torch.Tenso
     return smooth / smooth.std().clamp_min(1e-6) * scale + offset
 
 
-def tensor_file_inputs(path: Path, key: str | None) -> torch.Tensor:
+def tensor_file_inputs(path: Path, key: str | None, allow_pickle: bool = False) -> torch.Tensor:
+    """One tensor of inputs from a data file the recipe names; a pickled .pt only with --allow-pickle."""
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        return _as_inputs(torch.from_numpy(np.load(path, allow_pickle=False)))
-    if suffix == ".pt":
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(loaded, dict):
-            loaded = loaded[key] if key else next(iter(loaded.values()))
-        return _as_inputs(torch.as_tensor(loaded))
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
+    if suffix not in (".npy", ".pt", ".safetensors"):
+        raise UserError(f"{path}: data files must be .safetensors, .npy or .pt tensors, a text file, or an image folder")
+    file = checked_file(path, None, "data file")
+    try:
+        if suffix == ".npy":
+            return _as_inputs(torch.from_numpy(np.load(file, allow_pickle=False)), path)
+        if suffix == ".pt":
+            if not allow_pickle:
+                raise UserError(f"{path}: .pt data is pickled and can run code when loaded; pass --allow-pickle to "
+                                "load it with torch.load(weights_only=True), or save it as .safetensors or .npy")
+            loaded = torch.load(file, map_location="cpu", weights_only=True)
+            if isinstance(loaded, dict):
+                if key is not None and key not in loaded:
+                    raise UserError(f"{path}: no tensor named {key!r}")
+                loaded = loaded[key] if key else next(iter(loaded.values()), None)
+            return _as_inputs(torch.as_tensor(loaded), path)
+        ckpt = open_checkpoint(file)
+        try:
+            names = sorted(ckpt.tensors)
+            if not names or (key is not None and key not in ckpt.tensors):
+                raise UserError(f"{path}: no tensor named {key!r} (it holds {', '.join(names) or 'none'})")
+            return _as_inputs(ckpt.get(key or names[0]), path)
+        finally:
+            ckpt.close()
+    except UserError:
+        raise
+    except Exception as exc:  # numpy and torch raise many kinds for a damaged file
+        raise UserError(f"{path}: cannot read data: {one_line(exc)}") from exc
 
-        tensors = load_file(str(path))
-        if key is not None and key not in tensors:
-            raise UserError(f"{path}: no tensor named {key!r} (it holds {', '.join(sorted(tensors))})")
-        return _as_inputs(tensors[key or sorted(tensors)[0]])
-    raise UserError(f"{path}: data files must be .safetensors, .npy or .pt tensors, a text file, or an image folder")
 
-
-def _as_inputs(tensor: torch.Tensor) -> torch.Tensor:
-    """Floating inputs in float32; integer ones (token ids) as int64."""
-    return tensor.float() if tensor.is_floating_point() else tensor.long()
+def _as_inputs(tensor: torch.Tensor, path: Path) -> torch.Tensor:
+    """Floating inputs in float32; integer ones (token ids) as int64. Anything else, or an empty or non-finite
+    tensor, is refused."""
+    if tensor.dim() == 0 or len(tensor) == 0:
+        raise UserError(f"{path}: holds no samples (shape {list(tensor.shape)}); inputs are one sample per row")
+    if tensor.is_complex() or tensor.dtype == torch.bool:
+        raise UserError(f"{path}: holds {str(tensor.dtype).removeprefix('torch.')} values; inputs are real numbers "
+                        "(images, features) or integer token ids")
+    if tensor.is_floating_point():
+        tensor = tensor.float()
+        if not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"{path}: holds NaN or Inf; refusing to use it as inputs")
+        return tensor
+    return tensor.long()
 
 
 def text_file_inputs(path: Path, model_dir: Path, config: dict, length: int | None, count: int,
@@ -200,13 +270,45 @@ def image_folder_inputs(path: Path, model: torch.nn.Module, count: int, seed: in
     return torch.stack([dataset[int(i)][0] for i in order])
 
 
+MIN_SAMPLES = 2  # batch normalisation (in the models and the router) needs two rows to compute statistics
+
+
+def check_inputs(model: torch.nn.Module, config: dict, inputs: torch.Tensor, path: Path) -> None:
+    """Refuse inputs the model cannot take (labels instead of images, the wrong shape, token ids past the
+    vocabulary) with one line, by checking their kind and running the model on two of them."""
+    if len(inputs) < MIN_SAMPLES:
+        raise UserError(f"{path}: {len(inputs)} sample(s); at least {MIN_SAMPLES} are needed")
+    if is_transformers(config):
+        vocab = int(config.get("vocab_size") or 0)
+        if inputs.is_floating_point() or inputs.dim() != 2:
+            raise UserError(f"{path}: a transformers model takes rows of integer token ids, not "
+                            f"{str(inputs.dtype).removeprefix('torch.')} of shape {list(inputs.shape)}")
+        if vocab and (int(inputs.min()) < 0 or int(inputs.max()) >= vocab):
+            raise UserError(f"{path}: token ids run from {int(inputs.min())} to {int(inputs.max())}, outside the "
+                            f"vocabulary of {vocab}")
+    elif not inputs.is_floating_point():
+        raise UserError(f"{path}: holds integers of shape {list(inputs.shape)} (labels?); this model takes "
+                        "floating-point inputs (images or features), one per row")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(inputs[:MIN_SAMPLES].to(device))
+    except Exception as exc:  # a shape the model cannot take: torch raises RuntimeError, IndexError, ValueError ...
+        raise UserError(f"{path}: the model cannot run on these inputs (shape {list(inputs.shape)}, "
+                        f"{str(inputs.dtype).removeprefix('torch.')}): {one_line(exc)}") from exc
+    finally:
+        model.train(was_training)
+
+
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".jsonl", ".csv", ".py", ".rst")
 
 
 def data_batches(data: dict | None, model: torch.nn.Module, config: dict, samples: int, batch_size: int, seed: int,
                  data_free: bool, model_dir: Path | None = None,
                  statistics_of: list[torch.nn.Module] | None = None,
-                 statistics_steps: int = 0) -> tuple[list[torch.Tensor], str]:
+                 statistics_steps: int = 0, allow_pickle: bool = False) -> tuple[list[torch.Tensor], str]:
     """The inputs a model-aware method sees, in batches, and a description for the report. With
     `statistics_steps`, data-free images (generic ones or another domain's) are refined for that many steps to
     match the batch-norm statistics of `statistics_of` (the models being merged), when they have any: another
@@ -234,7 +336,7 @@ def data_batches(data: dict | None, model: torch.nn.Module, config: dict, sample
     elif kind == "images":
         inputs, described = image_folder_inputs(path, model, samples, seed), f"images from {path}"
     elif kind == "tensors":
-        inputs = tensor_file_inputs(path, data.get("key"))
+        inputs = tensor_file_inputs(path, data.get("key"), allow_pickle)
         order = torch.as_tensor(np.random.default_rng(seed).permutation(len(inputs))[:samples])
         inputs, described = inputs[order], f"tensors from {path}"
     elif kind == "text":
@@ -244,6 +346,7 @@ def data_batches(data: dict | None, model: torch.nn.Module, config: dict, sample
         described = f"text from {path} ({windows} windows of {inputs.shape[1]} tokens available)"
     else:
         raise UserError(f"data.kind {kind!r}: use tensors, images, text or generic")
+    check_inputs(model, config, inputs, path if path is not None else Path("generic inputs"))
     if data_free and kind != "generic":
         described += " (data-free: inputs from another domain)"
     if (data_free or kind == "generic") and statistics_of and statistics_steps > 0 and inputs.is_floating_point() \

@@ -3,6 +3,7 @@ factors, a router trained on the tasks' inputs, then a manifest and report; publ
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from datetime import datetime, timezone
@@ -14,10 +15,11 @@ import yaml
 
 from mergekit_lite import __version__
 from mergekit_lite.checkpoint import CheckpointWriter, open_checkpoint
+from mergekit_lite.checkpoint.files import replace_file, shard_fingerprint
 from mergekit_lite.device import resolve_device
 from mergekit_lite.errors import RecipeError
 from mergekit_lite.recipe import ModelEntry, Recipe, SharedMerge
-from mergekit_lite.report import SCHEMA, library_versions, peak_memory
+from mergekit_lite.report import SCHEMA, library_versions, peak_memory, write_report
 from mergekit_lite.twin.compress import low_rank
 from mergekit_lite.twin.router import pooled_features, train_router
 from mergekit_lite.twin.store import (EXPERTS, FORMAT, MANIFEST, ROUTER, SHARED, TASK_NAME, delta_specs, dense_name,
@@ -35,7 +37,7 @@ def shared_recipe(recipe: Recipe) -> Recipe:
                   models=[ModelEntry(model=m.model, parameters=m.parameters) for m in recipe.models],
                   parameters=shared.parameters, dtype=recipe.dtype, out_dtype=recipe.out_dtype,
                   tokenizer_source=recipe.tokenizer_source, seed=recipe.seed, shard_size=recipe.shard_size,
-                  device=recipe.device, allow_pickle=recipe.allow_pickle)
+                  device=recipe.device)
 
 
 def check_twin_recipe(recipe: Recipe, source: str, lines: dict) -> None:
@@ -80,10 +82,12 @@ def check_data_paths(recipe: Recipe) -> None:
 
 
 def _compress(directory: Path, recipe: Recipe, tasks: list[str], rank: float, seed: int, device: torch.device,
-              progress) -> tuple[dict[str, dict], list[dict], dict[str, Any]]:
-    """Factor every expert's difference to the shared expert, tensor by tensor, into directory/experts."""
-    shared = open_checkpoint(directory / SHARED, allow_pickle=recipe.allow_pickle)
-    experts = [open_checkpoint(entry.model, allow_pickle=recipe.allow_pickle) for entry in recipe.models]
+              progress, allow_pickle: bool, resume: bool, fingerprint: str
+              ) -> tuple[dict[str, dict], list[dict], dict[str, Any]]:
+    """Factor every expert's difference to the shared expert, tensor by tensor, into directory/experts. With
+    `resume`, tensors an interrupted run already factored (checksums verified) are kept."""
+    shared = open_checkpoint(directory / SHARED)
+    experts = [open_checkpoint(entry.model, allow_pickle=allow_pickle) for entry in recipe.models]
     try:
         names = [n for n, info in shared.tensors.items() if info.dtype.is_floating_point]
         layout = {name: tensor_layout(tuple(shared.tensors[name].shape), rank) for name in names}
@@ -92,8 +96,14 @@ def _compress(directory: Path, recipe: Recipe, tasks: list[str], rank: float, se
         specs = delta_specs(layout, dtypes, tasks)
         storage = _storage(specs, len(tasks) * sum(shared.tensors[n].nbytes for n in names), layout)
         progress.start(len(names), sum(shared.tensors[n].nbytes for n in names), "compressing exclusive knowledge")
-        with CheckpointWriter(directory / EXPERTS, specs, metadata={"merged_with": "mergekit_lite twin"}) as writer:
+        with CheckpointWriter(directory / EXPERTS, specs, metadata={"merged_with": "mergekit_lite twin"}, force=resume,
+                              resume=resume, fingerprint=fingerprint) as writer:
             for name in names:
+                written = _spec_names(layout[name], tasks, name)
+                if all(spec in writer.completed for spec in written):
+                    stats.append(writer.completed[written[-1]])
+                    progress.advance(shared.tensors[name].nbytes)
+                    continue
                 base = shared.get(name, device).float()
                 entry, row = layout[name], {"name": name, "shape": layout[name]["shape"]}
                 residuals, norms = [], []
@@ -113,6 +123,9 @@ def _compress(directory: Path, recipe: Recipe, tasks: list[str], rank: float, se
                 if entry["kind"] == "factors":
                     row.update(rank=entry["rank"], residual_energy=residuals)
                 stats.append(row)
+                for spec in written[:-1]:
+                    writer.record(spec, {})
+                writer.record(written[-1], row)
                 progress.advance(shared.tensors[name].nbytes)
         return layout, stats, storage
     finally:
@@ -122,17 +135,25 @@ def _compress(directory: Path, recipe: Recipe, tasks: list[str], rank: float, se
             ckpt.close()
 
 
+def _spec_names(entry: dict, tasks: list[str], name: str) -> list[str]:
+    """The tensors the experts file holds for one shared tensor, in the order they are written."""
+    if entry["kind"] == "dense":
+        return [dense_name(task, name) for task in tasks]
+    return [part for task in tasks for part in (left_name(task, name), right_name(task, name))]
+
+
 def _train(directory: Path, recipe: Recipe, tasks: list[str], params: dict, seed: int, device: torch.device,
-           log) -> tuple[torch.nn.Module, dict]:
+           log, allow_pickle: bool) -> tuple[torch.nn.Module, dict]:
     """Pooled shared-model features of every task's inputs -> a router trained on task identity."""
     from mergekit_lite.pleas.sources import data_batches, load_model, read_config
 
-    model = load_model(directory / SHARED, allow_pickle=recipe.allow_pickle, transformers_ok=True).to(device)
+    model = load_model(directory / SHARED, transformers_ok=True).to(device)
     config = read_config(directory / SHARED)
     features, labels, described = [], [], []
     for index, (task, entry) in enumerate(zip(tasks, recipe.models)):
         batches, text = data_batches(entry.data.model_dump(), model, config, int(params["router_samples"]),
-                                     int(params["batch_size"]), seed + index, False, model_dir=directory / SHARED)
+                                     int(params["batch_size"]), seed + index, False, model_dir=directory / SHARED,
+                                     allow_pickle=allow_pickle)
         for batch in batches:
             features.append(pooled_features(model, str(params["router_feature"]), batch.to(device)))
             labels.append(torch.full((len(batch),), index, dtype=torch.long))
@@ -149,6 +170,7 @@ def _train(directory: Path, recipe: Recipe, tasks: list[str], params: dict, seed
 
 def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, Any], options, progress=None,
                log=lambda message: None) -> dict[str, Any]:
+    """Shared merge, compression, router; each stage of an interrupted run is kept for --resume."""
     from safetensors.torch import save_file
 
     from mergekit_lite.engine import _Silent
@@ -161,19 +183,33 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
     seed = options.seed if options.seed is not None else (recipe.seed if recipe.seed is not None else 0)
     device = resolve_device(options.device if options.device != "auto" or recipe.device is None else recipe.device)
     rank = float(params["rank"])
-    with CheckpointWriter(out, [], force=options.force) as staging:
+    fingerprint = _fingerprint(recipe, seed, options)
+    with CheckpointWriter(out, [], force=options.force, resume=options.resume, fingerprint=fingerprint) as staging:
         directory = staging.tmp_dir
+        stages = _read_stages(directory) if staging.resumed else {}
         inner = shared_recipe(recipe)
-        shared_text = yaml.safe_dump(inner.model_dump(mode="json", exclude_none=True), sort_keys=False)
-        shared_report = merge_tensorwise(inner, shared_text, directory / SHARED,
-                                         MergeOptions(device=str(device), seed=seed, shard_size=options.shard_size,
-                                                      allow_pickle=recipe.allow_pickle), progress)
+        shared_report = stages.get("shared")
+        if shared_report is None:
+            shared_text = yaml.safe_dump(inner.model_dump(mode="json", exclude_none=True), sort_keys=False)
+            shared_report = merge_tensorwise(
+                inner, shared_text, directory / SHARED,
+                MergeOptions(device=str(device), seed=seed, shard_size=options.shard_size,
+                             allow_pickle=options.allow_pickle, resume=staging.resumed, force=staging.resumed),
+                progress)
+            stages["shared"] = {"timings_seconds": shared_report["timings_seconds"], "tensors": len(shared_report["tensors"])}
+            _write_stages(directory, stages)
         merged_at = time.perf_counter()
-        layout, stats, storage = _compress(directory, recipe, tasks, rank, seed, device, progress)
+        if "compress" not in stages:
+            layout, stats, storage = _compress(directory, recipe, tasks, rank, seed, device, progress,
+                                               options.allow_pickle, staging.resumed, fingerprint)
+            stages["compress"] = {"layout": layout, "stats": stats, "storage": storage}
+            _write_stages(directory, stages)
+        layout, stats, storage = (stages["compress"][key] for key in ("layout", "stats", "storage"))
         compressed_at = time.perf_counter()
-        router, router_info = _train(directory, recipe, tasks, params, seed, device, log)
+        router, router_info = _train(directory, recipe, tasks, params, seed, device, log, options.allow_pickle)
         save_file({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}, str(directory / ROUTER))
         trained_at = time.perf_counter()
+        (directory / STAGES).unlink()
         manifest = {"format": FORMAT, "tasks": tasks, "shared": SHARED, "experts": EXPERTS, "rank": rank,
                     "router": {k: router_info[k] for k in ("feature", "features", "top_k", "dropout")},
                     "tensors": layout}
@@ -186,7 +222,8 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
             "inputs": [{"role": "base", "path": recipe.base_model}] + [
                 {"role": "model", "task": t, "path": m.model} for t, m in zip(tasks, recipe.models)],
             "output": {"path": str(out), "bytes": sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()),
-                       "tensors": len(shared_report["tensors"])},
+                       "tensors": shared_report["tensors"] if isinstance(shared_report["tensors"], int)
+                       else len(shared_report["tensors"])},
             "twin": {"tasks": tasks, "rank": rank, "storage": storage, "router": router_info,
                      "shared_merge": {"method": inner.merge_method, "parameters": inner.model_dump(mode="json")["parameters"],
                                       "seconds": shared_report["timings_seconds"]["total"]},
@@ -195,12 +232,43 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
                                 "router": trained_at - compressed_at, "total": time.perf_counter() - started},
             "peak_memory": peak_memory(device), "versions": library_versions(), "warnings": _warnings(router_info),
         }
+        if staging.resumed:
+            report["warnings"].append("resumed: stages and tensors of an interrupted run were kept (checksums verified)")
         if options.report_path is None:
             staging.add_file("merge_report.json", json.dumps(report, indent=2) + "\n")
     if options.report_path is not None:
-        options.report_path.parent.mkdir(parents=True, exist_ok=True)
-        options.report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_report(options.report_path, report)
     return report
+
+
+STAGES = ".twin_stages.json"  # in the partial directory: what an interrupted run finished
+
+
+def _read_stages(directory: Path) -> dict[str, Any]:
+    try:
+        stages = json.loads((directory / STAGES).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return stages if isinstance(stages, dict) else {}
+
+
+def _write_stages(directory: Path, stages: dict[str, Any]) -> None:
+    replace_file(directory / STAGES, json.dumps(stages).encode())
+
+
+def _fingerprint(recipe: Recipe, seed: int, options) -> str:
+    """What an interrupted twin run must share with this one to be continued: recipe, seed, shard size and the
+    inputs' files (paths, sizes, times, sampled content)."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode())
+    digest.update(f"{seed}|{options.shard_size}".encode())
+    for path in [recipe.base_model] + [entry.model for entry in recipe.models]:
+        ckpt = open_checkpoint(path, allow_pickle=options.allow_pickle)
+        try:
+            digest.update("|".join(shard_fingerprint(shard) for shard in ckpt.shards).encode())
+        finally:
+            ckpt.close()
+    return digest.hexdigest()
 
 
 def _storage(specs: list, dense_bytes: int, layout: dict[str, dict]) -> dict[str, Any]:

@@ -9,11 +9,16 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from mergekit_lite.checkpoint import CheckpointWriter, TensorSpec, open_checkpoint
+from mergekit_lite.checkpoint.files import refuse_overlap
+from mergekit_lite.checkpoint.lock import output_lock
+from mergekit_lite.checkpoint.writer import check_output_path
 from mergekit_lite.errors import UserError
 from mergekit_lite.twin.lanes import Lanes, lay_out, pack, split_tasks, unpack
 from mergekit_lite.twin.routed import (RoutedBatchNorm2d, RoutedConv1D, RoutedConv2d, RoutedEmbedding,
@@ -139,6 +144,9 @@ def task_weights(tasks: list[str], weights: dict[str, float]) -> torch.Tensor:
     unknown = sorted(set(weights) - set(tasks))
     if unknown:
         raise UserError(f"unknown task(s) {', '.join(unknown)}; this directory has {', '.join(tasks)}")
+    bad = sorted(task for task, weight in weights.items() if not math.isfinite(float(weight)))
+    if bad:
+        raise UserError(f"task weight of {bad[0]} is {weights[bad[0]]}; weights must be finite numbers")
     return torch.tensor([float(weights.get(task, 0.0)) for task in tasks])
 
 
@@ -345,11 +353,17 @@ class TwinModel(torch.nn.Module):
 def collapse(directory: str | Path, weights: dict[str, float], out: str | Path, force: bool = False) -> dict:
     """A plain checkpoint for one fixed task mix: shared + sum_t w_t V_t, streamed tensor by tensor, in the shared
     checkpoint's layout (config and tokenizer copied), so it loads like the source models."""
-    from mergekit_lite.checkpoint import CheckpointWriter, TensorSpec, open_checkpoint
-
     directory, out = Path(directory), Path(out)
     manifest = read_manifest(directory)
     vector = task_weights(manifest["tasks"], weights)
+    check_output_path(out, force)
+    refuse_overlap(out, [directory], "output")
+    with output_lock(out):
+        return _collapse(directory, manifest, weights, vector, out, force)
+
+
+def _collapse(directory: Path, manifest: dict, weights: dict[str, float], vector: torch.Tensor, out: Path,
+              force: bool) -> dict:
     shared = open_checkpoint(directory / SHARED)
     experts = open_checkpoint(directory / EXPERTS)
     try:

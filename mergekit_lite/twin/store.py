@@ -13,7 +13,6 @@ OUT/
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from mergekit_lite.checkpoint import TensorSpec
+from mergekit_lite.checkpoint.files import load_json, roots_of
 from mergekit_lite.errors import UserError
 from mergekit_lite.twin.compress import rank_for
 
@@ -82,9 +82,12 @@ def read_manifest(directory: Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise UserError(f"{directory}: not a Twin-Merging directory (no {MANIFEST}); make one with a twin recipe")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"{path}: format {manifest.get('format')!r}, this version reads {FORMAT!r}")
+    manifest = load_json(path, roots_of(directory), MANIFEST)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise UserError(f"{path}: format {found!r}, this version reads {FORMAT!r}")
+    if not (isinstance(manifest.get("tasks"), list) and isinstance(manifest.get("tensors"), dict)):
+        raise UserError(f"{path}: lacks its task list or tensor layout; the directory is damaged")
     return manifest
 
 
