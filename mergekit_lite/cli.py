@@ -23,9 +23,26 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+def encodable(text: str) -> str:
+    """A path's undecodable bytes (surrogate escapes) shown as escapes: printing them would raise."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def printable(text: str) -> str:
+    """Text from outside (a message naming paths, keys, values) safe to print: markup escaped too."""
+    return escape(encodable(text))
+
+
+class SafeConsole(Console):
+    """A console that never fails on a path holding a byte that is not UTF-8."""
+
+    def print(self, *objects, **kwargs) -> None:
+        super().print(*(encodable(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
 # Piped output is not cut to 80 columns: tensor names are long and users grep them.
-out = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True)
+out = SafeConsole(width=None if sys.stdout.isatty() else 200)
+err = SafeConsole(stderr=True)
 _state = {"debug": False}
 
 
@@ -72,11 +89,6 @@ def guarded(command: Callable) -> Callable:
             raise typer.Exit(1) from None
 
     return wrapper
-
-
-def printable(text: str) -> str:
-    """Text safe to print: rich markup escaped, and a path's undecodable bytes shown as escapes, not a crash."""
-    return escape(text.encode("utf-8", "backslashreplace").decode("utf-8"))
 
 
 def _human_bytes(n: float) -> str:

@@ -14,7 +14,7 @@ from mergekit_lite.checkpoint import CheckpointWriter
 from mergekit_lite.checkpoint.files import (check_report_target, load_json, real, refuse_overlap,
                                             roots_of, shard_fingerprint)
 from mergekit_lite.checkpoint.lock import output_lock
-from mergekit_lite.checkpoint.writer import check_output_path
+from mergekit_lite.checkpoint.writer import check_output_path, support_files
 from mergekit_lite.engine import MergePlan, MergeResult, Progress, plan_merge, run_merge
 from mergekit_lite.errors import RecipeError, UserError
 from mergekit_lite.methods import get_method
@@ -125,6 +125,7 @@ def merge_tensorwise(recipe: Recipe, recipe_text: str, out: Path, options: Merge
     """Plan and stream a tensor-wise merge into `out`, with config, tokenizer, recipe, card and report."""
     plan = plan_merge(recipe, allow_pickle=options.allow_pickle)
     tokenizer_source = tokenizer_dir(recipe, plan)
+    support_files(tokenizer_source)  # a link out of the checkpoint or a FIFO is refused now, not after the merge
     shard = options.shard_size if options.shard_size is not None else recipe.shard_size
     report: dict[str, Any] = {}
 
@@ -182,7 +183,7 @@ def validate_recipe_file(recipe_path: str | Path, allow_pickle: bool = False) ->
         check_data_paths(recipe)
         planned = shared_recipe(recipe)
     plan = plan_merge(planned, allow_pickle=allow_pickle)
-    tokenizer_dir(recipe, plan)
+    support_files(tokenizer_dir(recipe, plan))
     if recipe.shard_size is not None:
         parse_size(recipe.shard_size)
     return recipe, plan

@@ -138,23 +138,29 @@ def same_path(a: str | Path, b: str | Path) -> bool:
     return real(a) == real(b)
 
 
-SAMPLED_BLOCKS = 16
-SAMPLE_BYTES = 4096
+WHOLE_FILE_BYTES = 64 * 1024 * 1024
+SAMPLED_BLOCKS = 64
+SAMPLE_BYTES = 64 * 1024
 
 
 def content_fingerprint(path: str | Path) -> str:
-    """A cheap fingerprint of a weights file's content: its size, its first 64 KiB (the header, for most files)
-    and 16 blocks of 4 KiB spread evenly over the rest. It catches a file replaced or rewritten, not a change
+    """A fingerprint of a weights file's content for --resume: the whole file up to 64 MiB; past that its size,
+    first 64 KiB (the header, for most files) and 64 blocks of 64 KiB spread evenly over the rest, so that it
+    stays cheap on multi-gigabyte shards. In a large file it catches a file replaced or rewritten, not a change
     confined to bytes between the samples."""
     digest = hashlib.sha256()
     fd = open_regular(path, None, "weights file")
     try:
         size = os.fstat(fd).st_size
         digest.update(str(size).encode())
-        digest.update(os.pread(fd, 65536, 0))
-        for index in range(SAMPLED_BLOCKS):
-            digest.update(os.pread(fd, SAMPLE_BYTES, size * (index + 1) // (SAMPLED_BLOCKS + 1)))
-        digest.update(os.pread(fd, SAMPLE_BYTES, max(0, size - SAMPLE_BYTES)))
+        if size <= WHOLE_FILE_BYTES:
+            offsets = range(0, size, 1 << 22)
+            length = 1 << 22
+        else:
+            offsets = [0] + [size * (i + 1) // (SAMPLED_BLOCKS + 1) for i in range(SAMPLED_BLOCKS)] + [size - SAMPLE_BYTES]
+            length = SAMPLE_BYTES
+        for offset in offsets:
+            digest.update(os.pread(fd, length, offset))
     finally:
         os.close(fd)
     return digest.hexdigest()

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from mergekit_lite.errors import UserError
 
@@ -49,27 +47,35 @@ def _acquire(path: Path, out_dir: Path) -> int:
         os.close(fd)  # the previous holder removed this file after we opened it: lock the new one
 
 
-@contextmanager
-def output_lock(out_dir: str | Path) -> Iterator[None]:
-    """Hold the lock of `out_dir` for the block; a second holder in another process gets a UserError at once."""
-    out_dir = Path(out_dir)
-    path = lock_path(out_dir)
-    key = str(path)
-    if key in _held:
-        _held[key][1] += 1
+class output_lock:  # noqa: N801  (used like a function: `with output_lock(path):`)
+    """Hold the lock of `out_dir` for a block; a second holder in another process gets a UserError at once.
+    Re-entrant within the process: only the outermost exit releases it."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.path = lock_path(self.out_dir)
+        self._entered = False
+
+    def __enter__(self) -> "output_lock":
+        key = str(self.path)
+        if key in _held:
+            _held[key][1] += 1
+        else:
+            _held[key] = [_acquire(self.path, self.out_dir), 1]
+        self._entered = True
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        key = str(self.path)
+        if not self._entered or key not in _held:
+            return
+        self._entered = False
+        _held[key][1] -= 1
+        if _held[key][1] > 0:
+            return
+        fd = _held.pop(key)[0]
         try:
-            yield
-        finally:
-            _held[key][1] -= 1
-        return
-    fd = _acquire(path, out_dir)
-    _held[key] = [fd, 1]
-    try:
-        yield
-    finally:
-        del _held[key]
-        try:
-            os.unlink(path)  # while still locked: whoever opened it meanwhile sees the inode gone and retries
+            os.unlink(self.path)  # while still locked: whoever opened it meanwhile sees the inode gone and retries
         except OSError:
             pass
         os.close(fd)

@@ -80,9 +80,8 @@ def check_output_path(out_dir: Path, force: bool) -> None:
     if not os.access(parent, os.W_OK):
         raise UserError(f"{out_dir}: parent directory {parent} is not writable")
     if os.path.lexists(out_dir) and not force:
-        kind = "a dangling symlink" if out_dir.is_symlink() and not out_dir.exists() else "already exists"
-        raise UserError(f"{out_dir}: {kind}" + ("" if kind == "already exists" else " is there") +
-                        "; pass --force to replace it")
+        what = "is a dangling symlink" if out_dir.is_symlink() and not out_dir.exists() else "already exists"
+        raise UserError(f"{out_dir}: {what}; pass --force to replace it")
     if out_dir.exists() and not out_dir.is_symlink() and not out_dir.is_dir() and not out_dir.is_file():
         raise UserError(f"{out_dir}: exists and is neither a file nor a directory")
 
@@ -361,13 +360,18 @@ class CheckpointWriter:
             os.close(self._fds.pop())
 
     def _abort(self, keep: bool = False) -> None:
-        self._close_fds()
-        if self._journal is not None:
-            self._journal.close()
-            self._journal = None
-        if not keep:
-            shutil.rmtree(self.tmp_dir, ignore_errors=True)
-        self._release()
+        try:
+            self._close_fds()
+            if self._journal is not None:
+                journal, self._journal = self._journal, None
+                try:
+                    journal.close()
+                except OSError:
+                    pass  # a full disk refuses the last buffered line; the lines before it stand
+            if not keep:
+                shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        finally:
+            self._release()
 
     def _release(self) -> None:
         if self._lock is not None:

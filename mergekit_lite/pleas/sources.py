@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from mergekit_lite.checkpoint import open_checkpoint
-from mergekit_lite.checkpoint.files import checked_file, load_json, roots_of
+from mergekit_lite.checkpoint.files import checked_file, load_json, read_limited, roots_of
 from mergekit_lite.errors import UserError, one_line
 from mergekit_lite.pleas.method import resize_to
 
@@ -237,6 +237,9 @@ def _as_inputs(tensor: torch.Tensor, path: Path) -> torch.Tensor:
     return tensor.long()
 
 
+MAX_TEXT_BYTES = 1024**3  # a text file is tokenised whole
+
+
 def text_file_inputs(path: Path, model_dir: Path, config: dict, length: int | None, count: int,
                      seed: int) -> tuple[torch.Tensor, int]:
     """Windows of `length` token ids from a text file, tokenised with the checkpoint's own tokenizer;
@@ -249,7 +252,7 @@ def text_file_inputs(path: Path, model_dir: Path, config: dict, length: int | No
         raise UserError(f"{model_dir}: text data needs the checkpoint's tokenizer files: {exc}") from exc
     context = config.get("n_positions") or config.get("max_position_embeddings") or 128
     length = min(length or 128, int(context))
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_limited(path, None, "text data", MAX_TEXT_BYTES).decode("utf-8", errors="replace")
     ids = torch.as_tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
     windows = len(ids) // length
     if windows == 0:
@@ -263,11 +266,20 @@ def image_folder_inputs(path: Path, model: torch.nn.Module, count: int, seed: in
     from timm.data import ImageDataset, create_transform, resolve_data_config
 
     transform = create_transform(**resolve_data_config({}, model=model))
-    dataset = ImageDataset(str(path), transform=transform)
+    try:
+        dataset = ImageDataset(str(path), transform=transform)
+    except RuntimeError:  # timm's word for a folder without images
+        dataset = []
     if len(dataset) == 0:
         raise UserError(f"{path}: no images found")
     order = np.random.default_rng(seed).permutation(len(dataset))[:count]
-    return torch.stack([dataset[int(i)][0] for i in order])
+    roots = roots_of(path)
+    for index in order:  # regular files inside the folder only: a FIFO would hang the read, a link leak a file
+        checked_file(dataset.reader.samples[int(index)][0], roots, "image")
+    try:
+        return torch.stack([dataset[int(i)][0] for i in order])
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{path}: cannot read its images: {one_line(exc)}") from exc
 
 
 MIN_SAMPLES = 2  # batch normalisation (in the models and the router) needs two rows to compute statistics

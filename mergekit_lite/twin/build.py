@@ -142,23 +142,39 @@ def _spec_names(entry: dict, tasks: list[str], name: str) -> list[str]:
     return [part for task in tasks for part in (left_name(task, name), right_name(task, name))]
 
 
-def _train(directory: Path, recipe: Recipe, tasks: list[str], params: dict, seed: int, device: torch.device,
-           log, allow_pickle: bool) -> tuple[torch.nn.Module, dict]:
-    """Pooled shared-model features of every task's inputs -> a router trained on task identity."""
+def _router_inputs(recipe: Recipe, tasks: list[str], params: dict, seed: int, allow_pickle: bool,
+                   log) -> list[tuple[list[torch.Tensor], str]]:
+    """Every task's router inputs, read and checked (kind, shape, range, a forward pass) on the base model before
+    any merging: a bad data file is refused in a second, not after the shared merge and the compression. The
+    shared model has the base's architecture and preprocessing, so the same inputs serve it."""
     from mergekit_lite.pleas.sources import data_batches, load_model, read_config
 
-    model = load_model(directory / SHARED, transformers_ok=True).to(device)
-    config = read_config(directory / SHARED)
-    features, labels, described = [], [], []
+    base_dir = Path(recipe.base_model)
+    model = load_model(base_dir, allow_pickle=allow_pickle, transformers_ok=True)
+    config = read_config(base_dir)
+    found = []
     for index, (task, entry) in enumerate(zip(tasks, recipe.models)):
         batches, text = data_batches(entry.data.model_dump(), model, config, int(params["router_samples"]),
-                                     int(params["batch_size"]), seed + index, False, model_dir=directory / SHARED,
+                                     int(params["batch_size"]), seed + index, False,
+                                     model_dir=base_dir if base_dir.is_dir() else base_dir.parent,
                                      allow_pickle=allow_pickle)
+        found.append((batches, text))
+        log(f"router data for {task}: {text}")
+    return found
+
+
+def _train(directory: Path, inputs: list[tuple[list[torch.Tensor], str]], tasks: list[str], params: dict, seed: int,
+           device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """Pooled shared-model features of every task's inputs -> a router trained on task identity."""
+    from mergekit_lite.pleas.sources import load_model
+
+    model = load_model(directory / SHARED, transformers_ok=True).to(device)
+    features, labels, described = [], [], []
+    for index, (task, (batches, text)) in enumerate(zip(tasks, inputs)):
         for batch in batches:
             features.append(pooled_features(model, str(params["router_feature"]), batch.to(device)))
             labels.append(torch.full((len(batch),), index, dtype=torch.long))
         described.append({"task": task, "source": text, "samples": sum(len(b) for b in batches)})
-        log(f"router data for {task}: {text}")
     features_all, labels_all = torch.cat(features), torch.cat(labels).to(device)
     router, training = train_router(features_all, labels_all, len(tasks), epochs=int(params["router_epochs"]), seed=seed)
     return router, {"feature": str(params["router_feature"]), "features": features_all.shape[1],
@@ -184,6 +200,7 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
     device = resolve_device(options.device if options.device != "auto" or recipe.device is None else recipe.device)
     rank = float(params["rank"])
     fingerprint = _fingerprint(recipe, seed, options)
+    router_inputs = _router_inputs(recipe, tasks, params, seed, options.allow_pickle, log)
     with CheckpointWriter(out, [], force=options.force, resume=options.resume, fingerprint=fingerprint) as staging:
         directory = staging.tmp_dir
         stages = _read_stages(directory) if staging.resumed else {}
@@ -206,7 +223,7 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
             _write_stages(directory, stages)
         layout, stats, storage = (stages["compress"][key] for key in ("layout", "stats", "storage"))
         compressed_at = time.perf_counter()
-        router, router_info = _train(directory, recipe, tasks, params, seed, device, log, options.allow_pickle)
+        router, router_info = _train(directory, router_inputs, tasks, params, seed, device)
         save_file({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}, str(directory / ROUTER))
         trained_at = time.perf_counter()
         (directory / STAGES).unlink()
