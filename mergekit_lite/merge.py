@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -12,7 +11,7 @@ from typing import Any
 
 from mergekit_lite.checkpoint import CheckpointWriter
 from mergekit_lite.checkpoint.files import (check_report_target, load_json, real, refuse_overlap,
-                                            roots_of, shard_fingerprint)
+                                            resume_fingerprint, roots_of)
 from mergekit_lite.checkpoint.lock import output_lock
 from mergekit_lite.checkpoint.writer import check_output_path, support_files
 from mergekit_lite.engine import MergePlan, MergeResult, Progress, plan_merge, run_merge
@@ -150,15 +149,10 @@ def merge_tensorwise(recipe: Recipe, recipe_text: str, out: Path, options: Merge
 
 
 def plan_fingerprint(plan: MergePlan, seed: int | None, shard_bytes: int | None) -> str:
-    """What an interrupted run must share with this one for its tensors to be reused: the recipe, the seed,
-    the shard size, and every input file's path, size, modification time and sampled content."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps(plan.recipe.model_dump(mode="json"), sort_keys=True).encode())
-    digest.update(f"{seed}|{shard_bytes}".encode())
-    for ckpt in [plan.sources.base, *plan.sources.experts]:
-        for shard in ckpt.shards if ckpt is not None else []:
-            digest.update(shard_fingerprint(shard).encode())
-    return digest.hexdigest()
+    """What an interrupted run must share with this one for its tensors to be reused."""
+    inputs = [ckpt for ckpt in [plan.sources.base, *plan.sources.experts] if ckpt is not None]
+    return resume_fingerprint(plan.recipe.model_dump(mode="json"), f"{seed}|{shard_bytes}",
+                              [shard for ckpt in inputs for shard in ckpt.shards])
 
 
 def _dtype_updates(reference: Path, dtype: str) -> dict[str, str]:

@@ -758,3 +758,28 @@ def test_a_text_data_fifo_is_refused_without_hanging(tmp_path, llama_family):
     done = _run_with_timeout(recipe, tmp_path / "out")
     assert done.returncode == 2 and "not a regular file" in done.stderr, done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_pleas_merge_resumes(tmp_path, mlp_pair, monkeypatch):
+    a, b = mlp_pair
+    data = tmp_path / "x.safetensors"
+    save_file({"x": torch.randn(64, 16)}, str(data))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: pleas\nmodels:\n  - model: {a}\n  - model: {b}\ndata: {{path: {data}}}\n")
+    assert run_cli("run", recipe, tmp_path / "reference", "--quiet").exit_code == 0
+    out = tmp_path / "out"
+    real_write = CheckpointWriter.write
+    calls = {"n": 0}
+
+    def interrupted(self, name, tensor):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        real_write(self, name, tensor)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CheckpointWriter, "write", interrupted)
+        assert run_cli("run", recipe, out).exit_code == 130
+    assert run_cli("run", recipe, out).exit_code == 2  # the partial work is not thrown away silently
+    assert run_cli("run", recipe, out, "--resume", "--quiet").exit_code == 0
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "reference" / "model.safetensors").read_bytes()

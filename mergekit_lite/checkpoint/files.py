@@ -172,6 +172,17 @@ def shard_fingerprint(path: str | Path) -> str:
     return f"{real(path)}|{info.st_size}|{info.st_mtime_ns}|{content_fingerprint(path)}"
 
 
+def resume_fingerprint(recipe: dict, settings: str, shards: Iterable[str | Path]) -> str:
+    """What an interrupted run must share with a new one for --resume to keep its work: the recipe, settings
+    (seed, shard size) and every input file (path, size, modification time, content)."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(recipe, sort_keys=True).encode())
+    digest.update(settings.encode())
+    for shard in shards:
+        digest.update(shard_fingerprint(shard).encode())
+    return digest.hexdigest()
+
+
 def replace_file(path: str | Path, data: bytes) -> None:
     """Write a small file beside its final path and rename it into place: never half a file at `path`."""
     path = Path(path)

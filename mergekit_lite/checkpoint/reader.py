@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from mergekit_lite.checkpoint.files import checked_file, load_json, open_regular, real, roots_of
+from mergekit_lite.checkpoint.files import (checked_file, load_json, open_regular, real, resume_fingerprint,
+                                           roots_of)
 from mergekit_lite.checkpoint.safetensors_format import TensorInfo, read_header
 from mergekit_lite.errors import CheckpointError, one_line
 
@@ -245,3 +246,13 @@ def _from_pickle(path: Path, file: Path, config: dict | None) -> Checkpoint:
     for name, tensor in ckpt._pickled_state(file).items():
         ckpt.tensors[name] = _info_of(name, tensor, file)
     return ckpt
+
+
+def run_fingerprint(recipe: dict, settings: str, inputs: list[str], allow_pickle: bool = False) -> str:
+    """resume_fingerprint over the weights files of the checkpoints at `inputs`."""
+    shards = []
+    for path in inputs:
+        ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
+        shards += ckpt.shards
+        ckpt.close()
+    return resume_fingerprint(recipe, settings, shards)

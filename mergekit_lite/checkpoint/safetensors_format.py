@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from mergekit_lite.checkpoint.files import open_regular, parse_json
 from mergekit_lite.errors import CheckpointError, one_line
@@ -121,8 +122,6 @@ def read_header(path: Path) -> Header:
 
 def _library_accepts(path: Path) -> None:
     """The safetensors library's own validation of the header (it reads the header and maps the file)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt"):
             pass

@@ -13,6 +13,7 @@ import torch
 
 from mergekit_lite import __version__
 from mergekit_lite.checkpoint import CheckpointWriter, TensorSpec
+from mergekit_lite.checkpoint.reader import run_fingerprint
 from mergekit_lite.device import resolve_device
 from mergekit_lite.errors import RecipeError
 from mergekit_lite.pleas.method import PleasOptions, pleas_merge
@@ -108,7 +109,9 @@ def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], opti
         "pleas": result.report,
         "versions": library_versions(),
     }
-    with CheckpointWriter(out, specs, force=force, metadata={"merged_with": "mergekit_lite pleas"}) as writer:
+    fingerprint = run_fingerprint(recipe.model_dump(mode="json"), f"{seed}", [str(p) for p in paths], options.allow_pickle)
+    with CheckpointWriter(out, specs, force=force, metadata={"merged_with": "mergekit_lite pleas"},
+                          resume=options.resume, fingerprint=fingerprint) as writer:
         for name, tensor in state.items():
             writer.write(name, tensor)
         writer.add_file("config.json", json.dumps(source_config, indent=2) + "\n")

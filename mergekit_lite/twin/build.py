@@ -3,7 +3,6 @@ factors, a router trained on the tasks' inputs, then a manifest and report; publ
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from datetime import datetime, timezone
@@ -15,7 +14,8 @@ import yaml
 
 from mergekit_lite import __version__
 from mergekit_lite.checkpoint import CheckpointWriter, open_checkpoint
-from mergekit_lite.checkpoint.files import replace_file, shard_fingerprint
+from mergekit_lite.checkpoint.files import replace_file
+from mergekit_lite.checkpoint.reader import run_fingerprint
 from mergekit_lite.device import resolve_device
 from mergekit_lite.errors import RecipeError
 from mergekit_lite.recipe import ModelEntry, Recipe, SharedMerge
@@ -199,7 +199,8 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
     seed = options.seed if options.seed is not None else (recipe.seed if recipe.seed is not None else 0)
     device = resolve_device(options.device if options.device != "auto" or recipe.device is None else recipe.device)
     rank = float(params["rank"])
-    fingerprint = _fingerprint(recipe, seed, options)
+    fingerprint = run_fingerprint(recipe.model_dump(mode="json"), f"{seed}|{options.shard_size}",
+                                  [recipe.base_model] + [entry.model for entry in recipe.models], options.allow_pickle)
     router_inputs = _router_inputs(recipe, tasks, params, seed, options.allow_pickle, log)
     with CheckpointWriter(out, [], force=options.force, resume=options.resume, fingerprint=fingerprint) as staging:
         directory = staging.tmp_dir
@@ -271,21 +272,6 @@ def _read_stages(directory: Path) -> dict[str, Any]:
 
 def _write_stages(directory: Path, stages: dict[str, Any]) -> None:
     replace_file(directory / STAGES, json.dumps(stages).encode())
-
-
-def _fingerprint(recipe: Recipe, seed: int, options) -> str:
-    """What an interrupted twin run must share with this one to be continued: recipe, seed, shard size and the
-    inputs' files (paths, sizes, times, sampled content)."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode())
-    digest.update(f"{seed}|{options.shard_size}".encode())
-    for path in [recipe.base_model] + [entry.model for entry in recipe.models]:
-        ckpt = open_checkpoint(path, allow_pickle=options.allow_pickle)
-        try:
-            digest.update("|".join(shard_fingerprint(shard) for shard in ckpt.shards).encode())
-        finally:
-            ckpt.close()
-    return digest.hexdigest()
 
 
 def _storage(specs: list, dense_bytes: int, layout: dict[str, dict]) -> dict[str, Any]:
