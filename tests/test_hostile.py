@@ -783,3 +783,27 @@ def test_an_interrupted_pleas_merge_resumes(tmp_path, mlp_pair, monkeypatch):
     assert run_cli("run", recipe, out).exit_code == 2  # the partial work is not thrown away silently
     assert run_cli("run", recipe, out, "--resume", "--quiet").exit_code == 0
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "reference" / "model.safetensors").read_bytes()
+
+
+json_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=12),
+                                     st.sampled_from(["../x.safetensors", "/etc/passwd", "model.safetensors", ""])),
+                           lambda children: st.one_of(st.lists(children, max_size=3),
+                                                      st.dictionaries(st.text(max_size=6), children, max_size=3)),
+                           max_leaves=6)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(index=st.one_of(json_values, st.fixed_dictionaries({"weight_map": json_values})),
+       config=st.one_of(st.none(), json_values))
+def test_any_index_or_config_is_read_or_refused_in_one_line(tmp_path_factory, index, config):
+    from mergekit_lite.checkpoint import open_checkpoint
+
+    directory = tmp_path_factory.mktemp("idx")
+    save_file({"w": torch.ones(2)}, str(directory / "model.safetensors"))
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    if config is not None:
+        (directory / "config.json").write_text(json.dumps(config))
+    try:
+        open_checkpoint(directory)
+    except CheckpointError as exc:
+        assert "\n" not in str(exc)

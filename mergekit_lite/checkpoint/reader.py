@@ -191,7 +191,10 @@ def _open_sharded(directory: Path, index: Path, config: dict | None, fmt: str, a
     weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: not a valid index file (needs a 'weight_map' object)")
-    shard_names = sorted(set(weight_map.values()), key=str)
+    odd = [value for value in weight_map.values() if not isinstance(value, str)]
+    if odd:
+        raise CheckpointError(f"{index}: shard name {odd[0]!r} is not a file name")
+    shard_names = sorted(set(weight_map.values()))
     files = [_shard_path(index, roots, name) for name in shard_names]
     if fmt.startswith("pickle"):
         ckpt = Checkpoint(path=directory, format=fmt, tensors={}, config=config, shards=files)
