@@ -23,6 +23,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
 def encodable(text: str) -> str:
     """A path's undecodable bytes (surrogate escapes) shown as escapes: printing them would raise."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")

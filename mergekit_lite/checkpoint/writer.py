@@ -289,6 +289,8 @@ class CheckpointWriter:
         if not os.path.lexists(config_file):
             return False
         config = load_json(config_file, roots_of(source_dir), "config.json")
+        if not isinstance(config, dict):
+            raise UserError(f"{config_file}: must hold a JSON object")
         config.update(updates or {})
         self.add_file("config.json", json.dumps(config, indent=2) + "\n")
         return True
