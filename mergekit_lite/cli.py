@@ -457,6 +457,8 @@ def twin_collapse(
     result = collapse(directory, _task_mix(weights), out_dir, force=force)
     mix = ", ".join(f"{task}={w:g}" for task, w in result["weights"].items())
     out.print(f"[bold green]collapsed[/] {result['tensors']} tensors ({mix}) into {result['path']}", highlight=False)
+    for warning in result["warnings"]:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
 
 
 def main() -> None:

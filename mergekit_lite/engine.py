@@ -24,7 +24,7 @@ from mergekit_lite.checkpoint.files import same_path
 from mergekit_lite.checkpoint.writer import DEFAULT_SHARD_BYTES, check_output_path
 from mergekit_lite.device import resolve_device
 from mergekit_lite.errors import UserError
-from mergekit_lite.layers import count_layers, layer_index
+from mergekit_lite.layers import count_layers, layer_index, must_stay_positive
 from mergekit_lite.methods import Chunk, MergeMethod, TensorContext, get_method
 from mergekit_lite.methods.base import ChunkResult, summarize_counts
 from mergekit_lite.recipe import DTYPES, Recipe, is_embedding, recipe_params
@@ -75,6 +75,7 @@ class TensorPlan:
     missing_in: list[int] = field(default_factory=list)  # experts lacking the tensor: they contribute no change
     row_aligned: list[int] = field(default_factory=list)  # experts whose vocab rows were cut or padded to the base's
     read_as: dict[int, str] = field(default_factory=dict)  # expert -> the tensor it stores this one under (tied head)
+    positive: bool = False  # a statistic that must stay > 0 (batch-norm variance): kept from the reference if not
 
     def source_name(self, expert: int) -> str:
         return self.read_as.get(expert, self.name)
@@ -138,7 +139,8 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         merge = info.dtype.is_floating_point and info.numel > 0
         if not info.dtype.is_floating_point:
             kept_as_is.append(name)
-        plan = TensorPlan(name=name, shape=info.shape, dtype=output_dtype(recipe, info.dtype), merge=merge)
+        plan = TensorPlan(name=name, shape=info.shape, dtype=output_dtype(recipe, info.dtype), merge=merge,
+                          positive=must_stay_positive(name))
         for index, expert in enumerate(sources.experts):
             other = expert.tensors.get(name)
             tied = tied_embedding_name(expert, name) if other is None else None
@@ -481,6 +483,7 @@ class MergeResult:
     wall_seconds: float
     nonfinite: list[str]
     resumed: int = 0  # tensors kept from an interrupted run
+    reverted: list[str] = field(default_factory=list)  # positive statistics the merge broke, kept from the reference
 
 
 def tensor_context(plan: MergePlan, tensor: TensorPlan, seed: int, model_state: Any = None) -> TensorContext:
@@ -521,6 +524,7 @@ def run_merge(
     specs = [TensorSpec(t.name, t.dtype, t.shape) for t in plan.tensors]
     stats: list[dict[str, Any]] = []
     nonfinite: list[str] = []
+    reverted: list[str] = []
     writer = CheckpointWriter(out_dir, specs, max_shard_bytes=shard_bytes or DEFAULT_SHARD_BYTES, force=force,
                               metadata={"merged_with": f"mergekit_lite {method.name}"}, resume=resume,
                               fingerprint=fingerprint)
@@ -534,6 +538,8 @@ def run_merge(
                 for position, tensor in enumerate(plan.tensors):
                     if tensor.name in writer.completed:
                         stats.append(writer.completed[tensor.name])
+                        if writer.completed[tensor.name].get("kept_from") is not None:
+                            reverted.append(tensor.name)
                         progress.advance(tensor.nbytes)
                         continue
                     if tensor.merge:
@@ -541,6 +547,8 @@ def run_merge(
                         entry = _merge_tensor(plan, tensor, reader, writer, seed, model_state, timings, following)
                         if entry.pop("nonfinite"):
                             nonfinite.append(tensor.name)
+                        if entry.get("kept_from") is not None:
+                            reverted.append(tensor.name)
                     else:
                         entry = _copy_tensor(plan, tensor, reader, writer, timings)
                     entry.update(shape=list(tensor.shape), dtype=str(tensor.dtype).removeprefix("torch."))
@@ -550,7 +558,7 @@ def run_merge(
                 loop = time.perf_counter() - loop_started
                 timings.compute = loop - (timings.wait - waited_before) - timings.write
                 result_info = MergeResult(plan, stats, timings, dev, seed, writer.files, time.perf_counter() - started,
-                                          nonfinite, resumed=len(writer.completed))
+                                          nonfinite, resumed=len(writer.completed), reverted=reverted)
                 if finalize is not None:
                     finalize(result_info, writer)
     finally:
@@ -576,12 +584,20 @@ def _merge_tensor(plan: MergePlan, tensor: TensorPlan, reader: ChunkReader, writ
     state = method.prepare(context, stream) if method.prepare is not None else None
     chunks = iter(cached) if cached is not None else reader.stream(tensor)
     stats = TensorAccumulator(tensor.name, context.numel)
+    kept_from = None
     for chunk in chunks:
         result = method.merge_chunk(context, chunk, state)
+        if tensor.positive and not bool((result.tensor > 0).all()):  # NaN fails the test too
+            reference = plan.sources.reference
+            stop = chunk.start + (result.tensor.shape[0] if result.tensor.dim() > 1 else 1)
+            result = ChunkResult(reader.copy_rows(reference, tensor.name, chunk.start, stop).to(result.tensor))
+            kept_from = str(reference.path)
         stats.add(result, result.tensor, chunk.base)
         _write(writer, tensor, chunk.start, result.tensor, timings)
     entry = stats.summary(plan.sources.base is not None)
     entry["nonfinite"] = stats.nonfinite
+    if kept_from is not None:
+        entry["kept_from"] = kept_from
     return entry
 
 

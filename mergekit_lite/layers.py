@@ -24,3 +24,13 @@ def count_layers(config: dict[str, Any] | None, names: Iterable[str]) -> int:
             return value
     indices = [i for i in (layer_index(n) for n in names) if i is not None]
     return max(indices) + 1 if indices else 0
+
+
+# Statistics whose entries must stay positive: a batch norm's running variance. A weighted combination of them
+# (task arithmetic at lambda >= 0.5, DARE's rescaling, extrapolating slerp) can reach zero or below, and the
+# model then divides by the square root of a negative number.
+_POSITIVE_SUFFIXES = ("running_var", "running_variance", "moving_variance")
+
+
+def must_stay_positive(name: str) -> bool:
+    return name.endswith(_POSITIVE_SUFFIXES)

@@ -70,6 +70,10 @@ def build_report(result: MergeResult, out_dir: Path, written_dir: Path,
     warnings = list(plan.warnings)
     if result.resumed:
         warnings.append(f"resumed: {result.resumed} tensor(s) were kept from an interrupted run (checksums verified)")
+    if result.reverted:
+        warnings.append(f"{len(result.reverted)} batch-norm variance tensor(s) came out zero or negative (the merged "
+                        f"model would compute NaN) and were kept from {sources.reference.path} instead, e.g. "
+                        f"{result.reverted[0]!r}")
     if result.nonfinite:
         warnings.append(f"{len(result.nonfinite)} merged tensor(s) hold NaN or Inf, e.g. {result.nonfinite[0]!r}")
     return {

@@ -20,6 +20,7 @@ from mergekit_lite.checkpoint.files import refuse_overlap
 from mergekit_lite.checkpoint.lock import output_lock
 from mergekit_lite.checkpoint.writer import check_output_path
 from mergekit_lite.errors import UserError
+from mergekit_lite.layers import must_stay_positive
 from mergekit_lite.twin.lanes import Lanes, lay_out, pack, split_tasks, unpack
 from mergekit_lite.twin.routed import (RoutedBatchNorm2d, RoutedConv1D, RoutedConv2d, RoutedEmbedding,
                                        RoutedLayerNorm, RoutedLinear, RoutedRMSNorm, fold_norms, is_rms_norm,
@@ -366,6 +367,7 @@ def _collapse(directory: Path, manifest: dict, weights: dict[str, float], vector
               force: bool) -> dict:
     shared = open_checkpoint(directory / SHARED)
     experts = open_checkpoint(directory / EXPERTS)
+    kept: list[str] = []
     try:
         specs = [TensorSpec(name, info.dtype, tuple(info.shape)) for name, info in shared.tensors.items()]
         with CheckpointWriter(out, specs, force=force, metadata={"merged_with": "mergekit_lite twin-collapse"}) as writer:
@@ -382,7 +384,11 @@ def _collapse(directory: Path, manifest: dict, weights: dict[str, float], vector
                         else:
                             left, right = experts.get(left_name(task, name)).float(), experts.get(right_name(task, name)).float()
                             mix += w * (left @ right).view(tensor.shape)
-                    tensor = (tensor.float() + mix).to(tensor.dtype)
+                    mixed = tensor.float() + mix
+                    if must_stay_positive(name) and not bool((mixed > 0).all()):
+                        kept.append(name)  # the shared expert's variances: the mix would make the model compute NaN
+                    else:
+                        tensor = mixed.to(tensor.dtype)
                 writer.write(name, tensor)
             writer.copy_config(directory / SHARED)
             writer.copy_support_files(directory / SHARED)
@@ -391,4 +397,6 @@ def _collapse(directory: Path, manifest: dict, weights: dict[str, float], vector
     finally:
         shared.close()
         experts.close()
-    return {"path": str(out), "tensors": len(specs), "weights": mix_record["weights"]}
+    warnings = [f"{len(kept)} batch-norm variance tensor(s) would come out zero or negative under this mix and were "
+                f"kept from the shared expert, e.g. {kept[0]!r}"] if kept else []
+    return {"path": str(out), "tensors": len(specs), "weights": mix_record["weights"], "warnings": warnings}
