@@ -1,12 +1,12 @@
 """Crash safety: SIGKILL merges at random moments, then check the output path and resume.
 
 Three kinds of trial, `--trials` each (20 by default):
-- merge: `merge run` on Llama-shaped checkpoints (4 layers, 7M parameters, base + 3 experts, DARE-TIES with a
+- merge: `merge run` on Llama-shaped checkpoints (8 layers, 42M parameters, base + 3 experts, DARE-TIES with a
   seed) killed at a random time; the output path must hold nothing or a complete checkpoint byte-identical to an
   uninterrupted run, and when it holds nothing, `merge run --resume` must finish with the same bytes;
 - resume: the same merge killed once, then killed again at a random time while `--resume` continues it (while
   it re-checks the journal, or while it merges the rest); a last `--resume` must still give the same bytes;
-- twin: a Twin-Merging run (shared merge, compression, router training) on the same checkpoints, killed at a
+- twin: a Twin-Merging run (shared merge, compression, router training) on smaller ones (4 layers, 7M), killed at a
   random time; nothing or a complete directory at the path, and `--resume` gives every file of an uninterrupted
   run, byte for byte.
 Prints the counts and timings; exits non-zero if any trial left a broken output or resumed to other bytes.
@@ -36,6 +36,7 @@ from mergekit_lite.examples import LLAMA_SMALL, llama_shaped_checkpoints  # noqa
 from mergekit_lite.twin.build import STAGES  # noqa: E402
 
 COMMAND = [sys.executable, "-m", "mergekit_lite", "run"]
+LLAMA_MEDIUM = {"hidden": 512, "layers": 8, "intermediate": 1408, "vocab": 16000, "heads": 8}
 
 
 def run_killed(recipe: Path, out: Path, delay: float, extra: tuple[str, ...] = ()) -> None:
@@ -82,13 +83,16 @@ def trials(kind: str, recipe: Path, work: Path, count: int, rng: random.Random) 
     resume_seconds = []
     for trial in range(count):
         out = work / f"{kind}{trial}"
-        # Half the kills anywhere after start-up, half in the last second, where files are sealed and published
-        # (a Twin-Merging run's stages are spread out, so its kills are all anywhere).
-        low = startup if trial % 2 == 0 or kind == "twin" else max(startup, full - 1.0)
-        run_killed(recipe, out, rng.uniform(low, full * 1.05))
-        if kind == "resume" and not out.exists():
-            # kill the resume too: early (re-checking the journal) or anywhere in what is left
-            run_killed(recipe, out, rng.uniform(startup, max(startup + 0.1, full)), ("--resume",))
+        work_time = max(full - startup, 0.1)
+        if kind == "resume":  # killed mid-merge, then the resume killed early (re-checking) or anywhere after
+            run_killed(recipe, out, startup + rng.uniform(0.2, 0.8) * work_time)
+            if not out.exists():
+                run_killed(recipe, out, startup + rng.uniform(0.0, 0.8) * work_time, ("--resume",))
+        else:
+            # Half the kills anywhere after start-up, half in the last second, where files are sealed and
+            # published (a Twin-Merging run's stages are spread out, so its kills are all anywhere).
+            low = startup if trial % 2 == 0 or kind == "twin" else max(startup, full - 1.0)
+            run_killed(recipe, out, rng.uniform(low, full * 1.05))
         if out.exists():
             complete = weights(out) == expected
             counts["complete at target" if complete else "broken at target"] += 1
@@ -107,9 +111,11 @@ def trials(kind: str, recipe: Path, work: Path, count: int, rng: random.Random) 
 
 def write_recipes(work: Path) -> dict[str, Path]:
     paths = llama_shaped_checkpoints(work / "models", LLAMA_SMALL, 3, torch.bfloat16)
+    # a merge long enough (about 3 s of work past start-up) for kills to land inside it, not only around it
+    medium = llama_shaped_checkpoints(work / "medium", LLAMA_MEDIUM, 3, torch.bfloat16)
     merge = work / "merge.yaml"
-    lines = ["merge_method: dare_ties", f"base_model: {paths[0]}", "models:"]
-    for path in paths[1:]:
+    lines = ["merge_method: dare_ties", f"base_model: {medium[0]}", "models:"]
+    for path in medium[1:]:
         lines += [f"  - model: {path}", "    parameters: {weight: 1.0, density: 0.5}"]
     merge.write_text("\n".join(lines) + "\nseed: 3\n")
     twin = work / "twin.yaml"

@@ -807,3 +807,16 @@ def test_any_index_or_config_is_read_or_refused_in_one_line(tmp_path_factory, in
         open_checkpoint(directory)
     except CheckpointError as exc:
         assert "\n" not in str(exc)
+
+
+def test_data_free_images_of_unrecorded_size_are_asked_for_before_any_work(tmp_path, resnet_dir):
+    model = tmp_path / "model"
+    shutil.copytree(resnet_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config.pop("pretrained_cfg", None)
+    (model / "config.json").write_text(json.dumps(config))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: pleas\nmodels:\n  - model: {model}\n  - model: {model}\n"
+                      "parameters: {data_free: true}\n")
+    for command in (["validate", recipe], ["run", recipe, tmp_path / "out"]):
+        assert_refused(run_cli(*command), tmp_path / "out", "does not record the input size", "shape: [3, 32, 32]")

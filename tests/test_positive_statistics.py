@@ -4,7 +4,6 @@ them to zero or below keeps the reference's values and says so, on two conv-net 
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch

@@ -17,7 +17,7 @@ from mergekit_lite.checkpoint.reader import run_fingerprint
 from mergekit_lite.device import resolve_device
 from mergekit_lite.errors import RecipeError
 from mergekit_lite.pleas.method import PleasOptions, pleas_merge
-from mergekit_lite.pleas.sources import data_batches, load_model, read_config
+from mergekit_lite.pleas.sources import data_batches, generic_shape, is_transformers, load_model, read_config
 from mergekit_lite.report import SCHEMA, file_sha256, library_versions, peak_memory, write_report
 
 
@@ -40,6 +40,15 @@ def options_from(params: dict[str, Any], device: torch.device | str = "cpu", see
                         tune_steps=tune_steps(params), tune_lr=float(params["tune_lr"]), seed=seed)
 
 
+def check_generic_inputs(recipe, data_free: bool, path: Path) -> None:
+    """Data-free generic images need a size the config records or `data.shape`; say so before any work."""
+    data = recipe.data.model_dump() if recipe.data else {}
+    config = read_config(path)
+    generic = data.get("kind") == "generic" or (data_free and not data.get("path"))
+    if generic and not is_transformers(config):
+        generic_shape(data, config, path)
+
+
 def check_models(recipe, allow_pickle: bool = False) -> dict[str, Any]:
     """What `merge validate` checks for PLeaS: both models build, have the same permutation groups, and
     permuting every group at random leaves the first model's outputs unchanged; the data path exists."""
@@ -48,6 +57,7 @@ def check_models(recipe, allow_pickle: bool = False) -> dict[str, Any]:
     from mergekit_lite.pleas.sources import example_inputs
 
     paths = [Path(entry.model) for entry in recipe.models]
+    check_generic_inputs(recipe, bool(recipe.parameters.get("data_free", False)), paths[0])
     models = [load_model(p, allow_pickle=allow_pickle, transformers_ok=True) for p in paths]
     specs = [permutation_spec(m) for m in models]
     _same_structure(specs[0], specs[1])
@@ -67,6 +77,7 @@ def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], opti
     if recipe.base_model is not None:
         raise RecipeError("pleas merges two models from any initialisation; it takes no base_model")
     device = resolve_device(options.device if options.device != "auto" or recipe.device is None else recipe.device)
+    check_generic_inputs(recipe, bool(params["data_free"]), paths[0])
     models = [load_model(p, allow_pickle=options.allow_pickle, transformers_ok=True).to(device) for p in paths]
     config = read_config(paths[0])
     seed = seed if seed is not None else (recipe.seed if recipe.seed is not None else 0)

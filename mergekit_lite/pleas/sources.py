@@ -161,16 +161,38 @@ def example_inputs(config: dict, count: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(count, *input_shape(config), generator=gen)
 
 
-def input_shape(config: dict) -> tuple[int, ...]:
-    """One input's shape, from the config (MLP input size, or timm's pretrained input size and channels)."""
+def recorded_input_shape(config: dict) -> tuple[int, ...] | None:
+    """One input's shape as the config records it (MLP input size; timm's `model_args.img_size` or
+    `pretrained_cfg.input_size`), or None: the tool does not guess what size a model was trained at."""
     if "mergekit_lite_mlp" in config:
         return (config["mergekit_lite_mlp"][0],)
     args = config.get("model_args") or {}
-    size = (config.get("pretrained_cfg") or {}).get("input_size") or [3, 224, 224]
-    channels = args.get("in_chans", size[0])
-    side = args.get("img_size", config.get("input_size_override", size[1]))
+    size = (config.get("pretrained_cfg") or {}).get("input_size")
+    side = args.get("img_size", config.get("input_size_override", size[1] if size else None))
+    if side is None:
+        return None
     side = side if isinstance(side, int) else side[0]
-    return (channels, side, side)
+    return (args.get("in_chans", size[0] if size else 3), side, side)
+
+
+def input_shape(config: dict) -> tuple[int, ...]:
+    """A shape to probe the model with (two samples in the permutation self-check): the recorded one, else
+    224 px images."""
+    return recorded_input_shape(config) or (3, 224, 224)
+
+
+def generic_shape(data: dict | None, config: dict, path: Path) -> tuple[int, ...]:
+    """The shape of data-free generic inputs: `data.shape`, else the one the config records; otherwise one line
+    asking for it, before any work (a guess of 224 px for a model trained at 32 px costs 50 times the compute
+    and says nothing of the model)."""
+    given = (data or {}).get("shape")
+    if given:
+        return tuple(given)
+    recorded = recorded_input_shape(config)
+    if recorded is None:
+        raise UserError(f"{path}: config.json does not record the input size; give it for data-free inputs, e.g. "
+                        "data: {kind: generic, shape: [3, 32, 32]}")
+    return recorded
 
 
 def generic_inputs(shape: tuple[int, ...], count: int, seed: int) -> torch.Tensor:
@@ -339,7 +361,7 @@ def data_batches(data: dict | None, model: torch.nn.Module, config: dict, sample
         inputs = torch.randint(0, int(config["vocab_size"]), (samples, length), generator=gen)
         described = f"random token ids, {samples} windows of {length} (data-free)"
     elif kind == "generic":
-        shape = tuple(data["shape"]) if data.get("shape") else input_shape(config)
+        shape = generic_shape(data, config, model_dir or Path("model"))
         inputs, described = generic_inputs(shape, samples, seed), f"generic inputs of shape {list(shape)} (data-free)"
     elif path is None:
         raise UserError("PLeaS needs data: give data.path (a tensor file or an image folder), or data_free: true")
