@@ -274,7 +274,7 @@ def run(
         return
     timings = result["timings_seconds"]
     steps = ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in timings.items()
-                      if k in ("read", "compute", "write", "shared_merge", "compress", "router"))
+                      if k in ("read", "refine", "compute", "write", "shared_merge", "compress", "router"))
     out.print(
         f"[bold green]merged[/] {result['output']['tensors']} tensors with {result['method']} into "
         f"{result['output']['path']} ({_human_bytes(result['output']['bytes'])}) on {result['device']} in "

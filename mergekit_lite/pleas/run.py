@@ -22,6 +22,9 @@ from mergekit_lite.report import SCHEMA, file_sha256, library_versions, peak_mem
 
 
 DATA_FREE_TUNE_STEPS = 300
+DATA_FREE_WARNING = ("data-free: matching, least squares and tuning saw synthetic inputs only; the report's match "
+                     "quality and output gap are measured on them and do not predict accuracy on the task (pairs "
+                     "trained apart can merge far worse than with task data); check the merged model on task data")
 
 
 def tune_steps(params: dict[str, Any]) -> int:
@@ -78,6 +81,7 @@ def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], opti
         raise RecipeError("pleas merges two models from any initialisation; it takes no base_model")
     device = resolve_device(options.device if options.device != "auto" or recipe.device is None else recipe.device)
     check_generic_inputs(recipe, bool(params["data_free"]), paths[0])
+    phases: dict[str, float] = {}
     models = [load_model(p, allow_pickle=options.allow_pickle, transformers_ok=True).to(device) for p in paths]
     config = read_config(paths[0])
     seed = seed if seed is not None else (recipe.seed if recipe.seed is not None else 0)
@@ -85,7 +89,7 @@ def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], opti
                                       int(params["samples"]), int(params["batch_size"]), seed,
                                       bool(params["data_free"]), model_dir=paths[0], statistics_of=models,
                                       statistics_steps=int(params["data_free_steps"]),
-                                      allow_pickle=options.allow_pickle)
+                                      allow_pickle=options.allow_pickle, timings=phases)
     loaded = time.perf_counter()
     result = pleas_merge(models[0], models[1], batches, options_from(params, device, seed), log=log)
     merged_at = time.perf_counter()
@@ -134,9 +138,10 @@ def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], opti
         report["output"] = {"path": str(out), "bytes": files_bytes, "tensors": len(state), "files": [
             {"name": name, "bytes": (writer.tmp_dir / name).stat().st_size,
              "sha256": writer.shard_digest(name) or file_sha256(writer.tmp_dir / name)} for name in writer.files]}
-        report["timings_seconds"] = {"read": loaded - started, "compute": merged_at - loaded,
+        refine = phases.get("refine", 0.0)
+        report["timings_seconds"] = {"read": loaded - started - refine, "refine": refine, "compute": merged_at - loaded,
                                      "write": time.perf_counter() - merged_at, "total": time.perf_counter() - started}
-        report["warnings"] = []
+        report["warnings"] = [DATA_FREE_WARNING] if "data-free" in described else []
         report["peak_memory"] = peak_memory(device)
         if report_path is None:
             writer.add_file("merge_report.json", json.dumps(report, indent=2) + "\n")

@@ -12,6 +12,7 @@ inputs made here (smooth random images, Gaussian vectors or random token ids: th
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -342,8 +343,10 @@ TEXT_SUFFIXES = (".txt", ".md", ".text", ".jsonl", ".csv", ".py", ".rst")
 def data_batches(data: dict | None, model: torch.nn.Module, config: dict, samples: int, batch_size: int, seed: int,
                  data_free: bool, model_dir: Path | None = None,
                  statistics_of: list[torch.nn.Module] | None = None,
-                 statistics_steps: int = 0, allow_pickle: bool = False) -> tuple[list[torch.Tensor], str]:
-    """The inputs a model-aware method sees, in batches, and a description for the report. With
+                 statistics_steps: int = 0, allow_pickle: bool = False,
+                 timings: dict[str, float] | None = None) -> tuple[list[torch.Tensor], str]:
+    """The inputs a model-aware method sees, in batches, and a description for the report (`timings` gets the
+    refinement's seconds, a phase of its own). With
     `statistics_steps`, data-free images (generic ones or another domain's) are refined for that many steps to
     match the batch-norm statistics of `statistics_of` (the models being merged), when they have any: another
     domain's images start closer to the task's than noise does, and refined they merge far better than as
@@ -388,6 +391,9 @@ def data_batches(data: dict | None, model: torch.nn.Module, config: dict, sample
         from mergekit_lite.pleas.synthetic import batch_norm_layers, statistics_matched
 
         if any(batch_norm_layers(m) for m in statistics_of):
+            started = time.perf_counter()
             inputs = statistics_matched(statistics_of, inputs, steps=statistics_steps)
             described += ", refined to match the models' batch-norm statistics"
+            if timings is not None:
+                timings["refine"] = time.perf_counter() - started
     return [inputs[i: i + batch_size] for i in range(0, len(inputs), batch_size)], described
