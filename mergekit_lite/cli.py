@@ -211,7 +211,8 @@ def _print_comparison(result: dict, top: int) -> None:
 
 
 class RichProgress:
-    """A progress bar (tensors and bytes) on stderr; nothing when stderr is not a terminal or --quiet."""
+    """A progress bar with an ETA on stderr; nothing when stderr is not a terminal or --quiet. With bytes it
+    counts tensors and bytes (a merge); with no bytes it counts steps (a model-aware phase: refinement, tuning)."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -223,25 +224,28 @@ class RichProgress:
         from rich.progress import (
             BarColumn,
             DownloadColumn,
+            MofNCompleteColumn,
             Progress,
             TextColumn,
             TimeElapsedColumn,
             TimeRemainingColumn,
         )
 
-        self._bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TextColumn("{task.fields[tensors]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False,
-        )
+        self._by_bytes = nbytes > 0
+        counts = [DownloadColumn(), TextColumn("{task.fields[tensors]}")] if self._by_bytes else [MofNCompleteColumn()]
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), *counts, TimeElapsedColumn(),
+                             TimeRemainingColumn(), console=err, transient=False)
         self._bar.start()
         self._total_tensors = tensors
         self._done = 0
-        self._task = self._bar.add_task(label, total=nbytes, tensors=f"0/{tensors} tensors")
+        self._task = self._bar.add_task(label, total=nbytes if self._by_bytes else tensors,
+                                        tensors=f"0/{tensors} tensors")
 
     def advance(self, nbytes: int) -> None:
         if self._bar is not None:
             self._done += 1
-            self._bar.update(self._task, advance=nbytes, tensors=f"{self._done}/{self._total_tensors} tensors")
+            self._bar.update(self._task, advance=nbytes if self._by_bytes else 1,
+                             tensors=f"{self._done}/{self._total_tensors} tensors")
 
     def stop(self) -> None:
         if self._bar is not None:

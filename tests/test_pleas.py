@@ -519,3 +519,28 @@ def test_a_data_free_report_warns_and_times_refinement_as_its_own_phase(tmp_path
     timings = report["timings_seconds"]
     assert timings["refine"] > 0 and timings["read"] >= 0
     assert abs(timings["read"] + timings["refine"] + timings["compute"] + timings["write"] - timings["total"]) < 0.5
+
+
+def test_long_pleas_phases_show_step_progress(tmp_path, pleas_inputs, monkeypatch):
+    """Refinement and tuning report their steps to the progress bar (which shows an ETA from them)."""
+    import mergekit_lite.cli as cli
+
+    calls = []
+
+    class Recorder(cli.RichProgress):
+        def start(self, tensors, nbytes, label):
+            calls.append((label, tensors, nbytes))
+            super().start(tensors, nbytes, label)
+
+        def advance(self, nbytes):
+            calls.append(("advance", nbytes))
+            super().advance(nbytes)
+
+    monkeypatch.setattr(cli, "RichProgress", lambda enabled: Recorder(True))
+    a, b, _ = pleas_inputs
+    recipe = _recipe(tmp_path, a, b, "data: {kind: generic, shape: [1, 16, 16]}\n",
+                     "data_free: true, samples: 32, batch_size: 32, data_free_steps: 4, tune_steps: 6")
+    assert runner.invoke(app, ["run", recipe, str(tmp_path / "out")]).exit_code == 0
+    starts = [c for c in calls if c[0] != "advance"]
+    assert [s[1:] for s in starts] == [(4, 0), (6, 0)] and "refining" in starts[0][0] and "tuning" in starts[1][0]
+    assert sum(1 for c in calls if c[0] == "advance") == 10

@@ -188,8 +188,10 @@ def reestimate_norm_statistics(model: torch.nn.Module, batches: Iterable[torch.T
 
 
 def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: list[torch.Tensor],
-                options: PleasOptions | None = None, log: Callable[[str], None] = lambda message: None) -> PleasResult:
-    """Merge two models of one architecture; `batches` feed the matching and the least squares."""
+                options: PleasOptions | None = None, log: Callable[[str], None] = lambda message: None,
+                progress=None) -> PleasResult:
+    """Merge two models of one architecture; `batches` feed the matching and the least squares (`progress`
+    shows the tuning's steps, the longest phase)."""
     options = options or PleasOptions()
     if not 1.0 <= options.target_width <= 2.0:
         raise UserError(f"target_width must be between 1.0 and 2.0, not {options.target_width}")
@@ -333,7 +335,7 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
         if head is None:
             raise UserError("PLeaS tuning needs an output layer outside every permutation group")
         tuning = tune_outputs(model, model_a, model_b, batches, head, options.tune_steps, options.tune_lr,
-                              seed=options.seed, log=log)
+                              seed=options.seed, log=log, progress=progress)
 
     dense = sum(_kernel(l.module) * out_layout_of(l).width * in_layout_of(l).width * positions[l.name]
                 for l in spec.layers) + _attention_macs(spec, positions, [layout.width for layout in layouts])

@@ -89,9 +89,9 @@ def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], opti
                                       int(params["samples"]), int(params["batch_size"]), seed,
                                       bool(params["data_free"]), model_dir=paths[0], statistics_of=models,
                                       statistics_steps=int(params["data_free_steps"]),
-                                      allow_pickle=options.allow_pickle, timings=phases)
+                                      allow_pickle=options.allow_pickle, timings=phases, progress=progress)
     loaded = time.perf_counter()
-    result = pleas_merge(models[0], models[1], batches, options_from(params, device, seed), log=log)
+    result = pleas_merge(models[0], models[1], batches, options_from(params, device, seed), log=log, progress=progress)
     merged_at = time.perf_counter()
     state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
     specs = [TensorSpec(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in state.items()]

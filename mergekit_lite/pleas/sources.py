@@ -344,7 +344,7 @@ def data_batches(data: dict | None, model: torch.nn.Module, config: dict, sample
                  data_free: bool, model_dir: Path | None = None,
                  statistics_of: list[torch.nn.Module] | None = None,
                  statistics_steps: int = 0, allow_pickle: bool = False,
-                 timings: dict[str, float] | None = None) -> tuple[list[torch.Tensor], str]:
+                 timings: dict[str, float] | None = None, progress=None) -> tuple[list[torch.Tensor], str]:
     """The inputs a model-aware method sees, in batches, and a description for the report (`timings` gets the
     refinement's seconds, a phase of its own). With
     `statistics_steps`, data-free images (generic ones or another domain's) are refined for that many steps to
@@ -392,7 +392,7 @@ def data_batches(data: dict | None, model: torch.nn.Module, config: dict, sample
 
         if any(batch_norm_layers(m) for m in statistics_of):
             started = time.perf_counter()
-            inputs = statistics_matched(statistics_of, inputs, steps=statistics_steps)
+            inputs = statistics_matched(statistics_of, inputs, steps=statistics_steps, progress=progress)
             described += ", refined to match the models' batch-norm statistics"
             if timings is not None:
                 timings["refine"] = time.perf_counter() - started

@@ -42,7 +42,8 @@ def statistics_loss(models: list[torch.nn.Module], x: torch.Tensor) -> torch.Ten
 
 
 def statistics_matched(models: list[torch.nn.Module], start: torch.Tensor, steps: int = 200, lr: float = 0.5,
-                       batch: int = 256, log: Callable[[str], None] = lambda message: None) -> torch.Tensor:
+                       batch: int = 256, log: Callable[[str], None] = lambda message: None,
+                       progress=None) -> torch.Tensor:
     """Refine `start` (e.g. smooth random images) by Adam on the batch-norm statistics loss, a batch at a time.
     Models stay in eval mode and untouched; only the inputs change. Inputs are in normalised units, so steps of
     up to half a unit per pixel: a tenth of that leaves the statistics far from the stored ones after 200
@@ -51,14 +52,22 @@ def statistics_matched(models: list[torch.nn.Module], start: torch.Tensor, steps
         return start
     out = []
     device = next(models[0].parameters()).device
-    for first in range(0, len(start), batch):
-        x = start[first: first + batch].to(device).clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([x], lr=lr)
-        for step in range(steps):
-            loss = statistics_loss(models, x)
-            (grad,) = torch.autograd.grad(loss, x)
-            x.grad = grad
-            optimizer.step()
-        log(f"data-free inputs {first}-{first + len(x)}: statistics loss {float(loss.detach()):.4f}")
-        out.append(x.detach().cpu())
+    if progress is not None:
+        progress.start(steps * -(-len(start) // batch), 0, "refining data-free inputs (Adam steps)")
+    try:
+        for first in range(0, len(start), batch):
+            x = start[first: first + batch].to(device).clone().requires_grad_(True)
+            optimizer = torch.optim.Adam([x], lr=lr)
+            for step in range(steps):
+                loss = statistics_loss(models, x)
+                (grad,) = torch.autograd.grad(loss, x)
+                x.grad = grad
+                optimizer.step()
+                if progress is not None:
+                    progress.advance(0)
+            log(f"data-free inputs {first}-{first + len(x)}: statistics loss {float(loss.detach()):.4f}")
+            out.append(x.detach().cpu())
+    finally:
+        if progress is not None:
+            progress.stop()
     return torch.cat(out)

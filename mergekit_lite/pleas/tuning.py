@@ -41,7 +41,7 @@ def relative_gap(model: torch.nn.Module, batches: list[torch.Tensor],
 
 def tune_outputs(model: torch.nn.Module, model_a: torch.nn.Module, model_b: torch.nn.Module,
                  batches: list[torch.Tensor], head: Layout, steps: int, lr: float, seed: int = 0,
-                 log: Callable[[str], None] = lambda message: None) -> dict:
+                 log: Callable[[str], None] = lambda message: None, progress=None) -> dict:
     """Adam on every parameter of `model` (in eval mode: batch-norm statistics stay as re-estimated) for
     `steps` steps, a batch at a time in a seeded random order, toward `output_target`. Returns the relative
     output gap before and after, for the report."""
@@ -66,6 +66,8 @@ def tune_outputs(model: torch.nn.Module, model_a: torch.nn.Module, model_b: torc
     optimizer = torch.optim.Adam(parameters, lr=lr)
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
+    if progress is not None:
+        progress.start(steps, 0, "tuning toward the combined outputs (Adam steps)")
     for step in range(steps):
         if not order:
             order = torch.randperm(len(batches), generator=generator).tolist()
@@ -74,8 +76,12 @@ def tune_outputs(model: torch.nn.Module, model_a: torch.nn.Module, model_b: torc
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if progress is not None:
+            progress.advance(0)
         if (step + 1) % 100 == 0:
             log(f"tuning step {step + 1}/{steps}: output loss {float(loss.detach()):.4g}")
+    if progress is not None:
+        progress.stop()
     for p, flag in zip(parameters, wanted):
         p.requires_grad_(flag)
         p.grad = None
