@@ -44,7 +44,7 @@ def roots_of(directory: str | Path) -> list[Path]:
     return [resolved] + ([real(blobs)] if blobs is not None else [])
 
 
-def _inside(path: Path, roots: Sequence[Path]) -> bool:
+def inside(path: Path, roots: Sequence[Path]) -> bool:
     return any(path == root or path.is_relative_to(root) for root in roots)
 
 
@@ -53,7 +53,7 @@ def checked_file(path: str | Path, roots: Sequence[Path] | None, what: str = "fi
     for a file the user named directly)."""
     path = Path(path)
     resolved = real(path)
-    if roots is not None and not _inside(resolved, roots):
+    if roots is not None and not inside(resolved, roots):
         raise CheckpointError(f"{path}: {what} is a link to {resolved}, outside {roots[0]}; refusing to read it "
                               "(copy the file into the checkpoint instead)")
     try:

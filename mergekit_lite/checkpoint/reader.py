@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from mergekit_lite.checkpoint.files import (checked_file, load_json, open_regular, real, resume_fingerprint,
-                                           roots_of)
+from mergekit_lite.checkpoint.files import (checked_file, inside, load_json, open_regular, real,
+                                           resume_fingerprint, roots_of)
 from mergekit_lite.checkpoint.safetensors_format import TensorInfo, read_header
 from mergekit_lite.errors import CheckpointError, one_line
 
@@ -216,7 +216,7 @@ def _shard_path(index: Path, roots: list[Path], name: object) -> Path:
         raise CheckpointError(f"{index}: shard name {name!r} is not a file name")
     root = roots[0]
     candidate = real(root / name)
-    if Path(name).is_absolute() or not any(candidate == r or candidate.is_relative_to(r) for r in roots):
+    if Path(name).is_absolute() or not inside(candidate, roots):
         raise CheckpointError(f"{index}: shard path {name!r} points outside {root}; refusing to read it")
     if not os.path.lexists(root / name):
         raise CheckpointError(f"{index}: names shard {name!r}, which does not exist in {root}")
