@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.errors import MarkupError
 from rich.markup import escape
 from rich.table import Table
 
@@ -262,7 +263,8 @@ def run(
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N."),
     force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it exists (only once the merge has succeeded)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for random methods (DARE, DELLA); overrides the recipe."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, max=2**63 - 1,
+                                       help="Seed for random methods (DARE, DELLA); overrides the recipe."),
     shard_size: Optional[str] = typer.Option(None, "--shard-size", help="Largest output shard, e.g. 5GB or 500MB."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also read pickled .bin/.pt inputs (weights_only=True)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted merge of the same recipe, keeping the tensors it wrote."),
@@ -369,7 +371,7 @@ def show_report(
         raise UserError(f"{file}: not a mergekit_lite report (no schema field)")
     try:
         _print_report(report, top)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, MarkupError) as exc:
         raise UserError(f"{file}: a damaged report: {exc.__class__.__name__} {one_line(exc)}; it lacks or garbles "
                         "the fields a report has") from None
 

@@ -87,6 +87,13 @@ class Recipe(BaseModel):
     data: DataSource | None = None
     shared_merge: SharedMerge | None = None
 
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value < 2**63:
+            raise ValueError("must be between 0 and 2**63 - 1")
+        return value
+
     @field_validator("allow_pickle")
     @classmethod
     def _pickles_by_flag_only(cls, value: bool | None) -> bool | None:

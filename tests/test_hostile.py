@@ -820,3 +820,51 @@ def test_data_free_images_of_unrecorded_size_are_asked_for_before_any_work(tmp_p
                       "parameters: {data_free: true}\n")
     for command in (["validate", recipe], ["run", recipe, tmp_path / "out"]):
         assert_refused(run_cli(*command), tmp_path / "out", "does not record the input size", "shape: [3, 32, 32]")
+
+
+def test_seeds_out_of_range_are_refused(tmp_path, family):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(recipe_text(family, method="dare_ties"))
+    for seed in ("-1", str(2**64)):
+        result = run_cli("run", recipe, tmp_path / "out", "--seed", seed)
+        assert result.exit_code == 2 and "Traceback" not in result.output and not (tmp_path / "out").exists()
+    refuse_run(tmp_path, recipe_text(family, method="dare_ties") + f"seed: {2**64}\n", "seed", "2**63")
+
+
+def test_the_current_home_or_root_directory_is_not_an_output(tmp_path, family, monkeypatch):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(recipe_text(family))
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "precious.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    for out in (".", "..", str(work), "/"):
+        result = run_cli("run", recipe, out, "--force")
+        assert result.exit_code == 2 and "name a new directory" in result.stderr, (out, result.stderr)
+    assert (work / "precious.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.update(tasks="prose"),
+    lambda m: m.update(tasks=["../x"]),
+    lambda m: m["tensors"].update({next(iter(m["tensors"])): {"kind": "factors", "shape": [2, 2], "rank": "3"}}),
+    lambda m: m["tensors"].update({next(iter(m["tensors"])): [1, 2]}),
+])
+def test_a_damaged_twin_manifest_is_refused(tmp_path, twin_directory, edit):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(twin_directory, damaged)
+    manifest = json.loads((damaged / "twin.json").read_text())
+    edit(manifest)
+    (damaged / "twin.json").write_text(json.dumps(manifest))
+    assert_refused(run_cli("twin-collapse", damaged, "--weights", "prose=1", "--out", tmp_path / "c"), tmp_path / "c",
+                   "malformed")
+
+
+def test_a_report_carrying_markup_is_refused_not_crashed_on(tmp_path, family):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(recipe_text(family))
+    assert run_cli("run", recipe, tmp_path / "out", "--quiet").exit_code == 0
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    report["method"] = "[/bold]"
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    assert_refused(run_cli("report", tmp_path / "r.json"), None)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from mergekit_lite.checkpoint.files import checked_file, copy_checked, load_json, roots_of
+from mergekit_lite.checkpoint.files import checked_file, copy_checked, load_json, real, roots_of
 from mergekit_lite.checkpoint.lock import output_lock
 from mergekit_lite.checkpoint.safetensors_format import element_size, encode_header
 from mergekit_lite.errors import UserError
@@ -74,6 +74,8 @@ def shard_file_names(count: int) -> list[str]:
 def check_output_path(out_dir: Path, force: bool) -> None:
     """Refuse an output path we may not write, before any work is done. A symlink at the path, dangling or
     not, counts as existing: --force replaces the link itself, never what it points to."""
+    if out_dir.name in ("", ".", "..") or real(out_dir) in (real(Path.cwd()), real(Path.home()), Path("/")):
+        raise UserError(f"{out_dir}: name a new directory for the output, not the current, home or root directory")
     parent = out_dir.absolute().parent
     if not parent.is_dir():
         raise UserError(f"{out_dir}: parent directory {parent} does not exist")

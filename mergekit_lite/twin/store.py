@@ -78,6 +78,16 @@ class StackedDelta:
     dense: torch.Tensor | None = None
 
 
+def _layout_entry(entry: object) -> bool:
+    """A manifest's layout entry: dense with a shape, or factors with a shape and a positive integer rank."""
+    if not (isinstance(entry, dict) and isinstance(entry.get("shape"), list)
+            and all(type(d) is int and d >= 0 for d in entry["shape"])):
+        return False
+    if entry.get("kind") == "dense":
+        return True
+    return entry.get("kind") == "factors" and type(entry.get("rank")) is int and entry["rank"] >= 0
+
+
 def read_manifest(directory: Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
@@ -86,8 +96,11 @@ def read_manifest(directory: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise UserError(f"{path}: format {found!r}, this version reads {FORMAT!r}")
-    if not (isinstance(manifest.get("tasks"), list) and isinstance(manifest.get("tensors"), dict)):
-        raise UserError(f"{path}: lacks its task list or tensor layout; the directory is damaged")
+    tasks, tensors = manifest.get("tasks"), manifest.get("tensors")
+    well_formed = (isinstance(tasks, list) and tasks and all(isinstance(t, str) and TASK_NAME.match(t) for t in tasks)
+                   and isinstance(tensors, dict) and all(_layout_entry(e) for e in tensors.values()))
+    if not well_formed:
+        raise UserError(f"{path}: its task list or tensor layout is missing or malformed; the directory is damaged")
     return manifest
 
 
