@@ -138,13 +138,13 @@ def same_path(a: str | Path, b: str | Path) -> bool:
     return real(a) == real(b)
 
 
-WHOLE_FILE_BYTES = 64 * 1024 * 1024
+WHOLE_FILE_BYTES = 16 * 1024 * 1024  # every run pays this read, so only small files are hashed whole
 SAMPLED_BLOCKS = 64
 SAMPLE_BYTES = 64 * 1024
 
 
 def content_fingerprint(path: str | Path) -> str:
-    """A fingerprint of a weights file's content for --resume: the whole file up to 64 MiB; past that its size,
+    """A fingerprint of a weights file's content for --resume: the whole file up to 16 MiB; past that its size,
     first 64 KiB (the header, for most files) and 64 blocks of 64 KiB spread evenly over the rest, so that it
     stays cheap on multi-gigabyte shards. In a large file it catches a file replaced or rewritten, not a change
     confined to bytes between the samples."""
