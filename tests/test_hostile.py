@@ -4,6 +4,7 @@ traceback, nothing at the output path (no hidden partial or lock either) and inp
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -123,8 +124,6 @@ def test_racing_merges_publish_one_complete_output(tmp_path, runs, force):
             if code == 2:
                 assert "another merge" in err or "already exists" in err, err
         report = json.loads((out / "merge_report.json").read_text())
-        import hashlib
-
         for entry in report["output"]["files"]:
             assert hashlib.sha256((out / entry["name"]).read_bytes()).hexdigest() == entry["sha256"]
         load_file(str(out / "model.safetensors"))
