@@ -141,11 +141,18 @@ def inspect(
         print(json.dumps(summary, indent=2))
         return
     if twin is not None:
-        out.print(f"[bold]Twin-Merging directory[/]: tasks {', '.join(twin['tasks'])}; rank {twin['rank']:g}; "
+        out.print(f"[bold]Twin-Merging directory[/]: tasks {', '.join(twin['tasks'])}; {_rank_text(twin)}; "
                   f"{twin['factored_tensors']} tensors as factors, {twin['dense_tensors']} dense; router reads "
                   f"{twin['router']['feature']}, mixes top {twin['router']['top_k'] or 'all'}; exclusive knowledge "
                   f"{_human_bytes(twin['experts_bytes'])}. The shared expert:", highlight=False)
     _print_summary(summary)
+
+
+def _rank_text(twin: dict) -> str:
+    """'rank 0.1', and the storage budget that chose it when one did."""
+    rank, budget = twin.get("rank"), twin.get("storage_budget")
+    text = f"rank {rank:.3g}" if isinstance(rank, (int, float)) else "rank unknown"
+    return text + (f" (the most that fits {budget:.0%} storage)" if isinstance(budget, (int, float)) else "")
 
 
 def _twin_summary(path: Path) -> dict | None:
@@ -155,7 +162,8 @@ def _twin_summary(path: Path) -> dict | None:
 
     manifest = read_manifest(path)
     kinds = [entry["kind"] for entry in manifest["tensors"].values()]
-    return {"tasks": manifest["tasks"], "rank": manifest["rank"], "router": manifest["router"],
+    return {"tasks": manifest["tasks"], "rank": manifest["rank"], "storage_budget": manifest.get("storage_budget"),
+            "router": manifest["router"],
             "factored_tensors": kinds.count("factors"), "dense_tensors": kinds.count("dense"),
             "experts_bytes": sum(f.stat().st_size for f in (path / EXPERTS).glob("*.safetensors"))}
 
@@ -252,6 +260,11 @@ class RichProgress:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+    def note(self, message: str) -> None:
+        """One line before a long phase (what it has to do), printed with the bars."""
+        if self.enabled:
+            err.print(printable(message), markup=False, highlight=False)
 
 
 @app.command()
@@ -389,7 +402,7 @@ def _print_report(report: dict, top: int) -> None:
               highlight=False)
     if "twin" in report:
         twin = report["twin"]
-        out.print(f"  twin   rank {twin['rank']:g}; factors {_human_bytes(twin['storage']['stored_bytes'])} = "
+        out.print(f"  twin   {_rank_text(twin)}; factors {_human_bytes(twin['storage']['stored_bytes'])} = "
                   f"{twin['storage']['ratio']:.1%} of dense deltas; router ({twin['router']['feature']}) validation "
                   f"accuracy {twin['router']['accuracy_val']:.1%}", highlight=False)
     if "pleas" in report:

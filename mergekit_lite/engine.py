@@ -39,6 +39,7 @@ class Progress(Protocol):
     def start(self, tensors: int, nbytes: int, label: str) -> None: ...
     def advance(self, nbytes: int) -> None: ...
     def stop(self) -> None: ...
+    def note(self, message: str) -> None: ...  # a line before a long phase: the work it has ahead
 
 
 class _Silent:
@@ -49,6 +50,9 @@ class _Silent:
         pass
 
     def stop(self) -> None:
+        pass
+
+    def note(self, message: str) -> None:
         pass
 
 

@@ -514,7 +514,8 @@ def test_pleas_on_cuda_equals_pleas_on_cpu(tmp_path, pleas_inputs):
 
 
 def test_long_pleas_phases_show_step_progress(tmp_path, pleas_inputs, monkeypatch):
-    """Refinement and tuning report their steps to the progress bar (which shows an ETA from them)."""
+    """Every long phase (refinement, features, matching, least squares, tuning) reports its steps to the progress
+    bar, which shows an ETA from them, and says how much work it is before it starts."""
     import mergekit_lite.cli as cli
 
     calls = []
@@ -532,7 +533,15 @@ def test_long_pleas_phases_show_step_progress(tmp_path, pleas_inputs, monkeypatc
     a, b, _ = pleas_inputs
     recipe = _recipe(tmp_path, a, b, "data: {kind: generic, shape: [1, 16, 16]}\n",
                      "data_free: true, samples: 32, batch_size: 32, data_free_steps: 4, tune_steps: 6")
-    assert runner.invoke(app, ["run", recipe, str(tmp_path / "out")]).exit_code == 0
+    result = runner.invoke(app, ["run", recipe, str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
     starts = [c for c in calls if c[0] != "advance"]
-    assert [s[1:] for s in starts] == [(4, 0), (6, 0)] and "refining" in starts[0][0] and "tuning" in starts[1][0]
-    assert sum(1 for c in calls if c[0] == "advance") == 10
+    labels = [s[0].split(" ")[0] for s in starts]
+    assert labels == ["refining", "features", "matching", "least", "least", "tuning"], starts
+    assert all(s[2] == 0 for s in starts)  # step counts, not bytes
+    steps = dict(zip(labels, [s[1] for s in starts]))
+    assert steps["refining"] == 4 and steps["features"] == 1 and steps["tuning"] == 6
+    assert sum(1 for c in calls if c[0] == "advance") == sum(s[1] for s in starts)
+    for announced in ("refining 32 data-free inputs", "features: 1 batches", "matching:", "least squares:",
+                      "tuning: 6 Adam steps"):
+        assert announced in result.output

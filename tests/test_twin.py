@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -75,7 +77,8 @@ def family_twin(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"twin_{family}")
     paths = make_family(root / "models", family, experts=2, scale=0.2)
     tasks = _data(root, family)
-    recipe = _recipe(root, paths, tasks, {"rank": 1.0, "router_samples": 40, "router_epochs": 30})
+    recipe = _recipe(root, paths, tasks, {"rank": 1.0, "factor_dtype": "float32", "router_samples": 40,
+                                          "router_epochs": 30})
     report = merge_recipe_file(recipe, root / "twin", MergeOptions())
     return family, root, paths, tasks, report
 
@@ -130,7 +133,8 @@ def test_the_router_learns_which_task_an_input_is_from(family_twin):
 
 @pytest.fixture(scope="module")
 def gpt2_twin(tmp_path_factory):
-    """A twin directory at the default rank (a truncated SVD) and top-1 routing."""
+    """A twin directory at the default storage budget (truncated SVDs in bfloat16), router site chosen by the
+    held-out split, top-1 routing."""
     root = tmp_path_factory.mktemp("twin_default")
     paths = make_family(root / "models", "gpt2", experts=2, scale=0.2)
     tasks = _data(root, "gpt2")
@@ -189,15 +193,27 @@ def test_the_directory_and_report_describe_what_was_stored(gpt2_twin):
         assert (twin_dir / name).is_file(), name
     transformers.AutoModelForCausalLM.from_pretrained(twin_dir / "shared")  # the shared expert is a normal checkpoint
     twin = report["twin"]
-    assert twin["rank"] == 0.1 and twin["shared_merge"]["method"] == "task_arithmetic"
+    assert twin["storage_budget"] == 0.2 and twin["shared_merge"]["method"] == "task_arithmetic"
     assert twin["shared_merge"]["parameters"] == {"lambda": 0.3}
     storage = twin["storage"]
     stored = sum(f.stat().st_size for f in (twin_dir / "experts").glob("*.safetensors"))
-    assert storage["stored_bytes"] <= stored and storage["ratio"] < 0.25
+    assert storage["stored_bytes"] <= stored and 0.15 < storage["ratio"] <= 0.2
+    assert storage["factor_dtype"] == "bfloat16" and storage["rank_ratio"] == twin["rank"] < 1.0
     factored = [t for t in twin["tensors"] if t["kind"] == "factors"]
     assert factored and all(0.0 < e < 1.0 for t in factored for e in t["residual_energy"])
-    assert all(t["rank"] == max(1, round(0.1 * min(t["shape"][0], t["shape"][1]))) for t in factored if len(t["shape"]) == 2)
-    assert 0.0 <= twin["router"]["accuracy_val"] <= 1.0 and twin["router"]["top_k"] == 1
+    assert all(t["rank"] == max(1, round(twin["rank"] * min(t["shape"][0], math.prod(t["shape"][1:]))))
+               for t in factored)
+    with safe_open(str(twin_dir / "experts" / "model.safetensors"), "pt") as experts:
+        dtypes = {name: experts.get_slice(name).get_dtype() for name in experts.keys()}
+    assert {d for n, d in dtypes.items() if n.endswith((".left", ".right"))} == {"BF16"}
+    assert {d for n, d in dtypes.items() if n.endswith(".delta")} == {"F32"}  # 1-D deltas keep the model's dtype
+    router = twin["router"]
+    assert 0.0 <= router["accuracy_val"] <= 1.0 and router["top_k"] == 1
+    blocks = [f"transformer.h.{i}" for i in range(2)]  # the first half of the test GPT-2's blocks
+    assert list(router["feature_search"]) == ["stem", *blocks[:1], "final"]
+    best = max(router["feature_search"].values())
+    assert router["feature"] == next(site for site, acc in router["feature_search"].items() if acc == best)
+    assert router["accuracy_val"] == best
     shown = runner.invoke(app, ["report", str(twin_dir)])
     assert shown.exit_code == 0 and "router" in shown.output
 

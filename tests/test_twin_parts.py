@@ -275,3 +275,56 @@ def test_pooled_image_features_are_each_channels_mean_and_standard_deviation():
     maps = torch.randn(3, 5, 12, 12, generator=gen) * torch.linspace(0.2, 4.0, 5).view(1, 5, 1, 1) + 6.0
     expected = torch.cat([maps.mean((2, 3)), maps.std((2, 3), correction=0)], dim=1)
     assert torch.allclose(pool(maps), expected, rtol=1e-4, atol=1e-5)
+
+
+SHAPES = [(257, 128), (128, 344), (344, 128), (64, 128), (128, 128), (3, 5000)]
+
+
+@pytest.mark.parametrize("share", [0.05, 0.2, 0.25, 0.6])
+@pytest.mark.parametrize("itemsize", [2, 4])
+def test_the_budget_ratio_is_the_largest_that_fits(share, itemsize):
+    from mergekit_lite.twin.ranks import ratio_for_budget, stored_bytes
+
+    tasks = 4
+    budget = share * tasks * sum(m * n for m, n in SHAPES) * 4  # the dense float32 deltas' bytes
+    ratio = ratio_for_budget(SHAPES, tasks, itemsize, budget)
+    assert stored_bytes(SHAPES, ratio, tasks, itemsize) <= budget
+    # the ratio sits at the edge: the least larger one already stores more than the budget
+    assert ratio == 1.0 or stored_bytes(SHAPES, ratio + 1e-6, tasks, itemsize) > budget
+
+
+def test_the_budget_ratio_keeps_one_direction_when_even_that_is_over():
+    from mergekit_lite.twin.ranks import ratio_for_budget
+
+    ratio = ratio_for_budget(SHAPES, 4, 4, 10.0)
+    assert all(rank_for(shape, ratio) == 1 for shape in SHAPES)
+    assert ratio_for_budget(SHAPES, 4, 4, 1e12) == 1.0
+
+
+def test_router_candidate_sites_are_stem_the_first_half_of_the_blocks_and_final():
+    import transformers
+
+    from mergekit_lite.twin.router import candidate_sites, pooled_features, pooled_features_at
+
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=5,
+                                      num_attention_heads=2, num_key_value_heads=1)
+    model = transformers.LlamaForCausalLM(config).eval()
+    sites = candidate_sites(model)
+    assert sites == ["stem", "model.layers.0", "model.layers.1", "model.layers.2", "final"]
+    x = torch.randint(0, 50, (3, 7))
+    together = pooled_features_at(model, sites, x)
+    for site in sites:  # one pass for all sites gives what each site's own early-stopping pass gives
+        torch.testing.assert_close(together[site], pooled_features(model, site, x))
+    assert candidate_sites(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))) == ["stem", "final"]
+
+
+def test_sequence_pooling_takes_the_maximum_over_unpadded_positions_only():
+    from mergekit_lite.twin.router import pool
+
+    hidden = torch.tensor([[[1.0, -2.0], [3.0, 0.0], [100.0, 100.0]]])  # the third position is padding
+    mask = torch.tensor([[1, 1, 0]])
+    pooled = pool(hidden, mask, sequence_max=True)
+    torch.testing.assert_close(pooled, torch.tensor([[2.0, -1.0, 1.0, 1.0, 3.0, 0.0]]))
+    assert pool(hidden, mask).shape == (1, 4)  # without it: mean and standard deviation only
+    empty = pool(hidden, torch.zeros(1, 3, dtype=torch.long), sequence_max=True)
+    assert torch.isfinite(empty).all()

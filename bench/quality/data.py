@@ -161,10 +161,76 @@ def _unicode_names() -> str:
 TEXT_DOMAINS = {"prose": _prose, "code": _python_source, "unicode": _unicode_names}
 
 
+# ---- a second text family (other domains), used only to check defaults chosen on the first ----
+
+def _site_packages() -> str:
+    return sysconfig.get_paths()["purelib"]
+
+
+def _files_text(paths: list[str], limit: int, per_file: int = 200_000) -> str:
+    """Files in the given (sorted) order, each cut at `per_file` characters, until `limit` characters."""
+    parts, size = [], 0
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            text = handle.read(per_file)
+        parts.append(text)
+        size += len(text)
+        if size >= limit:
+            break
+    return "\n\n".join(parts)
+
+
+def _cpp_headers(limit: int = 1_500_000) -> str:
+    """C++ headers that ship with torch (c10 and ATen core)."""
+    root = os.path.join(_site_packages(), "torch", "include")
+    found = []
+    for sub in ("c10", os.path.join("ATen", "core")):
+        for folder, _dirs, files in os.walk(os.path.join(root, sub)):
+            found += [os.path.join(folder, f) for f in files if f.endswith(".h")]
+    return _files_text(sorted(found), limit)
+
+
+def _package_descriptions(limit: int = 1_500_000) -> str:
+    """Installed packages' METADATA files: headers, then each long description (Markdown or reStructuredText)."""
+    root = _site_packages()
+    found = [os.path.join(root, d, "METADATA") for d in os.listdir(root) if d.endswith(".dist-info")]
+    return _files_text(sorted(p for p in found if os.path.isfile(p)), limit)
+
+
+def _csv_tables(limit: int = 1_500_000) -> str:
+    """scikit-learn's bundled data sets as CSV text (numbers, a header line each)."""
+    import gzip
+
+    root = os.path.join(_site_packages(), "sklearn", "datasets", "data")
+    parts = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if name.endswith(".csv"):
+            with open(path, encoding="utf-8") as handle:
+                parts.append(handle.read())
+        elif name.endswith(".csv.gz"):
+            with gzip.open(path, "rt", encoding="utf-8") as handle:
+                parts.append(handle.read())
+    return "\n".join(parts)[:limit]
+
+
+def _json_documents(limit: int = 1_500_000) -> str:
+    """JSON files that ship inside the installed packages (software bills of materials, configs, label maps)."""
+    found = []
+    for folder, _dirs, files in os.walk(_site_packages()):
+        found += [os.path.join(folder, f) for f in files if f.endswith(".json")]
+    return _files_text(sorted(found), limit, per_file=60_000)
+
+
+SECOND_TEXT_DOMAINS = {"cpp": _cpp_headers, "markdown": _package_descriptions, "csv": _csv_tables,
+                       "json": _json_documents}
+
+
 def text_domain(domain: str, split: str, block: int = 4096) -> torch.Tensor:
     """The domain's bytes for one split: the text is cut into blocks, and blocks are dealt to the splits by
     a seeded shuffle (so the splits never share text)."""
-    data = np.frombuffer(TEXT_DOMAINS[domain]().encode("utf-8"), dtype=np.uint8)
+    source = TEXT_DOMAINS[domain] if domain in TEXT_DOMAINS else SECOND_TEXT_DOMAINS[domain]
+    data = np.frombuffer(source().encode("utf-8"), dtype=np.uint8)
     blocks = [data[i: i + block] for i in range(0, len(data) - block + 1, block)]
     chosen = _split_indices(len(blocks), seed=SPLIT_SEED + 1, fractions=(0.8, 0.1, 0.1))[split]
     return torch.from_numpy(np.concatenate([blocks[i] for i in sorted(chosen)]).astype(np.int64))

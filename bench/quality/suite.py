@@ -160,7 +160,7 @@ def merge_run(recipe: Path, out: Path) -> float:
 PLEAS_VERSION = "heads-unmerge"
 # Data-free rows also carry this one: tuning toward the combined outputs and the refinement of another domain's
 # images changed them alone.
-PLEAS_DATA_FREE_VERSION = "tuned"
+PLEAS_DATA_FREE_VERSION = "tuned-256"
 
 
 def _pleas_version(setting: dict) -> str:
@@ -422,23 +422,32 @@ def _scaling_point(ws: Workspace, paths: dict[str, Path], domains: tuple[str, ..
 
 # ---- experiment 3: different initialisations ----
 
+SCRATCH_PAIRS = {"same task": (None, None), "label split": ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))}
+
+
+def scratch_pair(root: Path, plan: Plan, labels_pair: tuple, log: Callable[[str], None]) -> list[Path]:
+    """Two vision models trained from scratch with seeds 1 and 2 on the clean digits (each on its own labels,
+    or all of them), cached under `root`."""
+    paths = []
+    for seed, labels in zip((1, 2), labels_pair):
+        training = data.image_domain("clean", "train", labels)
+        tag = "all" if labels is None else "".join(map(str, labels))
+        build = (lambda training=training, seed=seed: models.train_vision(
+            models.new_vision_model(seed=seed), training, epochs=plan.scratch_epochs, lr=0.05, seed=seed,
+            weight_decay=5e-4))
+        paths.append(_trained(root / f"seed{seed}_{tag}", build, lambda m, p: models.save_vision(m, p), log))
+    return paths
+
+
 def experiment_three(ws: Workspace) -> dict:
     """Pairs of models trained from scratch with different seeds: on the same task, and on the two halves of
     the labels (each model still has a ten-way head). Joint accuracy over all labels of the clean digits."""
-    plan, root = ws.plan, ws.root / "different_init"
+    root = ws.root / "different_init"
     save = lambda m, p: models.save_vision(m, p)  # noqa: E731
-    pairs = {"same task": (None, None), "label split": ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))}
     task = vision_task(("clean",))
     out = {}
-    for name, (labels_a, labels_b) in pairs.items():
-        paths = []
-        for seed, labels in ((1, labels_a), (2, labels_b)):
-            training = data.image_domain("clean", "train", labels)
-            tag = "all" if labels is None else "".join(map(str, labels))
-            build = (lambda training=training, seed=seed: models.train_vision(
-                models.new_vision_model(seed=seed), training, epochs=plan.scratch_epochs, lr=0.05, seed=seed,
-                weight_decay=5e-4))
-            paths.append(_trained(root / f"seed{seed}_{tag}", build, save, ws.log))
+    for name, labels_pair in SCRATCH_PAIRS.items():
+        paths = scratch_pair(root, ws.plan, labels_pair, ws.log)
         rows = [{"name": "model A", "accuracy": score_cached(ws, task, paths[0], "test", "A")["clean"]},
                 {"name": "model B", "accuracy": score_cached(ws, task, paths[1], "test", "B")["clean"]}]
         ensemble = ws.cached(_key("ensemble", task.name, [str(p) for p in paths], "test"),
@@ -574,7 +583,8 @@ def _pleas_merge(ws: Workspace, paths: list[Path], setting: dict, score: Callabl
     work = ws.root / "merges" / _key("pleas-run", [str(p) for p in paths], setting)
     work.mkdir(parents=True, exist_ok=True)
     params = {k: v for k, v in setting.items() if k != "data"}
-    params.setdefault("samples", 1000)
+    if not params.get("data_free"):
+        params.setdefault("samples", 1000)  # data-free rows take the tool's own default (256 refined inputs)
     lines = ["merge_method: pleas", "models:"] + [f"  - model: {p}" for p in paths]
     lines += [f"data: {json.dumps(setting['data'])}", f"parameters: {json.dumps(params)}"]
     recipe = work / "recipe.yaml"

@@ -72,7 +72,7 @@ def write_twin_recipe(path: Path, base: Path, experts: dict[str, Path], files: d
     lines = ["merge_method: twin", f"base_model: {base}", "models:"]
     for d, expert in experts.items():
         lines += [f"  - model: {expert}", f"    task: {d}", f"    data: {{path: {files[d]}}}"]
-    settings = {"router_samples": 256, "router_epochs": 60, **params}
+    settings = {"router_samples": 256, "router_epochs": 60, "router_feature": "stem", **params}
     lines += ["shared_merge: {merge_method: task_arithmetic, parameters: {lambda: 0.3}}",
               f"parameters: {json.dumps(settings)}", "dtype: float32"]
     path.write_text("\n".join(lines) + "\n")

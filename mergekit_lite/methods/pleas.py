@@ -23,7 +23,9 @@ METHOD = MergeMethod(
     params=(
         ParamSpec("target_width", float, 1.0, "compute of the merged model relative to one source model",
                   scope="global", minimum=1.0, maximum=2.0),
-        ParamSpec("samples", int, 1000, "inputs used for matching and least squares", scope="global", minimum=1),
+        ParamSpec("samples", int, None, "inputs used for matching, least squares and tuning (auto: 1000 with task "
+                  "data, 256 data-free, where each input is refined at the cost of passes through both models)",
+                  scope="global", minimum=1),
         ParamSpec("batch_size", int, 100, "inputs per forward pass", scope="global", minimum=1),
         ParamSpec("ridge", float, 1e-2, "least-squares ridge, relative to the mean Gram diagonal", scope="global",
                   minimum=0.0),

@@ -187,6 +187,21 @@ def reestimate_norm_statistics(model: torch.nn.Module, batches: Iterable[torch.T
     model.eval()
 
 
+def _stepped(items, progress, label: str):
+    """`items` one by one, with a step progress bar (count and ETA) when a progress display is given."""
+    if progress is None:
+        yield from items
+        return
+    items = list(items)
+    progress.start(len(items), 0, label)
+    try:
+        for item in items:
+            yield item
+            progress.advance(0)
+    finally:
+        progress.stop()
+
+
 def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: list[torch.Tensor],
                 options: PleasOptions | None = None, log: Callable[[str], None] = lambda message: None,
                 progress=None) -> PleasResult:
@@ -209,7 +224,8 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
     group_nodes = {name for g in spec.groups for name in g.nodes}
     layer_nodes = {l.node for l in spec.layers}
     positions: dict[str, int] = {}
-    for batch in batches:
+    log(f"features: {len(batches)} batches ({sum(len(b) for b in batches)} inputs) through both models")
+    for batch in _stepped(batches, progress, "features (batches through both models)"):
         acts_a = spec.activations(batch, group_nodes | layer_nodes)
         acts_b = spec_b.activations(batch, group_nodes | layer_nodes)
         for group in spec.groups:
@@ -223,7 +239,10 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
         del acts_a, acts_b
     correlations = [(block_scores(s.correlation(), g.width) if g.blocks else s.correlation()).cpu()
                     for g, s in zip(spec.groups, stats)]
-    pairs = [match(c) for c in correlations]
+    widths = [c.shape[0] for c in correlations]
+    log(f"matching: {len(correlations)} assignment problems, largest {max(widths, default=0)} x "
+        f"{max(widths, default=0)} (Hungarian, cubic in the size)")
+    pairs = [match(c) for c in _stepped(correlations, progress, "matching (assignment problems)")]
     qualities = [c[torch.as_tensor(p[0]), torch.as_tensor(p[1])] for c, p in zip(correlations, pairs)]
 
     # 2. ratios for the target compute
@@ -265,7 +284,9 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
         normals = {}
         inputs_of = {l.name: spec.layer_input(l) for l in spec.layers}
         wanted = layer_nodes | set(inputs_of.values())
-        for batch in batches:
+        log(f"least squares: {len(batches)} batches for the normal equations of {len(spec.layers)} layers, then "
+            f"{len(spec.layers)} solves")
+        for batch in _stepped(batches, progress, "least squares: normal equations (batches)"):
             acts_a = spec.activations(batch, wanted)
             acts_b = spec_b.activations(batch, wanted)
             for layer in spec.layers:
@@ -280,7 +301,7 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
                 if layer.name not in normals:
                     normals[layer.name] = ls.Normal.empty(x.shape[1], y.shape[1], device)
                 normals[layer.name].add(x, y)
-        for layer in spec.layers:
+        for layer in _stepped(spec.layers, progress, "least squares: solves (layers)"):
             module = layer.module
             in_layout, out_layout = in_layout_of(layer), out_layout_of(layer)
             allowed = _allowed(out_layout, in_layout, _kernel(module), module.bias is not None)

@@ -22,6 +22,7 @@ from mergekit_lite.report import SCHEMA, file_sha256, library_versions, peak_mem
 
 
 DATA_FREE_TUNE_STEPS = 300
+TASK_SAMPLES, DATA_FREE_SAMPLES = 1000, 256
 DATA_FREE_WARNING = ("data-free: matching, least squares and tuning saw synthetic inputs only; the report's match "
                      "quality and output gap are measured on them and do not predict accuracy on the task (pairs "
                      "trained apart can merge far worse than with task data); check the merged model on task data")
@@ -34,6 +35,16 @@ def tune_steps(params: dict[str, Any]) -> int:
     if given is not None:
         return int(given)
     return DATA_FREE_TUNE_STEPS if params.get("data_free") else 0
+
+
+def sample_count(params: dict[str, Any]) -> int:
+    """`samples` as given, else 1000 inputs with task data and 256 data-free: a data-free input is refined by
+    forward and backward passes of both models, most of a data-free merge's time, and 256 refined inputs merged
+    as well as 1000 on the pairs measured (bench/RESULTS.md)."""
+    given = params.get("samples")
+    if given is not None:
+        return int(given)
+    return DATA_FREE_SAMPLES if params.get("data_free") else TASK_SAMPLES
 
 
 def options_from(params: dict[str, Any], device: torch.device | str = "cpu", seed: int = 0) -> PleasOptions:
@@ -73,8 +84,9 @@ def check_models(recipe, allow_pickle: bool = False) -> dict[str, Any]:
 
 
 def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], options, progress=None,
-               log=lambda message: None) -> dict[str, Any]:
+               log=None) -> dict[str, Any]:
     started = time.perf_counter()
+    log = log if log is not None else getattr(progress, "note", lambda message: None)
     force, seed, report_path = options.force, options.seed, options.report_path
     paths = [Path(entry.model) for entry in recipe.models]
     if recipe.base_model is not None:
@@ -86,7 +98,7 @@ def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], opti
     config = read_config(paths[0])
     seed = seed if seed is not None else (recipe.seed if recipe.seed is not None else 0)
     batches, described = data_batches(recipe.data.model_dump() if recipe.data else None, models[0], config,
-                                      int(params["samples"]), int(params["batch_size"]), seed,
+                                      sample_count(params), int(params["batch_size"]), seed,
                                       bool(params["data_free"]), model_dir=paths[0], statistics_of=models,
                                       statistics_steps=int(params["data_free_steps"]),
                                       allow_pickle=options.allow_pickle, timings=phases, progress=progress)

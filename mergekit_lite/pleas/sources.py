@@ -392,6 +392,9 @@ def data_batches(data: dict | None, model: torch.nn.Module, config: dict, sample
 
         if any(batch_norm_layers(m) for m in statistics_of):
             started = time.perf_counter()
+            if progress is not None and hasattr(progress, "note"):
+                progress.note(f"refining {len(inputs)} data-free inputs: {statistics_steps} Adam steps per batch of up "
+                              "to 256, each a forward and backward pass of both models")
             inputs = statistics_matched(statistics_of, inputs, steps=statistics_steps, progress=progress)
             described += ", refined to match the models' batch-norm statistics"
             if timings is not None:

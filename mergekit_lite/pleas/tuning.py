@@ -66,6 +66,7 @@ def tune_outputs(model: torch.nn.Module, model_a: torch.nn.Module, model_b: torc
     optimizer = torch.optim.Adam(parameters, lr=lr)
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
+    log(f"tuning: {steps} Adam steps, each a forward and backward pass of the merged model on one batch")
     if progress is not None:
         progress.start(steps, 0, "tuning toward the combined outputs (Adam steps)")
     for step in range(steps):

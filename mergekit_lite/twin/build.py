@@ -4,6 +4,7 @@ factors, a router trained on the tasks' inputs, then a manifest and report; publ
 from __future__ import annotations
 
 import json
+import math
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,9 +22,13 @@ from mergekit_lite.errors import RecipeError
 from mergekit_lite.recipe import ModelEntry, Recipe, SharedMerge
 from mergekit_lite.report import SCHEMA, library_versions, peak_memory, write_report
 from mergekit_lite.twin.compress import low_rank
-from mergekit_lite.twin.router import pooled_features, train_router
+from mergekit_lite.twin.ranks import ratio_for_budget
+from mergekit_lite.twin.router import AUTO, candidate_sites, pooled_features, pooled_features_at, train_router
 from mergekit_lite.twin.store import (EXPERTS, FORMAT, MANIFEST, ROUTER, SHARED, TASK_NAME, delta_specs, dense_name,
                                       left_name, right_name, tensor_layout)
+
+
+FACTOR_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def task_names(recipe: Recipe) -> list[str]:
@@ -81,20 +86,52 @@ def check_data_paths(recipe: Recipe) -> None:
             raise RecipeError(f"task {task}: data {entry.data.path} not found")
 
 
-def _compress(directory: Path, recipe: Recipe, tasks: list[str], rank: float, seed: int, device: torch.device,
-              progress, allow_pickle: bool, resume: bool, fingerprint: str
-              ) -> tuple[dict[str, dict], list[dict], dict[str, Any]]:
-    """Factor every expert's difference to the shared expert, tensor by tensor, into directory/experts. With
-    `resume`, tensors an interrupted run already factored (checksums verified) are kept."""
-    shared = open_checkpoint(directory / SHARED)
-    experts = [open_checkpoint(entry.model, allow_pickle=allow_pickle) for entry in recipe.models]
+def _delta(ckpt, name: str, shared_tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One expert's difference to the shared expert for one tensor, float32 on `device`."""
+    if name not in ckpt.tensors:
+        raise RecipeError(f"{ckpt.path}: tensor {name!r} is missing (the shared expert has it)")
+    return ckpt.get(name, device).float() - shared_tensor
+
+
+def _open_inputs(directory: Path, recipe: Recipe, allow_pickle: bool):
+    return open_checkpoint(directory / SHARED), [open_checkpoint(entry.model, allow_pickle=allow_pickle)
+                                                 for entry in recipe.models]
+
+
+def _float_names(shared) -> list[str]:
+    return [n for n, info in shared.tensors.items() if info.dtype.is_floating_point]
+
+
+def _budget_ratio(shared, tasks: list[str], storage: float, factor_dtype: torch.dtype) -> float:
+    """The rank ratio whose factors (in `factor_dtype`) and dense 1-D deltas fit `storage` x the dense deltas."""
+    names = _float_names(shared)
+    matrices = [n for n in names if len(shared.tensors[n].shape) >= 2]
+    dense_bytes = len(tasks) * sum(shared.tensors[n].nbytes for n in names)
+    vector_bytes = len(tasks) * sum(shared.tensors[n].nbytes for n in names if n not in matrices)
+    shapes = [(shared.tensors[n].shape[0], math.prod(shared.tensors[n].shape[1:])) for n in matrices]
+    return ratio_for_budget(shapes, len(tasks), factor_dtype.itemsize, storage * dense_bytes - vector_bytes)
+
+
+def _compress(directory: Path, recipe: Recipe, tasks: list[str], rank: float | None, storage_share: float,
+              factor_dtype: torch.dtype, seed: int, device: torch.device, progress, allow_pickle: bool, resume: bool,
+              fingerprint: str, log=lambda message: None) -> tuple[dict[str, dict], list[dict], dict[str, Any]]:
+    """Factor every expert's difference to the shared expert, tensor by tensor, into directory/experts: matrices
+    as factors in `factor_dtype` at `rank` (or the ratio the storage budget allows), 1-D deltas dense in their own
+    dtype. With `resume`, tensors an interrupted run already factored (checksums verified) are kept."""
+    shared, experts = _open_inputs(directory, recipe, allow_pickle)
     try:
-        names = [n for n, info in shared.tensors.items() if info.dtype.is_floating_point]
-        layout = {name: tensor_layout(tuple(shared.tensors[name].shape), rank) for name in names}
-        dtypes = {name: shared.tensors[name].dtype for name in names}
+        names = _float_names(shared)
+        ratio = rank if rank is not None else _budget_ratio(shared, tasks, storage_share, factor_dtype)
+        layout = {name: tensor_layout(tuple(shared.tensors[name].shape), ratio) for name in names}
+        dtypes = {name: shared.tensors[name].dtype if layout[name]["kind"] == "dense" else factor_dtype
+                  for name in names}
         stats = []
         specs = delta_specs(layout, dtypes, tasks)
-        storage = _storage(specs, len(tasks) * sum(shared.tensors[n].nbytes for n in names), layout)
+        matrices = sum(1 for entry in layout.values() if entry["kind"] == "factors")
+        log(f"compressing: {matrices} matrices x {len(tasks)} tasks as factors at rank ratio {ratio:.3g} "
+            f"({sum(spec.nbytes for spec in specs) / 2**20:.1f} MiB to write)")
+        storage = {**_storage(specs, len(tasks) * sum(shared.tensors[n].nbytes for n in names), layout),
+                   "rank_ratio": ratio, "factor_dtype": str(factor_dtype).removeprefix("torch.")}
         progress.start(len(names), sum(shared.tensors[n].nbytes for n in names), "compressing exclusive knowledge")
         with CheckpointWriter(directory / EXPERTS, specs, metadata={"merged_with": "mergekit_lite twin"}, force=resume,
                               resume=resume, fingerprint=fingerprint) as writer:
@@ -108,9 +145,7 @@ def _compress(directory: Path, recipe: Recipe, tasks: list[str], rank: float, se
                 entry, row = layout[name], {"name": name, "shape": layout[name]["shape"]}
                 residuals, norms = [], []
                 for task, ckpt in zip(tasks, experts):
-                    if name not in ckpt.tensors:
-                        raise RecipeError(f"{ckpt.path}: tensor {name!r} is missing (the shared expert has it)")
-                    delta = ckpt.get(name, device).float() - base
+                    delta = _delta(ckpt, name, base, device)
                     norms.append(float(delta.norm()))
                     if entry["kind"] == "dense":
                         writer.write(dense_name(task, name), delta.to(dtypes[name]).cpu())
@@ -164,28 +199,47 @@ def _router_inputs(recipe: Recipe, tasks: list[str], params: dict, seed: int, al
 
 
 def _train(directory: Path, inputs: list[tuple[list[torch.Tensor], str]], tasks: list[str], params: dict, seed: int,
-           device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """Pooled shared-model features of every task's inputs -> a router trained on task identity."""
+           device: torch.device, progress, log) -> tuple[torch.nn.Module, dict]:
+    """Pooled shared-model features of every task's inputs -> a router trained on task identity. With
+    router_feature auto, one router per candidate site and the best on the held-out split is kept."""
     from mergekit_lite.pleas.sources import load_model
 
     model = load_model(directory / SHARED, transformers_ok=True).to(device)
-    features, labels, described = [], [], []
+    wanted = str(params["router_feature"])
+    sites = candidate_sites(model) if wanted == AUTO else [wanted]
+    features: dict[str, list[torch.Tensor]] = {site: [] for site in sites}
+    labels, described = [], []
+    total = sum(len(batches) for batches, _ in inputs)
+    log(f"router: {total} batches of {len(tasks)} tasks' inputs through the shared model, then "
+        f"{len(sites)} router(s) of {int(params['router_epochs'])} epochs ({', '.join(sites)})")
+    progress.start(total, 0, "router features (batches)")
     for index, (task, (batches, text)) in enumerate(zip(tasks, inputs)):
         for batch in batches:
-            features.append(pooled_features(model, str(params["router_feature"]), batch.to(device)))
+            pooled = (pooled_features_at(model, sites, batch.to(device), sequence_max=True) if len(sites) > 1
+                      else {sites[0]: pooled_features(model, sites[0], batch.to(device), sequence_max=True)})
+            for site in sites:
+                features[site].append(pooled[site])
             labels.append(torch.full((len(batch),), index, dtype=torch.long))
+            progress.advance(0)
         described.append({"task": task, "source": text, "samples": sum(len(b) for b in batches)})
-    features_all, labels_all = torch.cat(features), torch.cat(labels).to(device)
-    router, training = train_router(features_all, labels_all, len(tasks), epochs=int(params["router_epochs"]), seed=seed)
-    return router, {"feature": str(params["router_feature"]), "features": features_all.shape[1],
-                    "top_k": int(params["router_top_k"]), "dropout": 0.1, "epochs": int(params["router_epochs"]),
-                    "accuracy_train": training.accuracy_train, "accuracy_val": training.accuracy_val,
-                    "accuracy_val_per_task": dict(zip(tasks, training.per_task_val)),
-                    "samples_train": training.samples_train, "samples_val": training.samples_val, "data": described}
+    progress.stop()
+    labels_all = torch.cat(labels).to(device)
+    trained = {site: train_router(torch.cat(features[site]), labels_all, len(tasks),
+                                  epochs=int(params["router_epochs"]), seed=seed) for site in sites}
+    best = max(sites, key=lambda site: (trained[site][1].accuracy_val, -sites.index(site)))
+    router, training = trained[best]
+    info = {"feature": best, "features": int(torch.cat(features[best]).shape[1]), "sequence_max": True,
+            "top_k": int(params["router_top_k"]), "dropout": 0.1, "epochs": int(params["router_epochs"]),
+            "accuracy_train": training.accuracy_train, "accuracy_val": training.accuracy_val,
+            "accuracy_val_per_task": dict(zip(tasks, training.per_task_val)),
+            "samples_train": training.samples_train, "samples_val": training.samples_val, "data": described}
+    if len(sites) > 1:
+        info["feature_search"] = {site: trained[site][1].accuracy_val for site in sites}
+    return router, info
 
 
 def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, Any], options, progress=None,
-               log=lambda message: None) -> dict[str, Any]:
+               log=None) -> dict[str, Any]:
     """Shared merge, compression, router; each stage of an interrupted run is kept for --resume."""
     from safetensors.torch import save_file
 
@@ -193,12 +247,15 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
     from mergekit_lite.merge import MergeOptions, merge_tensorwise
 
     progress = progress or _Silent()
+    log = log if log is not None else getattr(progress, "note", lambda message: None)
     started = time.perf_counter()
     tasks = task_names(recipe)
     check_data_paths(recipe)
     seed = options.seed if options.seed is not None else (recipe.seed if recipe.seed is not None else 0)
     device = resolve_device(options.device if options.device != "auto" or recipe.device is None else recipe.device)
-    rank = float(params["rank"])
+    rank = None if params["rank"] is None else float(params["rank"])
+    storage_share = float(params["storage"])
+    factor_dtype = FACTOR_DTYPES[str(params["factor_dtype"])]
     fingerprint = run_fingerprint(recipe.model_dump(mode="json"), f"{seed}|{options.shard_size}",
                                   [recipe.base_model] + [entry.model for entry in recipe.models], options.allow_pickle)
     router_inputs = _router_inputs(recipe, tasks, params, seed, options.allow_pickle, log)
@@ -218,18 +275,19 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
             _write_stages(directory, stages)
         merged_at = time.perf_counter()
         if "compress" not in stages:
-            layout, stats, storage = _compress(directory, recipe, tasks, rank, seed, device, progress,
-                                               options.allow_pickle, staging.resumed, fingerprint)
+            layout, stats, storage = _compress(directory, recipe, tasks, rank, storage_share, factor_dtype, seed, device,
+                                               progress, options.allow_pickle, staging.resumed, fingerprint, log)
             stages["compress"] = {"layout": layout, "stats": stats, "storage": storage}
             _write_stages(directory, stages)
         layout, stats, storage = (stages["compress"][key] for key in ("layout", "stats", "storage"))
         compressed_at = time.perf_counter()
-        router, router_info = _train(directory, router_inputs, tasks, params, seed, device)
+        router, router_info = _train(directory, router_inputs, tasks, params, seed, device, progress, log)
         save_file({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}, str(directory / ROUTER))
         trained_at = time.perf_counter()
         (directory / STAGES).unlink()
-        manifest = {"format": FORMAT, "tasks": tasks, "shared": SHARED, "experts": EXPERTS, "rank": rank,
-                    "router": {k: router_info[k] for k in ("feature", "features", "top_k", "dropout")},
+        manifest = {"format": FORMAT, "tasks": tasks, "shared": SHARED, "experts": EXPERTS, "rank": storage["rank_ratio"],
+                    "storage_budget": None if rank is not None else storage_share,
+                    "router": {k: router_info[k] for k in ("feature", "features", "sequence_max", "top_k", "dropout")},
                     "tensors": layout}
         staging.add_file(MANIFEST, json.dumps(manifest, indent=2) + "\n")
         staging.add_file("merge_recipe.yaml", recipe_text)
@@ -242,7 +300,8 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
             "output": {"path": str(out), "bytes": sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()),
                        "tensors": shared_report["tensors"] if isinstance(shared_report["tensors"], int)
                        else len(shared_report["tensors"])},
-            "twin": {"tasks": tasks, "rank": rank, "storage": storage, "router": router_info,
+            "twin": {"tasks": tasks, "rank": storage["rank_ratio"], "storage_budget": None if rank is not None else storage_share,
+                     "storage": storage, "router": router_info,
                      "shared_merge": {"method": inner.merge_method, "parameters": inner.model_dump(mode="json")["parameters"],
                                       "seconds": shared_report["timings_seconds"]["total"]},
                      "tensors": stats},

@@ -192,10 +192,11 @@ class TwinModel(torch.nn.Module):
     lane_devices = ("cpu",)  # where lanes were measured to pay; add "cuda" to try them there
 
     def __init__(self, model: torch.nn.Module, router: Router, tasks: list[str], feature: str, top_k: int,
-                 unrouted: list[str]) -> None:
+                 unrouted: list[str], sequence_max: bool = False) -> None:
         super().__init__()
         self.model, self.router, self.tasks = model, router, list(tasks)
         self.feature, self.top_k, self.unrouted = feature, top_k, unrouted
+        self.sequence_max = sequence_max  # directories written before it pooled maxima have no such setting
         self.kept_task_weights = {"layers": 0, "bytes": 0}  # set by load (keep_task_weights)
         self.routed = routed_layers(model)  # found once: each batch sets their route
         self._row_macs: dict[tuple, float] = {}  # input shape -> multiply-adds a row in the average routed conv
@@ -225,7 +226,7 @@ class TwinModel(torch.nn.Module):
         router.load_state_dict(load_file(str(directory / ROUTER)))
         model.requires_grad_(False)  # an inference runtime: per-task filters and norms can then be kept
         twin = cls(model, router.to(device).eval(), manifest["tasks"], settings["feature"], settings["top_k"],
-                   unrouted).eval()
+                   unrouted, settings.get("sequence_max") is True).eval()
         twin.kept_task_weights = {"layers": kept_weights[0], "bytes": kept_weights[1]}
         return twin
 
@@ -233,7 +234,7 @@ class TwinModel(torch.nn.Module):
     def route(self, inputs, **kwargs) -> torch.Tensor:
         """Per-row task weights (batch, T) from the shared model's feature (no routes applied)."""
         set_route(self.routed, None)
-        features = pooled_features(self.model, self.feature, inputs, **kwargs)
+        features = pooled_features(self.model, self.feature, inputs, sequence_max=self.sequence_max, **kwargs)
         return route_weights(self.router(features), self.top_k)
 
     def forward(self, inputs, weights: torch.Tensor | dict[str, float] | None = None, **kwargs):
