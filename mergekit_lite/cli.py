@@ -143,9 +143,14 @@ def inspect(
     if twin is not None:
         out.print(f"[bold]Twin-Merging directory[/]: tasks {', '.join(twin['tasks'])}; {_rank_text(twin)}; "
                   f"{twin['factored_tensors']} tensors as factors, {twin['dense_tensors']} dense; router reads "
-                  f"{twin['router']['feature']}, mixes top {twin['router']['top_k'] or 'all'}; exclusive knowledge "
+                  f"{_sites_text(twin['router']['feature'])}, mixes top {twin['router']['top_k'] or 'all'}; exclusive knowledge "
                   f"{_human_bytes(twin['experts_bytes'])}. The shared expert:", highlight=False)
     _print_summary(summary)
+
+
+def _sites_text(feature) -> str:
+    """The router's feature site, or its sites joined ('stem + model.layers.0')."""
+    return " + ".join(map(str, feature)) if isinstance(feature, list) else str(feature)
 
 
 def _rank_text(twin: dict) -> str:
@@ -403,7 +408,7 @@ def _print_report(report: dict, top: int) -> None:
     if "twin" in report:
         twin = report["twin"]
         out.print(f"  twin   {_rank_text(twin)}; factors {_human_bytes(twin['storage']['stored_bytes'])} = "
-                  f"{twin['storage']['ratio']:.1%} of dense deltas; router ({twin['router']['feature']}) validation "
+                  f"{twin['storage']['ratio']:.1%} of dense deltas; router ({_sites_text(twin['router']['feature'])}) validation "
                   f"accuracy {twin['router']['accuracy_val']:.1%}", highlight=False)
     if "pleas" in report:
         pleas = report["pleas"]

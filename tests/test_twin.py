@@ -19,6 +19,7 @@ from mergekit_lite.examples import make_family
 from mergekit_lite.merge import MergeOptions, merge_recipe_file
 from mergekit_lite.pleas.sources import load_model
 from mergekit_lite.twin import TwinModel, collapse
+from mergekit_lite.twin.build import PAIR_PREFERENCE
 from mergekit_lite.twin.router import route_weights
 
 runner = CliRunner()
@@ -210,12 +211,47 @@ def test_the_directory_and_report_describe_what_was_stored(gpt2_twin):
     router = twin["router"]
     assert 0.0 <= router["accuracy_val"] <= 1.0 and router["top_k"] == 1
     blocks = [f"transformer.h.{i}" for i in range(2)]  # the first half of the test GPT-2's blocks
-    assert list(router["feature_search"]) == ["stem", *blocks[:1], "final"]
-    best = max(router["feature_search"].values())
-    assert router["feature"] == next(site for site, acc in router["feature_search"].items() if acc == best)
-    assert router["accuracy_val"] == best
+    searched = list(router["feature_search"])
+    assert searched[:3] == ["stem", *blocks[:1], "final"] and searched[3].startswith("stem+")  # + the stem's pair
+    # the stem-and-block pair is kept unless a single site beats it on the held-out split by over a point
+    bonus = {site: acc + (PAIR_PREFERENCE if "+" in site else 0.0) for site, acc in router["feature_search"].items()}
+    chosen = max(bonus, key=lambda site: (bonus[site], -site.count("+")))
+    assert router["feature"] == (chosen if "+" not in chosen else chosen.split("+"))
+    assert router["accuracy_val"] == router["feature_search"][chosen]
     shown = runner.invoke(app, ["report", str(twin_dir)])
     assert shown.exit_code == 0 and "router" in shown.output
+
+
+def test_routers_on_two_sites_average_their_probabilities(gpt2_twin, tmp_path):
+    """A directory whose manifest names two router sites loads both and routes on their mean probability."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from mergekit_lite.twin.router import Router, SiteRouters, pooled_features
+
+    root, _, _ = gpt2_twin
+    copy = tmp_path / "twin"
+    shutil.copytree(root / "twin", copy)
+    manifest = json.loads((copy / "twin.json").read_text())
+    sites = ["stem", "transformer.h.0"]
+    torch.manual_seed(0)
+    routers = [Router(96, 2), Router(96, 2)]
+    for router in routers:  # away from the initialisation, so the two disagree
+        router.net[-1].weight.data.normal_()
+    save_file({k: v.contiguous() for k, v in SiteRouters(sites, routers).state_dict().items()}, str(copy / "router.safetensors"))
+    manifest["router"].update(feature=sites, features=[96, 96], top_k=0)
+    (copy / "twin.json").write_text(json.dumps(manifest))
+    twin = TwinModel.load(copy)
+    x = _inputs("gpt2")[:4]
+    with torch.no_grad():
+        shared = load_model(copy / "shared", transformers_ok=True).eval()
+        wanted = sum(r.eval()(pooled_features(shared, s, x, sequence_max=True)).softmax(-1) for s, r in zip(sites, routers)) / 2
+        torch.testing.assert_close(twin.route(x), wanted, rtol=1e-5, atol=1e-6)
+    manifest["router"].update(features=[96])  # a list that does not match the sites
+    (copy / "twin.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="router settings are malformed"):
+        TwinModel.load(copy)
 
 
 def test_top_k_keeps_the_largest_weights_renormalised():

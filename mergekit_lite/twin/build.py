@@ -23,7 +23,8 @@ from mergekit_lite.recipe import ModelEntry, Recipe, SharedMerge
 from mergekit_lite.report import SCHEMA, library_versions, peak_memory, write_report
 from mergekit_lite.twin.compress import low_rank
 from mergekit_lite.twin.ranks import ratio_for_budget
-from mergekit_lite.twin.router import AUTO, candidate_sites, pooled_features, pooled_features_at, train_router
+from mergekit_lite.twin.router import (AUTO, FINAL, STEM, RouterTraining, SiteRouters, candidate_sites, pooled_features,
+                                      pooled_features_at, split_indices, train_router)
 from mergekit_lite.twin.store import (EXPERTS, FORMAT, MANIFEST, ROUTER, SHARED, TASK_NAME, delta_specs, dense_name,
                                       left_name, right_name, tensor_layout)
 
@@ -224,18 +225,50 @@ def _train(directory: Path, inputs: list[tuple[list[torch.Tensor], str]], tasks:
         described.append({"task": task, "source": text, "samples": sum(len(b) for b in batches)})
     progress.stop()
     labels_all = torch.cat(labels).to(device)
-    trained = {site: train_router(torch.cat(features[site]), labels_all, len(tasks),
-                                  epochs=int(params["router_epochs"]), seed=seed) for site in sites}
-    best = max(sites, key=lambda site: (trained[site][1].accuracy_val, -sites.index(site)))
-    router, training = trained[best]
-    info = {"feature": best, "features": int(torch.cat(features[best]).shape[1]), "sequence_max": True,
+    pooled = {site: torch.cat(features[site]) for site in sites}
+    trained = {site: train_router(pooled[site], labels_all, len(tasks), epochs=int(params["router_epochs"]), seed=seed)
+               for site in sites}
+    choices = [(site,) for site in sites]
+    deeper = [site for site in sites if site not in (STEM, FINAL)]  # blocks: routing stops there, final costs a pass
+    if wanted == AUTO and STEM in sites and deeper:  # the stem with the best block, probabilities averaged
+        choices.append((STEM, max(deeper, key=lambda site: (trained[site][1].accuracy_val, -sites.index(site)))))
+    scored = {choice: _choice_training(choice, trained, pooled, labels_all, len(tasks), seed) for choice in choices}
+    best = max(choices, key=lambda c: (scored[c].accuracy_val + (PAIR_PREFERENCE if len(c) > 1 else 0.0),
+                                       -len(c), -choices.index(c)))
+    router = SiteRouters(list(best), [trained[site][0] for site in best])
+    training = scored[best]
+    single = len(best) == 1
+    info = {"feature": best[0] if single else list(best),
+            "features": int(pooled[best[0]].shape[1]) if single else [int(pooled[site].shape[1]) for site in best],
+            "sequence_max": True,
             "top_k": int(params["router_top_k"]), "dropout": 0.1, "epochs": int(params["router_epochs"]),
             "accuracy_train": training.accuracy_train, "accuracy_val": training.accuracy_val,
             "accuracy_val_per_task": dict(zip(tasks, training.per_task_val)),
             "samples_train": training.samples_train, "samples_val": training.samples_val, "data": described}
-    if len(sites) > 1:
-        info["feature_search"] = {site: trained[site][1].accuracy_val for site in sites}
-    return router, info
+    if len(choices) > 1:
+        info["feature_search"] = {"+".join(choice): scored[choice].accuracy_val for choice in choices}
+    return (router.routers[0] if single else router), info
+
+
+# The averaged pair is kept unless a single site beats it on the held-out split by more than this: the split is
+# drawn from the same text as the training split, so it ranks sites within about a point of each other no better
+# than chance, while the pair was right more often on both text families' test sets (bench/RESULTS.md).
+PAIR_PREFERENCE = 0.01
+
+
+@torch.no_grad()
+def _choice_training(choice: tuple[str, ...], trained: dict, pooled: dict[str, torch.Tensor], labels: torch.Tensor,
+                     tasks: int, seed: int) -> RouterTraining:
+    """A site's own training figures, or those of several sites' routers averaged (on the same split)."""
+    if len(choice) == 1:
+        return trained[choice[0]][1]
+    train, val = split_indices(labels.cpu(), 0.2, seed)
+    ensemble = SiteRouters(list(choice), [trained[site][0] for site in choice])
+    correct = ensemble({site: pooled[site] for site in choice}).argmax(-1).cpu() == labels.cpu()
+    per_task = [float(correct[val][labels.cpu()[val] == t].float().mean()) if bool((labels.cpu()[val] == t).any())
+                else float("nan") for t in range(tasks)]
+    return RouterTraining(float(correct[train].float().mean()), float(correct[val].float().mean()) if len(val)
+                          else float("nan"), per_task, len(train), len(val))
 
 
 def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, Any], options, progress=None,

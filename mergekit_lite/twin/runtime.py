@@ -26,7 +26,7 @@ from mergekit_lite.twin.routed import (RoutedBatchNorm2d, RoutedConv1D, RoutedCo
                                        RoutedLayerNorm, RoutedLinear, RoutedRMSNorm, fold_norms, is_rms_norm,
                                        is_one_hot, keep_task_weights, lanes_route, routed_layers, set_route,
                                        task_order)
-from mergekit_lite.twin.router import Router, pooled_features, route_weights
+from mergekit_lite.twin.router import Router, SiteRouters, pooled_features, pooled_features_at, route_weights
 from mergekit_lite.twin.store import EXPERTS, ROUTER, SHARED, StackedDelta, dense_name, left_name, load_deltas, \
     read_manifest, right_name
 
@@ -181,6 +181,25 @@ def same_outputs(got: torch.Tensor, reference: torch.Tensor) -> bool:
 LANE_GROUP_MACS = 6e7
 
 
+def _router_of(settings: dict, tasks: int, path: Path, directory: Path) -> Router | SiteRouters:
+    """The router(s) a manifest describes: one site (`feature` a name) or several (`feature` a list)."""
+    from safetensors.torch import load_file
+
+    sites, sizes = settings.get("feature"), settings.get("features")
+    if isinstance(sites, str) and type(sizes) is int:
+        router = Router(sizes, tasks, settings.get("dropout", 0.1))
+    elif (isinstance(sites, list) and isinstance(sizes, list) and len(sites) == len(sizes) > 0
+          and all(isinstance(x, str) for x in sites) and all(type(n) is int and n > 0 for n in sizes)):
+        router = SiteRouters(sites, [Router(n, tasks, settings.get("dropout", 0.1)) for n in sizes])
+    else:
+        raise UserError(f"{directory}: the manifest's router settings are malformed; the directory is damaged")
+    try:
+        router.load_state_dict(load_file(str(path)))
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: does not hold the router the manifest describes ({str(exc).splitlines()[0]})") from None
+    return router
+
+
 class TwinModel(torch.nn.Module):
     """The shared model with routed layers and the router; call it like the model itself.
 
@@ -191,9 +210,11 @@ class TwinModel(torch.nn.Module):
 
     lane_devices = ("cpu",)  # where lanes were measured to pay; add "cuda" to try them there
 
-    def __init__(self, model: torch.nn.Module, router: Router, tasks: list[str], feature: str, top_k: int,
-                 unrouted: list[str], sequence_max: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, router: Router | SiteRouters, tasks: list[str], feature: str | list[str],
+                 top_k: int, unrouted: list[str], sequence_max: bool = False) -> None:
         super().__init__()
+        if isinstance(router, Router):
+            router = SiteRouters([feature], [router])
         self.model, self.router, self.tasks = model, router, list(tasks)
         self.feature, self.top_k, self.unrouted = feature, top_k, unrouted
         self.sequence_max = sequence_max  # directories written before it pooled maxima have no such setting
@@ -210,7 +231,6 @@ class TwinModel(torch.nn.Module):
         """The shared model with routed layers and the router, on `device`. `task_weight_budget` (bytes) bounds the
         memory that the smallest linear layers may spend on keeping each task's own weight for top-1 rows
         (faster than the factors there); 0 keeps none. Convolutions keep their per-task filters regardless."""
-        from safetensors.torch import load_file
 
         from mergekit_lite.pleas.sources import load_model
 
@@ -222,8 +242,7 @@ class TwinModel(torch.nn.Module):
         _, unrouted = install_routes(model, load_deltas(directory, manifest, device))
         kept_weights = keep_task_weights(model, task_weight_budget)
         settings = manifest["router"]
-        router = Router(settings["features"], len(manifest["tasks"]), settings.get("dropout", 0.1))
-        router.load_state_dict(load_file(str(directory / ROUTER)))
+        router = _router_of(settings, len(manifest["tasks"]), directory / ROUTER, directory)
         model.requires_grad_(False)  # an inference runtime: per-task filters and norms can then be kept
         twin = cls(model, router.to(device).eval(), manifest["tasks"], settings["feature"], settings["top_k"],
                    unrouted, settings.get("sequence_max") is True).eval()
@@ -234,7 +253,10 @@ class TwinModel(torch.nn.Module):
     def route(self, inputs, **kwargs) -> torch.Tensor:
         """Per-row task weights (batch, T) from the shared model's feature (no routes applied)."""
         set_route(self.routed, None)
-        features = pooled_features(self.model, self.feature, inputs, sequence_max=self.sequence_max, **kwargs)
+        sites = self.router.sites
+        features = ({sites[0]: pooled_features(self.model, sites[0], inputs, sequence_max=self.sequence_max, **kwargs)}
+                    if len(sites) == 1 else
+                    pooled_features_at(self.model, sites, inputs, sequence_max=self.sequence_max, **kwargs))
         return route_weights(self.router(features), self.top_k)
 
     def forward(self, inputs, weights: torch.Tensor | dict[str, float] | None = None, **kwargs):
