@@ -9,7 +9,7 @@ mixes every domain (each row routed on its own): the fraction of the base-to-exp
 with the true task given, the router's accuracy on that mix, and the storage the factors take. Task arithmetic
 and full rank are the reference rows.
 
-    python bench/twin_families.py [--workdir DIR] [--set rank=0.2 ...]
+    python bench/twin_families.py [--family first] [--workdir DIR] [--methods] [--set rank=0.2 ...]
 """
 
 from __future__ import annotations
@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a twin parameter for the default row (to compare settings)")
     parser.add_argument("--router-windows", type=int, default=1024, help="validation windows per domain")
+    parser.add_argument("--methods", action="store_true",
+                        help="also every tensor-wise method at the quality suite's defaults (its experiment 1)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="twin_second_family_"))
@@ -116,11 +118,14 @@ def main() -> None:
     def closed(scores: dict[str, float]) -> float:
         return suite._mean(suite.normalised(task, scores, base, own))
 
-    for lam in (0.3, 0.5, 1.0):
-        recipe = suite.write_recipe(work / "ta.yaml", "task_arithmetic", paths["base"], [paths[d] for d in domains],
-                                    {"lambda": lam})
-        suite.merge_run(recipe, work / "ta")
-        print(f"  task arithmetic lambda {lam}: gap closed {closed(task.score(work / 'ta', 'test')):6.1%}")
+    settings = [("task_arithmetic", {"lambda": lam}) for lam in (0.3, 0.5, 1.0)]
+    if args.methods:  # the quality suite's experiment-1 rows: every tensor-wise method at its papers' defaults
+        settings += [(method, setting) for method, setting in suite.DEFAULTS.items() if method != "task_arithmetic"]
+    for method, setting in settings:
+        recipe = suite.write_recipe(work / "tw.yaml", method, paths["base"], [paths[d] for d in domains], setting)
+        suite.merge_run(recipe, work / "tw")
+        print(f"  {method} {json.dumps(setting)}: gap closed {closed(task.score(work / 'tw', 'test')):6.1%}", flush=True)
+        shutil.rmtree(work / "tw")
     files = router_files(work, domains, args.router_windows)
     chosen = {key: _value(value) for key, value in (item.split("=", 1) for item in args.set)}
     rows = [("defaults" + (f" {chosen}" if chosen else ""), chosen), ("full rank", {**chosen, "rank": 1.0})]

@@ -33,16 +33,16 @@ METHOD = MergeMethod(
         ParamSpec("factor_dtype", str, "bfloat16", "dtype the factors are stored in (1-D deltas keep the "
                   "checkpoint's); 16 bits cost nothing measurable on a delta and halve a float32 model's factors",
                   scope="global", choices=("bfloat16", "float16", "float32")),
-        ParamSpec("rank", float, None, "one rank for every matrix instead of the storage budget: a ratio of "
+        ParamSpec("rank", float, None, "the rank ratio itself instead of the storage budget (auto: from storage): a ratio of "
                   "min(m, n) when at most 1 (1.0 keeps full rank), else a fixed rank", scope="global", minimum=0.0,
                   exclusive_minimum=True),
         ParamSpec("router_samples", int, 1024, "inputs per task for the router (a fifth held out for validation)",
                   scope="global", minimum=2),
         ParamSpec("router_epochs", int, 60, "router training epochs", scope="global", minimum=1),
-        ParamSpec("router_feature", str, "auto", "what the router reads: auto (the site among stem, the first half "
-                  "of a transformer's blocks and final that is right most often on held-out inputs), stem (pooled "
-                  "output of the first layer, almost free at inference), final (pooled last hidden state, one extra "
-                  "forward pass), or a module name",
+        ParamSpec("router_feature", str, "auto", "what the router reads: auto (the stem's router averaged with the best "
+                  "block's, unless one site among stem, the first half of a transformer's blocks and final is over a "
+                  "point better on held-out inputs), stem (pooled output of the first layer, almost free at "
+                  "inference), final (pooled last hidden state, one extra forward pass), or a module name",
                   scope="global"),
         ParamSpec("router_top_k", int, 1, "tasks mixed per input (the largest router weights, renormalised); 0 mixes "
                   "all tasks by the softmax", scope="global", minimum=0),
