@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from mergekit_lite.checkpoint import CheckpointWriter, TensorSpec, open_checkpoint
 from mergekit_lite.checkpoint.files import refuse_overlap
@@ -183,8 +184,6 @@ LANE_GROUP_MACS = 6e7
 
 def _router_of(settings: dict, tasks: int, path: Path, directory: Path) -> Router | SiteRouters:
     """The router(s) a manifest describes: one site (`feature` a name) or several (`feature` a list)."""
-    from safetensors.torch import load_file
-
     sites, sizes = settings.get("feature"), settings.get("features")
     if isinstance(sites, str) and type(sizes) is int:
         router = Router(sizes, tasks, settings.get("dropout", 0.1))
@@ -231,7 +230,6 @@ class TwinModel(torch.nn.Module):
         """The shared model with routed layers and the router, on `device`. `task_weight_budget` (bytes) bounds the
         memory that the smallest linear layers may spend on keeping each task's own weight for top-1 rows
         (faster than the factors there); 0 keeps none. Convolutions keep their per-task filters regardless."""
-
         from mergekit_lite.pleas.sources import load_model
 
         if task_weight_budget < 0:
