@@ -23,7 +23,7 @@ from mergekit_lite.recipe import ModelEntry, Recipe, SharedMerge
 from mergekit_lite.report import SCHEMA, library_versions, peak_memory, write_report
 from mergekit_lite.twin.compress import low_rank
 from mergekit_lite.twin.ranks import ratio_for_budget
-from mergekit_lite.twin.router import (AUTO, FINAL, STEM, RouterTraining, SiteRouters, candidate_sites, pooled_features,
+from mergekit_lite.twin.router import (AUTO, FINAL, STEM, RouterTraining, SiteRouters, candidate_sites,
                                       pooled_features_at, split_indices, train_router)
 from mergekit_lite.twin.store import (EXPERTS, FORMAT, MANIFEST, ROUTER, SHARED, TASK_NAME, delta_specs, dense_name,
                                       left_name, right_name, tensor_layout)
@@ -216,8 +216,7 @@ def _train(directory: Path, inputs: list[tuple[list[torch.Tensor], str]], tasks:
     progress.start(total, 0, "router features (batches)")
     for index, (task, (batches, text)) in enumerate(zip(tasks, inputs)):
         for batch in batches:
-            pooled = (pooled_features_at(model, sites, batch.to(device), sequence_max=True) if len(sites) > 1
-                      else {sites[0]: pooled_features(model, sites[0], batch.to(device), sequence_max=True)})
+            pooled = pooled_features_at(model, sites, batch.to(device), sequence_max=True)
             for site in sites:
                 features[site].append(pooled[site])
             labels.append(torch.full((len(batch),), index, dtype=torch.long))

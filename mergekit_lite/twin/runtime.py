@@ -27,7 +27,7 @@ from mergekit_lite.twin.routed import (RoutedBatchNorm2d, RoutedConv1D, RoutedCo
                                        RoutedLayerNorm, RoutedLinear, RoutedRMSNorm, fold_norms, is_rms_norm,
                                        is_one_hot, keep_task_weights, lanes_route, routed_layers, set_route,
                                        task_order)
-from mergekit_lite.twin.router import Router, SiteRouters, pooled_features, pooled_features_at, route_weights
+from mergekit_lite.twin.router import Router, SiteRouters, pooled_features_at, route_weights
 from mergekit_lite.twin.store import EXPERTS, ROUTER, SHARED, StackedDelta, dense_name, left_name, load_deltas, \
     read_manifest, right_name
 
@@ -215,7 +215,7 @@ class TwinModel(torch.nn.Module):
         if isinstance(router, Router):
             router = SiteRouters([feature], [router])
         self.model, self.router, self.tasks = model, router, list(tasks)
-        self.feature, self.top_k, self.unrouted = feature, top_k, unrouted
+        self.top_k, self.unrouted = top_k, unrouted  # the feature sites live in self.router.sites
         self.sequence_max = sequence_max  # directories written before it pooled maxima have no such setting
         self.kept_task_weights = {"layers": 0, "bytes": 0}  # set by load (keep_task_weights)
         self.routed = routed_layers(model)  # found once: each batch sets their route
@@ -251,10 +251,7 @@ class TwinModel(torch.nn.Module):
     def route(self, inputs, **kwargs) -> torch.Tensor:
         """Per-row task weights (batch, T) from the shared model's feature (no routes applied)."""
         set_route(self.routed, None)
-        sites = self.router.sites
-        features = ({sites[0]: pooled_features(self.model, sites[0], inputs, sequence_max=self.sequence_max, **kwargs)}
-                    if len(sites) == 1 else
-                    pooled_features_at(self.model, sites, inputs, sequence_max=self.sequence_max, **kwargs))
+        features = pooled_features_at(self.model, self.router.sites, inputs, sequence_max=self.sequence_max, **kwargs)
         return route_weights(self.router(features), self.top_k)
 
     def forward(self, inputs, weights: torch.Tensor | dict[str, float] | None = None, **kwargs):
