@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Callable, Optional
@@ -224,13 +225,33 @@ def _print_comparison(result: dict, top: int) -> None:
         out.print(f"  shape differs: {row['name']} {row['a']} vs {row['b']}", highlight=False)
 
 
+# A phase judged to take at least this long gets a line with its estimated cost.
+ESTIMATE_NOTE_SECONDS = 10.0
+
+
+def phase_estimate(first_step: float, second_step: float, steps: int) -> float:
+    """Seconds a phase of `steps` like steps takes in all, from its first two: the first counts once as it was
+    (it carries the warm-up: allocation, kernel choice), the second stands for every later one."""
+    return first_step + second_step * (steps - 1)
+
+
+def duration_text(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 class RichProgress:
     """A progress bar with an ETA on stderr; nothing when stderr is not a terminal or --quiet. With bytes it
-    counts tensors and bytes (a merge); with no bytes it counts steps (a model-aware phase: refinement, tuning)."""
+    counts tensors and bytes (a merge); with no bytes it counts steps (a model-aware phase: refinement, tuning),
+    and once two steps are timed, a phase that will take long says how long, before the rest of its work."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, clock: Callable[[], float] = time.monotonic) -> None:
         self.enabled = enabled
         self._bar = None
+        self._clock = clock
 
     def start(self, tensors: int, nbytes: int, label: str) -> None:
         if not self.enabled:
@@ -252,6 +273,10 @@ class RichProgress:
         self._bar.start()
         self._total_tensors = tensors
         self._done = 0
+        self._label = label
+        self._step_ends = [self._clock()]
+        self._estimated = False
+        self._done_bytes, self._total_bytes = 0, nbytes
         self._task = self._bar.add_task(label, total=nbytes if self._by_bytes else tensors,
                                         tensors=f"0/{tensors} tensors")
 
@@ -260,6 +285,31 @@ class RichProgress:
             self._done += 1
             self._bar.update(self._task, advance=nbytes if self._by_bytes else 1,
                              tensors=f"{self._done}/{self._total_tensors} tensors")
+            self._done_bytes += nbytes
+            if not self._estimated:
+                self._estimate()
+
+    def _estimate(self) -> None:
+        """The phase's whole cost, said once: for steps from the first two; for bytes once 5 % of them are done."""
+        if self._by_bytes:
+            if self._done_bytes < 0.05 * self._total_bytes or self._done_bytes >= self._total_bytes:
+                return
+            total = (self._clock() - self._step_ends[0]) * self._total_bytes / self._done_bytes
+            how = f"for {self._total_tensors} tensors (from the first {self._done_bytes / self._total_bytes:.0%})"
+        else:
+            if self._done < 2:
+                self._step_ends.append(self._clock())
+                return
+            self._step_ends.append(self._clock())
+            if self._total_tensors <= 2:
+                self._estimated = True
+                return
+            first, second = (b - a for a, b in zip(self._step_ends, self._step_ends[1:]))
+            total = phase_estimate(first, second, self._total_tensors)
+            how = f"for {self._total_tensors} steps (timed on the first two)"
+        self._estimated = True
+        if total >= ESTIMATE_NOTE_SECONDS:
+            self.note(f"{self._label}: about {duration_text(total)} {how}")
 
     def stop(self) -> None:
         if self._bar is not None:

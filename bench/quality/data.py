@@ -82,6 +82,51 @@ IMAGE_DOMAINS = {
 HOME_DOMAIN = "clean"
 
 
+def _shift(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Moved by whole pixels, the space it leaves blank (digits sit in the middle, so nothing is cut)."""
+    return torch.nn.functional.pad(x, (max(cols, 0), max(-cols, 0), max(rows, 0), max(-rows, 0)))[
+        ..., max(-rows, 0): max(-rows, 0) + x.shape[-2], max(-cols, 0): max(-cols, 0) + x.shape[-1]]
+
+
+def _edges(x: torch.Tensor) -> torch.Tensor:
+    """Gradient magnitude (Sobel): the strokes' outlines instead of the strokes."""
+    sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    gx = torch.nn.functional.conv2d(x, sobel[None, None], padding=1)
+    gy = torch.nn.functional.conv2d(x, sobel.t()[None, None], padding=1)
+    return torch.clamp((gx.square() + gy.square()).sqrt() / 2.0, max=1.0)
+
+
+def _zoom_out(x: torch.Tensor) -> torch.Tensor:
+    """The digit at 60 % size, centred."""
+    small = round(0.6 * x.shape[-1])
+    inner = torch.nn.functional.interpolate(x, size=(small, small), mode="bilinear", align_corners=False)
+    before = (x.shape[-1] - small) // 2
+    after = x.shape[-1] - small - before
+    return torch.nn.functional.pad(inner, (before, after, before, after))
+
+
+def _salt_and_pepper(x: torch.Tensor) -> torch.Tensor:
+    """12 % of pixels set to black or white, fixed per image position."""
+    gen = torch.Generator().manual_seed(11)
+    flip = torch.rand(x.shape, generator=gen)
+    out = x.clone()
+    out[flip < 0.06] = 0.0
+    out[flip > 0.94] = 1.0
+    return out
+
+
+# A second set of domains (other transforms of the same digits), used only to check defaults chosen on the first
+# with another model type (bench/twin_families.py --family vision).
+SECOND_IMAGE_DOMAINS = {
+    "mirror": lambda x: x.flip(-1),
+    "contrast": lambda x: 0.35 + 0.3 * x,
+    "shift": lambda x: _shift(x, 3, -3),
+    "edges": _edges,
+    "zoom": _zoom_out,
+    "salt": _salt_and_pepper,
+}
+
+
 def _split_indices(n: int, seed: int = SPLIT_SEED, fractions=(0.6, 0.2, 0.2)) -> dict[str, np.ndarray]:
     order = np.random.default_rng(seed).permutation(n)
     cut1 = int(fractions[0] * n)
@@ -109,7 +154,7 @@ def image_domain(domain: str, split: str, labels: tuple[int, ...] | None = None)
     """One domain's split, optionally restricted to some labels (the label-split tasks)."""
     images, targets = _digits()
     index = torch.as_tensor(_split_indices(len(targets))[split])
-    x = IMAGE_DOMAINS[domain](images[index]).contiguous()
+    x = {**IMAGE_DOMAINS, **SECOND_IMAGE_DOMAINS}[domain](images[index]).contiguous()
     y = targets[index]
     if labels is not None:
         keep = torch.isin(y, torch.tensor(labels))

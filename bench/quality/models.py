@@ -1,4 +1,5 @@
-"""Small real models for the quality suite: timm ResNets on digit images and a byte-level GPT-2 on text.
+"""Small real models for the quality suite: timm ResNets (and, as a second family, ViTs) on digit images and
+byte-level GPT-2s and Llamas on text.
 
 Training, evaluation and saving in the layouts the merge tool reads (timm hub layout, Hugging Face layout).
 """
@@ -35,11 +36,13 @@ def new_vision_model(width: float = 1.0, seed: int = 0, classes: int = 10) -> to
     return timm.create_model(VISION_ARCH, pretrained=False, **vision_args(width, classes))
 
 
-def save_vision(model: torch.nn.Module, directory: Path, width: float = 1.0) -> Path:
+def save_vision(model: torch.nn.Module, directory: Path, width: float = 1.0, args: dict | None = None) -> Path:
+    """timm's hub layout; `args` are the model's timm arguments (default: test_resnet's at `width`)."""
     from timm.models._hub import save_for_hf
 
     classes = model.get_classifier().out_features
-    save_for_hf(model, str(directory), model_args=vision_args(width, classes), safe_serialization=True)
+    save_for_hf(model, str(directory), model_args=args if args is not None else vision_args(width, classes),
+                safe_serialization=True)
     return directory
 
 
@@ -74,6 +77,11 @@ def train_vision(model: torch.nn.Module, data: ImageSet, *, epochs: int, lr: flo
     model.train()
     if freeze_norm:
         _freeze_norm_statistics(model)
+    return _fit(model, data, optimizer, schedule, epochs, batch, gen)
+
+
+def _fit(model, data: ImageSet, optimizer, schedule, epochs: int, batch: int, gen: torch.Generator) -> torch.nn.Module:
+    """Cross-entropy epochs over shuffled batches, one schedule step per batch."""
     for _ in range(epochs):
         order = torch.randperm(len(data.labels), generator=gen)
         for start in range(0, len(order), batch):
@@ -84,6 +92,34 @@ def train_vision(model: torch.nn.Module, data: ImageSet, *, epochs: int, lr: flo
             optimizer.step()
             schedule.step()
     return model.eval()
+
+
+# ---- vision, second family: timm's test_vit on 4x4 patches (another model type, used only to check defaults) ----
+
+SECOND_VISION_ARCH = "test_vit"
+SECOND_VISION_WIDTHS = {0.5: 32, 1.0: 64, 2.0: 128}  # width multiplier -> embedding size
+
+
+def second_vision_args(width: float = 1.0) -> dict:
+    return {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10, "depth": 4, "num_heads": 2,
+            "embed_dim": SECOND_VISION_WIDTHS[width]}
+
+
+def new_second_vision_model(width: float = 1.0, seed: int = 0) -> torch.nn.Module:
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model(SECOND_VISION_ARCH, pretrained=False, **second_vision_args(width))
+
+
+def train_vision_adamw(model: torch.nn.Module, data: ImageSet, *, epochs: int, lr: float, seed: int,
+                       batch: int = 64) -> torch.nn.Module:
+    """AdamW with a one-cycle schedule, no augmentation: what a small ViT needs where SGD serves the ResNets."""
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    steps = epochs * math.ceil(len(data.labels) / batch)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    return _fit(model.train(), data, optimizer, schedule, epochs, batch, gen)
 
 
 @torch.no_grad()
