@@ -16,8 +16,9 @@ from rich.errors import MarkupError
 from rich.markup import escape
 from rich.table import Table
 
-from mergekit_lite import __version__
 from mergekit_lite.errors import UserError, one_line
+from mergekit_lite.units import human_bytes
+from mergekit_lite.version import __version__
 
 app = typer.Typer(
     help="Merge neural-network checkpoints (TIES, DARE, task arithmetic, ...) streamed from safetensors.",
@@ -95,14 +96,6 @@ def guarded(command: Callable) -> Callable:
     return wrapper
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 @app.command()
 @guarded
 def inspect(
@@ -121,9 +114,11 @@ def inspect(
     from mergekit_lite.device import resolve_device
     from mergekit_lite.inspect import compare, summarize, tensor_table
 
-    twin = _twin_summary(path)
-    if twin is not None:  # a Twin-Merging directory: describe it, then its shared expert
-        path = path / "shared"
+    from mergekit_lite.dispatch import summarise_directory
+
+    special = summarise_directory(path)
+    if special is not None:  # a directory a pipeline lays out its own way: describe it, then its checkpoint
+        path = special.checkpoint
     ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
     if against is not None:
         other = open_checkpoint(against, allow_pickle=allow_pickle)
@@ -136,42 +131,14 @@ def inspect(
     summary = summarize(ckpt, largest=top)
     if tensors:
         summary["tensors"] = tensor_table(ckpt)
-    if twin is not None:
-        summary["twin"] = twin
+    if special is not None:
+        summary[special.key] = special.facts
     if as_json:
         print(json.dumps(summary, indent=2))
         return
-    if twin is not None:
-        out.print(f"[bold]Twin-Merging directory[/]: tasks {', '.join(twin['tasks'])}; {_rank_text(twin)}; "
-                  f"{twin['factored_tensors']} tensors as factors, {twin['dense_tensors']} dense; router reads "
-                  f"{_sites_text(twin['router']['feature'])}, mixes top {twin['router']['top_k'] or 'all'}; exclusive knowledge "
-                  f"{_human_bytes(twin['experts_bytes'])}. The shared expert:", highlight=False)
+    if special is not None:
+        out.print(special.line, highlight=False, markup=False)
     _print_summary(summary)
-
-
-def _sites_text(feature) -> str:
-    """The router's feature site, or its sites joined ('stem + model.layers.0')."""
-    return " + ".join(map(str, feature)) if isinstance(feature, list) else str(feature)
-
-
-def _rank_text(twin: dict) -> str:
-    """'rank 0.1', and the storage budget that chose it when one did."""
-    rank, budget = twin.get("rank"), twin.get("storage_budget")
-    text = f"rank {rank:.3g}" if isinstance(rank, (int, float)) else "rank unknown"
-    return text + (f" (the most that fits {budget:.0%} storage)" if isinstance(budget, (int, float)) else "")
-
-
-def _twin_summary(path: Path) -> dict | None:
-    if not (path.is_dir() and (path / "twin.json").is_file()):
-        return None
-    from mergekit_lite.twin.store import EXPERTS, read_manifest
-
-    manifest = read_manifest(path)
-    kinds = [entry["kind"] for entry in manifest["tensors"].values()]
-    return {"tasks": manifest["tasks"], "rank": manifest["rank"], "storage_budget": manifest.get("storage_budget"),
-            "router": manifest["router"],
-            "factored_tensors": kinds.count("factors"), "dense_tensors": kinds.count("dense"),
-            "experts_bytes": sum(f.stat().st_size for f in (path / EXPERTS).glob("*.safetensors"))}
 
 
 def _print_summary(summary: dict) -> None:
@@ -184,13 +151,13 @@ def _print_summary(summary: dict) -> None:
         ("shards", f"{len(summary['shards'])}: {', '.join(summary['shards'])}"),
         ("tensors", f"{summary['tensor_count']:,}"),
         ("parameters", f"{summary['parameter_count']:,}"),
-        ("size", _human_bytes(summary["bytes"])),
+        ("size", human_bytes(summary["bytes"])),
     ]
     for key, value in facts:
         out.print(f"  {key:<13}{value}", highlight=False)
     table = Table("dtype", "tensors", "parameters", "size", title="by dtype")
     for dtype, row in summary["dtypes"].items():
-        table.add_row(dtype, str(row["tensors"]), f"{row['parameters']:,}", _human_bytes(row["bytes"]))
+        table.add_row(dtype, str(row["tensors"]), f"{row['parameters']:,}", human_bytes(row["bytes"]))
     out.print(table)
     rows = summary.get("tensors") or summary["largest_tensors"]
     title = "all tensors" if summary.get("tensors") else "largest tensors"
@@ -338,7 +305,8 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted merge of the same recipe, keeping the tensors it wrote."),
 ) -> None:
     """Merge the checkpoints a recipe names and write OUT_DIR (weights, config, tokenizer, model card, report)."""
-    from mergekit_lite.merge import MergeOptions, merge_recipe_file
+    from mergekit_lite.dispatch import describe_report, merge_recipe_file
+    from mergekit_lite.pipeline import MergeOptions
 
     options = MergeOptions(device=device, force=force, seed=seed, shard_size=shard_size, allow_pickle=allow_pickle,
                            report_path=report, resume=resume)
@@ -351,15 +319,12 @@ def run(
                       if k in ("read", "refine", "compute", "write", "shared_merge", "compress", "router"))
     out.print(
         f"[bold green]merged[/] {result['output']['tensors']} tensors with {result['method']} into "
-        f"{result['output']['path']} ({_human_bytes(result['output']['bytes'])}) on {result['device']} in "
-        f"{timings['total']:.1f} s ({steps}); peak RSS {_human_bytes(result['peak_memory']['rss_bytes'])}",
+        f"{result['output']['path']} ({human_bytes(result['output']['bytes'])}) on {result['device']} in "
+        f"{timings['total']:.1f} s ({steps}); peak RSS {human_bytes(result['peak_memory']['rss_bytes'])}",
         highlight=False,
     )
-    if "twin" in result:
-        twin = result["twin"]
-        out.print(f"tasks {', '.join(twin['tasks'])}; exclusive knowledge stored in "
-                  f"{_human_bytes(twin['storage']['stored_bytes'])} ({twin['storage']['ratio']:.1%} of the dense "
-                  f"deltas); router validation accuracy {twin['router']['accuracy_val']:.1%}", highlight=False)
+    for line in describe_report(result):
+        out.print(line, highlight=False, markup=False)
     out.print(f"report: {report or Path(result['output']['path']) / 'merge_report.json'}", highlight=False)
     for warning in result["warnings"]:
         err.print(f"[yellow]warning:[/] {warning}", highlight=False)
@@ -373,36 +338,20 @@ def validate(
 ) -> None:
     """Check a recipe and its inputs (paths, shapes, missing tensors) from file headers, without merging. For
     pleas, also build both models and check their permutation groups."""
-    from mergekit_lite.merge import validate_recipe_file
+    from mergekit_lite.dispatch import validate_recipe_file
 
-    parsed, plan = validate_recipe_file(recipe, allow_pickle=allow_pickle)
-    merged = sum(1 for t in plan.tensors if t.merge)
-    out.print(
-        f"[bold green]ok[/]: {parsed.merge_method}"
-        + (f" (shared expert by {plan.method.name})" if parsed.merge_method != plan.method.name else "")
-        + f" over {len(plan.sources.experts)} model(s)"
-        + (f" and base {plan.sources.base.path}" if plan.sources.base is not None else "")
-        + f"; {len(plan.tensors)} output tensors ({merged} merged, {len(plan.tensors) - merged} copied), "
-        f"{_human_bytes(plan.total_bytes)}",
-        highlight=False,
-    )
-    if parsed.merge_method == "pleas":  # model-aware: build both models and prove their permutation groups
-        from mergekit_lite.pleas.run import check_models
-
-        found = check_models(parsed, allow_pickle=allow_pickle)
-        heads = f", {found['heads']} attention-head blocks" if found.get("heads") else ""
-        out.print(f"[bold green]ok[/]: both models build; {found['groups']} permutation groups ({found['units']} units{heads}) "
-                  f"over {found['layers']} layers; permuting them all changes the outputs by "
-                  f"{found['self_check']:.1e} (relative)", highlight=False)
-    for warning in plan.warnings:
-        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    found = validate_recipe_file(recipe, allow_pickle=allow_pickle)
+    for line in found.lines:
+        out.print("[bold green]ok[/]: " + escape(line), highlight=False)
+    for warning in found.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
 @app.command()
 @guarded
 def methods(as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")) -> None:
     """List the merge methods and their parameters, with defaults."""
-    from mergekit_lite.methods import METHODS
+    from mergekit_lite.dispatch import PIPELINES as METHODS
 
     if as_json:
         listing = {
@@ -448,36 +397,20 @@ def _print_report(report: dict, top: int) -> None:
     timings, memory = report["timings_seconds"], report["peak_memory"]
     out.print(f"[bold]{report['method']}[/] merge, {report['created']}, seed {report['seed']}, device {report['device']}", highlight=False)
     for item in report["inputs"]:
-        sizes = f"  ({item['tensors']} tensors, {_human_bytes(item['bytes'])})" if "tensors" in item else ""
+        sizes = f"  ({item['tensors']} tensors, {human_bytes(item['bytes'])})" if "tensors" in item else ""
         task = f" (task {item['task']})" if "task" in item else ""
         out.print(f"  {item['role']:<6}{item['path']}{task}{sizes}", highlight=False)
     output = report["output"]
     files = f" in {len(output['files'])} file(s)" if "files" in output else ""
-    out.print(f"  output {output['path']}  ({output['tensors']} tensors, {_human_bytes(output['bytes'])}{files})",
+    out.print(f"  output {output['path']}  ({output['tensors']} tensors, {human_bytes(output['bytes'])}{files})",
               highlight=False)
-    if "twin" in report:
-        twin = report["twin"]
-        out.print(f"  twin   {_rank_text(twin)}; factors {_human_bytes(twin['storage']['stored_bytes'])} = "
-                  f"{twin['storage']['ratio']:.1%} of dense deltas; router ({_sites_text(twin['router']['feature'])}) validation "
-                  f"accuracy {twin['router']['accuracy_val']:.1%}", highlight=False)
-    if "pleas" in report:
-        pleas = report["pleas"]
-        units = [g for g in pleas["groups"] if g.get("kind", "units") == "units"]
-        heads = [g for g in pleas["groups"] if g.get("kind") == "heads"]
-        widths = f"{sum(g['width'] for g in units)} -> {sum(g['merged_width'] for g in units)} units"
-        if heads:
-            widths += f", {sum(g['width'] for g in heads)} -> {sum(g['merged_width'] for g in heads)} heads"
-        quality = sum(g["match_quality"] for g in pleas["groups"]) / max(len(pleas["groups"]), 1)
-        out.print(f"  pleas  compute {pleas['compute_ratio']:.3f}x (target {pleas['target_width']:g}), parameters "
-                  f"{pleas['parameter_ratio']:.3f}x; {widths}; mean match quality {quality:.3f}", highlight=False)
-        if pleas.get("tuning"):
-            tuning = pleas["tuning"]
-            out.print(f"  tuned  {tuning['steps']} steps toward the combined outputs: relative output gap "
-                      f"{tuning['output_gap_before']:.4f} -> {tuning['output_gap_after']:.4f} "
-                      f"({tuning['seconds']:.1f} s)", highlight=False)
+    from mergekit_lite.dispatch import describe_report
+
+    for line in describe_report(report):
+        out.print("  " + line, highlight=False, markup=False)
     out.print("  time   " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()), highlight=False)
-    out.print(f"  memory peak RSS {_human_bytes(memory['rss_bytes'])}"
-              + (f", CUDA {_human_bytes(memory['cuda_bytes'])}" if "cuda_bytes" in memory else ""), highlight=False)
+    out.print(f"  memory peak RSS {human_bytes(memory['rss_bytes'])}"
+              + (f", CUDA {human_bytes(memory['cuda_bytes'])}" if "cuda_bytes" in memory else ""), highlight=False)
     merged = [t for t in report.get("tensors", []) if "norm" in t]
     merged.sort(key=lambda t: t.get("delta_norm", 0.0) / (t["norm"] or 1.0), reverse=True)
     table = Table(title=f"{min(top, len(merged))} most changed tensors (of {len(merged)} merged)")

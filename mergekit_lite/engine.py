@@ -14,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -24,36 +24,17 @@ from mergekit_lite.checkpoint.files import same_path
 from mergekit_lite.checkpoint.writer import DEFAULT_SHARD_BYTES, check_output_path
 from mergekit_lite.device import resolve_device
 from mergekit_lite.errors import UserError
-from mergekit_lite.layers import count_layers, layer_index, must_stay_positive
+from mergekit_lite.layers import count_layers, is_embedding, layer_index, must_stay_positive
 from mergekit_lite.methods import Chunk, MergeMethod, TensorContext, get_method
 from mergekit_lite.methods.base import ChunkResult, summarize_counts
-from mergekit_lite.recipe import DTYPES, Recipe, is_embedding, recipe_params
+from mergekit_lite.params import recipe_params
+from mergekit_lite.pipeline import Progress, SilentProgress
+from mergekit_lite.recipe import DTYPES, Recipe
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CHUNK_ELEMENTS = 1 << 20
 # A tensor up to this size is read once and kept for a method's statistics pass and its merge pass.
 REPLAY_ELEMENTS = 1 << 22
-
-
-class Progress(Protocol):
-    def start(self, tensors: int, nbytes: int, label: str) -> None: ...
-    def advance(self, nbytes: int) -> None: ...
-    def stop(self) -> None: ...
-    def note(self, message: str) -> None: ...  # a line before a long phase: the work it has ahead
-
-
-class _Silent:
-    def start(self, tensors: int, nbytes: int, label: str) -> None:
-        pass
-
-    def advance(self, nbytes: int) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-    def note(self, message: str) -> None:
-        pass
 
 
 @dataclass
@@ -518,7 +499,7 @@ def run_merge(
     With `resume`, tensors that an interrupted run with the same `fingerprint` already wrote (and whose
     checksums still match) are kept, and only the rest are computed.
     """
-    progress = progress or _Silent()
+    progress = progress or SilentProgress()
     recipe, method = plan.recipe, plan.method
     check_output_path(out_dir, force)
     dev = resolve_device(device if device != "auto" or recipe.device is None else recipe.device)

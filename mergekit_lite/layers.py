@@ -1,4 +1,5 @@
-"""Which layer a tensor belongs to, from its name: used by gradient parameters and per-layer statistics."""
+"""What a tensor is, from its name: its layer (for gradient parameters and per-layer statistics), whether it is an
+embedding or output head, whether its entries must stay positive."""
 
 from __future__ import annotations
 
@@ -34,3 +35,13 @@ _POSITIVE_SUFFIXES = ("running_var", "running_variance", "moving_variance")
 
 def must_stay_positive(name: str) -> bool:
     return name.endswith(_POSITIVE_SUFFIXES)
+
+
+def is_input_embedding(tensor_name: str) -> bool:
+    lowered = tensor_name.lower()
+    return any(key in lowered for key in ("embed", "wte", "wpe"))
+
+
+def is_embedding(tensor_name: str) -> bool:
+    """Input embeddings and output heads: the tensors whose rows follow the vocabulary."""
+    return is_input_embedding(tensor_name) or "lm_head" in tensor_name.lower()

@@ -1,13 +1,9 @@
-"""YAML recipe -> validated Recipe, in mergekit's format; resolves a parameter's value for one tensor.
-
-A parameter value is a scalar, a list of `{filter: substring, value: v}` (first match on the tensor name
-wins, an entry without filter is the fallback), or a gradient: a list of numbers interpolated over the
-layer index.
-"""
+"""YAML recipe -> Recipe, in mergekit's format, with the line of every key: parsing and locating only. What a
+method's parameters mean and how they resolve per tensor is `params.py`; which method checks a recipe is the
+dispatcher's (`dispatch.py`)."""
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Union
@@ -15,9 +11,7 @@ from typing import Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from mergekit_lite.checkpoint.files import same_path
 from mergekit_lite.errors import RecipeError
-from mergekit_lite.methods import MergeMethod, get_method
 
 Scalar = Union[bool, int, float, str]
 
@@ -128,14 +122,14 @@ def _line_map(node: yaml.Node, path: tuple = (), lines: dict | None = None) -> d
     return lines
 
 
-def _where(source: str, lines: dict[tuple, int], loc: tuple) -> str:
+def location(source: str, lines: dict[tuple, int], loc: tuple) -> str:
     for cut in range(len(loc), -1, -1):
         if loc[:cut] in lines:
             return f"{source}:{lines[loc[:cut]]}"
     return source
 
 
-def _dotted(loc: tuple) -> str:
+def dotted_key(loc: tuple) -> str:
     parts = []
     for item in loc:
         if isinstance(item, int):
@@ -172,13 +166,6 @@ def read_recipe_text(path: str | Path) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RecipeError(f"{path}: cannot read recipe: not UTF-8 text (byte {exc.start})") from None
-
-
-def load_recipe(path: str | Path) -> tuple[Recipe, dict[tuple, int], str]:
-    """Parse and validate a recipe file; errors name the file, line and key. Returns the text too."""
-    text = read_recipe_text(path)
-    recipe, lines = parse_recipe(text, str(path))
-    return recipe, lines, text
 
 
 def _check_expansion(node: yaml.Node, source: str) -> None:
@@ -221,7 +208,7 @@ _RecipeLoader.add_implicit_resolver(
 )
 
 
-def parse_recipe(text: str, source: str = "<recipe>") -> tuple[Recipe, dict[tuple, int]]:
+def parse_recipe_text(text: str, source: str = "<recipe>") -> tuple[Recipe, dict[tuple, int]]:
     try:
         node = yaml.compose(text, Loader=_RecipeLoader)
         if node is not None:
@@ -238,129 +225,17 @@ def parse_recipe(text: str, source: str = "<recipe>") -> tuple[Recipe, dict[tupl
         raise RecipeError(f"{source}: a recipe must be a YAML mapping with at least merge_method and models")
     lines = _line_map(node) if node is not None else {}
     if "slices" in data:
-        raise RecipeError(f"{_where(source, lines, ('slices',))}: 'slices' (layer stacking) is not supported; use 'models'")
+        raise RecipeError(f"{location(source, lines, ('slices',))}: 'slices' (layer stacking) is not supported; use 'models'")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = _clean_loc(tuple(first["loc"]))
-        key = _dotted(loc) or "recipe"
+        key = dotted_key(loc) or "recipe"
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
             message = "unknown key"
         elif first["type"] == "missing":
             message = "required key is missing"
-        raise RecipeError(f"{_where(source, lines, loc)}: {key}: {message}") from exc
-    check_parameters(recipe, source, lines)
+        raise RecipeError(f"{location(source, lines, loc)}: {key}: {message}") from exc
     return recipe, lines
-
-
-def check_parameters(recipe: Recipe, source: str, lines: dict[tuple, int]) -> MergeMethod:
-    """Method-specific checks: known parameter names, types and ranges, model counts, base model."""
-    where = lambda loc: _where(source, lines, loc)  # noqa: E731
-    try:
-        method = get_method(recipe.merge_method)
-    except RecipeError as exc:
-        raise RecipeError(f"{where(('merge_method',))}: {exc}") from None
-    known = {p.name: p for p in method.params}
-    given = [(("parameters", name), name, value) for name, value in recipe.parameters.items()]
-    if method.check_recipe is None:
-        _refuse_composite_keys(recipe, where)
-        for index, entry in enumerate(recipe.models):
-            given += [(("models", index, "parameters", name), name, value) for name, value in entry.parameters.items()]
-    for loc, name, value in given:
-        spec = known.get(name)
-        if spec is None:
-            names = ", ".join(known) or "none"
-            raise RecipeError(f"{where(loc)}: {_dotted(loc)}: unknown parameter for {method.name} (known: {names})")
-        if spec.scope == "global" and loc[0] == "models":
-            raise RecipeError(f"{where(loc)}: {_dotted(loc)}: {name} is recipe-wide; put it under top-level parameters")
-        for scalar in _scalars(value):
-            problem = spec.check(scalar)
-            if problem:
-                raise RecipeError(f"{where(loc)}: {_dotted(loc)}: {problem}")
-    experts = [m for m in recipe.models if not method.needs_base or recipe.base_model is None
-               or not same_path(m.model, recipe.base_model)]
-    if method.needs_base and recipe.base_model is None:
-        raise RecipeError(f"{source}: {method.name} needs base_model")
-    if len(experts) < method.min_models:
-        raise RecipeError(f"{where(('models',))}: {method.name} needs at least {method.min_models} model(s) besides the base")
-    if method.max_models is not None and len(experts) > method.max_models:
-        raise RecipeError(f"{where(('models',))}: {method.name} takes at most {method.max_models} model(s) besides the base")
-    if method.check_recipe is not None:
-        method.check_recipe(recipe, source, lines)
-    return method
-
-
-def _refuse_composite_keys(recipe: Recipe, where) -> None:
-    """task, per-model data and shared_merge belong to twin recipes; elsewhere they would be silently ignored."""
-    if recipe.shared_merge is not None:
-        raise RecipeError(f"{where(('shared_merge',))}: shared_merge: only a twin recipe has a shared merge")
-    for index, entry in enumerate(recipe.models):
-        for key in ("task", "data"):
-            if getattr(entry, key) is not None:
-                raise RecipeError(f"{where(('models', index, key))}: models[{index}].{key}: only twin recipes name a "
-                                  "task and its data per model")
-
-
-def _scalars(value: ParamValue) -> list[Scalar]:
-    if isinstance(value, list):
-        out: list[Scalar] = []
-        for item in value:
-            out += _scalars(item.value) if isinstance(item, FilterEntry) else [item]
-        return out
-    return [value]
-
-
-def resolve_value(value: ParamValue, tensor_name: str, layer: int | None, num_layers: int) -> Scalar:
-    """The value of a parameter for one tensor: filters by name, gradients by layer position."""
-    if not isinstance(value, list):
-        return value
-    if value and isinstance(value[0], FilterEntry):
-        for entry in value:
-            if entry.filter is None or entry.filter in tensor_name:
-                return resolve_value(entry.value, tensor_name, layer, num_layers)
-        raise RecipeError(f"no filter entry matches tensor {tensor_name!r} and there is no fallback entry without filter")
-    return gradient_value([float(v) for v in value], tensor_name, layer, num_layers)
-
-
-def gradient_value(points: list[float], tensor_name: str, layer: int | None, num_layers: int) -> float:
-    """Interpolate a gradient list over the layers: the first point at layer 0, the last at the last layer.
-
-    Tensors outside the layers take an end point: embeddings the first, everything else (final norm,
-    output head) the last.
-    """
-    if len(points) == 1:
-        return points[0]
-    if layer is None:
-        return points[0] if is_input_embedding(tensor_name) else points[-1]
-    position = layer / max(num_layers - 1, 1) * (len(points) - 1)
-    low = min(int(math.floor(position)), len(points) - 2)
-    frac = position - low
-    return points[low] * (1 - frac) + points[low + 1] * frac
-
-
-def is_input_embedding(tensor_name: str) -> bool:
-    lowered = tensor_name.lower()
-    return any(key in lowered for key in ("embed", "wte", "wpe"))
-
-
-def is_embedding(tensor_name: str) -> bool:
-    """Input embeddings and output heads: the tensors whose rows follow the vocabulary."""
-    return is_input_embedding(tensor_name) or "lm_head" in tensor_name.lower()
-
-
-def recipe_params(recipe: Recipe, method: MergeMethod, model_index: int | None, tensor_name: str, layer: int | None,
-                  num_layers: int) -> dict[str, Scalar]:
-    """Every parameter of `method` for one tensor: per-model value, else recipe-wide, else the default."""
-    entry = recipe.models[model_index].parameters if model_index is not None else {}
-    resolved = {}
-    for spec in method.params:
-        if model_index is not None and spec.scope == "global":
-            continue
-        if model_index is None and spec.scope == "model":
-            continue
-        raw = entry.get(spec.name, recipe.parameters.get(spec.name, spec.default))
-        value = resolve_value(raw, tensor_name, layer, num_layers)
-        resolved[spec.name] = spec.kind(value) if spec.kind in (int, float) and value is not None else value
-    return resolved

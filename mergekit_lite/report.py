@@ -1,23 +1,27 @@
-"""The JSON merge report (versioned schema) and the model card written beside the merged weights."""
+"""The JSON merge report and the model card, shared by every pipeline: one envelope (the same keys in every report,
+versioned by `schema`), writing, hashes, versions, memory, and the card's skeleton. A pipeline adds its own section
+(e.g. `pleas`, `twin`) and its own card lines; this module imports nothing that computes a merge."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import resource
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
-from mergekit_lite import __version__
 from mergekit_lite.checkpoint.files import REPORT_SCHEMA_PREFIX, replace_file
-from mergekit_lite.engine import MergeResult
+from mergekit_lite.version import __version__
 
 SCHEMA = f"{REPORT_SCHEMA_PREFIX}1"
+REPORT_NAME = "merge_report.json"
+RECIPE_NAME = "merge_recipe.yaml"
 
 
 def file_sha256(path: Path) -> str:
@@ -30,7 +34,11 @@ def file_sha256(path: Path) -> str:
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
     """A report at --report, replaced whole (a report this tool wrote before may be there; nothing else is)."""
-    replace_file(path, (json.dumps(report, indent=2) + "\n").encode())
+    replace_file(path, report_bytes(report))
+
+
+def report_bytes(report: dict[str, Any]) -> bytes:
+    return (json.dumps(report, indent=2) + "\n").encode()
 
 
 def peak_memory(device: torch.device) -> dict[str, int]:
@@ -53,64 +61,49 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def build_report(result: MergeResult, out_dir: Path, written_dir: Path,
-                 known_digest: Callable[[str], str | None] = lambda name: None) -> dict[str, Any]:
-    """Everything a user needs to trust and reproduce a merge; `written_dir` is where the files lie now.
-    `known_digest` gives a file's sha256 when the writer already computed it."""
-    plan = result.plan
-    sources = plan.sources
-    inputs = [
-        {"role": "base" if ckpt is sources.base else "model", "path": str(ckpt.path), "format": ckpt.format,
-         "shards": [p.name for p in ckpt.shards], "bytes": ckpt.total_bytes, "tensors": len(ckpt.tensors)}
-        for ckpt in ([sources.base] if sources.base is not None else []) + sources.experts
-    ]
-    files = [{"name": name, "bytes": (written_dir / name).stat().st_size,
-              "sha256": known_digest(name) or file_sha256(written_dir / name)} for name in result.files]
-    timings = result.timings
-    warnings = list(plan.warnings)
-    if result.resumed:
-        warnings.append(f"resumed: {result.resumed} tensor(s) were kept from an interrupted run (checksums verified)")
-    if result.reverted:
-        warnings.append(f"{len(result.reverted)} batch-norm variance tensor(s) came out zero or negative (the merged "
-                        f"model would compute NaN) and were kept from {sources.reference.path} instead, e.g. "
-                        f"{result.reverted[0]!r}")
-    if result.nonfinite:
-        warnings.append(f"{len(result.nonfinite)} merged tensor(s) hold NaN or Inf, e.g. {result.nonfinite[0]!r}")
-    return {
+def host() -> dict[str, Any]:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {"machine": platform.machine(), "system": platform.system(), "python": platform.python_version(),
+            "cpus": cpus}
+
+
+def output_files(directory: Path, names: Iterable[str],
+                 known_digest: Callable[[str], str | None] = lambda name: None) -> list[dict[str, Any]]:
+    """Name, size and sha256 of each file written (`names` relative to `directory`, where they lie now);
+    `known_digest` gives a digest the writer already computed."""
+    return [{"name": name, "bytes": (directory / name).stat().st_size,
+             "sha256": known_digest(name) or file_sha256(directory / name)} for name in names]
+
+
+def envelope(*, method: str, recipe: dict[str, Any], seed: int, device: torch.device, inputs: list[dict[str, Any]],
+             output_path: Path, files: list[dict[str, Any]], tensors: int, timings: dict[str, float],
+             warnings: list[str], sections: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report every pipeline writes: the same keys in the same order, then its own sections."""
+    report = {
         "schema": SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "method": plan.method.name,
-        "recipe": plan.recipe.model_dump(mode="json", exclude_none=True),
-        "seed": result.seed,
-        "device": str(result.device),
-        "host": {"machine": platform.machine(), "system": platform.system(), "cpus": _cpu_count()},
+        "method": method,
+        "recipe": recipe,
+        "seed": seed,
+        "device": str(device),
+        "host": host(),
         "inputs": inputs,
-        "output": {"path": str(out_dir), "files": files, "bytes": sum(f["bytes"] for f in files),
-                   "tensors": len(plan.tensors)},
-        "timings_seconds": {"read": timings.read, "compute": timings.compute, "write": timings.write,
-                            "waiting_for_reads": timings.wait, "first_pass": timings.prepare,
-                            "total": result.wall_seconds},
-        "peak_memory": peak_memory(result.device),
+        "output": {"path": str(output_path), "files": files, "bytes": sum(f["bytes"] for f in files),
+                   "tensors": tensors},
+        "timings_seconds": timings,
+        "peak_memory": peak_memory(device),
         "versions": library_versions(),
         "warnings": warnings,
-        "tensors": result.tensor_stats,
     }
+    report.update(sections or {})
+    return report
 
 
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def model_card(result: MergeResult, recipe_text: str) -> str:
-    plan = result.plan
-    sources = plan.sources
-    lines = ["---", "library_name: transformers" if sources.reference.kind == "transformers" else "library_name: timm",
-             "tags:", "- merge", "- mergekit_lite", "---", "", f"# Merged model ({plan.method.name})", "",
-             f"Made with mergekit_lite {__version__} using **{plan.method.name}**: {plan.method.summary}.", ""]
-    if sources.base is not None:
-        lines += [f"Base model: `{sources.base.path}`", ""]
-    lines += ["Models merged:", ""] + [f"- `{ckpt.path}`" for ckpt in sources.experts]
+def model_card(*, title: str, tags: list[str], library: str | None, intro: str, body: list[str],
+               recipe_text: str) -> str:
+    """A Hugging Face model card: front matter, what made it, the pipeline's lines, and the recipe."""
+    front = ["---"] + ([f"library_name: {library}"] if library else []) + ["tags:", "- merge", "- mergekit_lite"]
+    front += [f"- {tag}" for tag in tags] + ["---", ""]
+    lines = front + [f"# {title}", "", f"Made with mergekit_lite {__version__}: {intro}", ""] + body
     lines += ["", "## Recipe", "", "```yaml", recipe_text.rstrip(), "```", ""]
     return "\n".join(lines)

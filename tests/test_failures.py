@@ -20,7 +20,7 @@ from mergekit_lite.checkpoint.safetensors_format import read_header
 from mergekit_lite.checkpoint.writer import partial_dir
 from mergekit_lite.cli import app
 from mergekit_lite.errors import CheckpointError, RecipeError
-from mergekit_lite.recipe import parse_recipe
+from mergekit_lite.dispatch import parse_recipe
 from tests.conftest import tree_digest
 
 runner = CliRunner()

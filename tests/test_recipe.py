@@ -6,12 +6,8 @@ import pytest
 
 from mergekit_lite.errors import RecipeError
 from mergekit_lite.methods import get_method
-from mergekit_lite.recipe import (
-    gradient_value,
-    parse_recipe,
-    recipe_params,
-    resolve_value,
-)
+from mergekit_lite.dispatch import parse_recipe
+from mergekit_lite.params import gradient_value, recipe_params, resolve_value
 
 MERGEKIT_TIES = """\
 models:

@@ -24,10 +24,10 @@ def demo_root(tmp_path_factory):
 
 
 def test_there_is_a_recipe_per_method():
-    from mergekit_lite.methods import METHODS
+    from mergekit_lite.dispatch import PIPELINES
 
     named = {p.read_text().split("merge_method:")[1].split()[0] for p in RECIPES}
-    assert named == set(METHODS)
+    assert named == set(PIPELINES)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from mergekit_lite.cli import app
+from mergekit_lite.dispatch import PIPELINES
 from mergekit_lite.methods import METHODS
 from tests.conftest import tree_digest
 
@@ -106,7 +107,7 @@ def test_ties_matches_direct_computation(tmp_path, llama_family, scope):
         assert overall == pytest.approx(int(0.3 * total) / total, abs=1e-4)
 
 
-@pytest.mark.parametrize("method", sorted(name for name, m in METHODS.items() if m.runner is None))
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_runs_loads_and_generates(tmp_path, llama_family, method):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -254,7 +255,7 @@ def test_validate_and_methods_commands(tmp_path, llama_family):
     assert "ok: ties over 3 model(s)" in result.stdout and "21 output tensors" in result.stdout
     assert not (tmp_path / "out").exists()
     listing = json.loads(run_cli("methods", "--json").stdout)
-    assert set(listing) == set(METHODS)
+    assert set(listing) == set(PIPELINES)
     assert {p["name"] for p in listing["ties"]["parameters"]} >= {"weight", "density", "lambda", "trim_scope"}
 
 

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from mergekit_lite.cli import app
 from mergekit_lite.errors import UserError
 from mergekit_lite.examples import make_family
-from mergekit_lite.merge import MergeOptions, merge_recipe_file
+from mergekit_lite.dispatch import merge_recipe_file
+from mergekit_lite.pipeline import MergeOptions
 from mergekit_lite.pleas.sources import load_model
 from mergekit_lite.twin import TwinModel, collapse
 from mergekit_lite.twin.build import PAIR_PREFERENCE

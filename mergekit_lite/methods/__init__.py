@@ -1,18 +1,17 @@
-"""The registry of merge methods: one module each, registered by name (tensor-wise ones, and the model-aware
-pleas and twin, which run their own merge)."""
+"""The registry of tensor-wise merge methods: one module each, registered by name. (PLeaS and Twin-Merging run
+models and are pipelines of their own: `pleas/pipeline.py`, `twin/pipeline.py`.)"""
 
 from __future__ import annotations
 
 from mergekit_lite.errors import RecipeError
 from mergekit_lite.methods import (
-    breadcrumbs, dare_linear, dare_ties, della, linear, model_stock, pleas, slerp, task_arithmetic, ties, twin,
+    breadcrumbs, dare_linear, dare_ties, della, linear, model_stock, slerp, task_arithmetic, ties,
 )
 from mergekit_lite.methods.base import Chunk, ChunkResult, MergeMethod, MergeOutput, ParamSpec, TensorContext
 
 METHODS: dict[str, MergeMethod] = {
     module.METHOD.name: module.METHOD
-    for module in (linear, task_arithmetic, ties, dare_linear, dare_ties, slerp, breadcrumbs, della, model_stock, pleas,
-                   twin)
+    for module in (linear, task_arithmetic, ties, dare_linear, dare_ties, slerp, breadcrumbs, della, model_stock)
 }
 
 

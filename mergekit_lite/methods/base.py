@@ -14,46 +14,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One recipe parameter: its type, default, allowed range, and where it is usually given."""
-
-    name: str
-    kind: type  # float, int, bool or str
-    default: Any
-    help: str
-    scope: str = "model"  # "model" (per model, may be given globally) or "global" (recipe-wide only)
-    minimum: float | None = None
-    maximum: float | None = None
-    exclusive_minimum: bool = False
-    choices: tuple[str, ...] | None = None
-
-    def check(self, value: Any) -> str | None:
-        """Why `value` is not acceptable, or None when it is."""
-        if self.kind is bool:
-            return None if isinstance(value, bool) else "must be true or false"
-        if self.kind is str:
-            if not isinstance(value, str):
-                return "must be a string"
-            if self.choices and value not in self.choices:
-                return f"must be one of {', '.join(self.choices)}"
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"must be a number, not {value!r}"
-        if self.kind is int and not float(value).is_integer():
-            return "must be an integer"
-        if value != value or value in (float("inf"), float("-inf")):
-            return "must be finite"
-        if self.minimum is not None:
-            if self.exclusive_minimum and value <= self.minimum:
-                return f"must be greater than {self.minimum:g}"
-            if not self.exclusive_minimum and value < self.minimum:
-                return f"must be at least {self.minimum:g}"
-        if self.maximum is not None and value > self.maximum:
-            return f"must be at most {self.maximum:g}"
-        return None
-
+from mergekit_lite.params import ParamSpec
 
 @dataclass
 class TensorContext:
@@ -135,12 +96,6 @@ class MergeMethod:
     random: bool = False  # uses the seed
     prepare_model: ModelPass | None = None  # optional first pass over the whole model
     needs_model_pass: Callable[[dict], bool] = field(default=lambda params: False)
-    # A model-aware method (it runs models on data, may change shapes) runs the whole merge itself:
-    # runner(recipe, recipe_text, out_dir, params, options: MergeOptions, progress) -> report.
-    runner: Callable[..., dict] | None = None
-    # A recipe with its own structure (twin: tasks, data per model, a shared merge) checks it here:
-    # check_recipe(recipe, source, lines) raises RecipeError. Per-model parameters are then its business.
-    check_recipe: Callable[..., None] | None = None
 
     def merge(self, context: TensorContext, base: torch.Tensor | None, experts: list[torch.Tensor]) -> MergeOutput:
         """Merge whole in-memory tensors as one chunk: the library entry for callers that hold tensors."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from mergekit_lite.pleas.graph import Group, Layer, Spec
+from mergekit_lite.pleas.spec import Group, Layer, Spec
 
 
 class _Builder:

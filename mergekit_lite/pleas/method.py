@@ -18,9 +18,11 @@ from typing import Callable, Iterable
 import torch
 
 from mergekit_lite.errors import UserError
-from mergekit_lite.pleas import least_squares as ls
+import mergekit_lite.pleas.least_squares as ls
 from mergekit_lite.pleas.features import channel_axis, channel_rows
-from mergekit_lite.pleas.graph import Group, Spec, check_groups, expand_blocks, permutation_spec
+from mergekit_lite.pleas.graph import check_groups, permutation_spec
+from mergekit_lite.pleas.spec import Group, Spec, expand_blocks
+from mergekit_lite.pleas.tuning import tune_outputs
 from mergekit_lite.pleas.matching import (
     CrossStats, Layout, allocate_ratios, block_cost, identity_layout, match, partial_layout,
 )
@@ -46,7 +48,7 @@ class PleasResult:
     report: dict = field(default_factory=dict)
 
 
-def _same_structure(spec_a: Spec, spec_b: Spec) -> None:
+def check_same_structure(spec_a: Spec, spec_b: Spec) -> None:
     if [g.members for g in spec_a.groups] != [g.members for g in spec_b.groups]:
         raise UserError("the two models do not have the same architecture (their permutation groups differ)")
 
@@ -215,7 +217,7 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
     batches = [batch.to(device) for batch in batches]
     spec = permutation_spec(model_a)
     spec_b = permutation_spec(model_b)
-    _same_structure(spec, spec_b)
+    check_same_structure(spec, spec_b)
     check_error = check_groups(model_a, spec, batches[0][:8])
     log(f"{len(spec.groups)} permutation groups, {len(spec.layers)} conv/linear layers (self-check {check_error:.1e})")
 
@@ -350,8 +352,6 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
     model.eval()
     tuning = None
     if options.tune_steps > 0:
-        from mergekit_lite.pleas.tuning import tune_outputs
-
         head = next((out_layout_of(l) for l in spec.layers if l.output_group is None), None)
         if head is None:
             raise UserError("PLeaS tuning needs an output layer outside every permutation group")

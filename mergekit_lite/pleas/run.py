@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import json
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mergekit_lite import __version__
 from mergekit_lite.checkpoint import CheckpointWriter, TensorSpec
 from mergekit_lite.checkpoint.reader import run_fingerprint
 from mergekit_lite.device import resolve_device
 from mergekit_lite.errors import RecipeError
-from mergekit_lite.pleas.method import PleasOptions, pleas_merge
-from mergekit_lite.pleas.sources import data_batches, generic_shape, is_transformers, load_model, read_config
-from mergekit_lite.report import SCHEMA, file_sha256, library_versions, peak_memory, write_report
+from mergekit_lite.pleas.graph import check_groups, permutation_spec
+from mergekit_lite.pleas.method import PleasOptions, check_same_structure, pleas_merge
+from mergekit_lite.pleas.sources import (data_batches, example_inputs, generic_shape, is_transformers, load_model,
+                                        read_config)
+from mergekit_lite.report import REPORT_NAME, envelope, model_card, output_files, report_bytes, write_report
 
 
 DATA_FREE_TUNE_STEPS = 300
@@ -66,15 +65,11 @@ def check_generic_inputs(recipe, data_free: bool, path: Path) -> None:
 def check_models(recipe, allow_pickle: bool = False) -> dict[str, Any]:
     """What `merge validate` checks for PLeaS: both models build, have the same permutation groups, and
     permuting every group at random leaves the first model's outputs unchanged; the data path exists."""
-    from mergekit_lite.pleas.graph import check_groups, permutation_spec
-    from mergekit_lite.pleas.method import _same_structure
-    from mergekit_lite.pleas.sources import example_inputs
-
     paths = [Path(entry.model) for entry in recipe.models]
     check_generic_inputs(recipe, bool(recipe.parameters.get("data_free", False)), paths[0])
     models = [load_model(p, allow_pickle=allow_pickle, transformers_ok=True) for p in paths]
     specs = [permutation_spec(m) for m in models]
-    _same_structure(specs[0], specs[1])
+    check_same_structure(specs[0], specs[1])
     error = check_groups(models[0], specs[0], example_inputs(read_config(paths[0]), 2))
     if recipe.data is not None and recipe.data.path is not None and not Path(recipe.data.path).exists():
         raise RecipeError(f"data.path {recipe.data.path}: not found")
@@ -123,19 +118,6 @@ def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], opti
         "group_widths": [g["merged_width"] for g in result.report["groups"]],
         "source_group_widths": [g["width"] for g in result.report["groups"]],
     }
-    report: dict[str, Any] = {
-        "schema": SCHEMA,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "method": "pleas",
-        "recipe": recipe.model_dump(mode="json", exclude_none=True),
-        "seed": seed,
-        "device": str(device),
-        "host": {"python": platform.python_version(), "machine": platform.machine()},
-        "inputs": [{"role": "model", "path": str(p)} for p in paths],
-        "data": {"source": described, "samples": sum(len(b) for b in batches)},
-        "pleas": result.report,
-        "versions": library_versions(),
-    }
     fingerprint = run_fingerprint(recipe.model_dump(mode="json"), f"{seed}", [str(p) for p in paths], options.allow_pickle)
     with CheckpointWriter(out, specs, force=force, metadata={"merged_with": "mergekit_lite pleas"},
                           resume=options.resume, fingerprint=fingerprint) as writer:
@@ -146,29 +128,28 @@ def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], opti
         writer.copy_support_files(source_dir)  # tokenizer and generation files of a transformers model
         writer.add_file("merge_recipe.yaml", recipe_text)
         writer.add_file("README.md", _card(paths, result.report, recipe_text))
-        files_bytes = sum((writer.tmp_dir / name).stat().st_size for name in writer.files)
-        report["output"] = {"path": str(out), "bytes": files_bytes, "tensors": len(state), "files": [
-            {"name": name, "bytes": (writer.tmp_dir / name).stat().st_size,
-             "sha256": writer.shard_digest(name) or file_sha256(writer.tmp_dir / name)} for name in writer.files]}
         refine = phases.get("refine", 0.0)
-        report["timings_seconds"] = {"read": loaded - started - refine, "refine": refine, "compute": merged_at - loaded,
-                                     "write": time.perf_counter() - merged_at, "total": time.perf_counter() - started}
-        report["warnings"] = [DATA_FREE_WARNING] if "data-free" in described else []
-        report["peak_memory"] = peak_memory(device)
+        report = envelope(
+            method="pleas", recipe=recipe.model_dump(mode="json", exclude_none=True), seed=seed, device=device,
+            inputs=[{"role": "model", "path": str(p)} for p in paths], output_path=out,
+            files=output_files(writer.tmp_dir, writer.files, writer.shard_digest), tensors=len(state),
+            timings={"read": loaded - started - refine, "refine": refine, "compute": merged_at - loaded,
+                     "write": time.perf_counter() - merged_at, "total": time.perf_counter() - started},
+            warnings=[DATA_FREE_WARNING] if "data-free" in described else [],
+            sections={"data": {"source": described, "samples": sum(len(b) for b in batches)}, "pleas": result.report})
         if report_path is None:
-            writer.add_file("merge_report.json", json.dumps(report, indent=2) + "\n")
+            writer.add_file(REPORT_NAME, report_bytes(report).decode())
     if report_path is not None:
         write_report(report_path, report)
     return report
 
 
 def _card(paths: list[Path], report: dict, recipe_text: str) -> str:
-    lines = ["---", "tags:", "- merge", "- mergekit_lite", "- pleas", "---", "", "# Merged model (PLeaS)", "",
-             f"Made with mergekit_lite {__version__}: permutations and least squares, two models of one architecture.",
-             "", "Models merged:", ""] + [f"- `{p}`" for p in paths]
-    lines += ["", f"Compute relative to one source model: {report['compute_ratio']:.3f} (target {report['target_width']}); "
-              f"parameters: {report['parameter_ratio']:.3f}x.", "",
-              "Load it with `mergekit_lite.pleas.load_model(path, transformers_ok=True)` (module shapes follow the "
-              "weights; at width 1.0 it also loads with the source model's own loader).", "",
-              "## Recipe", "", "```yaml", recipe_text.rstrip(), "```", ""]
-    return "\n".join(lines)
+    body = ["Models merged:", ""] + [f"- `{p}`" for p in paths]
+    body += ["", f"Compute relative to one source model: {report['compute_ratio']:.3f} (target {report['target_width']}); "
+             f"parameters: {report['parameter_ratio']:.3f}x.", "",
+             "Load it with `mergekit_lite.pleas.load_model(path, transformers_ok=True)` (module shapes follow the "
+             "weights; at width 1.0 it also loads with the source model's own loader)."]
+    return model_card(title="Merged model (PLeaS)", tags=["pleas"], library=None,
+                      intro="permutations and least squares, two models of one architecture.", body=body,
+                      recipe_text=recipe_text)

@@ -22,6 +22,7 @@ from mergekit_lite.checkpoint import open_checkpoint
 from mergekit_lite.checkpoint.files import checked_file, load_json, read_limited, roots_of
 from mergekit_lite.errors import UserError, one_line
 from mergekit_lite.pleas.method import resize_to
+from mergekit_lite.pleas.synthetic import batch_norm_layers, statistics_matched
 
 
 def read_config(path: Path) -> dict:
@@ -388,8 +389,6 @@ def data_batches(data: dict | None, model: torch.nn.Module, config: dict, sample
         described += " (data-free: inputs from another domain)"
     if (data_free or kind == "generic") and statistics_of and statistics_steps > 0 and inputs.is_floating_point() \
             and inputs.dim() > 2:
-        from mergekit_lite.pleas.synthetic import batch_norm_layers, statistics_matched
-
         if any(batch_norm_layers(m) for m in statistics_of):
             started = time.perf_counter()
             if progress is not None and hasattr(progress, "note"):

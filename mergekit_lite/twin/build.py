@@ -6,21 +6,25 @@ from __future__ import annotations
 import json
 import math
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from safetensors.torch import save_file
 
-from mergekit_lite import __version__
 from mergekit_lite.checkpoint import CheckpointWriter, open_checkpoint
 from mergekit_lite.checkpoint.files import replace_file
 from mergekit_lite.checkpoint.reader import run_fingerprint
 from mergekit_lite.device import resolve_device
 from mergekit_lite.errors import RecipeError
-from mergekit_lite.recipe import ModelEntry, Recipe, SharedMerge
-from mergekit_lite.report import SCHEMA, library_versions, peak_memory, write_report
+from mergekit_lite.methods import METHODS
+from mergekit_lite.params import Parameterised, check_parameters
+from mergekit_lite.pipeline import MergeOptions, SilentProgress
+from mergekit_lite.pleas.sources import data_batches, load_model, read_config
+from mergekit_lite.recipe import ModelEntry, Recipe, SharedMerge, location
+from mergekit_lite.report import REPORT_NAME, envelope, model_card, output_files, report_bytes, write_report
+from mergekit_lite.tensorwise import merge_tensorwise
 from mergekit_lite.twin.compress import low_rank
 from mergekit_lite.twin.ranks import ratio_for_budget
 from mergekit_lite.twin.router import (AUTO, FINAL, STEM, RouterTraining, SiteRouters, candidate_sites,
@@ -46,12 +50,11 @@ def shared_recipe(recipe: Recipe) -> Recipe:
                   device=recipe.device)
 
 
-def check_twin_recipe(recipe: Recipe, source: str, lines: dict) -> None:
-    """Tasks named and unique, data for each, base given, and a valid tensor-wise shared merge."""
-    from mergekit_lite.methods import get_method
-    from mergekit_lite.recipe import _where, check_parameters
-
-    where = lambda loc: _where(source, lines, loc)  # noqa: E731
+def check_twin_recipe(recipe: Recipe, source: str, lines: dict, twin: Parameterised) -> None:
+    """The recipe-wide parameters against `twin`'s specs; tasks named and unique, data for each, base given, and
+    a valid tensor-wise shared merge."""
+    where = lambda loc: location(source, lines, loc)  # noqa: E731
+    check_parameters(recipe, source, lines, twin, per_model=False)
     if recipe.base_model is None:
         raise RecipeError(f"{source}: twin needs base_model (exclusive knowledge is measured against the shared expert "
                           "built from it)")
@@ -67,16 +70,14 @@ def check_twin_recipe(recipe: Recipe, source: str, lines: dict) -> None:
     if duplicates:
         raise RecipeError(f"{where(('models',))}: task names must differ; {', '.join(duplicates)} repeats")
     shared = recipe.shared_merge or SharedMerge()
-    try:
-        method = get_method(shared.merge_method)
-    except RecipeError as exc:
-        raise RecipeError(f"{where(('shared_merge', 'merge_method'))}: shared_merge: {exc}") from None
-    if method.runner is not None:
-        raise RecipeError(f"{where(('shared_merge', 'merge_method'))}: shared_merge: {method.name} is not tensor-wise")
+    if shared.merge_method not in METHODS:
+        raise RecipeError(f"{where(('shared_merge', 'merge_method'))}: shared_merge: {shared.merge_method!r} is not "
+                          f"tensor-wise; the shared expert is merged by one of {', '.join(sorted(METHODS))}")
+    method = METHODS[shared.merge_method]
     shared_lines = {key: value for key, value in lines.items() if key[:1] == ("models",)}
     shared_lines.update({key[1:]: value for key, value in lines.items() if key[:1] == ("shared_merge",)})
     try:
-        check_parameters(shared_recipe(recipe), source, shared_lines)
+        check_parameters(shared_recipe(recipe), source, shared_lines, method)
     except RecipeError as exc:
         raise RecipeError(f"shared_merge ({method.name}): {exc}") from None
 
@@ -183,8 +184,6 @@ def _router_inputs(recipe: Recipe, tasks: list[str], params: dict, seed: int, al
     """Every task's router inputs, read and checked (kind, shape, range, a forward pass) on the base model before
     any merging: a bad data file is refused in a second, not after the shared merge and the compression. The
     shared model has the base's architecture and preprocessing, so the same inputs serve it."""
-    from mergekit_lite.pleas.sources import data_batches, load_model, read_config
-
     base_dir = Path(recipe.base_model)
     model = load_model(base_dir, allow_pickle=allow_pickle, transformers_ok=True)
     config = read_config(base_dir)
@@ -203,8 +202,6 @@ def _train(directory: Path, inputs: list[tuple[list[torch.Tensor], str]], tasks:
            device: torch.device, progress, log) -> tuple[torch.nn.Module, dict]:
     """Pooled shared-model features of every task's inputs -> a router trained on task identity. With
     router_feature auto, one router per candidate site and the best on the held-out split is kept."""
-    from mergekit_lite.pleas.sources import load_model
-
     model = load_model(directory / SHARED, transformers_ok=True).to(device)
     wanted = str(params["router_feature"])
     sites = candidate_sites(model) if wanted == AUTO else [wanted]
@@ -273,12 +270,7 @@ def _choice_training(choice: tuple[str, ...], trained: dict, pooled: dict[str, t
 def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, Any], options, progress=None,
                log=None) -> dict[str, Any]:
     """Shared merge, compression, router; each stage of an interrupted run is kept for --resume."""
-    from safetensors.torch import save_file
-
-    from mergekit_lite.engine import _Silent
-    from mergekit_lite.merge import MergeOptions, merge_tensorwise
-
-    progress = progress or _Silent()
+    progress = progress or SilentProgress()
     log = log if log is not None else getattr(progress, "note", lambda message: None)
     started = time.perf_counter()
     tasks = task_names(recipe)
@@ -324,27 +316,28 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
         staging.add_file(MANIFEST, json.dumps(manifest, indent=2) + "\n")
         staging.add_file("merge_recipe.yaml", recipe_text)
         staging.add_file("README.md", _card(recipe, tasks, storage, router_info, recipe_text))
-        report = {
-            "schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "method": "twin",
-            "recipe": recipe.model_dump(mode="json", exclude_none=True), "seed": seed, "device": str(device),
-            "inputs": [{"role": "base", "path": recipe.base_model}] + [
+        shared_digests = {f"{SHARED}/{f['name']}": f["sha256"] for f in shared_report.get("output", {}).get("files", [])}
+        names = sorted(str(f.relative_to(directory)) for f in directory.rglob("*.safetensors"))
+        report = envelope(
+            method="twin", recipe=recipe.model_dump(mode="json", exclude_none=True), seed=seed, device=device,
+            inputs=[{"role": "base", "path": recipe.base_model}] + [
                 {"role": "model", "task": t, "path": m.model} for t, m in zip(tasks, recipe.models)],
-            "output": {"path": str(out), "bytes": sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()),
-                       "tensors": shared_report["tensors"] if isinstance(shared_report["tensors"], int)
-                       else len(shared_report["tensors"])},
-            "twin": {"tasks": tasks, "rank": storage["rank_ratio"], "storage_budget": None if rank is not None else storage_share,
-                     "storage": storage, "router": router_info,
-                     "shared_merge": {"method": inner.merge_method, "parameters": inner.model_dump(mode="json")["parameters"],
-                                      "seconds": shared_report["timings_seconds"]["total"]},
-                     "tensors": stats},
-            "timings_seconds": {"shared_merge": merged_at - started, "compress": compressed_at - merged_at,
-                                "router": trained_at - compressed_at, "total": time.perf_counter() - started},
-            "peak_memory": peak_memory(device), "versions": library_versions(), "warnings": _warnings(router_info),
-        }
+            output_path=out, files=output_files(directory, names, shared_digests.get),
+            tensors=shared_report["tensors"] if isinstance(shared_report["tensors"], int) else len(shared_report["tensors"]),
+            timings={"shared_merge": merged_at - started, "compress": compressed_at - merged_at,
+                     "router": trained_at - compressed_at, "total": time.perf_counter() - started},
+            warnings=_warnings(router_info),
+            sections={"twin": {"tasks": tasks, "rank": storage["rank_ratio"],
+                               "storage_budget": None if rank is not None else storage_share,
+                               "storage": storage, "router": router_info,
+                               "shared_merge": {"method": inner.merge_method,
+                                                "parameters": inner.model_dump(mode="json")["parameters"],
+                                                "seconds": shared_report["timings_seconds"]["total"]},
+                               "tensors": stats}})
         if staging.resumed:
             report["warnings"].append("resumed: stages and tensors of an interrupted run were kept (checksums verified)")
         if options.report_path is None:
-            staging.add_file("merge_report.json", json.dumps(report, indent=2) + "\n")
+            staging.add_file(REPORT_NAME, report_bytes(report).decode())
     if options.report_path is not None:
         write_report(options.report_path, report)
     return report
@@ -382,15 +375,14 @@ def _warnings(router_info: dict) -> list[str]:
 
 
 def _card(recipe: Recipe, tasks: list[str], storage: dict, router_info: dict, recipe_text: str) -> str:
-    lines = ["---", "tags:", "- merge", "- mergekit_lite", "- twin-merging", "---", "", "# Twin-Merging directory", "",
-             f"Made with mergekit_lite {__version__}: a shared expert (`shared/`, a normal checkpoint), each task's "
-             "exclusive knowledge as low-rank factors (`experts/`), and a router (`router.safetensors`).", "",
-             f"Base model: `{recipe.base_model}`", "", "Tasks:", ""]
-    lines += [f"- `{task}`: `{entry.model}`" for task, entry in zip(tasks, recipe.models)]
-    lines += ["", f"Stored exclusive knowledge: {storage['stored_bytes']:,} bytes, {storage['ratio']:.1%} of the dense "
-              f"deltas; router validation accuracy {router_info['accuracy_val']:.1%}.", "",
-              "```python", "from mergekit_lite.twin import TwinModel", "twin = TwinModel.load(PATH)",
-              "outputs = twin(inputs)  # every row routed on its own", "```", "",
-              "A plain checkpoint for a fixed mix: `merge twin-collapse PATH --weights task=1.0 --out OUT`.", "",
-              "## Recipe", "", "```yaml", recipe_text.rstrip(), "```", ""]
-    return "\n".join(lines)
+    body = [f"Base model: `{recipe.base_model}`", "", "Tasks:", ""]
+    body += [f"- `{task}`: `{entry.model}`" for task, entry in zip(tasks, recipe.models)]
+    body += ["", f"Stored exclusive knowledge: {storage['stored_bytes']:,} bytes, {storage['ratio']:.1%} of the dense "
+             f"deltas; router validation accuracy {router_info['accuracy_val']:.1%}.", "",
+             "```python", "from mergekit_lite.twin import TwinModel", "twin = TwinModel.load(PATH)",
+             "outputs = twin(inputs)  # every row routed on its own", "```", "",
+             "A plain checkpoint for a fixed mix: `merge twin-collapse PATH --weights task=1.0 --out OUT`."]
+    return model_card(title="Twin-Merging directory", tags=["twin-merging"], library=None,
+                      intro="a shared expert (`shared/`, a normal checkpoint), each task's exclusive knowledge as "
+                            "low-rank factors (`experts/`), and a router (`router.safetensors`).",
+                      body=body, recipe_text=recipe_text)

@@ -22,6 +22,8 @@ from mergekit_lite.checkpoint.lock import output_lock
 from mergekit_lite.checkpoint.writer import check_output_path
 from mergekit_lite.errors import UserError
 from mergekit_lite.layers import must_stay_positive
+from mergekit_lite.pleas.graph import trace
+from mergekit_lite.pleas.sources import load_model
 from mergekit_lite.twin.lanes import Lanes, lay_out, pack, split_tasks, unpack
 from mergekit_lite.twin.routed import (RoutedBatchNorm2d, RoutedConv1D, RoutedConv2d, RoutedEmbedding,
                                        RoutedLayerNorm, RoutedLinear, RoutedRMSNorm, fold_norms, is_rms_norm,
@@ -99,8 +101,6 @@ def conv_norm_pairs(model: torch.nn.Module) -> dict[str, str]:
     norm name, from the model's fx graph; empty for models without batch norms or that do not trace."""
     if not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
         return {}
-    from mergekit_lite.pleas.graph import trace
-
     try:
         graph = trace(model)
     except Exception:  # torch.fx raises many kinds on untraceable code: then nothing is folded
@@ -230,8 +230,6 @@ class TwinModel(torch.nn.Module):
         """The shared model with routed layers and the router, on `device`. `task_weight_budget` (bytes) bounds the
         memory that the smallest linear layers may spend on keeping each task's own weight for top-1 rows
         (faster than the factors there); 0 keeps none. Convolutions keep their per-task filters regardless."""
-        from mergekit_lite.pleas.sources import load_model
-
         if task_weight_budget < 0:
             raise UserError(f"task_weight_budget is a number of bytes, 0 or more (got {task_weight_budget})")
         directory = Path(directory)

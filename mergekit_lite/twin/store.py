@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from mergekit_lite.checkpoint import TensorSpec
+from mergekit_lite.checkpoint import TensorSpec, open_checkpoint
 from mergekit_lite.checkpoint.files import load_json, roots_of
 from mergekit_lite.errors import UserError
 from mergekit_lite.twin.compress import rank_for
@@ -107,8 +107,6 @@ def read_manifest(directory: Path) -> dict:
 def load_deltas(directory: Path, manifest: dict, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32) -> dict[str, StackedDelta]:
     """Every tensor's stacked per-task deltas (small by construction: that is the point of the factors)."""
-    from mergekit_lite.checkpoint import open_checkpoint
-
     ckpt = open_checkpoint(Path(directory) / EXPERTS)
     tasks = manifest["tasks"]
     try:

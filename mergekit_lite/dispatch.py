@@ -1,0 +1,121 @@
+"""The dispatcher behind `merge run` and `merge validate`: read the recipe once, pick the pipeline its method
+belongs to, let it check the recipe, then validate or run it. Names no method: each pipeline says which it is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mergekit_lite.checkpoint.files import check_report_target, real, refuse_overlap
+from mergekit_lite.checkpoint.lock import output_lock
+from mergekit_lite.checkpoint.writer import check_output_path
+from mergekit_lite.errors import RecipeError, UserError
+from mergekit_lite.methods import METHODS
+from mergekit_lite.pipeline import DirectorySummary, MergeOptions, Pipeline, Progress, SilentProgress, Validation
+from mergekit_lite.pleas.pipeline import PLEAS
+from mergekit_lite.recipe import Recipe, location, parse_recipe_text, read_recipe_text
+from mergekit_lite.tensorwise import TensorwisePipeline
+from mergekit_lite.twin.pipeline import TWIN
+
+PIPELINES: dict[str, Pipeline] = {
+    **{name: TensorwisePipeline.of(method) for name, method in METHODS.items()},
+    PLEAS.name: PLEAS,
+    TWIN.name: TWIN,
+}
+
+
+def pipeline_for(name: str) -> Pipeline:
+    try:
+        return PIPELINES[name]
+    except KeyError:
+        raise RecipeError(f"unknown merge_method {name!r}; available: {', '.join(sorted(PIPELINES))}") from None
+
+
+def parse_recipe(text: str, source: str = "<recipe>") -> tuple[Recipe, dict[tuple, int]]:
+    """A recipe's text -> Recipe, checked by its method's pipeline; errors name the source, line and key."""
+    recipe, lines = parse_recipe_text(text, source)
+    try:
+        pipeline = pipeline_for(recipe.merge_method)
+    except RecipeError as exc:
+        raise RecipeError(f"{location(source, lines, ('merge_method',))}: {exc}") from None
+    pipeline.check(recipe, source, lines)
+    return recipe, lines
+
+
+def load_recipe(path: str | Path) -> tuple[Recipe, dict[tuple, int], str]:
+    """Parse and check a recipe file; returns the text too."""
+    text = read_recipe_text(path)
+    recipe, lines = parse_recipe(text, str(path))
+    return recipe, lines, text
+
+
+def resolve_output(recipe: Recipe, out_dir: str | Path | None) -> Path:
+    if out_dir is not None:
+        return Path(out_dir)
+    if recipe.output:
+        return Path(recipe.output)
+    raise UserError("no output directory: give OUT_DIR on the command line or an 'output:' key in the recipe")
+
+
+def recipe_inputs(recipe: Recipe) -> list[str]:
+    """Every path a recipe reads: models, base, tokenizer source, data."""
+    paths = [entry.model for entry in recipe.models] + ([recipe.base_model] if recipe.base_model else [])
+    if recipe.tokenizer_source not in (None, "base", "union"):
+        paths.append(recipe.tokenizer_source)
+    data = [recipe.data] + [entry.data for entry in recipe.models]
+    return paths + [item.path for item in data if item is not None and item.path]
+
+
+def guard_paths(inputs: list[str], out: Path, force: bool, report_path: Path | None) -> None:
+    """Before any work: the output may be written, is apart from every input (so --force cannot delete one),
+    and --report is new or an earlier report."""
+    check_output_path(out, force)
+    refuse_overlap(out, inputs, "output")
+    if report_path is not None:
+        refuse_overlap(report_path, inputs, "report")
+        if real(report_path) == real(out) or real(report_path).is_relative_to(real(out)):
+            raise UserError(f"{report_path}: --report lies in the output directory; leave --report out to write it there")
+        check_report_target(report_path)
+
+
+def merge_recipe_file(recipe_path: str | Path, out_dir: str | Path | None, options: MergeOptions,
+                      progress: Progress | None = None) -> dict[str, Any]:
+    """Check, merge and publish; returns the report (also written to the output or --report). The output is
+    locked from here to its publication: a second run on it is refused at once."""
+    recipe, _lines, recipe_text = load_recipe(recipe_path)
+    return merge_recipe(recipe, recipe_text, out_dir, options, progress)
+
+
+def merge_recipe(recipe: Recipe, recipe_text: str, out_dir: str | Path | None, options: MergeOptions,
+                 progress: Progress | None = None) -> dict[str, Any]:
+    """Merge a checked recipe (its text is kept beside the output)."""
+    out = resolve_output(recipe, out_dir)
+    guard_paths(recipe_inputs(recipe), out, options.force, options.report_path)
+    with output_lock(out):
+        return pipeline_for(recipe.merge_method).run(recipe, recipe_text, out, options, progress or SilentProgress())
+
+
+def validate_recipe(recipe: Recipe, allow_pickle: bool = False) -> Validation:
+    """Check a recipe against its inputs (paths, shapes, missing tensors; models, for the pipelines that run them)
+    without merging."""
+    return pipeline_for(recipe.merge_method).validate(recipe, allow_pickle)
+
+
+def validate_recipe_file(recipe_path: str | Path, allow_pickle: bool = False) -> Validation:
+    recipe, _, _ = load_recipe(recipe_path)
+    return validate_recipe(recipe, allow_pickle)
+
+
+def describe_report(report: dict[str, Any]) -> list[str]:
+    """The lines a report's method adds to `merge run` and `merge report` (none for an unknown method)."""
+    pipeline = PIPELINES.get(str(report.get("method")))
+    return pipeline.describe(report) if pipeline is not None else []
+
+
+def summarise_directory(path: Path) -> DirectorySummary | None:
+    """A directory one of the pipelines lays out its own way (e.g. Twin-Merging's), else None."""
+    for pipeline in PIPELINES.values():
+        summary = pipeline.summarise_directory(path)
+        if summary is not None:
+            return summary
+    return None

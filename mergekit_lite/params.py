@@ -1,0 +1,166 @@
+"""What a method's recipe parameters are and how they resolve: the spec of each parameter, the check of a recipe's
+parameters against a method's specs, and a parameter's value for one tensor (per model, else recipe-wide, else
+the default; filters by tensor name, gradients over the layers).
+
+A parameter value is a scalar, a list of `{filter: substring, value: v}` (first match on the tensor name wins, an
+entry without filter is the fallback), or a gradient: a list of numbers interpolated over the layer index.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from mergekit_lite.checkpoint.files import same_path
+from mergekit_lite.errors import RecipeError
+from mergekit_lite.layers import is_input_embedding
+from mergekit_lite.recipe import FilterEntry, ParamValue, Recipe, Scalar, dotted_key, location
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One recipe parameter: its type, default, allowed range, and where it is usually given."""
+
+    name: str
+    kind: type  # float, int, bool or str
+    default: Any
+    help: str
+    scope: str = "model"  # "model" (per model, may be given globally) or "global" (recipe-wide only)
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    choices: tuple[str, ...] | None = None
+
+    def check(self, value: Any) -> str | None:
+        """Why `value` is not acceptable, or None when it is."""
+        if self.kind is bool:
+            return None if isinstance(value, bool) else "must be true or false"
+        if self.kind is str:
+            if not isinstance(value, str):
+                return "must be a string"
+            if self.choices and value not in self.choices:
+                return f"must be one of {', '.join(self.choices)}"
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"must be a number, not {value!r}"
+        if self.kind is int and not float(value).is_integer():
+            return "must be an integer"
+        if value != value or value in (float("inf"), float("-inf")):
+            return "must be finite"
+        if self.minimum is not None:
+            if self.exclusive_minimum and value <= self.minimum:
+                return f"must be greater than {self.minimum:g}"
+            if not self.exclusive_minimum and value < self.minimum:
+                return f"must be at least {self.minimum:g}"
+        if self.maximum is not None and value > self.maximum:
+            return f"must be at most {self.maximum:g}"
+        return None
+
+
+class Parameterised(Protocol):
+    """What checking a recipe needs to know of a method (a tensor-wise method or a model-aware pipeline)."""
+
+    name: str
+    params: tuple[ParamSpec, ...]
+    needs_base: bool
+    min_models: int
+    max_models: int | None
+
+
+def check_parameters(recipe: Recipe, source: str, lines: dict[tuple, int], method: Parameterised,
+                     per_model: bool = True) -> None:
+    """Known parameter names, types and ranges, model counts, base model. With `per_model` False the method
+    reads its models' entries itself (tasks, data, parameters) and only the recipe-wide parameters are checked
+    here."""
+    where: Callable[[tuple], str] = lambda loc: location(source, lines, loc)  # noqa: E731
+    known = {p.name: p for p in method.params}
+    given = [(("parameters", name), name, value) for name, value in recipe.parameters.items()]
+    if per_model:
+        _refuse_composite_keys(recipe, where)
+        for index, entry in enumerate(recipe.models):
+            given += [(("models", index, "parameters", name), name, value) for name, value in entry.parameters.items()]
+    for loc, name, value in given:
+        spec = known.get(name)
+        if spec is None:
+            names = ", ".join(known) or "none"
+            raise RecipeError(f"{where(loc)}: {dotted_key(loc)}: unknown parameter for {method.name} (known: {names})")
+        if spec.scope == "global" and loc[0] == "models":
+            raise RecipeError(f"{where(loc)}: {dotted_key(loc)}: {name} is recipe-wide; put it under top-level parameters")
+        for scalar in _scalars(value):
+            problem = spec.check(scalar)
+            if problem:
+                raise RecipeError(f"{where(loc)}: {dotted_key(loc)}: {problem}")
+    experts = [m for m in recipe.models if not method.needs_base or recipe.base_model is None
+               or not same_path(m.model, recipe.base_model)]
+    if method.needs_base and recipe.base_model is None:
+        raise RecipeError(f"{source}: {method.name} needs base_model")
+    if len(experts) < method.min_models:
+        raise RecipeError(f"{where(('models',))}: {method.name} needs at least {method.min_models} model(s) besides the base")
+    if method.max_models is not None and len(experts) > method.max_models:
+        raise RecipeError(f"{where(('models',))}: {method.name} takes at most {method.max_models} model(s) besides the base")
+
+
+def _refuse_composite_keys(recipe: Recipe, where: Callable[[tuple], str]) -> None:
+    """task, per-model data and shared_merge belong to recipes whose method reads them (twin); elsewhere they
+    would be silently ignored."""
+    if recipe.shared_merge is not None:
+        raise RecipeError(f"{where(('shared_merge',))}: shared_merge: only a twin recipe has a shared merge")
+    for index, entry in enumerate(recipe.models):
+        for key in ("task", "data"):
+            if getattr(entry, key) is not None:
+                raise RecipeError(f"{where(('models', index, key))}: models[{index}].{key}: only twin recipes name a "
+                                  "task and its data per model")
+
+
+def _scalars(value: ParamValue) -> list[Scalar]:
+    if isinstance(value, list):
+        out: list[Scalar] = []
+        for item in value:
+            out += _scalars(item.value) if isinstance(item, FilterEntry) else [item]
+        return out
+    return [value]
+
+
+def resolve_value(value: ParamValue, tensor_name: str, layer: int | None, num_layers: int) -> Scalar:
+    """The value of a parameter for one tensor: filters by name, gradients by layer position."""
+    if not isinstance(value, list):
+        return value
+    if value and isinstance(value[0], FilterEntry):
+        for entry in value:
+            if entry.filter is None or entry.filter in tensor_name:
+                return resolve_value(entry.value, tensor_name, layer, num_layers)
+        raise RecipeError(f"no filter entry matches tensor {tensor_name!r} and there is no fallback entry without filter")
+    return gradient_value([float(v) for v in value], tensor_name, layer, num_layers)
+
+
+def gradient_value(points: list[float], tensor_name: str, layer: int | None, num_layers: int) -> float:
+    """Interpolate a gradient list over the layers: the first point at layer 0, the last at the last layer.
+
+    Tensors outside the layers take an end point: embeddings the first, everything else (final norm,
+    output head) the last.
+    """
+    if len(points) == 1:
+        return points[0]
+    if layer is None:
+        return points[0] if is_input_embedding(tensor_name) else points[-1]
+    position = layer / max(num_layers - 1, 1) * (len(points) - 1)
+    low = min(int(math.floor(position)), len(points) - 2)
+    frac = position - low
+    return points[low] * (1 - frac) + points[low + 1] * frac
+
+
+def recipe_params(recipe: Recipe, method: Parameterised, model_index: int | None, tensor_name: str, layer: int | None,
+                  num_layers: int) -> dict[str, Scalar]:
+    """Every parameter of `method` for one tensor: per-model value, else recipe-wide, else the default."""
+    entry = recipe.models[model_index].parameters if model_index is not None else {}
+    resolved = {}
+    for spec in method.params:
+        if model_index is not None and spec.scope == "global":
+            continue
+        if model_index is None and spec.scope == "model":
+            continue
+        raw = entry.get(spec.name, recipe.parameters.get(spec.name, spec.default))
+        value = resolve_value(raw, tensor_name, layer, num_layers)
+        resolved[spec.name] = spec.kind(value) if spec.kind in (int, float) and value is not None else value
+    return resolved

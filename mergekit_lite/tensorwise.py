@@ -1,0 +1,196 @@
+"""The tensor-wise pipeline: every method that merges tensor by tensor (linear, task arithmetic, TIES, DARE, ...),
+planned from the checkpoints' headers and streamed by the engine into an atomically published checkpoint, with
+config, tokenizer, recipe, model card and report."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mergekit_lite.checkpoint import CheckpointWriter
+from mergekit_lite.checkpoint.files import load_json, resume_fingerprint, roots_of
+from mergekit_lite.checkpoint.writer import support_files
+from mergekit_lite.engine import MergePlan, MergeResult, plan_merge, run_merge
+from mergekit_lite.errors import RecipeError
+from mergekit_lite.methods import MergeMethod
+from mergekit_lite.params import check_parameters
+from mergekit_lite.pipeline import DirectorySummary, MergeOptions, MethodFacts, Progress, Validation
+from mergekit_lite.recipe import DTYPES, Recipe
+from mergekit_lite.report import (RECIPE_NAME, REPORT_NAME, envelope, model_card, output_files, report_bytes,
+                                  write_report)
+from mergekit_lite.units import human_bytes
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+          "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+
+def parse_size(value: str | int) -> int:
+    """'5GB', '500MiB' or a number of bytes -> bytes."""
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE.match(str(value))
+        if not match:
+            raise RecipeError(f"shard_size {value!r} is not a size like 5GB, 500MB or 1048576")
+        unit = (match.group(2) or "").upper().removesuffix("B")
+        size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise RecipeError(f"shard_size {value!r} must be positive")
+    return size
+
+
+def _directory(path: Path) -> Path:
+    return path if path.is_dir() else path.parent
+
+
+def tokenizer_dir(recipe: Recipe, plan: MergePlan) -> Path:
+    """Where tokenizer files come from: tokenizer_source (base or a path), else base_model, else the first model."""
+    source = recipe.tokenizer_source
+    if source in (None, "base"):
+        if recipe.base_model:
+            return _directory(Path(recipe.base_model))
+        if source == "base":
+            raise RecipeError("tokenizer_source: base needs base_model")
+        return plan.sources.reference.directory
+    if source == "union":
+        raise RecipeError("tokenizer_source: union (merging vocabularies) is not supported; name base or a model path")
+    path = Path(source)
+    if not path.exists():
+        raise RecipeError(f"tokenizer_source {source!r}: no such directory")
+    return _directory(path)
+
+
+def plan_fingerprint(plan: MergePlan, seed: int | None, shard_bytes: int | None) -> str:
+    """What an interrupted run must share with this one for its tensors to be reused."""
+    inputs = [ckpt for ckpt in [plan.sources.base, *plan.sources.experts] if ckpt is not None]
+    return resume_fingerprint(plan.recipe.model_dump(mode="json"), f"{seed}|{shard_bytes}",
+                              [shard for ckpt in inputs for shard in ckpt.shards])
+
+
+def _dtype_updates(reference: Path, dtype: str) -> dict[str, str]:
+    """Record the output dtype under the key(s) this config already uses (transformers renamed it)."""
+    config_file = reference / "config.json"
+    keys = []
+    if os.path.lexists(config_file):
+        config = load_json(config_file, roots_of(reference), "config.json")
+        keys = [k for k in ("torch_dtype", "dtype") if isinstance(config, dict) and k in config]
+    return {key: DTYPES[dtype] for key in keys or ["torch_dtype"]}
+
+
+def build_report(result: MergeResult, out_dir: Path, written_dir: Path, known_digest=lambda name: None) -> dict[str, Any]:
+    """Everything a user needs to trust and reproduce a tensor-wise merge; `written_dir` is where the files lie
+    now. `known_digest` gives a file's sha256 when the writer already computed it."""
+    plan = result.plan
+    sources = plan.sources
+    inputs = [
+        {"role": "base" if ckpt is sources.base else "model", "path": str(ckpt.path), "format": ckpt.format,
+         "shards": [p.name for p in ckpt.shards], "bytes": ckpt.total_bytes, "tensors": len(ckpt.tensors)}
+        for ckpt in ([sources.base] if sources.base is not None else []) + sources.experts
+    ]
+    timings = result.timings
+    warnings = list(plan.warnings)
+    if result.resumed:
+        warnings.append(f"resumed: {result.resumed} tensor(s) were kept from an interrupted run (checksums verified)")
+    if result.reverted:
+        warnings.append(f"{len(result.reverted)} batch-norm variance tensor(s) came out zero or negative (the merged "
+                        f"model would compute NaN) and were kept from {sources.reference.path} instead, e.g. "
+                        f"{result.reverted[0]!r}")
+    if result.nonfinite:
+        warnings.append(f"{len(result.nonfinite)} merged tensor(s) hold NaN or Inf, e.g. {result.nonfinite[0]!r}")
+    return envelope(
+        method=plan.method.name, recipe=plan.recipe.model_dump(mode="json", exclude_none=True), seed=result.seed,
+        device=result.device, inputs=inputs, output_path=out_dir,
+        files=output_files(written_dir, result.files, known_digest), tensors=len(plan.tensors),
+        timings={"read": timings.read, "compute": timings.compute, "write": timings.write,
+                 "waiting_for_reads": timings.wait, "first_pass": timings.prepare, "total": result.wall_seconds},
+        warnings=warnings, sections={"tensors": result.tensor_stats})
+
+
+def tensorwise_card(result: MergeResult, recipe_text: str) -> str:
+    plan = result.plan
+    sources = plan.sources
+    body = [f"Base model: `{sources.base.path}`", ""] if sources.base is not None else []
+    body += ["Models merged:", ""] + [f"- `{ckpt.path}`" for ckpt in sources.experts]
+    return model_card(title=f"Merged model ({plan.method.name})", tags=[],
+                      library="transformers" if sources.reference.kind == "transformers" else "timm",
+                      intro=f"**{plan.method.name}**, {plan.method.summary}.", body=body, recipe_text=recipe_text)
+
+
+def merge_tensorwise(recipe: Recipe, recipe_text: str, out: Path, options: MergeOptions,
+                     progress: Progress | None = None) -> dict[str, Any]:
+    """Plan and stream a tensor-wise merge into `out`, with config, tokenizer, recipe, card and report."""
+    plan = plan_merge(recipe, allow_pickle=options.allow_pickle)
+    tokenizer_source = tokenizer_dir(recipe, plan)
+    support_files(tokenizer_source)  # a link out of the checkpoint or a FIFO is refused now, not after the merge
+    shard = options.shard_size if options.shard_size is not None else recipe.shard_size
+    report: dict[str, Any] = {}
+
+    def finalize(result: MergeResult, writer: CheckpointWriter) -> None:
+        reference = plan.sources.reference.directory
+        out_dtype = recipe.out_dtype or recipe.dtype
+        writer.copy_config(reference, _dtype_updates(reference, out_dtype) if out_dtype else None)
+        writer.copy_support_files(tokenizer_source)
+        writer.add_file(RECIPE_NAME, recipe_text)
+        writer.add_file("README.md", tensorwise_card(result, recipe_text))
+        report.update(build_report(result, out, writer.tmp_dir, writer.shard_digest))
+        if options.report_path is None:
+            writer.add_file(REPORT_NAME, report_bytes(report).decode())
+
+    shard_bytes = parse_size(shard) if shard is not None else None
+    run_merge(plan, out, device=options.device, force=options.force, seed=options.seed, shard_bytes=shard_bytes,
+              progress=progress, finalize=finalize, resume=options.resume,
+              fingerprint=plan_fingerprint(plan, options.seed, shard_bytes))
+    if options.report_path is not None:
+        write_report(options.report_path, report)
+    return report
+
+
+def validate_tensorwise(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
+    """Plan from headers alone (paths, shapes, missing tensors), and check the tokenizer source and shard size."""
+    plan = plan_merge(recipe, allow_pickle=allow_pickle)
+    support_files(tokenizer_dir(recipe, plan))
+    if recipe.shard_size is not None:
+        parse_size(recipe.shard_size)
+    return plan
+
+
+def plan_text(plan: MergePlan) -> str:
+    """One line on what a plan merges: models, base, tensors merged and copied, bytes."""
+    merged = sum(1 for t in plan.tensors if t.merge)
+    return (f"{len(plan.sources.experts)} model(s)"
+            + (f" and base {plan.sources.base.path}" if plan.sources.base is not None else "")
+            + f"; {len(plan.tensors)} output tensors ({merged} merged, {len(plan.tensors) - merged} copied), "
+            f"{human_bytes(plan.total_bytes)}")
+
+
+@dataclass(frozen=True)
+class TensorwisePipeline(MethodFacts):
+    """A tensor-wise method as a Pipeline."""
+
+    method: MergeMethod | None = None
+
+    @classmethod
+    def of(cls, method: MergeMethod) -> "TensorwisePipeline":
+        return cls(method.name, method.summary, method.params, method.needs_base, method.min_models,
+                   method.max_models, method)
+
+    def check(self, recipe: Recipe, source: str, lines: dict[tuple, int]) -> None:
+        check_parameters(recipe, source, lines, self)
+
+    def validate(self, recipe: Recipe, allow_pickle: bool = False) -> Validation:
+        plan = validate_tensorwise(recipe, allow_pickle)
+        return Validation([f"{self.name} over {plan_text(plan)}"], list(plan.warnings))
+
+    def run(self, recipe: Recipe, recipe_text: str, out: Path, options: MergeOptions,
+            progress: Progress) -> dict[str, Any]:
+        return merge_tensorwise(recipe, recipe_text, out, options, progress)
+
+    def describe(self, report: dict[str, Any]) -> list[str]:
+        return []
+
+    def summarise_directory(self, path: Path) -> DirectorySummary | None:
+        return None
