@@ -61,6 +61,8 @@ class TensorPlan:
     row_aligned: list[int] = field(default_factory=list)  # experts whose vocab rows were cut or padded to the base's
     read_as: dict[int, str] = field(default_factory=dict)  # expert -> the tensor it stores this one under (tied head)
     positive: bool = False  # a statistic that must stay > 0 (batch-norm variance): kept from the reference if not
+    model_params: list[dict[str, Any]] = field(default_factory=list)  # per expert, resolved for this tensor
+    params: dict[str, Any] = field(default_factory=dict)  # recipe-wide, resolved for this tensor
 
     def source_name(self, expert: int) -> str:
         return self.read_as.get(expert, self.name)
@@ -78,6 +80,7 @@ class MergePlan:
     tensors: list[TensorPlan]
     num_layers: int
     warnings: list[str]
+    params: dict[str, Any] = field(default_factory=dict)  # recipe-wide, resolved with no tensor in view
 
     @property
     def total_bytes(self) -> int:
@@ -118,6 +121,7 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         _check_same_architecture(reference, expert)
     plans = []
     kept_as_is = []
+    num_layers = count_layers(reference.config, reference.tensors)
     for name, info in reference.tensors.items():
         # Integer and boolean tensors (quantisation tables, masks, position ids) are not averaged as numbers,
         # and nor is an empty tensor: they are copied from the reference, as mergekit does.
@@ -126,6 +130,11 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
             kept_as_is.append(name)
         plan = TensorPlan(name=name, shape=info.shape, dtype=output_dtype(recipe, info.dtype), merge=merge,
                           positive=must_stay_positive(name))
+        if merge:  # the recipe is read here once: the engine streams from the plan
+            layer = layer_index(name)
+            plan.model_params = [recipe_params(recipe, method, entry, name, layer, num_layers)
+                                 for entry in sources.entry_of_expert]
+            plan.params = recipe_params(recipe, method, None, name, layer, num_layers)
         for index, expert in enumerate(sources.experts):
             other = expert.tensors.get(name)
             tied = tied_embedding_name(expert, name) if other is None else None
@@ -162,8 +171,8 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     extra = sorted({n for e in sources.experts for n in e.tensors if n not in reference.tensors})
     if extra:
         warnings.append(f"{len(extra)} tensor(s) not in {reference.path} are left out, e.g. {extra[0]!r}")
-    num_layers = count_layers(reference.config, reference.tensors)
-    return MergePlan(recipe, method, sources, plans, num_layers, warnings)
+    return MergePlan(recipe, method, sources, plans, num_layers, warnings,
+                     recipe_params(recipe, method, None, "", None, num_layers))
 
 
 _INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
@@ -471,14 +480,10 @@ class MergeResult:
     reverted: list[str] = field(default_factory=list)  # positive statistics the merge broke, kept from the reference
 
 
-def tensor_context(plan: MergePlan, tensor: TensorPlan, seed: int, model_state: Any = None) -> TensorContext:
-    recipe, method = plan.recipe, plan.method
-    layer = layer_index(tensor.name)
-    model_params = [
-        recipe_params(recipe, method, entry, tensor.name, layer, plan.num_layers) for entry in plan.sources.entry_of_expert
-    ]
-    params = recipe_params(recipe, method, None, tensor.name, layer, plan.num_layers)
-    return TensorContext(tensor.name, tensor.shape, model_params, params, seed=seed, model_state=model_state)
+def tensor_context(tensor: TensorPlan, seed: int, model_state: Any = None) -> TensorContext:
+    """What a method sees of one tensor: its name, shape and the parameters planning resolved for it."""
+    return TensorContext(tensor.name, tensor.shape, tensor.model_params, tensor.params, seed=seed,
+                         model_state=model_state)
 
 
 def run_merge(
@@ -564,7 +569,7 @@ def _next_to_merge(tensors: list[TensorPlan], position: int, completed: dict) ->
 def _merge_tensor(plan: MergePlan, tensor: TensorPlan, reader: ChunkReader, writer: CheckpointWriter, seed: int,
                   model_state: Any, timings: Timings, following: TensorPlan | None = None) -> dict[str, Any]:
     method = plan.method
-    context = tensor_context(plan, tensor, seed, model_state)
+    context = tensor_context(tensor, seed, model_state)
     stream, cached = reader.replayable(tensor, following)
     state = method.prepare(context, stream) if method.prepare is not None else None
     chunks = iter(cached) if cached is not None else reader.stream(tensor)
@@ -603,15 +608,14 @@ def _write(writer: CheckpointWriter, tensor: TensorPlan, start: int, rows: torch
 def _model_pass(plan: MergePlan, reader: ChunkReader, seed: int, progress: Progress, timings: Timings) -> Any:
     """The method's whole-model first pass, when the recipe asks for one (e.g. TIES trim_scope: model)."""
     method = plan.method
-    glob = recipe_params(plan.recipe, method, None, "", None, plan.num_layers)
-    if method.prepare_model is None or not method.needs_model_pass(glob):
+    if method.prepare_model is None or not method.needs_model_pass(plan.params):
         return None
     started = time.perf_counter()
     merged = [t for t in plan.tensors if t.merge]
 
     def tensors() -> Iterator[tuple[TensorContext, Callable[[], Iterator[Chunk]]]]:
         for tensor in merged:
-            yield tensor_context(plan, tensor, seed), (lambda tensor=tensor: reader.stream(tensor))
+            yield tensor_context(tensor, seed), (lambda tensor=tensor: reader.stream(tensor))
 
     progress.start(len(merged), 0, "first pass over the model")
     state = method.prepare_model(tensors)
