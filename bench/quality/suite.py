@@ -554,9 +554,10 @@ def pleas_settings(ws: Workspace, root: Path) -> dict[str, dict]:
     inputs = root / "pleas_inputs.safetensors"
     if not inputs.exists():
         save_file({"images": data.image_domain("clean", "train").images.contiguous()}, str(inputs))
-    with_data = {"data": {"path": str(inputs), "key": "images"}}
+    # the CI check (quick plan) only shows that every path runs: few inputs and steps
+    with_data = {"data": {"path": str(inputs), "key": "images"}, **({"samples": 200} if ws.plan.quick else {})}
     generic = {"data": {"kind": "generic", "shape": [1, data.IMAGE_SIZE, data.IMAGE_SIZE]}, "data_free": True}
-    short = {"data_free_steps": 10, "tune_steps": 20} if ws.plan.quick else {}  # the CI check: the paths work
+    short = {"data_free_steps": 10, "tune_steps": 20, "samples": 64} if ws.plan.quick else {}
     generic.update(short)
     settings = {"permutation only (1.0x)": {**with_data, "least_squares": False, "target_width": 1.0}}
     widths = (1.0, 1.5) if ws.plan.quick else (1.0, 1.25, 1.5, 2.0)

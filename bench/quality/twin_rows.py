@@ -95,7 +95,7 @@ def _per_domain(task: Task, outputs: list[torch.Tensor], targets: torch.Tensor, 
 
 @torch.no_grad()
 def evaluate(task: Task, directory: Path, domains: tuple[str, ...], change: str | None, batch: int,
-             whole_set_timing: bool = False) -> dict:
+             whole_set_timing: bool = False, timing_repeats: int = 25) -> dict:
     """Scores on the mixed test set, router accuracy there, and the routed/shared inference time ratio (on one
     batch; with `whole_set_timing` also on the whole test set at once, where each task has more rows)."""
     from mergekit_lite.pleas.sources import load_model
@@ -119,7 +119,7 @@ def evaluate(task: Task, directory: Path, domains: tuple[str, ...], change: str 
     scores = _per_domain(task, outputs, targets, ids, domains)
     router_accuracy = float((torch.cat(picked) == ids).float().mean())
     result = {"scores": scores, "router_test_accuracy": router_accuracy,
-              "overhead": overhead(twin, shared, inputs[:batch], logits) if change != "oracle" else None}
+              "overhead": overhead(twin, shared, inputs[:batch], logits, timing_repeats) if change != "oracle" else None}
     if whole_set_timing:
         result["overhead_whole_set"] = overhead(twin, shared, inputs, logits, repeats=9)
     return result
@@ -161,7 +161,8 @@ def experiment_four(ws: Workspace, task: Task, paths: dict[str, Path], domains: 
             recipe = write_twin_recipe(work / "recipe.yaml", paths["base"], {d: paths[d] for d in domains}, files, params)
             seconds = merge_run(recipe, work / "out")
             report = json.loads((work / "out" / "merge_report.json").read_text())
-            result = evaluate(task, work / "out", domains, change, batch, whole_set_timing=whole)
+            result = evaluate(task, work / "out", domains, change, batch, whole_set_timing=whole,
+                              timing_repeats=5 if ws.plan.quick else 25)
             shutil.rmtree(work)
             twin = report["twin"]
             return {**result, "seconds": seconds, "storage_ratio": twin["storage"]["ratio"],
