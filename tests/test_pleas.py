@@ -416,8 +416,8 @@ def test_vit_and_llama_specs_hold_the_stream_heads_and_mlp_units():
 
 
 def test_data_free_inputs_are_refined_toward_the_models_batch_norm_statistics():
-    from mergekit_lite.pleas.sources import generic_inputs
-    from mergekit_lite.pleas.synthetic import statistics_loss, statistics_matched
+    from mergekit_lite.models.data import generic_inputs
+    from mergekit_lite.models.synthetic import statistics_loss, statistics_matched
 
     models = [resnet(0), resnet(1)]
     start = generic_inputs((1, 16, 16), 16, seed=0)
@@ -433,8 +433,8 @@ def test_data_free_inputs_are_refined_toward_the_models_batch_norm_statistics():
 def test_data_free_images_from_another_domain_are_refined_too(tmp_path):
     """A user's other-domain images are refined toward the statistics like generic ones; the same file given
     as task data is used as it is."""
-    from mergekit_lite.pleas.sources import data_batches
-    from mergekit_lite.pleas.synthetic import statistics_loss
+    from mergekit_lite.models.data import data_batches
+    from mergekit_lite.models.synthetic import statistics_loss
 
     models = [resnet(0), resnet(1)]
     path = tmp_path / "other.safetensors"

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from mergekit_lite.cli import app
 from mergekit_lite.examples import make_family
-from mergekit_lite.pleas.sources import load_model
+from mergekit_lite.models.loading import load_model
 from tests.test_hostile import THREAD_METHODS, method_recipe
 
 runner = CliRunner()

@@ -18,7 +18,7 @@ from mergekit_lite.errors import UserError
 from mergekit_lite.examples import make_family
 from mergekit_lite.dispatch import merge_recipe_file
 from mergekit_lite.pipeline import MergeOptions
-from mergekit_lite.pleas.sources import load_model
+from mergekit_lite.models.loading import load_model
 from mergekit_lite.twin import TwinModel, collapse
 from mergekit_lite.twin.build import PAIR_PREFERENCE
 from mergekit_lite.twin.router import route_weights

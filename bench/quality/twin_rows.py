@@ -98,7 +98,7 @@ def evaluate(task: Task, directory: Path, domains: tuple[str, ...], change: str 
              whole_set_timing: bool = False, timing_repeats: int = 25) -> dict:
     """Scores on the mixed test set, router accuracy there, and the routed/shared inference time ratio (on one
     batch; with `whole_set_timing` also on the whole test set at once, where each task has more rows)."""
-    from mergekit_lite.pleas.sources import load_model
+    from mergekit_lite.models.loading import load_model
     from mergekit_lite.twin import TwinModel
 
     twin = TwinModel.load(directory)

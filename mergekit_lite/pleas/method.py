@@ -23,6 +23,7 @@ from mergekit_lite.pleas.features import channel_axis, channel_rows
 from mergekit_lite.pleas.graph import check_groups, permutation_spec
 from mergekit_lite.pleas.spec import Group, Spec, expand_blocks
 from mergekit_lite.pleas.tuning import tune_outputs
+from mergekit_lite.models.loading import resize_to
 from mergekit_lite.pleas.matching import (
     CrossStats, Layout, allocate_ratios, block_cost, identity_layout, match, partial_layout,
 )
@@ -128,46 +129,6 @@ def _allowed(out_layout: Layout, in_layout: Layout, kernel: int, bias: bool) -> 
         (out_origin == 1, in_origin != 2),
         (out_origin == 2, in_origin != 1),
     ]
-
-
-def resize_to(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """Give every module the shapes that `state` holds (a merged model may be wider): size attributes of conv,
-    linear, norm and embedding modules, then every parameter and buffer (tied ones stay tied)."""
-    for name, module in model.named_modules():
-        weight = state.get(f"{name}.weight")
-        current = getattr(module, "weight", None)
-        if weight is None or not isinstance(current, torch.Tensor) or weight.shape == current.shape:
-            continue
-        if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)):
-            module.out_channels, module.in_channels = weight.shape[0], weight.shape[1] * module.groups
-        elif isinstance(module, torch.nn.Linear):
-            module.out_features, module.in_features = weight.shape
-        elif isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.num_features = weight.shape[0]
-        elif isinstance(module, torch.nn.LayerNorm):
-            module.normalized_shape = tuple(weight.shape)
-        elif isinstance(module, torch.nn.Embedding):
-            module.num_embeddings, module.embedding_dim = weight.shape
-    for name, module in model.named_modules():  # timm attention reads its head count from attributes
-        qkv = state.get(f"{name}.qkv.weight")
-        if qkv is not None and isinstance(getattr(module, "num_heads", None), int) and getattr(module, "head_dim", None):
-            module.num_heads = qkv.shape[0] // (3 * module.head_dim)
-            if hasattr(module, "attn_dim"):
-                module.attn_dim = module.num_heads * module.head_dim
-    replaced: dict[int, torch.Tensor] = {}
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        for key, value in list(module.named_parameters(recurse=False)):
-            target = state.get(prefix + key)
-            if target is not None and target.shape != value.shape:
-                if id(value) not in replaced:
-                    replaced[id(value)] = torch.nn.Parameter(torch.empty_like(target), requires_grad=value.requires_grad)
-                setattr(module, key, replaced[id(value)])
-        for key, value in list(module.named_buffers(recurse=False)):
-            target = state.get(prefix + key)
-            if value is not None and target is not None and target.shape != value.shape:
-                module.register_buffer(key, torch.empty_like(target))
-    return model
 
 
 @torch.no_grad()

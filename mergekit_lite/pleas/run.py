@@ -13,10 +13,10 @@ from mergekit_lite.checkpoint import CheckpointWriter, TensorSpec
 from mergekit_lite.checkpoint.reader import run_fingerprint
 from mergekit_lite.device import resolve_device
 from mergekit_lite.errors import RecipeError
+from mergekit_lite.models.data import data_batches, example_inputs, generic_shape
+from mergekit_lite.models.loading import is_transformers, load_model, read_config
 from mergekit_lite.pleas.graph import check_groups, permutation_spec
 from mergekit_lite.pleas.method import PleasOptions, check_same_structure, pleas_merge
-from mergekit_lite.pleas.sources import (data_batches, example_inputs, generic_shape, is_transformers, load_model,
-                                        read_config)
 from mergekit_lite.report import REPORT_NAME, envelope, model_card, output_files, report_bytes, write_report
 
 

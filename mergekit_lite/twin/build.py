@@ -21,7 +21,8 @@ from mergekit_lite.errors import RecipeError
 from mergekit_lite.methods import METHODS
 from mergekit_lite.params import Parameterised, check_parameters
 from mergekit_lite.pipeline import MergeOptions, SilentProgress
-from mergekit_lite.pleas.sources import data_batches, load_model, read_config
+from mergekit_lite.models.data import data_batches
+from mergekit_lite.models.loading import load_model, read_config
 from mergekit_lite.recipe import ModelEntry, Recipe, SharedMerge, location
 from mergekit_lite.report import REPORT_NAME, envelope, model_card, output_files, report_bytes, write_report
 from mergekit_lite.tensorwise import merge_tensorwise

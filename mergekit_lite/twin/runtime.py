@@ -22,8 +22,8 @@ from mergekit_lite.checkpoint.lock import output_lock
 from mergekit_lite.checkpoint.writer import check_output_path
 from mergekit_lite.errors import UserError
 from mergekit_lite.layers import must_stay_positive
-from mergekit_lite.pleas.graph import trace
-from mergekit_lite.pleas.sources import load_model
+from mergekit_lite.models.loading import load_model
+from mergekit_lite.models.tracing import trace
 from mergekit_lite.twin.lanes import Lanes, lay_out, pack, split_tasks, unpack
 from mergekit_lite.twin.routed import (RoutedBatchNorm2d, RoutedConv1D, RoutedConv2d, RoutedEmbedding,
                                        RoutedLayerNorm, RoutedLinear, RoutedRMSNorm, fold_norms, is_rms_norm,

@@ -1,13 +1,9 @@
-"""Building source models and data for PLeaS, and loading what it writes.
+"""The inputs PLeaS and Twin-Merging run models on.
 
-Models: timm checkpoints in the hub layout (config.json with `architecture`, optional `model_args`), plain
-MLPs (config.json with `"mergekit_lite_mlp": [in, hidden..., out]`) and transformers checkpoints (through
-their own class). A merged checkpoint wider than its source loads the same way: modules take the shapes the
-weights have.
-
-Data: a tensor file (.safetensors, .npy or .pt, one tensor of inputs), an image folder read with timm's
-data tools and the model's own preprocessing, a text file read with the checkpoint's tokenizer, or generic
-inputs made here (smooth random images, Gaussian vectors or random token ids: the data-free mode).
+A tensor file (.safetensors, .npy or .pt, one tensor of inputs), an image folder read with timm's data tools
+and the model's own preprocessing, a text file read with the checkpoint's tokenizer, or generic inputs made here
+(smooth random images, Gaussian vectors or random token ids: the data-free mode), refined for models with batch
+norms so that every layer sees the statistics it stored.
 """
 
 from __future__ import annotations
@@ -19,137 +15,10 @@ import numpy as np
 import torch
 
 from mergekit_lite.checkpoint import open_checkpoint
-from mergekit_lite.checkpoint.files import checked_file, load_json, read_limited, roots_of
+from mergekit_lite.checkpoint.files import checked_file, read_limited, roots_of
 from mergekit_lite.errors import UserError, one_line
-from mergekit_lite.pleas.method import resize_to
-from mergekit_lite.pleas.synthetic import batch_norm_layers, statistics_matched
-
-
-def read_config(path: Path) -> dict:
-    directory = path if path.is_dir() else path.parent
-    config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise UserError(f"{path}: PLeaS needs a config.json to build the model (timm hub layout or a plain MLP)")
-    config = load_json(config_file, roots_of(directory), "config.json")
-    if not isinstance(config, dict):
-        raise UserError(f"{config_file}: must hold a JSON object")
-    return config
-
-
-# timm arguments that make create_model read a file (torch.load, unpickling) or reach the network.
-LOADING_ARGUMENTS = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir",
-                     "pretrained_strict", "overlay", "file", "url", "hf_hub_id")
-# A config may claim any size; one that describes more parameters than this many times the checkpoint holds
-# (plus a margin for tiny models) is refused before a byte is allocated.
-SIZE_MARGIN = 4
-SIZE_SLACK = 1_000_000
-
-
-def build_model(config: dict, path: Path, parameters: int | None = None) -> torch.nn.Module:
-    """The source model's module, built on the meta device first to check that the config's claimed size
-    agrees with the `parameters` its checkpoint holds (a config naming huge layers would otherwise allocate
-    gigabytes), then for real."""
-    if parameters is not None:
-        with torch.device("meta"):
-            claimed = sum(p.numel() for p in _build(config, path).parameters())
-        if claimed > SIZE_MARGIN * parameters + SIZE_SLACK:
-            raise UserError(f"{path}: config.json describes a model of {claimed:,} parameters but the checkpoint holds "
-                            f"{parameters:,}; the config does not belong to these weights")
-    return _build(config, path)
-
-
-def _build(config: dict, path: Path) -> torch.nn.Module:
-    if "mergekit_lite_mlp" in config:
-        sizes = config["mergekit_lite_mlp"]
-        if not (isinstance(sizes, list) and len(sizes) >= 2 and all(type(n) is int and n > 0 for n in sizes)):
-            raise UserError(f"{path}: mergekit_lite_mlp must list at least two positive layer sizes")
-        layers: list[torch.nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            layers.append(torch.nn.Linear(a, b))
-            if i < len(sizes) - 2:
-                layers.append(torch.nn.ReLU())
-        return torch.nn.Sequential(*layers)
-    if "architecture" in config:
-        import timm
-
-        args = config.get("model_args") or {}
-        if not isinstance(args, dict):
-            raise UserError(f"{path}: config.json model_args must be an object")
-        loading = sorted(set(args) & set(LOADING_ARGUMENTS))
-        if loading:
-            raise UserError(f"{path}: config.json model_args.{loading[0]} would make timm load weights from elsewhere; "
-                            "remove it (the weights come from this checkpoint)")
-        args = dict(args)
-        args.setdefault("num_classes", config.get("num_classes", 1000))
-        try:
-            return timm.create_model(str(config["architecture"]), pretrained=False, **args)
-        except Exception as exc:  # timm raises many kinds for unknown names and arguments
-            raise UserError(f"{path}: timm cannot build {config['architecture']!r}: {one_line(exc)}") from exc
-    kind = config.get("model_type", "unknown")
-    raise UserError(f"{path}: PLeaS works on timm models, plain MLPs and Llama-style transformers checkpoints; a {kind!r} checkpoint without a transformers class is not supported")
-
-
-def load_transformers_model(path: Path, config: dict, parameters: int, allow_pickle: bool = False) -> torch.nn.Module:
-    """A transformers checkpoint through its own class (config `architectures`), never remote code, and pickled
-    weights only with `allow_pickle`."""
-    import transformers
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    names = config.get("architectures") or []
-    cls = getattr(transformers, names[0], None) if names else None
-    if cls is None:
-        raise UserError(f"{path}: transformers has no class {names[0] if names else '(none named)'!r} for this checkpoint")
-    directory = path if path.is_dir() else path.parent
-    widths = config.get("pleas") or {}
-    try:
-        model_config = cls.config_class.from_pretrained(directory)
-        with torch.device("meta"):
-            claimed = sum(p.numel() for p in cls(model_config).parameters())
-        if claimed > SIZE_MARGIN * parameters + SIZE_SLACK:
-            raise UserError(f"{path}: config.json describes a model of {claimed:,} parameters but the checkpoint holds "
-                            f"{parameters:,}; the config does not belong to these weights")
-        if widths.get("group_widths", []) == widths.get("source_group_widths", []):
-            return cls.from_pretrained(directory, torch_dtype=torch.float32, use_safetensors=not allow_pickle).eval()
-        # a PLeaS merge wider than its sources: layers of their own widths, which the config cannot state
-        model = cls(model_config).float()
-    except (OSError, ValueError, TypeError, RuntimeError) as exc:
-        raise UserError(f"{path}: transformers cannot load it: {one_line(exc)}") from exc
-    return _load_resized(model, path, allow_pickle)
-
-
-def _load_resized(model: torch.nn.Module, path: Path, allow_pickle: bool = False) -> torch.nn.Module:
-    """Load a checkpoint into `model`, giving its modules the shapes the checkpoint's tensors have."""
-    ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
-    try:
-        state = {name: ckpt.get(name) for name in ckpt.tensors}
-    finally:
-        ckpt.close()
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise UserError(f"{path}: the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]!r}")
-    state = {name: state[name].to(expected[name].dtype) for name in expected}
-    resize_to(model, state)
-    model.load_state_dict(state)
-    return model.eval()
-
-
-def is_transformers(config: dict) -> bool:
-    return "model_type" in config and "architecture" not in config
-
-
-def load_model(path: str | Path, allow_pickle: bool = False, transformers_ok: bool = False) -> torch.nn.Module:
-    """A source or merged checkpoint as an eval-mode torch module (transformers ones only where the caller
-    handles them). The checkpoint is opened (and its files checked) before anything reads it."""
-    path = Path(path)
-    config = read_config(path)
-    ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
-    parameters = ckpt.num_parameters
-    ckpt.close()
-    if transformers_ok and is_transformers(config):
-        return load_transformers_model(path, config, parameters, allow_pickle)
-    return _load_resized(build_model(config, path, parameters), path, allow_pickle)
+from mergekit_lite.models.loading import is_transformers
+from mergekit_lite.models.synthetic import batch_norm_layers, statistics_matched
 
 
 GENERIC_TOKENS = 64  # length of a data-free token window
