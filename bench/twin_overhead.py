@@ -21,9 +21,11 @@ import time
 import torch
 
 from mergekit_lite.twin.compress import rank_for
-from mergekit_lite.twin.router import Router, pooled_features, route_weights
+from mergekit_lite.twin.install import install_routes
 from mergekit_lite.twin.routed import keep_task_weights
-from mergekit_lite.twin.runtime import TASK_WEIGHT_BUDGET, TwinModel, install_routes
+from mergekit_lite.twin.router import Router, pooled_features, route_weights
+from mergekit_lite.twin.policy import DEFAULT_POLICY
+from mergekit_lite.twin.runtime import TwinModel
 from mergekit_lite.twin.store import StackedDelta
 
 
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", choices=["gpt2", "resnet50"], default=["gpt2", "resnet50"])
     parser.add_argument("--image-size", type=int, default=160, help="ResNet-50 input side in pixels")
     parser.add_argument("--images", type=int, default=0, help="ResNet-50 batch (default: 16 on the CPU, 128 on a GPU)")
-    parser.add_argument("--task-weight-budget", type=float, default=TASK_WEIGHT_BUDGET / 2**20, metavar="MIB",
+    parser.add_argument("--task-weight-budget", type=float, default=DEFAULT_POLICY.task_weight_budget / 2**20, metavar="MIB",
                         help="memory that linear layers may spend on per-task weights (TwinModel.load's default)")
     args = parser.parse_args(argv)
     budget = int(args.task_weight_budget * 2**20)

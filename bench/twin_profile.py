@@ -11,8 +11,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from twin_overhead import gpt2_small, random_deltas, resnet50
+from mergekit_lite.twin.install import install_routes
 from mergekit_lite.twin.router import Router
-from mergekit_lite.twin.runtime import TwinModel, install_routes
+from mergekit_lite.twin.runtime import TwinModel
 
 
 def main() -> None:

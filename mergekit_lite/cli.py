@@ -459,7 +459,7 @@ def twin_collapse(
 ) -> None:
     """Fold a fixed task mix into a plain checkpoint (shared + sum of weighted exclusive experts) that loads like
     the source models, for users who know their mix and want no router."""
-    from mergekit_lite.twin.runtime import collapse
+    from mergekit_lite.twin.collapse import collapse
 
     result = collapse(directory, _task_mix(weights), out_dir, force=force)
     mix = ", ".join(f"{task}={w:g}" for task, w in result["weights"].items())

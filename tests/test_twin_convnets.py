@@ -4,15 +4,19 @@ once on a top-1 batch laid out by task, lanes.py), which must give every row wha
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from mergekit_lite.twin import runtime
+from mergekit_lite.twin.install import conv_norm_pairs, install_routes
 from mergekit_lite.twin.lanes import lane_size, lay_out, pack, split_tasks, unpack
-from mergekit_lite.twin.routed import RoutedBatchNorm2d, RoutedConv2d, RoutedLinear, set_route, single_tap
+from mergekit_lite.twin.route import set_route
+from mergekit_lite.twin.routed import RoutedLinear
+from mergekit_lite.twin.routed_conv import RoutedConv2d, single_tap
+from mergekit_lite.twin.routed_norms import RoutedBatchNorm2d
 from mergekit_lite.twin.router import Router
-from mergekit_lite.twin.runtime import TwinModel, conv_norm_pairs, install_routes
+from mergekit_lite.twin.runtime import TwinModel
 from mergekit_lite.twin.store import StackedDelta
 
 TASKS = 3
@@ -212,7 +216,7 @@ def test_a_batch_held_mostly_by_one_task_runs_it_alone_and_the_rest_on_lanes():
         torch.testing.assert_close(twin(x, weights=weights), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_lanes_are_left_out_for_single_task_soft_and_training_batches_and_large_convolutions(monkeypatch):
+def test_lanes_are_left_out_for_single_task_soft_and_training_batches_and_large_convolutions():
     model, _ = _routed_resnet(seed=6)
     twin = _twin(model)
     x = torch.randn(8, 1, 16, 16)
@@ -224,7 +228,7 @@ def test_lanes_are_left_out_for_single_task_soft_and_training_batches_and_large_
     twin.train()
     assert twin._lane_plan(x, mixed, {}) is None
     twin.eval()
-    monkeypatch.setattr(runtime, "LANE_GROUP_MACS", twin._conv_macs_per_row(x))  # one row a task is the most
+    twin.policy = replace(twin.policy, lane_group_macs=twin._conv_macs_per_row(x))  # one row a task is the most
     assert twin._lane_plan(x, mixed, {}) is None
 
 
@@ -244,3 +248,22 @@ def test_task_lanes_on_cuda_match_the_per_layer_path(monkeypatch):
         torch.testing.assert_close(twin(x, weights=weights), expected, rtol=1e-3, atol=1e-3)
         assert twin.uses_lanes is True
         torch.testing.assert_close(twin(x, weights=weights), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_the_cost_policy_reaches_every_routed_conv_and_never_changes_outputs():
+    """The CPU heuristics live in one policy object: setting it on the TwinModel sets it on every routed conv, and
+    whichever kernels it picks (per-task calls, grouped calls, batched products on small maps), rows get the
+    same outputs."""
+    model, _ = _routed_resnet(seed=7)
+    twin = _twin(model)
+    x = torch.randn(12, 1, 16, 16)
+    weights = torch.nn.functional.one_hot(torch.arange(12) % TASKS, TASKS).float()
+    with torch.no_grad():
+        default = twin(x, weights=weights)
+        convs = [m for m in twin.routed if isinstance(m, RoutedConv2d)]
+        assert convs and all(c.policy is twin.policy for c in convs)
+        for policy in (replace(twin.policy, per_task_macs=0.0), replace(twin.policy, few_positions=0),
+                       replace(twin.policy, lane_group_macs=0.0)):
+            twin.policy = policy
+            assert all(c.policy is policy for c in convs)
+            assert torch.allclose(twin(x, weights=weights), default, rtol=1e-4, atol=1e-4)

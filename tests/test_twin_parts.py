@@ -7,8 +7,10 @@ import torch
 
 from mergekit_lite.twin import compress
 from mergekit_lite.twin.compress import low_rank, rank_for
-from mergekit_lite.twin.routed import (RoutedBatchNorm2d, RoutedConv1D, RoutedConv2d, RoutedLinear, dense_for_row,
-                                       keep_task_weights, make_route, task_order)
+from mergekit_lite.twin.route import dense_for_row, make_route, task_order
+from mergekit_lite.twin.routed import RoutedConv1D, RoutedLinear, keep_task_weights
+from mergekit_lite.twin.routed_conv import RoutedConv2d
+from mergekit_lite.twin.routed_norms import RoutedBatchNorm2d
 
 
 def _matrix(m=60, n=40, rank=None, seed=0):
@@ -304,7 +306,11 @@ def test_the_budget_ratio_keeps_one_direction_when_even_that_is_over():
 def test_router_candidate_sites_are_stem_the_first_half_of_the_blocks_and_final():
     import transformers
 
-    from mergekit_lite.twin.router import candidate_sites, pooled_features, pooled_features_at
+    from mergekit_lite.twin.router import (
+        candidate_sites,
+        pooled_features,
+        pooled_features_at,
+    )
 
     config = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=5,
                                       num_attention_heads=2, num_key_value_heads=1)

@@ -1,4 +1,4 @@
-"""Running a Twin-Merging directory: the shared model with routed layers, and the static collapse.
+"""Running a Twin-Merging directory: the shared model with routed layers, each input row routed on its own.
 
     from mergekit_lite.twin import TwinModel
     twin = TwinModel.load("out/twin")
@@ -8,117 +8,40 @@
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from mergekit_lite.checkpoint import CheckpointWriter, TensorSpec, open_checkpoint
-from mergekit_lite.checkpoint.files import refuse_overlap
-from mergekit_lite.checkpoint.lock import output_lock
-from mergekit_lite.checkpoint.writer import check_output_path
 from mergekit_lite.errors import UserError
-from mergekit_lite.layers import must_stay_positive
 from mergekit_lite.models.loading import load_model
-from mergekit_lite.models.tracing import trace
+from mergekit_lite.twin.install import install_routes
 from mergekit_lite.twin.lanes import Lanes, lay_out, pack, split_tasks, unpack
-from mergekit_lite.twin.routed import (RoutedBatchNorm2d, RoutedConv1D, RoutedConv2d, RoutedEmbedding,
-                                       RoutedLayerNorm, RoutedLinear, RoutedRMSNorm, fold_norms, is_rms_norm,
-                                       is_one_hot, keep_task_weights, lanes_route, routed_layers, set_route,
-                                       task_order)
-from mergekit_lite.twin.router import Router, SiteRouters, pooled_features_at, route_weights
-from mergekit_lite.twin.store import EXPERTS, ROUTER, SHARED, StackedDelta, dense_name, left_name, load_deltas, \
-    read_manifest, right_name
-
-
-def _is_conv1d(module: torch.nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2), recognised without importing transformers."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
-
-
-def install_routes(model: torch.nn.Module, deltas: dict[str, StackedDelta]) -> tuple[list[str], list[str]]:
-    """Wrap every layer whose tensors have deltas in its routed form; returns (routed, unrouted) tensor names.
-    Unrouted tensors (e.g. a ViT position embedding) keep the shared value at run time."""
-    pairs = conv_norm_pairs(model)
-    names_of: dict[int, list[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        names_of.setdefault(id(tensor), []).append(name)
-
-    def delta(tensor: torch.Tensor | None) -> tuple[str | None, StackedDelta | None]:
-        for name in names_of.get(id(tensor), []) if tensor is not None else []:
-            if name in deltas:
-                return name, deltas[name]
-        return None, None
-
-    routed: set[str] = set()
-    for module_name, module in list(model.named_modules()):
-        wrapper, used = None, []
-        if isinstance(module, torch.nn.Linear) or _is_conv1d(module) or (
-                isinstance(module, torch.nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"):
-            weight_name, weight = delta(module.weight)
-            if weight is None or weight.lefts is None:
-                continue
-            bias_name, bias = delta(module.bias)
-            kind = RoutedConv1D if _is_conv1d(module) else RoutedConv2d if isinstance(module, torch.nn.Conv2d) else RoutedLinear
-            wrapper = kind(module, weight.lefts, weight.rights, bias.dense if bias is not None else None)
-            used = [weight_name, bias_name]
-        elif isinstance(module, torch.nn.Embedding):
-            weight_name, weight = delta(module.weight)
-            if weight is None or weight.lefts is None:
-                continue
-            wrapper, used = RoutedEmbedding(module, weight.lefts, weight.rights), [weight_name]
-        elif isinstance(module, torch.nn.LayerNorm):
-            (w_name, w), (b_name, b) = delta(module.weight), delta(module.bias)
-            if w is None and b is None:
-                continue
-            wrapper = RoutedLayerNorm(module, w.dense if w is not None else None, b.dense if b is not None else None)
-            used = [w_name, b_name]
-        elif is_rms_norm(module):
-            weight_name, weight = delta(module.weight)
-            if weight is None:
-                continue
-            wrapper, used = RoutedRMSNorm(module, weight.dense), [weight_name]
-        elif isinstance(module, torch.nn.BatchNorm2d):
-            found = {key: delta(getattr(module, key)) for key in RoutedBatchNorm2d.NAMES}
-            if all(d is None for _, d in found.values()):
-                continue
-            wrapper = RoutedBatchNorm2d(module, {key: d.dense for key, (_, d) in found.items() if d is not None})
-            used = [n for n, _ in found.values()]
-        if wrapper is None:
-            continue
-        parent, _, leaf = module_name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, wrapper)
-        routed.update(n for n in used if n is not None)
-    fold_norms(model, pairs)
-    return sorted(routed), sorted(set(deltas) - routed)
-
-
-def conv_norm_pairs(model: torch.nn.Module) -> dict[str, str]:
-    """Convolutions whose output nothing but one batch norm reads (conv -> norm, as in ResNets): conv name ->
-    norm name, from the model's fx graph; empty for models without batch norms or that do not trace."""
-    if not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
-        return {}
-    try:
-        graph = trace(model)
-    except Exception:  # torch.fx raises many kinds on untraceable code: then nothing is folded
-        return {}
-    calls: dict[str, int] = {}
-    for node in graph.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    pairs = {}
-    for node in graph.graph.nodes:
-        if node.op != "call_module" or not isinstance(graph.get_submodule(node.target), torch.nn.BatchNorm2d):
-            continue
-        source = node.args[0] if node.args else None
-        if isinstance(source, torch.fx.Node) and source.op == "call_module" and len(source.users) == 1 \
-                and isinstance(graph.get_submodule(source.target), torch.nn.Conv2d) \
-                and calls[source.target] == 1 and calls[node.target] == 1:
-            pairs[source.target] = node.target
-    return pairs
+from mergekit_lite.twin.policy import DEFAULT_POLICY, RuntimePolicy
+from mergekit_lite.twin.route import (
+    is_one_hot,
+    lanes_route,
+    routed_layers,
+    set_route,
+    task_order,
+)
+from mergekit_lite.twin.routed import RoutedLinear, keep_task_weights
+from mergekit_lite.twin.routed_conv import RoutedConv2d
+from mergekit_lite.twin.routed_norms import RoutedBatchNorm2d
+from mergekit_lite.twin.router import (
+    Router,
+    SiteRouters,
+    pooled_features_at,
+    route_weights,
+)
+from mergekit_lite.twin.store import (
+    ROUTER,
+    SHARED,
+    load_deltas,
+    read_manifest,
+    task_weights,
+)
 
 
 def _batch_major(value, batch: int) -> bool:
@@ -141,20 +64,6 @@ def _rows_in_order(out, index: torch.Tensor, batch: int):
     return out
 
 
-def task_weights(tasks: list[str], weights: dict[str, float]) -> torch.Tensor:
-    """{task: weight} -> a vector over the directory's tasks (unnamed tasks weigh 0)."""
-    unknown = sorted(set(weights) - set(tasks))
-    if unknown:
-        raise UserError(f"unknown task(s) {', '.join(unknown)}; this directory has {', '.join(tasks)}")
-    bad = sorted(task for task, weight in weights.items() if not math.isfinite(float(weight)))
-    if bad:
-        raise UserError(f"task weight of {bad[0]} is {weights[bad[0]]}; weights must be finite numbers")
-    return torch.tensor([float(weights.get(task, 0.0)) for task in tasks])
-
-
-# Memory (bytes) that TwinModel.load lets small linear layers spend on per-task weights by default: every layer of
-# a small model, the smallest layers of a GPT-2-small-sized one.
-TASK_WEIGHT_BUDGET = 256 * 2**20
 
 
 @dataclass
@@ -175,11 +84,6 @@ def same_outputs(got: torch.Tensor, reference: torch.Tensor) -> bool:
     return torch.allclose(got, reference, rtol=tolerance, atol=tolerance * max(scale, 1.0), equal_nan=True)
 
 
-# Task lanes are used when each task's rows cost at most this many multiply-adds in the average routed conv;
-# above it every layer's per-task calls run near the kernels' peak and lanes would only add padding. On the CPU
-# (8 tasks): the quality suite's ResNet at 256 rows (3e6 a task) and a ResNet-50 at 32 and 64 px (2.5e7-5e7) gain
-# from lanes; a ResNet-50 at 160 px with 2-4 rows a task (8e7-1.6e8) runs at 1.1-1.2x the shared model without.
-LANE_GROUP_MACS = 6e7
 
 
 def _router_of(settings: dict, tasks: int, path: Path, directory: Path) -> Router | SiteRouters:
@@ -210,7 +114,8 @@ class TwinModel(torch.nn.Module):
     lane_devices = ("cpu",)  # where lanes were measured to pay; add "cuda" to try them there
 
     def __init__(self, model: torch.nn.Module, router: Router | SiteRouters, tasks: list[str], feature: str | list[str],
-                 top_k: int, unrouted: list[str], sequence_max: bool = False) -> None:
+                 top_k: int, unrouted: list[str], sequence_max: bool = False,
+                 policy: RuntimePolicy = DEFAULT_POLICY) -> None:
         super().__init__()
         if isinstance(router, Router):
             router = SiteRouters([feature], [router])
@@ -219,17 +124,33 @@ class TwinModel(torch.nn.Module):
         self.sequence_max = sequence_max  # directories written before it pooled maxima have no such setting
         self.kept_task_weights = {"layers": 0, "bytes": 0}  # set by load (keep_task_weights)
         self.routed = routed_layers(model)  # found once: each batch sets their route
+        self.policy = policy
         self._row_macs: dict[tuple, float] = {}  # input shape -> multiply-adds a row in the average routed conv
         lane_layers = (RoutedConv2d, RoutedBatchNorm2d, RoutedLinear)
         self.uses_lanes: bool | None = None if any(isinstance(m, RoutedConv2d) for m in self.routed) and \
             all(type(m) in lane_layers for m in self.routed) else False
 
+    @property
+    def policy(self) -> RuntimePolicy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, value: RuntimePolicy) -> None:
+        """The CPU cost bounds, for this model and every routed conv in it."""
+        self._policy = value
+        for layer in self.routed:
+            if isinstance(layer, RoutedConv2d):
+                layer.policy = value
+
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu",
-             task_weight_budget: int = TASK_WEIGHT_BUDGET) -> "TwinModel":
+             task_weight_budget: int | None = None, policy: RuntimePolicy = DEFAULT_POLICY) -> "TwinModel":
         """The shared model with routed layers and the router, on `device`. `task_weight_budget` (bytes) bounds the
         memory that the smallest linear layers may spend on keeping each task's own weight for top-1 rows
-        (faster than the factors there); 0 keeps none. Convolutions keep their per-task filters regardless."""
+        (faster than the factors there; default: the policy's); 0 keeps none. Convolutions keep their per-task
+        filters regardless. `policy`: the runtime's CPU cost bounds."""
+        if task_weight_budget is None:
+            task_weight_budget = policy.task_weight_budget
         if task_weight_budget < 0:
             raise UserError(f"task_weight_budget is a number of bytes, 0 or more (got {task_weight_budget})")
         directory = Path(directory)
@@ -241,7 +162,7 @@ class TwinModel(torch.nn.Module):
         router = _router_of(settings, len(manifest["tasks"]), directory / ROUTER, directory)
         model.requires_grad_(False)  # an inference runtime: per-task filters and norms can then be kept
         twin = cls(model, router.to(device).eval(), manifest["tasks"], settings["feature"], settings["top_k"],
-                   unrouted, settings.get("sequence_max") is True).eval()
+                   unrouted, settings.get("sequence_max") is True, policy).eval()
         twin.kept_task_weights = {"layers": kept_weights[0], "bytes": kept_weights[1]}
         return twin
 
@@ -277,7 +198,7 @@ class TwinModel(torch.nn.Module):
         """How this batch runs on lanes, or None when lanes do not apply: not a conv net of lane-ready layers (or
         it failed the check), extra inputs, not an image-like float tensor, a training model, soft or
         single-task rows, a mix too uneven to pad even with its largest tasks run on their own
-        (lanes.split_tasks), or tasks with many rows each in large convolutions (LANE_GROUP_MACS)."""
+        (lanes.split_tasks), or tasks with many rows each in large convolutions (`policy.lane_group_macs`)."""
         if self.uses_lanes is False or kwargs or not isinstance(inputs, torch.Tensor) or inputs.dim() < 3 \
                 or not inputs.is_floating_point() or inputs.device.type not in self.lane_devices \
                 or self.model.training or not is_one_hot(weights):
@@ -291,7 +212,7 @@ class TwinModel(torch.nn.Module):
             return None
         alone, size = split
         rest = [n if task not in alone else 0 for task, n in enumerate(counts)]
-        if size is not None and sum(rest) / sum(1 for n in rest if n) * self._conv_macs_per_row(inputs) > LANE_GROUP_MACS:
+        if size is not None and sum(rest) / sum(1 for n in rest if n) * self._conv_macs_per_row(inputs) > self.policy.lane_group_macs:
             return None
         if not alone:
             return LanePlan([], None, lay_out(task_of_row, len(counts), size))
@@ -365,54 +286,3 @@ class TwinModel(torch.nn.Module):
         finally:
             set_route(self.routed, None)
         return out if order is None else _rows_in_order(out, torch.argsort(order), batch)
-
-
-def collapse(directory: str | Path, weights: dict[str, float], out: str | Path, force: bool = False) -> dict:
-    """A plain checkpoint for one fixed task mix: shared + sum_t w_t V_t, streamed tensor by tensor, in the shared
-    checkpoint's layout (config and tokenizer copied), so it loads like the source models."""
-    directory, out = Path(directory), Path(out)
-    manifest = read_manifest(directory)
-    vector = task_weights(manifest["tasks"], weights)
-    check_output_path(out, force)
-    refuse_overlap(out, [directory], "output")
-    with output_lock(out):
-        return _collapse(directory, manifest, weights, vector, out, force)
-
-
-def _collapse(directory: Path, manifest: dict, weights: dict[str, float], vector: torch.Tensor, out: Path,
-              force: bool) -> dict:
-    shared = open_checkpoint(directory / SHARED)
-    experts = open_checkpoint(directory / EXPERTS)
-    kept: list[str] = []
-    try:
-        specs = [TensorSpec(name, info.dtype, tuple(info.shape)) for name, info in shared.tensors.items()]
-        with CheckpointWriter(out, specs, force=force, metadata={"merged_with": "mergekit_lite twin-collapse"}) as writer:
-            for name in shared.tensors:
-                tensor = shared.get(name)
-                entry = manifest["tensors"].get(name)
-                if entry is not None:
-                    mix = torch.zeros(tensor.shape, dtype=torch.float32)
-                    for task, w in zip(manifest["tasks"], vector.tolist()):
-                        if w == 0.0:
-                            continue
-                        if entry["kind"] == "dense":
-                            mix += w * experts.get(dense_name(task, name)).float()
-                        else:
-                            left, right = experts.get(left_name(task, name)).float(), experts.get(right_name(task, name)).float()
-                            mix += w * (left @ right).view(tensor.shape)
-                    mixed = tensor.float() + mix
-                    if must_stay_positive(name) and not bool((mixed > 0).all()):
-                        kept.append(name)  # the shared expert's variances: the mix would make the model compute NaN
-                    else:
-                        tensor = mixed.to(tensor.dtype)
-                writer.write(name, tensor)
-            writer.copy_config(directory / SHARED)
-            writer.copy_support_files(directory / SHARED)
-            mix_record = {"twin": str(directory), "weights": {t: float(weights.get(t, 0.0)) for t in manifest["tasks"]}}
-            writer.add_file("twin_collapse.json", json.dumps(mix_record, indent=2) + "\n")
-    finally:
-        shared.close()
-        experts.close()
-    warnings = [f"{len(kept)} batch-norm variance tensor(s) would come out zero or negative under this mix and were "
-                f"kept from the shared expert, e.g. {kept[0]!r}"] if kept else []
-    return {"path": str(out), "tensors": len(specs), "weights": mix_record["weights"], "warnings": warnings}

@@ -121,3 +121,14 @@ def load_deltas(directory: Path, manifest: dict, device: torch.device | str = "c
     finally:
         ckpt.close()
     return stacked
+
+
+def task_weights(tasks: list[str], weights: dict[str, float]) -> torch.Tensor:
+    """{task: weight} -> a vector over the directory's tasks (unnamed tasks weigh 0)."""
+    unknown = sorted(set(weights) - set(tasks))
+    if unknown:
+        raise UserError(f"unknown task(s) {', '.join(unknown)}; this directory has {', '.join(tasks)}")
+    bad = sorted(task for task, weight in weights.items() if not math.isfinite(float(weight)))
+    if bad:
+        raise UserError(f"task weight of {bad[0]} is {weights[bad[0]]}; weights must be finite numbers")
+    return torch.tensor([float(weights.get(task, 0.0)) for task in tasks])
