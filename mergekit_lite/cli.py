@@ -8,7 +8,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -41,7 +41,7 @@ def printable(text: str) -> str:
 class SafeConsole(Console):
     """A console that never fails on a path holding a byte that is not UTF-8."""
 
-    def print(self, *objects, **kwargs) -> None:
+    def print(self, *objects: Any, **kwargs: Any) -> None:
         super().print(*(encodable(o) if isinstance(o, str) else o for o in objects), **kwargs)
 
 
@@ -112,9 +112,8 @@ def inspect(
     """Show what a checkpoint holds: format, shards, tensors, parameters, dtypes, architecture, layers."""
     from mergekit_lite.checkpoint import open_checkpoint
     from mergekit_lite.device import resolve_device
-    from mergekit_lite.inspect import compare, summarize, tensor_table
-
     from mergekit_lite.dispatch import summarise_directory
+    from mergekit_lite.inspect import compare, summarize, tensor_table
 
     special = summarise_directory(path)
     if special is not None:  # a directory a pipeline lays out its own way: describe it, then its checkpoint

@@ -10,6 +10,7 @@ import torch
 
 from mergekit_lite.checkpoint import Checkpoint
 from mergekit_lite.layers import count_layers, layer_index
+from mergekit_lite.pipeline import Progress
 
 
 def summarize(ckpt: Checkpoint, largest: int = 10) -> dict[str, Any]:
@@ -69,7 +70,7 @@ def _ratio(diff_sq: float, ref_sq: float) -> float:
     return math.sqrt(diff_sq / ref_sq)
 
 
-def compare(a: Checkpoint, b: Checkpoint, device: str = "cpu", progress=None) -> dict[str, Any]:
+def compare(a: Checkpoint, b: Checkpoint, device: str = "cpu", progress: Progress | None = None) -> dict[str, Any]:
     """Per-tensor and per-layer relative difference of B from A, read one tensor pair at a time."""
     shared = [n for n in a.tensors if n in b.tensors]
     tensors, mismatched = [], []

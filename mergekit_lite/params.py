@@ -15,7 +15,14 @@ from typing import Any, Callable, Protocol
 from mergekit_lite.checkpoint.files import same_path
 from mergekit_lite.errors import RecipeError
 from mergekit_lite.layers import is_input_embedding
-from mergekit_lite.recipe import FilterEntry, ParamValue, Recipe, Scalar, dotted_key, location
+from mergekit_lite.recipe import (
+    FilterEntry,
+    ParamValue,
+    Recipe,
+    Scalar,
+    dotted_key,
+    location,
+)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mergekit_lite.checkpoint import CheckpointWriter
 from mergekit_lite.checkpoint.files import load_json, resume_fingerprint, roots_of
@@ -17,10 +17,23 @@ from mergekit_lite.engine import MergePlan, MergeResult, plan_merge, run_merge
 from mergekit_lite.errors import RecipeError
 from mergekit_lite.methods import MergeMethod
 from mergekit_lite.params import check_parameters
-from mergekit_lite.pipeline import DirectorySummary, MergeOptions, MethodFacts, Progress, Validation
+from mergekit_lite.pipeline import (
+    DirectorySummary,
+    MergeOptions,
+    MethodFacts,
+    Progress,
+    Validation,
+)
 from mergekit_lite.recipe import DTYPES, Recipe
-from mergekit_lite.report import (RECIPE_NAME, REPORT_NAME, envelope, model_card, output_files, report_bytes,
-                                  write_report)
+from mergekit_lite.report import (
+    RECIPE_NAME,
+    REPORT_NAME,
+    envelope,
+    model_card,
+    output_files,
+    report_bytes,
+    write_report,
+)
 from mergekit_lite.units import human_bytes
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
@@ -81,7 +94,8 @@ def _dtype_updates(reference: Path, dtype: str) -> dict[str, str]:
     return {key: DTYPES[dtype] for key in keys or ["torch_dtype"]}
 
 
-def build_report(result: MergeResult, out_dir: Path, written_dir: Path, known_digest=lambda name: None) -> dict[str, Any]:
+def build_report(result: MergeResult, out_dir: Path, written_dir: Path,
+                 known_digest: Callable[[str], str | None] = lambda name: None) -> dict[str, Any]:
     """Everything a user needs to trust and reproduce a tensor-wise merge; `written_dir` is where the files lie
     now. `known_digest` gives a file's sha256 when the writer already computed it."""
     plan = result.plan

@@ -101,3 +101,26 @@ def test_the_dispatcher_and_the_command_line_name_no_method():
         tree = ast.parse((PACKAGE / module).read_text())
         literals = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
         assert not literals & names, (module, literals & names)
+
+
+def _public_functions(tree: ast.Module):
+    """Module-level functions and methods of module-level classes whose names do not start with an underscore."""
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+            yield node
+        if isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and not item.name.startswith("_"):
+                    yield item
+
+
+def test_every_public_function_is_typed():
+    untyped = []
+    for path in PACKAGE.rglob("*.py"):
+        for function in _public_functions(ast.parse(path.read_text())):
+            arguments = [a for a in function.args.posonlyargs + function.args.args + function.args.kwonlyargs
+                         if a.arg not in ("self", "cls")]
+            arguments += [a for a in (function.args.vararg, function.args.kwarg) if a is not None]
+            if any(a.annotation is None for a in arguments) or function.returns is None:
+                untyped.append(f"{path.relative_to(PACKAGE.parent)}:{function.lineno} {function.name}")
+    assert untyped == []

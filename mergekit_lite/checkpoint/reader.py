@@ -13,8 +13,15 @@ from typing import Any
 
 import torch
 
-from mergekit_lite.checkpoint.files import (checked_file, inside, load_json, open_regular, real,
-                                           resume_fingerprint, roots_of)
+from mergekit_lite.checkpoint.files import (
+    checked_file,
+    inside,
+    load_json,
+    open_regular,
+    real,
+    resume_fingerprint,
+    roots_of,
+)
 from mergekit_lite.checkpoint.safetensors_format import TensorInfo, read_header
 from mergekit_lite.errors import CheckpointError, one_line
 

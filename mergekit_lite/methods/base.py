@@ -16,6 +16,7 @@ import torch
 
 from mergekit_lite.params import ParamSpec
 
+
 @dataclass
 class TensorContext:
     """What a method knows about the whole tensor it is merging."""

@@ -19,7 +19,7 @@ from mergekit_lite.checkpoint.files import checked_file, read_limited, roots_of
 from mergekit_lite.errors import UserError, one_line
 from mergekit_lite.models.loading import is_transformers
 from mergekit_lite.models.synthetic import batch_norm_layers, statistics_matched
-
+from mergekit_lite.pipeline import Progress
 
 GENERIC_TOKENS = 64  # length of a data-free token window
 
@@ -214,7 +214,8 @@ def data_batches(data: dict | None, model: torch.nn.Module, config: dict, sample
                  data_free: bool, model_dir: Path | None = None,
                  statistics_of: list[torch.nn.Module] | None = None,
                  statistics_steps: int = 0, allow_pickle: bool = False,
-                 timings: dict[str, float] | None = None, progress=None) -> tuple[list[torch.Tensor], str]:
+                 timings: dict[str, float] | None = None,
+                 progress: Progress | None = None) -> tuple[list[torch.Tensor], str]:
     """The inputs a model-aware method sees, in batches, and a description for the report (`timings` gets the
     refinement's seconds, a phase of its own). With
     `statistics_steps`, data-free images (generic ones or another domain's) are refined for that many steps to

@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from mergekit_lite.pipeline import Progress
+
 
 def batch_norm_layers(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
@@ -43,7 +45,7 @@ def statistics_loss(models: list[torch.nn.Module], x: torch.Tensor) -> torch.Ten
 
 def statistics_matched(models: list[torch.nn.Module], start: torch.Tensor, steps: int = 200, lr: float = 0.5,
                        batch: int = 256, log: Callable[[str], None] = lambda message: None,
-                       progress=None) -> torch.Tensor:
+                       progress: Progress | None = None) -> torch.Tensor:
     """Refine `start` (e.g. smooth random images) by Adam on the batch-norm statistics loss, a batch at a time.
     Models stay in eval mode and untouched; only the inputs change. Inputs are in normalised units, so steps of
     up to half a unit per pixel: a tenth of that leaves the statistics far from the stored ones after 200

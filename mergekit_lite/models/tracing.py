@@ -13,7 +13,10 @@ def trace(model: torch.nn.Module) -> torch.fx.GraphModule:
         return torch.fx.symbolic_trace(model)
     except Exception as first:  # torch.fx raises TraceError, TypeError and others on untraceable code
         try:
-            from timm.models._features_fx import get_notrace_functions, get_notrace_modules
+            from timm.models._features_fx import (
+                get_notrace_functions,
+                get_notrace_modules,
+            )
         except ImportError:
             raise first from None
         opaque = tuple(get_notrace_modules())

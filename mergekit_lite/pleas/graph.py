@@ -12,6 +12,7 @@ model's outputs unchanged.
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 import torch.fx
@@ -198,7 +199,7 @@ def permute_state(state: dict[str, torch.Tensor], spec: Spec, permutations: list
     return out
 
 
-def output_tensor(output) -> torch.Tensor:
+def output_tensor(output: Any) -> torch.Tensor:
     """A model's main output: the tensor itself, or a transformers output's logits."""
     return output if isinstance(output, torch.Tensor) else output.logits
 

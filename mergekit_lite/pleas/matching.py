@@ -8,6 +8,7 @@ layout of units inside sections (a fused q/k/v projection) reorders that to one 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -115,7 +116,8 @@ def block_cost(out_layout: Layout, in_layout: Layout) -> int:
     return m_out * (m_in + a_in + b_in) + a_out * (m_in + a_in) + b_out * (m_in + b_in)
 
 
-def allocate_ratios(qualities: list[torch.Tensor], layer_costs, target: float, step: float = 0.125) -> list[float]:
+def allocate_ratios(qualities: list[torch.Tensor], layer_costs: Callable[[list[float]], float], target: float,
+                    step: float = 0.125) -> list[float]:
     """Per-group ratios that reach `target` compute (relative to one model) by unmerging, a step at a time,
     the group whose currently merged pairs match worst (a step is at least one unit: one head of a head group).
     `layer_costs(ratios)` gives the compute ratio. At 2.0 every group is unmerged: the two models side by side."""

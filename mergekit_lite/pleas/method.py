@@ -17,16 +17,23 @@ from typing import Callable, Iterable
 
 import torch
 
-from mergekit_lite.errors import UserError
 import mergekit_lite.pleas.least_squares as ls
+from mergekit_lite.errors import UserError
+from mergekit_lite.models.loading import resize_to
+from mergekit_lite.pipeline import Progress
 from mergekit_lite.pleas.features import channel_axis, channel_rows
 from mergekit_lite.pleas.graph import check_groups, permutation_spec
+from mergekit_lite.pleas.matching import (
+    CrossStats,
+    Layout,
+    allocate_ratios,
+    block_cost,
+    identity_layout,
+    match,
+    partial_layout,
+)
 from mergekit_lite.pleas.spec import Group, Spec, expand_blocks
 from mergekit_lite.pleas.tuning import tune_outputs
-from mergekit_lite.models.loading import resize_to
-from mergekit_lite.pleas.matching import (
-    CrossStats, Layout, allocate_ratios, block_cost, identity_layout, match, partial_layout,
-)
 
 
 @dataclass
@@ -167,7 +174,7 @@ def _stepped(items, progress, label: str):
 
 def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: list[torch.Tensor],
                 options: PleasOptions | None = None, log: Callable[[str], None] = lambda message: None,
-                progress=None) -> PleasResult:
+                progress: Progress | None = None) -> PleasResult:
     """Merge two models of one architecture; `batches` feed the matching and the least squares (`progress`
     shows the tuning's steps, the longest phase)."""
     options = options or PleasOptions()

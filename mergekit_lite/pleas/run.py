@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -15,10 +15,18 @@ from mergekit_lite.device import resolve_device
 from mergekit_lite.errors import RecipeError
 from mergekit_lite.models.data import data_batches, example_inputs, generic_shape
 from mergekit_lite.models.loading import is_transformers, load_model, read_config
+from mergekit_lite.pipeline import MergeOptions, Progress
 from mergekit_lite.pleas.graph import check_groups, permutation_spec
 from mergekit_lite.pleas.method import PleasOptions, check_same_structure, pleas_merge
-from mergekit_lite.report import REPORT_NAME, envelope, model_card, output_files, report_bytes, write_report
-
+from mergekit_lite.recipe import Recipe
+from mergekit_lite.report import (
+    REPORT_NAME,
+    envelope,
+    model_card,
+    output_files,
+    report_bytes,
+    write_report,
+)
 
 DATA_FREE_TUNE_STEPS = 300
 TASK_SAMPLES, DATA_FREE_SAMPLES = 1000, 256
@@ -53,7 +61,7 @@ def options_from(params: dict[str, Any], device: torch.device | str = "cpu", see
                         tune_steps=tune_steps(params), tune_lr=float(params["tune_lr"]), seed=seed)
 
 
-def check_generic_inputs(recipe, data_free: bool, path: Path) -> None:
+def check_generic_inputs(recipe: Recipe, data_free: bool, path: Path) -> None:
     """Data-free generic images need a size the config records or `data.shape`; say so before any work."""
     data = recipe.data.model_dump() if recipe.data else {}
     config = read_config(path)
@@ -62,7 +70,7 @@ def check_generic_inputs(recipe, data_free: bool, path: Path) -> None:
         generic_shape(data, config, path)
 
 
-def check_models(recipe, allow_pickle: bool = False) -> dict[str, Any]:
+def check_models(recipe: Recipe, allow_pickle: bool = False) -> dict[str, Any]:
     """What `merge validate` checks for PLeaS: both models build, have the same permutation groups, and
     permuting every group at random leaves the first model's outputs unchanged; the data path exists."""
     paths = [Path(entry.model) for entry in recipe.models]
@@ -78,8 +86,9 @@ def check_models(recipe, allow_pickle: bool = False) -> dict[str, Any]:
             "layers": len(specs[0].layers), "self_check": error}
 
 
-def run_recipe(recipe, recipe_text: str, out: Path, params: dict[str, Any], options, progress=None,
-               log=None) -> dict[str, Any]:
+def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, Any], options: MergeOptions,
+               progress: Progress | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Load both models, build the data, merge, and write the checkpoint, card and report."""
     started = time.perf_counter()
     log = log if log is not None else getattr(progress, "note", lambda message: None)
     force, seed, report_path = options.force, options.seed, options.report_path

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from mergekit_lite.pipeline import Progress
 from mergekit_lite.pleas.graph import output_tensor
 from mergekit_lite.pleas.matching import Layout
 
@@ -41,7 +42,7 @@ def relative_gap(model: torch.nn.Module, batches: list[torch.Tensor],
 
 def tune_outputs(model: torch.nn.Module, model_a: torch.nn.Module, model_b: torch.nn.Module,
                  batches: list[torch.Tensor], head: Layout, steps: int, lr: float, seed: int = 0,
-                 log: Callable[[str], None] = lambda message: None, progress=None) -> dict:
+                 log: Callable[[str], None] = lambda message: None, progress: Progress | None = None) -> dict:
     """Adam on every parameter of `model` (in eval mode: batch-norm statistics stay as re-estimated) for
     `steps` steps, a batch at a time in a seeded random order, toward `output_target`. Returns the relative
     output gap before and after, for the report."""

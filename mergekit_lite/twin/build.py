@@ -7,7 +7,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -22,7 +22,7 @@ from mergekit_lite.methods import METHODS
 from mergekit_lite.models.data import data_batches
 from mergekit_lite.models.loading import load_model, read_config
 from mergekit_lite.params import Parameterised, check_parameters
-from mergekit_lite.pipeline import MergeOptions, SilentProgress
+from mergekit_lite.pipeline import MergeOptions, Progress, SilentProgress
 from mergekit_lite.recipe import ModelEntry, Recipe, SharedMerge, location
 from mergekit_lite.report import (
     REPORT_NAME,
@@ -294,8 +294,8 @@ def _choice_training(choice: tuple[str, ...], trained: dict, pooled: dict[str, t
                           else float("nan"), per_task, len(train), len(val))
 
 
-def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, Any], options, progress=None,
-               log=None) -> dict[str, Any]:
+def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, Any], options: MergeOptions,
+               progress: Progress | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Shared merge, compression, router; each stage of an interrupted run is kept for --resume."""
     progress = progress or SilentProgress()
     log = log if log is not None else getattr(progress, "note", lambda message: None)

@@ -177,7 +177,7 @@ def tensor_key(*tensors: torch.Tensor | None) -> tuple:
 
 
 def kept(owner: torch.nn.Module, slot: str, key: tuple, make: Callable[[], tuple | torch.Tensor],
-         keep: bool = True):
+         keep: bool = True) -> tuple | torch.Tensor:
     """`make()`'s result, formed once per `key` (see tensor_key) and kept on `owner` under `slot`; never kept
     when it holds an autograd graph (the model is being trained) or when `keep` is false."""
     cached = getattr(owner, slot, None)

@@ -13,6 +13,7 @@ byte-level Llamas on C++, Markdown, CSV and JSON: the first block), and the pair
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -109,7 +110,8 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, seque
 
 
 @torch.no_grad()
-def pooled_features(model: torch.nn.Module, where: str, inputs, sequence_max: bool = False, **kwargs) -> torch.Tensor:
+def pooled_features(model: torch.nn.Module, where: str, inputs: Any, sequence_max: bool = False,
+                    **kwargs: Any) -> torch.Tensor:
     """Run `model` just far enough to pool the router's feature for a batch of inputs."""
     module, read_input = feature_site(model, where)
     captured: list[torch.Tensor] = []
@@ -131,8 +133,8 @@ def pooled_features(model: torch.nn.Module, where: str, inputs, sequence_max: bo
 
 
 @torch.no_grad()
-def pooled_features_at(model: torch.nn.Module, sites: list[str], inputs, sequence_max: bool = False,
-                       **kwargs) -> dict[str, torch.Tensor]:
+def pooled_features_at(model: torch.nn.Module, sites: list[str], inputs: Any, sequence_max: bool = False,
+                       **kwargs: Any) -> dict[str, torch.Tensor]:
     """One forward pass, pooling the feature of every site in `sites`; it stops once all have been seen."""
     captured: dict[str, torch.Tensor] = {}
     handles = []

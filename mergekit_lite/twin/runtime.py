@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -167,13 +168,13 @@ class TwinModel(torch.nn.Module):
         return twin
 
     @torch.no_grad()
-    def route(self, inputs, **kwargs) -> torch.Tensor:
+    def route(self, inputs: Any, **kwargs: Any) -> torch.Tensor:
         """Per-row task weights (batch, T) from the shared model's feature (no routes applied)."""
         set_route(self.routed, None)
         features = pooled_features_at(self.model, self.router.sites, inputs, sequence_max=self.sequence_max, **kwargs)
         return route_weights(self.router(features), self.top_k)
 
-    def forward(self, inputs, weights: torch.Tensor | dict[str, float] | None = None, **kwargs):
+    def forward(self, inputs: Any, weights: torch.Tensor | dict[str, float] | None = None, **kwargs: Any) -> Any:
         batch = inputs.shape[0]
         if weights is None:
             weights = self.route(inputs, **kwargs)
