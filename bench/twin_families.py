@@ -64,12 +64,12 @@ def second_family(work: Path) -> dict[str, Path]:
         return models.train_text(models.new_llama_text_model(seed=5), [train[d] for d in PRETRAIN],
                                  steps=BASE_STEPS, lr=3e-3, seed=5)
 
-    paths = {"base": suite._trained(work / "base", base_model, models.save_text, print)}
+    paths = {"base": suite.trained(work / "base", base_model, models.save_text, print)}
     for index, d in enumerate(SECOND):
         def expert(d=d, index=index) -> torch.nn.Module:
             return models.train_text(models.load_text(paths["base"]).train(), [train[d]], steps=EXPERT_STEPS,
                                      lr=1e-3, seed=20 + index)
-        paths[d] = suite._trained(work / f"expert_{d}", expert, models.save_text, print)
+        paths[d] = suite.trained(work / f"expert_{d}", expert, models.save_text, print)
     return paths
 
 
@@ -90,12 +90,12 @@ def second_vision_family(work: Path, width: float = 1.0) -> dict[str, Path]:
         return models.train_vision_adamw(models.new_second_vision_model(width, seed=3), mix,
                                          epochs=VISION_BASE_EPOCHS, lr=2e-3, seed=3)
 
-    paths = {"base": suite._trained(root / "base", base_model, save, print)}
+    paths = {"base": suite.trained(root / "base", base_model, save, print)}
     for index, d in enumerate(SECOND_VISION):
         def expert(d=d, index=index) -> torch.nn.Module:
             return models.train_vision_adamw(models.load_vision(paths["base"]).train(), train[d],
                                              epochs=VISION_EXPERT_EPOCHS, lr=5e-4, seed=30 + index)
-        paths[d] = suite._trained(root / f"expert_{d}", expert, save, print)
+        paths[d] = suite.trained(root / f"expert_{d}", expert, save, print)
     return paths
 
 
@@ -152,12 +152,12 @@ def scaling(work: Path, family: str, build) -> None:
         task = suite.vision_task(chosen)
         base = task.score(paths["base"], "test")
         own = {d: task.score(paths[d], "test")[d] for d in chosen}
-        cells = [f"base {suite._mean(suite.normalised(task, base, base, own)):6.1%}"]
+        cells = [f"base {suite.mean(suite.normalised(task, base, base, own)):6.1%}"]
         for method in suite.SCALING_METHODS:
             recipe = suite.write_recipe(work / "scale.yaml", method, paths["base"] if method != "linear" else None,
                                         [paths[d] for d in chosen], suite.DEFAULTS[method])
             suite.merge_run(recipe, work / "scale")
-            cells.append(f"{method} {suite._mean(suite.normalised(task, task.score(work / 'scale', 'test'), base, own)):6.1%}")
+            cells.append(f"{method} {suite.mean(suite.normalised(task, task.score(work / 'scale', 'test'), base, own)):6.1%}")
             shutil.rmtree(work / "scale")
         print(f"  {where}: " + ", ".join(cells), flush=True)
 
@@ -196,7 +196,7 @@ def main() -> None:
     measure = "normalised" if task.higher_is_better else "gap closed"
 
     def closed(scores: dict[str, float]) -> float:
-        return suite._mean(suite.normalised(task, scores, base, own))
+        return suite.mean(suite.normalised(task, scores, base, own))
 
     print(f"  base: {measure} {closed(base):6.1%}")
     settings = [("task_arithmetic", {"lambda": lam}) for lam in (0.3, 0.5, 1.0)]

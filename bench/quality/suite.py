@@ -9,11 +9,9 @@ mixing every domain.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +19,9 @@ import torch
 
 import data
 import models
+import twin_rows
+from common import (Plan, Task, Workspace, cache_key, mean, merge_run, normalised, score_cached, text_task,
+                    trained, vision_task, write_recipe)
 
 # Method settings: the papers' defaults, then a small grid searched on the validation split.
 # task arithmetic: lambda from the paper's validation range; TIES: top-20 %, lambda 1; DARE: drop 90 %;
@@ -45,115 +46,7 @@ GRIDS: dict[str, list[dict]] = {
     "della": [{"density": d, "epsilon": 0.1, "lambda": v} for d in (0.3, 0.5, 0.7) for v in (0.5, 1.0)],
     "model_stock": [],
 }
-PER_MODEL = ("density", "gamma", "epsilon", "weight")
 SCALING_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
-
-
-@dataclass
-class Plan:
-    """How big the suite is: the full run, or the quick one CI runs."""
-
-    quick: bool
-    vision_domains: tuple[str, ...]
-    text_domains: tuple[str, ...]
-    base_fraction: float = 0.02  # of each shifted domain's training images seen by the vision base
-    base_epochs: int = 10
-    expert_epochs: int = 4
-    scratch_epochs: int = 15
-    text_base_steps: int = 300
-    text_expert_steps: int = 100
-    grid: bool = True
-    expert_counts: tuple[int, ...] = (2, 4, 6, 8)
-    widths: tuple[float, ...] = (0.5, 1.0, 2.0)
-    width_experts: int = 4
-
-    @classmethod
-    def full(cls) -> "Plan":
-        shifted = tuple(d for d in data.IMAGE_DOMAINS if d != data.HOME_DOMAIN)
-        return cls(False, shifted, tuple(data.TEXT_DOMAINS))
-
-    @classmethod
-    def fast(cls) -> "Plan":
-        return cls(True, ("invert", "rotate"), ("prose", "unicode"), base_epochs=3, expert_epochs=2,
-                   scratch_epochs=2, text_base_steps=40, text_expert_steps=20, grid=False, expert_counts=(),
-                   widths=(), width_experts=0)
-
-
-@dataclass
-class Workspace:
-    root: Path
-    plan: Plan
-    results: dict = field(default_factory=dict)
-    log: Callable[[str], None] = print
-
-    @property
-    def results_file(self) -> Path:
-        return self.root / "results.json"
-
-    def load(self) -> None:
-        if self.results_file.exists():
-            self.results = json.loads(self.results_file.read_text())
-
-    def save(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.results_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.results, indent=1, sort_keys=True))
-        tmp.replace(self.results_file)
-
-    def cached(self, key: str, compute: Callable[[], dict]) -> dict:
-        if key not in self.results:
-            self.results[key] = compute()
-            self.save()
-        return self.results[key]
-
-
-def _trained(directory: Path, train: Callable[[], torch.nn.Module], save: Callable[[torch.nn.Module, Path], Path],
-             log: Callable[[str], None]) -> Path:
-    """A trained checkpoint, cached: built in a sibling directory and renamed, so a half-trained model
-    never looks finished."""
-    if (directory / "config.json").exists():
-        return directory
-    started = time.perf_counter()
-    model = train()
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(model, tmp)
-    tmp.rename(directory)
-    log(f"  trained {directory.name} in {time.perf_counter() - started:.0f} s")
-    return directory
-
-
-# ---- merging through the command line ----
-
-def write_recipe(path: Path, method: str, base: Path | None, experts: list[Path], setting: dict) -> Path:
-    per_model = {k: v for k, v in setting.items() if k in PER_MODEL}
-    global_params = {k: v for k, v in setting.items() if k not in PER_MODEL}
-    lines = [f"merge_method: {method}"]
-    if base is not None:
-        lines.append(f"base_model: {base}")
-    lines.append("models:")
-    for expert in experts:
-        lines.append(f"  - model: {expert}")
-        if per_model:
-            lines.append(f"    parameters: {json.dumps(per_model)}")
-    if global_params:
-        lines.append(f"parameters: {json.dumps(global_params)}")
-    lines.append("dtype: float32")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def merge_run(recipe: Path, out: Path) -> float:
-    """`merge run RECIPE OUT --force --quiet` in this process (the CLI's own entry); returns seconds."""
-    from mergekit_lite.cli import app
-
-    started = time.perf_counter()
-    try:
-        app(["run", str(recipe), str(out), "--force", "--quiet"], prog_name="merge", standalone_mode=False)
-    except SystemExit as stop:
-        if stop.code:
-            raise RuntimeError(f"merge run {recipe} failed with exit code {stop.code}") from None
-    return time.perf_counter() - started
 
 
 # Part of every PLeaS row's cache key: bump it when a change to PLeaS changes its results, so rows are rebuilt.
@@ -165,60 +58,6 @@ PLEAS_DATA_FREE_VERSION = "tuned-256"
 
 def _pleas_version(setting: dict) -> str:
     return f"{PLEAS_VERSION}/{PLEAS_DATA_FREE_VERSION}" if setting.get("data_free") else PLEAS_VERSION
-
-
-def _key(*parts) -> str:
-    """A cache key; a checkpoint directory among the parts counts with its weights' modification time, so a
-    retrained model never reuses the scores of the one it replaced."""
-    def stamp(part):
-        if isinstance(part, (list, tuple)):
-            return [stamp(p) for p in part]
-        if isinstance(part, str) and (Path(part) / "config.json").exists():
-            weights = Path(part) / "model.safetensors"
-            return [part, weights.stat().st_mtime_ns if weights.exists() else None]
-        return part
-
-    return hashlib.sha1(json.dumps([stamp(p) for p in parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# ---- scoring ----
-
-@dataclass
-class Task:
-    """Scores a checkpoint directory on named subtasks of one split; higher_is_better for accuracy."""
-
-    name: str
-    subtasks: tuple[str, ...]
-    score: Callable[[Path, str], dict[str, float]]  # (checkpoint dir, split) -> {subtask: score}
-    higher_is_better: bool
-
-
-def vision_task(domains: tuple[str, ...], labels: tuple[int, ...] | None = None) -> Task:
-    sets = {(d, s): data.image_domain(d, s, labels) for d in domains for s in ("val", "test")}
-
-    def score(directory: Path, split: str) -> dict[str, float]:
-        model = models.load_vision(directory)
-        return {d: models.accuracy(models.vision_probabilities(model, sets[(d, split)]), sets[(d, split)].labels)
-                for d in domains}
-
-    return Task("vision", domains, score, True)
-
-
-def text_task(domains: tuple[str, ...]) -> Task:
-    windows = {(d, s): models.evaluation_windows(data.text_domain(d, s)) for d in domains for s in ("val", "test")}
-
-    def score(directory: Path, split: str) -> dict[str, float]:
-        model = models.load_text(directory)
-        return {d: models.loss_of(models.text_log_probabilities(model, windows[(d, split)])) for d in domains}
-
-    return Task("text", domains, score, False)
-
-
-def normalised(task: Task, scores: dict[str, float], base: dict[str, float], experts: dict[str, float]) -> dict[str, float]:
-    """Accuracy: merged / expert. Loss: the fraction of the base-to-expert gap closed."""
-    if task.higher_is_better:
-        return {t: scores[t] / experts[t] for t in scores}
-    return {t: (base[t] - scores[t]) / (base[t] - experts[t]) for t in scores}
 
 
 # ---- experiment 1 and 2: shared base, domain experts ----
@@ -238,7 +77,7 @@ def vision_models(ws: Workspace, width: float = 1.0) -> dict[str, Path]:
         return models.train_vision(models.new_vision_model(width, seed=0), mix, epochs=plan.base_epochs, lr=0.05,
                                    seed=0, weight_decay=5e-4)
 
-    paths = {"base": _trained(root / "base", base_model, save, ws.log)}
+    paths = {"base": trained(root / "base", base_model, save, ws.log)}
 
     def fine_tuned(training: data.ImageSet, seed: int) -> Callable[[], torch.nn.Module]:
         def build() -> torch.nn.Module:
@@ -248,8 +87,8 @@ def vision_models(ws: Workspace, width: float = 1.0) -> dict[str, Path]:
         return build
 
     for i, d in enumerate(domains):
-        paths[d] = _trained(root / f"expert_{d}", fine_tuned(train[d], seed=10 + i), save, ws.log)
-    paths["multitask"] = _trained(root / "multitask", fine_tuned(data.concat(list(train.values())), seed=99), save,
+        paths[d] = trained(root / f"expert_{d}", fine_tuned(train[d], seed=10 + i), save, ws.log)
+    paths["multitask"] = trained(root / "multitask", fine_tuned(data.concat(list(train.values())), seed=99), save,
                                   ws.log)
     return paths
 
@@ -263,7 +102,7 @@ def text_models(ws: Workspace) -> dict[str, Path]:
     def base_model() -> torch.nn.Module:
         return models.train_text(models.new_text_model(seed=0), pretrain, steps=plan.text_base_steps, lr=3e-3, seed=0)
 
-    paths = {"base": _trained(root / "base", base_model, models.save_text, ws.log)}
+    paths = {"base": trained(root / "base", base_model, models.save_text, ws.log)}
 
     def fine_tuned(streams: list[torch.Tensor], seed: int) -> Callable[[], torch.nn.Module]:
         def build() -> torch.nn.Module:
@@ -272,14 +111,10 @@ def text_models(ws: Workspace) -> dict[str, Path]:
         return build
 
     for i, d in enumerate(plan.text_domains):
-        paths[d] = _trained(root / f"expert_{d}", fine_tuned([train[d]], seed=10 + i), models.save_text, ws.log)
-    paths["multitask"] = _trained(root / "multitask", fine_tuned(list(train.values()), seed=99), models.save_text,
+        paths[d] = trained(root / f"expert_{d}", fine_tuned([train[d]], seed=10 + i), models.save_text, ws.log)
+    paths["multitask"] = trained(root / "multitask", fine_tuned(list(train.values()), seed=99), models.save_text,
                                   ws.log)
     return paths
-
-
-def score_cached(ws: Workspace, task: Task, directory: Path, split: str, tag: str) -> dict[str, float]:
-    return ws.cached(_key("score", task.name, str(directory), split, tag, task.subtasks), lambda: task.score(directory, split))
 
 
 def ensemble_scores(task: Task, experts: list[Path], split: str) -> dict[str, float]:
@@ -304,7 +139,7 @@ def ensemble_scores(task: Task, experts: list[Path], split: str) -> dict[str, fl
 def run_merge_scored(ws: Workspace, task: Task, label: str, method: str, base: Path, experts: list[Path],
                      setting: dict, splits: tuple[str, ...]) -> dict:
     """Merge (cached by recipe) and score on the given splits; the merged directory is removed afterwards."""
-    key = _key("merge", task.name, method, str(base), [str(e) for e in experts], setting, splits)
+    key = cache_key("merge", task.name, method, str(base), [str(e) for e in experts], setting, splits)
 
     def compute() -> dict:
         work = ws.root / "merges" / key
@@ -337,17 +172,12 @@ def method_rows(ws: Workspace, task: Task, paths: dict[str, Path], domains: tupl
         best, best_value = None, None
         for setting in GRIDS[method]:
             result = run_merge_scored(ws, task, "grid", method, base, experts, setting, ("val",))
-            value = _mean(normalised(task, result["scores"]["val"], base_val, expert_val))
+            value = mean(normalised(task, result["scores"]["val"], base_val, expert_val))
             if best_value is None or value > best_value:
                 best, best_value = setting, value
         tuned = run_merge_scored(ws, task, "best", method, base, experts, best, ("val", "test"))
         rows.append({"method": method, "setting": "best on val", "params": best, **tuned})
     return rows
-
-
-def _mean(values: dict[str, float] | list[float]) -> float:
-    items = list(values.values()) if isinstance(values, dict) else list(values)
-    return sum(items) / len(items)
 
 
 def experiment_one(ws: Workspace, task: Task, paths: dict[str, Path], domains: tuple[str, ...]) -> dict:
@@ -359,7 +189,7 @@ def experiment_one(ws: Workspace, task: Task, paths: dict[str, Path], domains: t
     references = [{"name": "base", "scores": base}]
     references += [{"name": f"expert {d}", "scores": expert_scores[d]} for d in domains]
     references.append({"name": "ensemble of experts",
-                       "scores": ws.cached(_key("ensemble", task.name, [str(paths[d]) for d in domains], "test"),
+                       "scores": ws.cached(cache_key("ensemble", task.name, [str(paths[d]) for d in domains], "test"),
                                            lambda: ensemble_scores(task, [paths[d] for d in domains], "test"))})
     references.append({"name": "multitask", "scores": test(paths["multitask"], "multitask")})
     methods = tuple(DEFAULTS)
@@ -368,8 +198,8 @@ def experiment_one(ws: Workspace, task: Task, paths: dict[str, Path], domains: t
         scores = entry["scores"]["test"] if "seconds" in entry else entry["scores"]
         entry["test"] = scores
         entry["normalised"] = normalised(task, scores, base, own)
-        entry["average"] = _mean(scores)
-        entry["normalised_average"] = _mean(entry["normalised"])
+        entry["average"] = mean(scores)
+        entry["normalised_average"] = mean(entry["normalised"])
     margins = expert_margins(task, base, expert_scores, domains)
     return {"task": task.name, "domains": list(domains), "higher_is_better": task.higher_is_better,
             "references": references, "methods": rows, "margins": margins}
@@ -386,8 +216,8 @@ def expert_margins(task: Task, base: dict, experts: dict, domains: tuple[str, ..
             "expert_own": experts[d][d],
             "base_own": base[d],
             "gain_own": sign * (experts[d][d] - base[d]),
-            "expert_others": _mean([experts[d][o] for o in others]) if others else None,
-            "other_experts_here": _mean([experts[o][d] for o in others]) if others else None,
+            "expert_others": mean([experts[d][o] for o in others]) if others else None,
+            "other_experts_here": mean([experts[o][d] for o in others]) if others else None,
         })
     return out
 
@@ -412,11 +242,11 @@ def _scaling_point(ws: Workspace, paths: dict[str, Path], domains: tuple[str, ..
     task = vision_task(domains)
     base = score_cached(ws, task, paths["base"], "test", "base")
     own = {d: score_cached(ws, task, paths[d], "test", "expert")[d] for d in domains}
-    point = dict(where, base=_mean(normalised(task, base, base, own)), methods={})
+    point = dict(where, base=mean(normalised(task, base, base, own)), methods={})
     for method in SCALING_METHODS:
         result = run_merge_scored(ws, task, "default", method, paths["base"], [paths[d] for d in domains],
                                   DEFAULTS[method], ("val", "test"))
-        point["methods"][method] = _mean(normalised(task, result["scores"]["test"], base, own))
+        point["methods"][method] = mean(normalised(task, result["scores"]["test"], base, own))
     return point
 
 
@@ -435,7 +265,7 @@ def scratch_pair(root: Path, plan: Plan, labels_pair: tuple, log: Callable[[str]
         build = (lambda training=training, seed=seed: models.train_vision(
             models.new_vision_model(seed=seed), training, epochs=plan.scratch_epochs, lr=0.05, seed=seed,
             weight_decay=5e-4))
-        paths.append(_trained(root / f"seed{seed}_{tag}", build, lambda m, p: models.save_vision(m, p), log))
+        paths.append(trained(root / f"seed{seed}_{tag}", build, lambda m, p: models.save_vision(m, p), log))
     return paths
 
 
@@ -450,7 +280,7 @@ def experiment_three(ws: Workspace) -> dict:
         paths = scratch_pair(root, ws.plan, labels_pair, ws.log)
         rows = [{"name": "model A", "accuracy": score_cached(ws, task, paths[0], "test", "A")["clean"]},
                 {"name": "model B", "accuracy": score_cached(ws, task, paths[1], "test", "B")["clean"]}]
-        ensemble = ws.cached(_key("ensemble", task.name, [str(p) for p in paths], "test"),
+        ensemble = ws.cached(cache_key("ensemble", task.name, [str(p) for p in paths], "test"),
                              lambda: ensemble_scores(task, paths, "test"))
         rows.append({"name": "ensemble", "accuracy": ensemble["clean"]})
         averaged = run_merge_scored(ws, task, "default", "linear", paths[0], paths, {}, ("test",))
@@ -478,10 +308,10 @@ def experiment_three_text(ws: Workspace) -> list[dict]:
     for seed in (1, 2):
         build = (lambda seed=seed: models.train_text(models.new_llama_text_model(seed=seed), streams,
                                                      steps=plan.text_base_steps, lr=3e-3, seed=seed))
-        paths.append(_trained(root / f"llama_seed{seed}", build, models.save_text, ws.log))
+        paths.append(trained(root / f"llama_seed{seed}", build, models.save_text, ws.log))
     rows = [{"name": "model A", "scores": score_cached(ws, task, paths[0], "test", "A")},
             {"name": "model B", "scores": score_cached(ws, task, paths[1], "test", "B")},
-            {"name": "ensemble", "scores": ws.cached(_key("ensemble", task.name, [str(p) for p in paths], "test"),
+            {"name": "ensemble", "scores": ws.cached(cache_key("ensemble", task.name, [str(p) for p in paths], "test"),
                                                      lambda: ensemble_scores(task, paths, "test"))}]
     averaged = run_merge_scored(ws, task, "default", "linear", paths[0], paths, {}, ("test",))
     rows.append({"name": "averaging (linear)", "scores": averaged["scores"]["test"], "seconds": averaged["seconds"]})
@@ -499,7 +329,7 @@ def experiment_three_text(ws: Workspace) -> list[dict]:
     settings["PLeaS data-free 1.0x (random token ids, not tuned)"] = {"data": {"kind": "generic"}, "data_free": True,
                                                                       "target_width": 1.0, "tune_steps": 0}
     for label, setting in settings.items():
-        key = _key("pleas-text", _pleas_version(setting), [str(p) for p in paths], setting)
+        key = cache_key("pleas-text", _pleas_version(setting), [str(p) for p in paths], setting)
         result = ws.cached(key, lambda setting=setting: _pleas_merge(
             ws, paths, setting, lambda out: {"scores": task.score(out, "test")}))
         rows.append({"name": label, **result})
@@ -518,7 +348,7 @@ def _separate_heads(ws: Workspace, root: Path, save) -> list[dict]:
         build = (lambda training=training, seed=seed: models.train_vision(
             models.new_vision_model(seed=seed, classes=5), training, epochs=plan.scratch_epochs, lr=0.05, seed=seed,
             weight_decay=5e-4))
-        paths.append(_trained(root / f"seed{seed}_head{labels[0]}", build, save, ws.log))
+        paths.append(trained(root / f"seed{seed}_head{labels[0]}", build, save, ws.log))
     test = data.image_domain("clean", "test")
 
     def joint(probabilities: torch.Tensor) -> float:
@@ -536,7 +366,7 @@ def _separate_heads(ws: Workspace, root: Path, save) -> list[dict]:
         rows.append({"name": "ensemble", "accuracy": joint(both)})
         for label, setting in pleas_settings(ws, root).items():
             setting = {**setting, "label_spaces": "separate"}
-            key = _key("pleas-heads", _pleas_version(setting), [str(p) for p in paths], setting)
+            key = cache_key("pleas-heads", _pleas_version(setting), [str(p) for p in paths], setting)
             score = lambda out: {"accuracy": joint(models.vision_probabilities(load_model(out), test))}  # noqa: E731
             result = ws.cached(key, lambda setting=setting: _pleas_merge(ws, paths, setting, score))
             rows.append({"name": label, **result})
@@ -581,7 +411,7 @@ def pleas_settings(ws: Workspace, root: Path) -> dict[str, dict]:
 def _pleas_merge(ws: Workspace, paths: list[Path], setting: dict, score: Callable[[Path], dict]) -> dict:
     """`merge run` on a PLeaS recipe for two checkpoints; `score(out_dir)` adds the scores; the merged
     directory is removed afterwards."""
-    work = ws.root / "merges" / _key("pleas-run", [str(p) for p in paths], setting)
+    work = ws.root / "merges" / cache_key("pleas-run", [str(p) for p in paths], setting)
     work.mkdir(parents=True, exist_ok=True)
     params = {k: v for k, v in setting.items() if k != "data"}
     if not params.get("data_free"):
@@ -602,7 +432,7 @@ def run_pleas_scored(ws: Workspace, task: Task, paths: list[Path], setting: dict
     parts = ["pleas", _pleas_version(setting), task.name, [str(p) for p in paths], setting]
     if setting.get("data", {}).get("kind") == "generic":
         parts.append("batch-norm-matched")  # generic inputs are refined to the models' statistics
-    key = _key(*parts)
+    key = cache_key(*parts)
     return ws.cached(key, lambda: _pleas_merge(ws, paths, setting,
                                                lambda out: {"scores": {"test": pleas_task_score(task, out)}}))
 
@@ -632,7 +462,6 @@ def run(ws: Workspace) -> dict:
     ws.log("experiment 1 (text): shared base, domain experts")
     text = text_models(ws)
     report["text"] = experiment_one(ws, text_task(plan.text_domains), text, plan.text_domains)
-    import twin_rows
 
     ws.log("experiment 4: Twin-Merging on a mixed test set")
     report["twin"] = {"vision": twin_rows.experiment_four(ws, vision_task(plan.vision_domains), vision, plan.vision_domains),

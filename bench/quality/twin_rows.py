@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 import data
 import models
-from suite import Task, Workspace, _key, _mean, merge_run, normalised, score_cached
+from common import Task, Workspace, cache_key, mean, merge_run, normalised, score_cached
 
 SETTINGS = {  # label -> (twin recipe parameters, runtime change)
     "twin (rank 0.1, stem, top-1)": ({"rank": 0.1}, None),
@@ -153,7 +153,7 @@ def experiment_four(ws: Workspace, task: Task, paths: dict[str, Path], domains: 
     for label in labels:
         params, change = SETTINGS[label]
         whole = label == DEFAULT_SETTING and not ws.plan.quick  # the quick plan (CI) skips the slow whole-set timing
-        key = _key("twin/18", task.name, str(paths["base"]), [str(paths[d]) for d in domains], params, change, batch)
+        key = cache_key("twin/18", task.name, str(paths["base"]), [str(paths[d]) for d in domains], params, change, batch)
 
         def compute(params=params, change=change, whole=whole) -> dict:
             work = ws.root / "merges" / key
@@ -167,12 +167,12 @@ def experiment_four(ws: Workspace, task: Task, paths: dict[str, Path], domains: 
             twin = report["twin"]
             return {**result, "seconds": seconds, "storage_ratio": twin["storage"]["ratio"],
                     "stored_bytes": twin["storage"]["stored_bytes"], "router_val_accuracy": twin["router"]["accuracy_val"],
-                    "residual_energy_mean": _mean([e for t in twin["tensors"] for e in t.get("residual_energy", [])] or [0.0])}
+                    "residual_energy_mean": mean([e for t in twin["tensors"] for e in t.get("residual_energy", [])] or [0.0])}
 
         row = dict(ws.cached(key, compute))
         row["name"] = label
         row["normalised"] = normalised(task, row["scores"], base_scores, own)
-        row["normalised_average"] = _mean(row["normalised"])
-        row["average"] = _mean(row["scores"])
+        row["normalised_average"] = mean(row["normalised"])
+        row["average"] = mean(row["scores"])
         rows.append(row)
     return {"task": task.name, "domains": list(domains), "higher_is_better": task.higher_is_better, "rows": rows}
