@@ -32,7 +32,7 @@ from mergekit_lite.pleas.matching import (
     match,
     partial_layout,
 )
-from mergekit_lite.pleas.spec import Group, Spec, expand_blocks
+from mergekit_lite.pleas.spec import Group, Layer, Spec, expand_blocks
 from mergekit_lite.pleas.tuning import tune_outputs
 
 
@@ -172,24 +172,94 @@ def _stepped(items, progress, label: str):
         progress.stop()
 
 
+@dataclass
+class Placement:
+    """Where each conv/linear layer's input and output channels go in the merged model: the layout of the group
+    on that side, or a frozen space (the model input is shared; an output head is averaged for one label space,
+    or kept side by side for different ones, the merged head then predicting over the union)."""
+
+    spec: Spec
+    heads_b: dict[str, int]  # layer name -> model B's output width (a head may differ from A's)
+    label_spaces: str
+    layouts: list[Layout] = field(default_factory=list)  # per group, once the ratios are chosen
+
+    def of(self, layouts: list[Layout], layer: Layer, side: str) -> Layout:
+        index = layer.input_group if side == "in" else layer.output_group
+        if index is None:
+            if side == "in":
+                return identity_layout(layer.module.weight.shape[1])
+            return _head_layout(layer.module.weight.shape[0], self.heads_b[layer.name], self.label_spaces)
+        size = layer.module.weight.shape[1 if side == "in" else 0]
+        return expand_layout(layouts[index], self.spec.groups[index], f"{layer.name}.weight", size)
+
+    def inputs(self, layer: Layer) -> Layout:
+        return self.of(self.layouts, layer, "in")
+
+    def outputs(self, layer: Layer) -> Layout:
+        return self.of(self.layouts, layer, "out")
+
+
 def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: list[torch.Tensor],
                 options: PleasOptions | None = None, log: Callable[[str], None] = lambda message: None,
                 progress: Progress | None = None) -> PleasResult:
-    """Merge two models of one architecture; `batches` feed the matching and the least squares (`progress`
-    shows the tuning's steps, the longest phase)."""
+    """Merge two models of one architecture; `batches` feed the matching and the least squares. The phases:
+    correlate units, match them, choose per-group ratios for the target compute, solve (or average) every layer,
+    merge the rest by layout, re-estimate norms, tune."""
     options = options or PleasOptions()
     if not 1.0 <= options.target_width <= 2.0:
         raise UserError(f"target_width must be between 1.0 and 2.0, not {options.target_width}")
     device = torch.device(options.device)
     model_a, model_b = model_a.eval().to(device), model_b.eval().to(device)
     batches = [batch.to(device) for batch in batches]
-    spec = permutation_spec(model_a)
-    spec_b = permutation_spec(model_b)
+    spec, spec_b = permutation_spec(model_a), permutation_spec(model_b)
     check_same_structure(spec, spec_b)
     check_error = check_groups(model_a, spec, batches[0][:8])
     log(f"{len(spec.groups)} permutation groups, {len(spec.layers)} conv/linear layers (self-check {check_error:.1e})")
 
-    # 1. correlations between A's and B's units (or blocks), per group
+    correlations, positions = _correlations(spec, spec_b, batches, device, progress, log)
+    widths = [c.shape[0] for c in correlations]
+    log(f"matching: {len(correlations)} assignment problems, largest {max(widths, default=0)} x "
+        f"{max(widths, default=0)} (Hungarian, cubic in the size)")
+    pairs = [match(c) for c in _stepped(correlations, progress, "matching (assignment problems)")]
+    qualities = [c[torch.as_tensor(p[0]), torch.as_tensor(p[1])] for c, p in zip(correlations, pairs)]
+
+    def layouts_for(ratios: list[float]) -> list[Layout]:
+        return [partial_layout(c, p, r) for c, p, r in zip(correlations, pairs, ratios)]
+
+    placement = Placement(spec, {l.name: l.module.weight.shape[0] for l in spec_b.layers}, options.label_spaces)
+    compute = _cost_ratio(spec, layouts_for, positions, placement.of)
+    ratios = allocate_ratios(qualities, compute, options.target_width, options.ratio_step)
+    placement.layouts = layouts_for(ratios)
+    log(f"ratios chosen for compute {options.target_width}: achieved {compute(ratios):.3f}")
+
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    if options.least_squares:
+        merged, residuals = _solved_layers(spec, spec_b, batches, placement, state_a, state_b, options.ridge,
+                                           device, progress, log)
+    else:
+        merged, residuals = _averaged_layers(spec, placement, state_a, state_b), {}
+    _merge_the_rest(spec, placement.layouts, state_a, state_b, merged)
+    model = resize_to(copy.deepcopy(model_a), merged)
+    model.load_state_dict(merged)
+    if options.norm_statistics == "reestimate":
+        reestimate_norm_statistics(model, batches)
+    model.eval()
+    tuning = None
+    if options.tune_steps > 0:
+        head = next((placement.outputs(l) for l in spec.layers if l.output_group is None), None)
+        if head is None:
+            raise UserError("PLeaS tuning needs an output layer outside every permutation group")
+        tuning = tune_outputs(model, model_a, model_b, batches, head, options.tune_steps, options.tune_lr,
+                              seed=options.seed, log=log, progress=progress)
+    report = _report(spec, placement, positions, ratios, qualities, compute(ratios), state_a, merged, residuals,
+                     options, check_error, tuning)
+    return PleasResult(model, report)
+
+
+def _correlations(spec: Spec, spec_b: Spec, batches: list[torch.Tensor], device: torch.device,
+                  progress: Progress | None, log: Callable[[str], None]) -> tuple[list[torch.Tensor], dict[str, int]]:
+    """Per group, the correlation between A's and B's units (or blocks of units) over the batches; and per layer
+    the number of output positions an input row gives (for the compute count)."""
     stats: list[CrossStats | None] = [None] * len(spec.groups)
     group_nodes = {name for g in spec.groups for name in g.nodes}
     layer_nodes = {l.node for l in spec.layers}
@@ -209,95 +279,74 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
         del acts_a, acts_b
     correlations = [(block_scores(s.correlation(), g.width) if g.blocks else s.correlation()).cpu()
                     for g, s in zip(spec.groups, stats)]
-    widths = [c.shape[0] for c in correlations]
-    log(f"matching: {len(correlations)} assignment problems, largest {max(widths, default=0)} x "
-        f"{max(widths, default=0)} (Hungarian, cubic in the size)")
-    pairs = [match(c) for c in _stepped(correlations, progress, "matching (assignment problems)")]
-    qualities = [c[torch.as_tensor(p[0]), torch.as_tensor(p[1])] for c, p in zip(correlations, pairs)]
+    return correlations, positions
 
-    # 2. ratios for the target compute
-    layouts_for = lambda ratios: [partial_layout(c, p, r) for c, p, r in zip(correlations, pairs, ratios)]  # noqa: E731
 
-    heads_b = {l.name: l.module.weight.shape[0] for l in spec_b.layers}
-
-    def frozen(layer, side: str) -> Layout:
-        """Frozen spaces: the model input is shared; an output head is averaged (one label space) or kept
-        side by side (different label spaces: the merged head predicts over the union)."""
-        if side == "in":
-            return identity_layout(layer.module.weight.shape[1])
-        return _head_layout(layer.module.weight.shape[0], heads_b[layer.name], options.label_spaces)
-
-    def layer_layout(layouts: list[Layout], layer, side: str) -> Layout:
-        index = layer.input_group if side == "in" else layer.output_group
-        if index is None:
-            return frozen(layer, side)
-        size = layer.module.weight.shape[1 if side == "in" else 0]
-        return expand_layout(layouts[index], spec.groups[index], f"{layer.name}.weight", size)
-
-    compute = _cost_ratio(spec, layouts_for, positions, layer_layout)
-    ratios = allocate_ratios(qualities, compute, options.target_width, options.ratio_step)
-    layouts = layouts_for(ratios)
-    log(f"ratios chosen for compute {options.target_width}: achieved {compute(ratios):.3f}")
-
-    state_a, state_b = model_a.state_dict(), model_b.state_dict()
-    merged: dict[str, torch.Tensor] = {}
-
-    def in_layout_of(layer) -> Layout:
-        return layer_layout(layouts, layer, "in")
-
-    def out_layout_of(layer) -> Layout:
-        return layer_layout(layouts, layer, "out")
-
-    # 3. least squares per layer, or permutation-only averaging
-    residuals: dict[str, float] = {}
-    if options.least_squares:
-        normals = {}
-        inputs_of = {l.name: spec.layer_input(l) for l in spec.layers}
-        wanted = layer_nodes | set(inputs_of.values())
-        log(f"least squares: {len(batches)} batches for the normal equations of {len(spec.layers)} layers, then "
-            f"{len(spec.layers)} solves")
-        for batch in _stepped(batches, progress, "least squares: normal equations (batches)"):
-            acts_a = spec.activations(batch, wanted)
-            acts_b = spec_b.activations(batch, wanted)
-            for layer in spec.layers:
-                module = layer.module
-                in_layout, out_layout = in_layout_of(layer), out_layout_of(layer)
-                x_a, x_b = acts_a[inputs_of[layer.name]], acts_b[inputs_of[layer.name]]
-                y_a, y_b = acts_a[layer.node], acts_b[layer.node]
-                x = ls.patches(module, in_layout.combine(x_a, x_b, channel_axis(x_a)))
-                if module.bias is not None:
-                    x = ls.with_bias_column(x)
-                y = ls.output_rows(module, out_layout.combine(y_a, y_b, channel_axis(y_a)))
-                if layer.name not in normals:
-                    normals[layer.name] = ls.Normal.empty(x.shape[1], y.shape[1], device)
-                normals[layer.name].add(x, y)
-        for layer in _stepped(spec.layers, progress, "least squares: solves (layers)"):
-            module = layer.module
-            in_layout, out_layout = in_layout_of(layer), out_layout_of(layer)
-            allowed = _allowed(out_layout, in_layout, _kernel(module), module.bias is not None)
-            prior = sum(_lift_weight(state[f"{layer.name}.weight"], side, out_layout, in_layout)
-                        for side, state in (("a", state_a), ("b", state_b))).reshape(out_layout.width, -1).T
-            if module.bias is not None:
-                bias = out_layout.combine(state_a[f"{layer.name}.bias"], state_b[f"{layer.name}.bias"], 0)
-                prior = torch.cat([prior, bias.unsqueeze(0)])
-            weights, residuals[layer.name] = ls.solve(normals.pop(layer.name), allowed, options.ridge, prior)
-            body = weights[:-1] if module.bias is not None else weights
-            shape = (out_layout.width, in_layout.width, *module.weight.shape[2:])
-            merged[f"{layer.name}.weight"] = body.T.reshape(shape).float()
-            if module.bias is not None:
-                merged[f"{layer.name}.bias"] = weights[-1].float()
-    else:
+def _solved_layers(spec: Spec, spec_b: Spec, batches: list[torch.Tensor], placement: Placement,
+                   state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor], ridge: float,
+                   device: torch.device, progress: Progress | None,
+                   log: Callable[[str], None]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Every conv/linear layer's merged weight by least squares: inputs and targets of both models in the
+    merged layout, only the weights the layout allows, the lifted sources' sum as the ridge's prior."""
+    normals: dict[str, ls.Normal] = {}
+    inputs_of = {l.name: spec.layer_input(l) for l in spec.layers}
+    wanted = {l.node for l in spec.layers} | set(inputs_of.values())
+    log(f"least squares: {len(batches)} batches for the normal equations of {len(spec.layers)} layers, then "
+        f"{len(spec.layers)} solves")
+    for batch in _stepped(batches, progress, "least squares: normal equations (batches)"):
+        acts_a = spec.activations(batch, wanted)
+        acts_b = spec_b.activations(batch, wanted)
         for layer in spec.layers:
             module = layer.module
-            in_layout, out_layout = in_layout_of(layer), out_layout_of(layer)
-            name = f"{layer.name}.weight"
-            merged[name] = sum(_lift_weight(state[name], side, out_layout, in_layout)
-                               for side, state in (("a", state_a), ("b", state_b)))
-            if f"{layer.name}.bias" in state_a:
-                merged[f"{layer.name}.bias"] = out_layout.combine(state_a[f"{layer.name}.bias"],
-                                                                  state_b[f"{layer.name}.bias"], 0)
+            in_layout, out_layout = placement.inputs(layer), placement.outputs(layer)
+            x_a, x_b = acts_a[inputs_of[layer.name]], acts_b[inputs_of[layer.name]]
+            y_a, y_b = acts_a[layer.node], acts_b[layer.node]
+            x = ls.patches(module, in_layout.combine(x_a, x_b, channel_axis(x_a)))
+            if module.bias is not None:
+                x = ls.with_bias_column(x)
+            y = ls.output_rows(module, out_layout.combine(y_a, y_b, channel_axis(y_a)))
+            if layer.name not in normals:
+                normals[layer.name] = ls.Normal.empty(x.shape[1], y.shape[1], device)
+            normals[layer.name].add(x, y)
+    merged: dict[str, torch.Tensor] = {}
+    residuals: dict[str, float] = {}
+    for layer in _stepped(spec.layers, progress, "least squares: solves (layers)"):
+        module = layer.module
+        in_layout, out_layout = placement.inputs(layer), placement.outputs(layer)
+        allowed = _allowed(out_layout, in_layout, _kernel(module), module.bias is not None)
+        prior = sum(_lift_weight(state[f"{layer.name}.weight"], side, out_layout, in_layout)
+                    for side, state in (("a", state_a), ("b", state_b))).reshape(out_layout.width, -1).T
+        if module.bias is not None:
+            bias = out_layout.combine(state_a[f"{layer.name}.bias"], state_b[f"{layer.name}.bias"], 0)
+            prior = torch.cat([prior, bias.unsqueeze(0)])
+        weights, residuals[layer.name] = ls.solve(normals.pop(layer.name), allowed, ridge, prior)
+        body = weights[:-1] if module.bias is not None else weights
+        shape = (out_layout.width, in_layout.width, *module.weight.shape[2:])
+        merged[f"{layer.name}.weight"] = body.T.reshape(shape).float()
+        if module.bias is not None:
+            merged[f"{layer.name}.bias"] = weights[-1].float()
+    return merged, residuals
 
-    # 4. norms (and anything else) merged by layout
+
+def _averaged_layers(spec: Spec, placement: Placement, state_a: dict[str, torch.Tensor],
+                     state_b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Permutation only: every conv/linear layer's matched weights averaged, private units kept."""
+    merged: dict[str, torch.Tensor] = {}
+    for layer in spec.layers:
+        in_layout, out_layout = placement.inputs(layer), placement.outputs(layer)
+        name = f"{layer.name}.weight"
+        merged[name] = sum(_lift_weight(state[name], side, out_layout, in_layout)
+                           for side, state in (("a", state_a), ("b", state_b)))
+        if f"{layer.name}.bias" in state_a:
+            merged[f"{layer.name}.bias"] = out_layout.combine(state_a[f"{layer.name}.bias"],
+                                                              state_b[f"{layer.name}.bias"], 0)
+    return merged
+
+
+def _merge_the_rest(spec: Spec, layouts: list[Layout], state_a: dict[str, torch.Tensor],
+                    state_b: dict[str, torch.Tensor], merged: dict[str, torch.Tensor]) -> None:
+    """Norms and every other tensor not yet in `merged`: combined by its group's layout, else averaged;
+    non-float tensors copied from A."""
     group_of_member = {name: (g, axis) for g in spec.groups for name, axis in g.members}
     for name, value in state_a.items():
         if name in merged:
@@ -313,35 +362,28 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
                 merged[name] = merged[name] * half.view(-1, *([1] * (value.dim() - axis - 1)))
         else:
             merged[name] = (value + state_b[name]) / 2
-    model = resize_to(copy.deepcopy(model_a), merged)
-    model.load_state_dict(merged)
-    if options.norm_statistics == "reestimate":
-        reestimate_norm_statistics(model, batches)
-    model.eval()
-    tuning = None
-    if options.tune_steps > 0:
-        head = next((out_layout_of(l) for l in spec.layers if l.output_group is None), None)
-        if head is None:
-            raise UserError("PLeaS tuning needs an output layer outside every permutation group")
-        tuning = tune_outputs(model, model_a, model_b, batches, head, options.tune_steps, options.tune_lr,
-                              seed=options.seed, log=log, progress=progress)
 
-    dense = sum(_kernel(l.module) * out_layout_of(l).width * in_layout_of(l).width * positions[l.name]
+
+def _report(spec: Spec, placement: Placement, positions: dict[str, int], ratios: list[float],
+            qualities: list[torch.Tensor], compute_ratio: float, state_a: dict[str, torch.Tensor],
+            merged: dict[str, torch.Tensor], residuals: dict[str, float], options: PleasOptions,
+            check_error: float, tuning: dict | None) -> dict:
+    """The `pleas` section of the report: ratios achieved, per group and per layer figures, tuning."""
+    layouts = placement.layouts
+    dense = sum(_kernel(l.module) * placement.outputs(l).width * placement.inputs(l).width * positions[l.name]
                 for l in spec.layers) + _attention_macs(spec, positions, [layout.width for layout in layouts])
-    base = _source_macs(spec, positions)
     params_a = sum(v.numel() for v in state_a.values() if v.is_floating_point())
     params_merged = sum(v.numel() for v in merged.values() if v.is_floating_point())
-    report = {
+    heads = [placement.outputs(l) for l in spec.layers if l.output_group is None]
+    return {
         "target_width": options.target_width,
-        "compute_ratio": compute(ratios),
-        "dense_compute_ratio": dense / base,
+        "compute_ratio": compute_ratio,
+        "dense_compute_ratio": dense / _source_macs(spec, positions),
         "parameter_ratio": params_merged / params_a,
         "least_squares": options.least_squares,
-        "outputs": {"from_a": next((out_layout_of(l).merged + len(out_layout_of(l).only_a) for l in spec.layers
-                                    if l.output_group is None), None),
-                    "from_b": next((len(out_layout_of(l).only_b) for l in spec.layers if l.output_group is None), None),
-                    "label_spaces": "shared" if all(out_layout_of(l).merged for l in spec.layers
-                                                    if l.output_group is None) else "separate"},
+        "outputs": {"from_a": heads[0].merged + len(heads[0].only_a) if heads else None,
+                    "from_b": len(heads[0].only_b) if heads else None,
+                    "label_spaces": "shared" if all(h.merged for h in heads) else "separate"},
         "norm_statistics": options.norm_statistics,
         "self_check_error": check_error,
         "groups": [
@@ -349,14 +391,14 @@ def pleas_merge(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: lis
              "merged_width": layouts[g.index].width, "ratio": ratios[g.index],
              "merged_pairs": layouts[g.index].merged,
              "match_quality": float(qualities[g.index].mean()),
-             "merged_pair_quality": float(layouts[g.index].pair_correlation.mean()) if layouts[g.index].merged else None,
+             "merged_pair_quality": (float(layouts[g.index].pair_correlation.mean()) if layouts[g.index].merged
+                                     else None),
              "members": len(g.members)}
             for g in spec.groups
         ],
         "layers": [{"layer": l.name, "residual": residuals.get(l.name)} for l in spec.layers],
         "tuning": tuning,
     }
-    return PleasResult(model, report)
 
 
 def _lift_weight(weight: torch.Tensor, side: str, out_layout: Layout, in_layout: Layout) -> torch.Tensor:
