@@ -20,6 +20,10 @@ from mergekit_lite.checkpoint.files import REPORT_SCHEMA_PREFIX, replace_file
 from mergekit_lite.version import __version__
 
 SCHEMA = f"{REPORT_SCHEMA_PREFIX}1"
+KIND_SCHEMA_PREFIX = "mergekit_lite.report."
+ENVELOPE_KEYS = ("schema", "kind_schema", "created", "method", "recipe", "seed", "device", "host", "inputs", "output",
+                 "timings_seconds", "peak_memory", "versions", "warnings")
+KIND_SCHEMA_VERSIONS = {"tensorwise": 1, "pleas": 1, "twin": 1}  # raised when that kind's sections change
 REPORT_NAME = "merge_report.json"
 RECIPE_NAME = "merge_recipe.yaml"
 
@@ -75,12 +79,14 @@ def output_files(directory: Path, names: Iterable[str],
              "sha256": known_digest(name) or file_sha256(directory / name)} for name in names]
 
 
-def envelope(*, method: str, recipe: dict[str, Any], seed: int, device: torch.device, inputs: list[dict[str, Any]],
+def envelope(*, kind: str, method: str, recipe: dict[str, Any], seed: int, device: torch.device, inputs: list[dict[str, Any]],
              output_path: Path, files: list[dict[str, Any]], tensors: int, timings: dict[str, float],
              warnings: list[str], sections: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The report every pipeline writes: the same keys in the same order, then its own sections."""
+    """The report every pipeline writes: the same keys in the same order, then its own sections. `schema`
+    versions the envelope, `kind_schema` the sections of this kind of report (tensorwise, pleas or twin)."""
     report = {
         "schema": SCHEMA,
+        "kind_schema": f"{KIND_SCHEMA_PREFIX}{kind}/{KIND_SCHEMA_VERSIONS[kind]}",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "method": method,
         "recipe": recipe,

@@ -116,7 +116,7 @@ def build_report(result: MergeResult, out_dir: Path, written_dir: Path,
     if result.nonfinite:
         warnings.append(f"{len(result.nonfinite)} merged tensor(s) hold NaN or Inf, e.g. {result.nonfinite[0]!r}")
     return envelope(
-        method=plan.method.name, recipe=plan.recipe.model_dump(mode="json", exclude_none=True), seed=result.seed,
+        kind="tensorwise", method=plan.method.name, recipe=plan.recipe.model_dump(mode="json", exclude_none=True), seed=result.seed,
         device=result.device, inputs=inputs, output_path=out_dir,
         files=output_files(written_dir, result.files, known_digest), tensors=len(plan.tensors),
         timings={"read": timings.read, "compute": timings.compute, "write": timings.write,

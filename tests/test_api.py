@@ -10,9 +10,9 @@ import yaml
 import mergekit_lite
 from mergekit_lite.errors import RecipeError
 from mergekit_lite.recipe import Recipe
+from mergekit_lite.report import ENVELOPE_KEYS
 
-ENVELOPE = ["schema", "created", "method", "recipe", "seed", "device", "host", "inputs", "output", "timings_seconds",
-            "peak_memory", "versions", "warnings"]
+ENVELOPE = list(ENVELOPE_KEYS)
 
 
 def _recipe(family) -> dict:
@@ -30,6 +30,7 @@ def test_merge_from_a_dict_writes_the_output_and_returns_its_report(tmp_path, ll
     names = {f["name"] for f in report["output"]["files"]}
     assert names and all(name.endswith(".safetensors") for name in names)  # the weights, each with its sha256
     assert report["method"] == "ties" and report["recipe"]["models"][0]["parameters"] == {"density": 0.5}
+    assert report["kind_schema"] == "mergekit_lite.report.tensorwise/1"
 
 
 def test_a_recipe_object_and_a_path_give_the_same_bytes(tmp_path, llama_family):

@@ -12,8 +12,14 @@ from typer.testing import CliRunner
 
 from mergekit_lite.cli import app
 from mergekit_lite.pleas import PleasOptions, load_model, pleas_merge
-from mergekit_lite.pleas.graph import check_groups, output_tensor, permutation_spec, permute_state
+from mergekit_lite.pleas.graph import (
+    check_groups,
+    output_tensor,
+    permutation_spec,
+    permute_state,
+)
 from mergekit_lite.pleas.method import reestimate_norm_statistics
+from mergekit_lite.report import ENVELOPE_KEYS
 
 runner = CliRunner()
 
@@ -301,6 +307,8 @@ def test_merge_run_data_free_uses_generic_inputs(tmp_path, pleas_inputs, monkeyp
     result = runner.invoke(app, ["run", recipe, str(tmp_path / "merged")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
+    assert tuple(report)[: len(ENVELOPE_KEYS)] == ENVELOPE_KEYS  # the envelope every pipeline writes
+    assert report["kind_schema"] == "mergekit_lite.report.pleas/1" and report["output"]["files"]
     assert "generic" in report["data"]["source"]
     # every data-free report warns that its figures are measured on synthetic inputs; refinement is its own phase
     assert any(w.startswith("data-free:") for w in report["warnings"]) and "data-free:" in result.stderr

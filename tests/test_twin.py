@@ -14,11 +14,12 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from mergekit_lite.cli import app
+from mergekit_lite.dispatch import merge_recipe_file
 from mergekit_lite.errors import UserError
 from mergekit_lite.examples import make_family
-from mergekit_lite.dispatch import merge_recipe_file
-from mergekit_lite.pipeline import MergeOptions
 from mergekit_lite.models.loading import load_model
+from mergekit_lite.pipeline import MergeOptions
+from mergekit_lite.report import ENVELOPE_KEYS
 from mergekit_lite.twin import TwinModel, collapse
 from mergekit_lite.twin.build import PAIR_PREFERENCE
 from mergekit_lite.twin.router import route_weights
@@ -193,6 +194,11 @@ def test_the_directory_and_report_describe_what_was_stored(gpt2_twin):
     twin_dir = root / "twin"
     for name in ("twin.json", "router.safetensors", "experts/model.safetensors", "shared/config.json", "README.md"):
         assert (twin_dir / name).is_file(), name
+    assert tuple(report)[: len(ENVELOPE_KEYS)] == ENVELOPE_KEYS  # the envelope every pipeline writes
+    assert report["kind_schema"] == "mergekit_lite.report.twin/1"
+    files = {f["name"]: f for f in report["output"]["files"]}
+    assert {"router.safetensors", "experts/model.safetensors"} <= set(files)
+    assert all(len(f["sha256"]) == 64 and f["bytes"] == (twin_dir / n).stat().st_size for n, f in files.items())
     transformers.AutoModelForCausalLM.from_pretrained(twin_dir / "shared")  # the shared expert is a normal checkpoint
     twin = report["twin"]
     assert twin["storage_budget"] == 0.2 and twin["shared_merge"]["method"] == "task_arithmetic"

@@ -139,7 +139,7 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
         writer.add_file("README.md", _card(paths, result.report, recipe_text))
         refine = phases.get("refine", 0.0)
         report = envelope(
-            method="pleas", recipe=recipe.model_dump(mode="json", exclude_none=True), seed=seed, device=device,
+            kind="pleas", method="pleas", recipe=recipe.model_dump(mode="json", exclude_none=True), seed=seed, device=device,
             inputs=[{"role": "model", "path": str(p)} for p in paths], output_path=out,
             files=output_files(writer.tmp_dir, writer.files, writer.shard_digest), tensors=len(state),
             timings={"read": loaded - started - refine, "refine": refine, "compute": merged_at - loaded,

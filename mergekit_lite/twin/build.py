@@ -346,7 +346,7 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
         shared_digests = {f"{SHARED}/{f['name']}": f["sha256"] for f in shared_report.get("output", {}).get("files", [])}
         names = sorted(str(f.relative_to(directory)) for f in directory.rglob("*.safetensors"))
         report = envelope(
-            method="twin", recipe=recipe.model_dump(mode="json", exclude_none=True), seed=seed, device=device,
+            kind="twin", method="twin", recipe=recipe.model_dump(mode="json", exclude_none=True), seed=seed, device=device,
             inputs=[{"role": "base", "path": recipe.base_model}] + [
                 {"role": "model", "task": t, "path": m.model} for t, m in zip(tasks, recipe.models)],
             output_path=out, files=output_files(directory, names, shared_digests.get),
