@@ -296,7 +296,7 @@ def run(
     report: Optional[Path] = typer.Option(None, "--report", help="Where to write the JSON report (default: OUT_DIR/merge_report.json)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N."),
     force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it exists (only once the merge has succeeded)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary (warnings still go to stderr)."),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, max=2**63 - 1,
                                        help="Seed for random methods (DARE, DELLA); overrides the recipe."),
     shard_size: Optional[str] = typer.Option(None, "--shard-size", help="Largest output shard, e.g. 5GB or 500MB."),
@@ -311,6 +311,8 @@ def run(
                            report_path=report, resume=resume)
     progress = RichProgress(enabled=not quiet and err.is_terminal)
     result = merge_recipe_file(recipe, out_dir, options, progress=progress)
+    for warning in result["warnings"]:  # also under --quiet: each names something the user should check
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if quiet:
         return
     timings = result["timings_seconds"]
@@ -325,8 +327,6 @@ def run(
     for line in describe_report(result):
         out.print(line, highlight=False, markup=False)
     out.print(f"report: {report or Path(result['output']['path']) / 'merge_report.json'}", highlight=False)
-    for warning in result["warnings"]:
-        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
 
 
 @app.command()

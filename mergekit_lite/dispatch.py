@@ -105,7 +105,9 @@ def merge_recipe(recipe: Recipe, recipe_text: str, out_dir: str | Path | None, o
 def validate_recipe(recipe: Recipe, allow_pickle: bool = False) -> Validation:
     """Check a recipe against its inputs (paths, shapes, missing tensors; models, for the pipelines that run them)
     without merging."""
-    return pipeline_for(recipe.merge_method).validate(recipe, allow_pickle)
+    found = pipeline_for(recipe.merge_method).validate(recipe, allow_pickle)
+    found.warnings = list(recipe.warnings) + [w for w in found.warnings if w not in recipe.warnings]
+    return found
 
 
 def validate_recipe_file(recipe_path: str | Path, allow_pickle: bool = False) -> Validation:

@@ -124,7 +124,7 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     method = get_method(recipe.merge_method)
     sources = open_sources(recipe, method, allow_pickle)
     reference = sources.reference
-    warnings: list[str] = []
+    warnings: list[str] = list(recipe.warnings)  # what checking the recipe found harmless but worth saying
     if not reference.tensors:
         raise UserError(f"{reference.path}: holds no tensors; there is nothing to merge")
     for expert in sources.experts:

@@ -15,14 +15,16 @@ from typing import Any, Callable, Protocol
 from mergekit_lite.checkpoint.files import same_path
 from mergekit_lite.errors import RecipeError
 from mergekit_lite.layers import is_input_embedding
-from mergekit_lite.recipe import (
-    FilterEntry,
-    ParamValue,
-    Recipe,
-    Scalar,
-    dotted_key,
-    location,
-)
+from mergekit_lite.recipe import FilterEntry, ParamValue, Recipe, Scalar, did_you_mean, dotted_key, location
+
+# Every parameter some mergekit method reads. mergekit ignores one that the recipe's method does not read; here
+# that is a warning (a recipe written for another method, or copied from a model card), and a name outside
+# this set and the method's own is an error.
+MERGEKIT_PARAMETERS = frozenset({
+    "weight", "density", "epsilon", "lambda", "gamma", "normalize", "rescale", "int8_mask", "t", "filter_wise",
+    "select_topk", "nuslerp_flatten", "nuslerp_row_wise", "max_iter", "tol", "scale", "alpha", "eps", "r",
+    "normalize_weights",
+})
 
 
 @dataclass(frozen=True)
@@ -90,10 +92,22 @@ def check_parameters(recipe: Recipe, source: str, lines: dict[tuple, int], metho
     for loc, name, value in given:
         spec = known.get(name)
         if spec is None:
+            if name in MERGEKIT_PARAMETERS:
+                recipe.warnings.append(f"{where(loc)}: {dotted_key(loc)}: {method.name} does not use {name}; ignored")
+                _drop(recipe, loc)
+                continue
             names = ", ".join(known) or "none"
-            raise RecipeError(f"{where(loc)}: {dotted_key(loc)}: unknown parameter for {method.name} (known: {names})")
+            raise RecipeError(f"{where(loc)}: {dotted_key(loc)}: unknown parameter for {method.name}"
+                              f"{did_you_mean(name, [*known, *MERGEKIT_PARAMETERS])} (known: {names})")
         if spec.scope == "global" and loc[0] == "models":
-            raise RecipeError(f"{where(loc)}: {dotted_key(loc)}: {name} is recipe-wide; put it under top-level parameters")
+            recipe.warnings.append(f"{where(loc)}: {dotted_key(loc)}: {name} is recipe-wide, read from the top-level "
+                                   "parameters only; ignored here")
+            _drop(recipe, loc)
+            continue
+        if spec.kind is bool and not isinstance(value, (bool, list)) and value in (0, 1):
+            recipe.warnings.append(f"{where(loc)}: {dotted_key(loc)}: {value!r} read as {bool(value)}")
+            _parameters_at(recipe, loc)[name] = bool(value)
+            continue
         for scalar in _scalars(value):
             problem = spec.check(scalar)
             if problem:
@@ -106,6 +120,16 @@ def check_parameters(recipe: Recipe, source: str, lines: dict[tuple, int], metho
         raise RecipeError(f"{where(('models',))}: {method.name} needs at least {method.min_models} model(s) besides the base")
     if method.max_models is not None and len(experts) > method.max_models:
         raise RecipeError(f"{where(('models',))}: {method.name} takes at most {method.max_models} model(s) besides the base")
+
+
+def _parameters_at(recipe: Recipe, loc: tuple) -> dict[str, ParamValue]:
+    """The parameters mapping a parameter's location points into (top level or one model's)."""
+    return recipe.parameters if loc[0] == "parameters" else recipe.models[loc[1]].parameters
+
+
+def _drop(recipe: Recipe, loc: tuple) -> None:
+    """Remove an ignored parameter, so that the merge and its report see only what is used."""
+    del _parameters_at(recipe, loc)[loc[-1]]
 
 
 def _refuse_composite_keys(recipe: Recipe, where: Callable[[tuple], str]) -> None:
@@ -129,15 +153,16 @@ def _scalars(value: ParamValue) -> list[Scalar]:
     return [value]
 
 
-def resolve_value(value: ParamValue, tensor_name: str, layer: int | None, num_layers: int) -> Scalar:
-    """The value of a parameter for one tensor: filters by name, gradients by layer position."""
+def resolve_value(value: ParamValue, tensor_name: str, layer: int | None, num_layers: int) -> Scalar | None:
+    """The value of a parameter for one tensor: filters by name (a substring of it, or `*`, or no filter: the
+    first that matches), gradients by layer position; None when no filter matches, as in mergekit."""
     if not isinstance(value, list):
         return value
     if value and isinstance(value[0], FilterEntry):
         for entry in value:
-            if entry.filter is None or entry.filter in tensor_name:
+            if entry.filter in (None, "*") or entry.filter in tensor_name:
                 return resolve_value(entry.value, tensor_name, layer, num_layers)
-        raise RecipeError(f"no filter entry matches tensor {tensor_name!r} and there is no fallback entry without filter")
+        return None  # no entry matches: the caller falls through (per model -> recipe-wide -> default)
     return gradient_value([float(v) for v in value], tensor_name, layer, num_layers)
 
 
@@ -159,7 +184,8 @@ def gradient_value(points: list[float], tensor_name: str, layer: int | None, num
 
 def recipe_params(recipe: Recipe, method: Parameterised, model_index: int | None, tensor_name: str, layer: int | None,
                   num_layers: int) -> dict[str, Scalar]:
-    """Every parameter of `method` for one tensor: per-model value, else recipe-wide, else the default."""
+    """Every parameter of `method` for one tensor: per-model value, else recipe-wide, else the default; a filter
+    list with no entry for this tensor falls through to the next of these."""
     entry = recipe.models[model_index].parameters if model_index is not None else {}
     resolved = {}
     for spec in method.params:
@@ -167,7 +193,13 @@ def recipe_params(recipe: Recipe, method: Parameterised, model_index: int | None
             continue
         if model_index is None and spec.scope == "model":
             continue
-        raw = entry.get(spec.name, recipe.parameters.get(spec.name, spec.default))
-        value = resolve_value(raw, tensor_name, layer, num_layers)
+        value = None
+        for level in (entry, recipe.parameters):
+            if spec.name in level:
+                value = resolve_value(level[spec.name], tensor_name, layer, num_layers)
+                if value is not None:
+                    break
+        if value is None:
+            value = spec.default
         resolved[spec.name] = spec.kind(value) if spec.kind in (int, float) and value is not None else value
     return resolved

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+import difflib
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from mergekit_lite.errors import RecipeError
 
@@ -80,6 +82,12 @@ class Recipe(BaseModel):
     chat_template: str | None = None
     data: DataSource | None = None
     shared_merge: SharedMerge | None = None
+    # what checking found harmless but worth saying (keys mergekit accepts that this merge does not use)
+    _warnings: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def warnings(self) -> list[str]:
+        return self._warnings
 
     @field_validator("seed")
     @classmethod
@@ -226,6 +234,8 @@ def parse_recipe_text(text: str, source: str = "<recipe>") -> tuple[Recipe, dict
     lines = _line_map(node) if node is not None else {}
     if "slices" in data:
         raise RecipeError(f"{location(source, lines, ('slices',))}: 'slices' (layer stacking) is not supported; use 'models'")
+    ignored = [key for key in IGNORED_KEYS if key in data]
+    data = {key: value for key, value in data.items() if key not in IGNORED_KEYS}
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -234,8 +244,29 @@ def parse_recipe_text(text: str, source: str = "<recipe>") -> tuple[Recipe, dict
         key = dotted_key(loc) or "recipe"
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
-            message = "unknown key"
+            message = "unknown key" + did_you_mean(str(loc[-1]), _keys_at(loc))
         elif first["type"] == "missing":
             message = "required key is missing"
         raise RecipeError(f"{location(source, lines, loc)}: {key}: {message}") from exc
+    recipe.warnings.extend(f"{location(source, lines, (key,))}: {key}: ignored (mergekit ignores it too)"
+                           for key in ignored)
     return recipe, lines
+
+
+# Top-level keys of published mergekit recipes that mergekit itself ignores: a warning, not an error.
+IGNORED_KEYS = ("model_name",)
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """' (did you mean x?)' for a near spelling among `choices`, else ''."""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.7)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _keys_at(loc: tuple) -> list[str]:
+    """The keys allowed where an unknown key `loc` was found."""
+    models = {"models": ModelEntry, "data": DataSource, "shared_merge": SharedMerge}
+    model = models.get(str(loc[0]), Recipe) if len(loc) > 1 else Recipe
+    if len(loc) > 3 and loc[0] == "models" and loc[2] == "data":
+        model = DataSource
+    return list(model.model_fields)

@@ -6,7 +6,7 @@ import pytest
 
 from mergekit_lite.errors import RecipeError
 from mergekit_lite.methods import get_method
-from mergekit_lite.dispatch import parse_recipe
+from mergekit_lite.dispatch import parse_recipe, pipeline_for
 from mergekit_lite.params import gradient_value, recipe_params, resolve_value
 
 MERGEKIT_TIES = """\
@@ -64,10 +64,35 @@ def test_gradient_interpolates_over_layers():
     assert gradient_value([0.2, 0.8], "model.norm.weight", None, 5) == 0.8
 
 
-def test_filter_without_fallback_is_an_error():
-    recipe, _ = parse_recipe("merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      weight: [{filter: mlp, value: 1}]\n")
-    with pytest.raises(RecipeError, match="no filter entry matches"):
-        resolve_value(recipe.models[0].parameters["weight"], "attn.w", 0, 2)
+def test_a_filter_list_without_a_match_falls_through_to_the_global_value_then_the_default():
+    """As in mergekit: a per-model filter list with no entry for a tensor leaves the recipe-wide value, and a
+    recipe-wide one with no entry leaves the default; `*` matches every tensor."""
+    recipe, _ = parse_recipe("merge_method: ties\nbase_model: base\nmodels:\n  - model: a\n    parameters:\n"
+                             "      weight: [{filter: mlp, value: 0.2}]\n      density: [{filter: '*', value: 0.3}]\n"
+                             "  - model: b\nparameters:\n  weight: [{filter: attn, value: 0.7}]\n")
+    assert resolve_value(recipe.models[0].parameters["weight"], "attn.w", 0, 2) is None
+    method = pipeline_for("ties")
+    mlp = recipe_params(recipe, method, 0, "layers.0.mlp.w", 0, 2)
+    attn = recipe_params(recipe, method, 0, "layers.0.attn.w", 0, 2)
+    other = recipe_params(recipe, method, 0, "layers.0.norm.w", 0, 2)
+    assert (mlp["weight"], attn["weight"], other["weight"]) == (0.2, 0.7, 1.0)
+    assert mlp["density"] == attn["density"] == other["density"] == 0.3
+
+
+def test_keys_mergekit_accepts_but_this_method_does_not_use_are_warnings():
+    recipe, _ = parse_recipe("merge_method: linear\nmodel_name: my-merge\nmodels:\n  - model: a\n    parameters:\n"
+                             "      weight: 1.0\n      density: 0.5\n  - model: b\n"
+                             "parameters: {int8_mask: true, normalize: 1.0}\n")
+    warnings = "\n".join(recipe.warnings)
+    for needle in ("<recipe>:2: model_name: ignored", "models[0].parameters.density: linear does not use density",
+                   "parameters.int8_mask: linear does not use int8_mask", "parameters.normalize: 1.0 read as True"):
+        assert needle in warnings, warnings
+    # what is ignored is gone from the recipe the merge (and its report) sees
+    assert recipe.parameters == {"normalize": True} and recipe.models[0].parameters == {"weight": 1.0}
+    recipe, _ = parse_recipe("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters:\n"
+                             "      lambda: 2\n")
+    assert "models[0].parameters.lambda: lambda is recipe-wide" in recipe.warnings[0]
+    assert recipe.models[0].parameters == {}
 
 
 @pytest.mark.parametrize(
@@ -76,7 +101,13 @@ def test_filter_without_fallback_is_an_error():
         ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\nbogus: 1\n", "<recipe>:4: bogus: unknown key"),
         ("merge_method: nope\nmodels: [{model: a}]\n", "<recipe>:1: unknown merge_method 'nope'"),
         ("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters:\n      densty: 0.5\n",
-         "<recipe>:6: models[0].parameters.densty: unknown parameter for ties"),
+         "<recipe>:6: models[0].parameters.densty: unknown parameter for ties (did you mean density?)"),
+        ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\nbase_modle: c\n",
+         "<recipe>:4: base_modle: unknown key (did you mean base_model?)"),
+        ("merge_method: ties\nbase_model: b\nmodels: [{model: a, paramters: {density: 0.5}}]\n",
+         "models[0].paramters: unknown key (did you mean parameters?)"),
+        ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\nparameters: {wombat: 1}\n",
+         "parameters.wombat: unknown parameter for ties (known:"),
         ("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters:\n      density: 1.5\n",
          "<recipe>:6: models[0].parameters.density: must be at most 1"),
         ("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters:\n      density: 0\n",
@@ -94,8 +125,6 @@ def test_filter_without_fallback_is_an_error():
         ("merge_method: ties\n  base_model: [\n", "invalid YAML"),
         ("- just a list\n", "must be a YAML mapping"),
         ("merge_method: passthrough\nslices: []\n", "'slices' (layer stacking) is not supported"),
-        ("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters:\n      lambda: 2\n",
-         "lambda is recipe-wide"),
     ],
 )
 def test_recipe_errors_name_line_and_key(text, needle):

@@ -314,3 +314,25 @@ def test_tied_expert_head_comes_from_its_embedding(tmp_path, llama_family):
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
     assert not any("lm_head" in w for w in report["warnings"])
     assert not torch.equal(merged["lm_head.weight"], base["lm_head.weight"])
+
+
+def test_keys_mergekit_ignores_are_warned_about_under_quiet_and_kept_in_the_report(tmp_path, llama_family):
+    """A mergekit recipe with keys this method does not use (copied from a model card) runs, says so on stderr
+    even with --quiet, and the report keeps the warnings; `merge validate` accepts it too and says the same."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model_name: my-merge\nmerge_method: task_arithmetic\nbase_model: {llama_family['base']}\n"
+                      f"models:\n  - model: {llama_family['expert1']}\n    parameters: {{weight: 1.0, density: 0.5}}\n"
+                      f"  - model: {llama_family['expert2']}\n    parameters: {{weight: 1.0}}\n"
+                      "parameters: {lambda: 0.5, normalize: 1.0, int8_mask: true}\ndtype: float32\n")
+    checked = run_cli("validate", recipe)
+    assert checked.exit_code == 0, checked.output
+    result = run_cli("run", recipe, tmp_path / "out", "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    for needle in ("model_name: ignored", "task_arithmetic does not use density", "does not use int8_mask",
+                   "normalize: 1.0 read as True"):
+        assert needle in result.stderr and needle in checked.stderr, needle
+        assert any(needle in w for w in report["warnings"]), needle
+    assert "density" not in report["recipe"]["models"][0]["parameters"]
+    assert report["recipe"]["parameters"] == {"lambda": 0.5, "normalize": True}
+    assert result.stdout == ""  # --quiet: nothing but warnings, and those on stderr

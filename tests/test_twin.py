@@ -298,7 +298,7 @@ models:
     (TWO.format(method="twin", task_a="a", data_a="data: {{path: {data}}}") + "shared_merge: {{merge_method: pleas}}",
      "not tensor-wise"),
     (TWO.format(method="twin", task_a="a", data_a="data: {{path: {data}}}")
-     + "shared_merge: {{merge_method: task_arithmetic, parameters: {{density: 0.5}}}}", "shared_merge (task_arithmetic)"),
+     + "shared_merge: {{merge_method: task_arithmetic, parameters: {{wombat: 0.5}}}}", "shared_merge (task_arithmetic)"),
     (TWO.format(method="ties", task_a="a", data_a="data: {{path: {data}}}"), "only twin recipes"),
     (TWO.format(method="twin", task_a="a", data_a="data: {{path: /nonexistent/a.txt}}"), "task a: data /nonexistent/a.txt not found"),
 ])

@@ -144,7 +144,7 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
             files=output_files(writer.tmp_dir, writer.files, writer.shard_digest), tensors=len(state),
             timings={"read": loaded - started - refine, "refine": refine, "compute": merged_at - loaded,
                      "write": time.perf_counter() - merged_at, "total": time.perf_counter() - started},
-            warnings=[DATA_FREE_WARNING] if "data-free" in described else [],
+            warnings=list(recipe.warnings) + ([DATA_FREE_WARNING] if "data-free" in described else []),
             sections={"data": {"source": described, "samples": sum(len(b) for b in batches)}, "pleas": result.report})
         if report_path is None:
             writer.add_file(REPORT_NAME, report_bytes(report).decode())

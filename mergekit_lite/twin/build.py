@@ -103,10 +103,17 @@ def check_twin_recipe(recipe: Recipe, source: str, lines: dict, twin: Parameteri
     method = METHODS[shared.merge_method]
     shared_lines = {key: value for key, value in lines.items() if key[:1] == ("models",)}
     shared_lines.update({key[1:]: value for key, value in lines.items() if key[:1] == ("shared_merge",)})
+    inner = shared_recipe(recipe)
     try:
-        check_parameters(shared_recipe(recipe), source, shared_lines, method)
+        check_parameters(inner, source, shared_lines, method)
     except RecipeError as exc:
         raise RecipeError(f"shared_merge ({method.name}): {exc}") from None
+    # what the shared merge ignores is dropped from the recipe too, and said
+    for entry, checked in zip(recipe.models, inner.models):
+        entry.parameters = checked.parameters
+    if recipe.shared_merge is not None:
+        recipe.shared_merge.parameters = inner.parameters
+    recipe.warnings.extend(f"shared_merge ({method.name}): {w}" for w in inner.warnings)
 
 
 def check_data_paths(recipe: Recipe) -> None:
@@ -353,7 +360,7 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
             tensors=shared_report["tensors"] if isinstance(shared_report["tensors"], int) else len(shared_report["tensors"]),
             timings={"shared_merge": merged_at - started, "compress": compressed_at - merged_at,
                      "router": trained_at - compressed_at, "total": time.perf_counter() - started},
-            warnings=_warnings(router_info),
+            warnings=list(recipe.warnings) + _warnings(router_info),
             sections={"twin": {"tasks": tasks, "rank": storage["rank_ratio"],
                                "storage_budget": None if rank is not None else storage_share,
                                "storage": storage, "router": router_info,
