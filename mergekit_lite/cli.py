@@ -302,13 +302,39 @@ def run(
     shard_size: Optional[str] = typer.Option(None, "--shard-size", help="Largest output shard, e.g. 5GB or 500MB."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also read pickled .bin/.pt inputs (weights_only=True)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted merge of the same recipe, keeping the tensors it wrote."),
+    cuda: bool = typer.Option(False, "--cuda", help="mergekit's flag: the same as --device cuda."),
+    out_shard_size: Optional[str] = typer.Option(
+        None, "--out-shard-size", help="mergekit's flag: parameters per output shard, e.g. 5B or 500M (--shard-size counts bytes)."),
+    copy_tokenizer: bool = typer.Option(True, "--copy-tokenizer/--no-copy-tokenizer",
+                                        help="Copy the tokenizer (and generation) files to the output."),
+    write_model_card: bool = typer.Option(True, "--write-model-card/--no-write-model-card",
+                                          help="Write README.md, the model card, into the output."),
+    allow_crimes: bool = typer.Option(False, "--allow-crimes",
+                                      help="mergekit's flag: merge models whose configs name different architectures, where their tensors match."),
+    lazy_unpickle: bool = typer.Option(False, "--lazy-unpickle",
+                                       help="mergekit's flag, accepted: every input is read lazily here anyway."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="Refused: no model code is ever run from a checkpoint."),
 ) -> None:
     """Merge the checkpoints a recipe names and write OUT_DIR (weights, config, tokenizer, model card, report)."""
     from mergekit_lite.dispatch import describe_report, merge_recipe_file
     from mergekit_lite.pipeline import MergeOptions
+    from mergekit_lite.units import parse_count
 
-    options = MergeOptions(device=device, force=force, seed=seed, shard_size=shard_size, allow_pickle=allow_pickle,
-                           report_path=report, resume=resume)
+    if trust_remote_code:
+        raise UserError("--trust-remote-code: refused; mergekit_lite never runs code from a checkpoint (models are "
+                        "built from their config with the installed transformers or timm), so no merge needs it")
+    if cuda and device not in ("auto", "cuda"):
+        raise UserError(f"--cuda and --device {device} disagree; give one of them")
+    shard_parameters = None
+    if out_shard_size is not None:
+        shard_parameters = parse_count(out_shard_size)
+        if shard_parameters is None:
+            raise UserError(f"--out-shard-size {out_shard_size!r}: a number of parameters like 5B, 500M or 10K")
+    options = MergeOptions(device="cuda" if cuda else device, force=force, seed=seed, shard_size=shard_size,
+                           allow_pickle=allow_pickle, report_path=report, resume=resume,
+                           shard_parameters=shard_parameters, copy_tokenizer=copy_tokenizer,
+                           write_model_card=write_model_card, allow_crimes=allow_crimes)
     progress = RichProgress(enabled=not quiet and err.is_terminal)
     result = merge_recipe_file(recipe, out_dir, options, progress=progress)
     for warning in result["warnings"]:  # also under --quiet: each names something the user should check

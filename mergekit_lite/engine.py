@@ -119,7 +119,7 @@ def output_dtype(recipe: Recipe, source: torch.dtype) -> torch.dtype:
     return TORCH_DTYPES[DTYPES[name]]
 
 
-def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
+def plan_merge(recipe: Recipe, allow_pickle: bool = False, allow_crimes: bool = False) -> MergePlan:
     """Open every input and decide, from headers alone, what each output tensor is and how it is made."""
     method = get_method(recipe.merge_method)
     sources = open_sources(recipe, method, allow_pickle)
@@ -128,7 +128,7 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     if not reference.tensors:
         raise UserError(f"{reference.path}: holds no tensors; there is nothing to merge")
     for expert in sources.experts:
-        _check_same_architecture(reference, expert)
+        _check_same_architecture(reference, expert, allow_crimes, warnings)
     plans = []
     kept_as_is = []
     num_layers = count_layers(reference.config, reference.tensors)
@@ -203,11 +203,17 @@ def _architecture(ckpt: Checkpoint) -> str | None:
     return config.get("architecture") or config.get("model_type")
 
 
-def _check_same_architecture(reference: Checkpoint, expert: Checkpoint) -> None:
-    """Refuse models whose configs name different architectures, or that share under half the tensor names."""
+def _check_same_architecture(reference: Checkpoint, expert: Checkpoint, allow_crimes: bool = False,
+                             warnings: list[str] | None = None) -> None:
+    """Refuse models whose configs name different architectures (unless `allow_crimes`, mergekit's flag: then a
+    warning), or that share under half the tensor names."""
     ours, theirs = _architecture(reference), _architecture(expert)
     if ours and theirs and ours != theirs:
-        raise UserError(f"{expert.path}: is a {theirs} model but {reference.path} is a {ours} model; they cannot be merged")
+        if not allow_crimes:
+            raise UserError(f"{expert.path}: is a {theirs} model but {reference.path} is a {ours} model; they cannot "
+                            "be merged (--allow-crimes merges them anyway where their tensors match)")
+        if warnings is not None:
+            warnings.append(f"{expert.path} is a {theirs} model, merged into a {ours} model (--allow-crimes)")
     shared = sum(1 for name in reference.tensors if name in expert.tensors)
     if shared * 2 < len(reference.tensors):
         raise UserError(

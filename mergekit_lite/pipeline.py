@@ -49,6 +49,10 @@ class MergeOptions:
     allow_pickle: bool = False
     report_path: Path | None = None
     resume: bool = False
+    shard_parameters: int | None = None  # mergekit's --out-shard-size: parameters per shard (shard_size wins)
+    copy_tokenizer: bool = True
+    write_model_card: bool = True
+    allow_crimes: bool = False  # mergekit's name: merge models whose configs name different architectures
 
 
 @dataclass

@@ -4,14 +4,20 @@ dispatcher's (`dispatch.py`)."""
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Union
 
 import yaml
-import difflib
-
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+)
 
 from mergekit_lite.errors import RecipeError
 

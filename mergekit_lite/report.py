@@ -26,6 +26,7 @@ ENVELOPE_KEYS = ("schema", "kind_schema", "created", "method", "recipe", "seed",
 KIND_SCHEMA_VERSIONS = {"tensorwise": 1, "pleas": 1, "twin": 1}  # raised when that kind's sections change
 REPORT_NAME = "merge_report.json"
 RECIPE_NAME = "merge_recipe.yaml"
+MERGEKIT_CONFIG_NAME = "mergekit_config.yml"  # the name the hub's tooling looks for
 
 
 def file_sha256(path: Path) -> str:
@@ -43,6 +44,15 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
 
 def report_bytes(report: dict[str, Any]) -> bytes:
     return (json.dumps(report, indent=2) + "\n").encode()
+
+
+def write_description(writer: Any, recipe_text: str, card: str | None) -> None:
+    """The recipe (as `merge_recipe.yaml` and as mergekit's `mergekit_config.yml`) and, unless `card` is None
+    (--no-write-model-card), the model card, into a checkpoint writer's output."""
+    writer.add_file(RECIPE_NAME, recipe_text)
+    writer.add_file(MERGEKIT_CONFIG_NAME, recipe_text)
+    if card is not None:
+        writer.add_file("README.md", card)
 
 
 def peak_memory(device: torch.device) -> dict[str, int]:
@@ -106,10 +116,14 @@ def envelope(*, kind: str, method: str, recipe: dict[str, Any], seed: int, devic
 
 
 def model_card(*, title: str, tags: list[str], library: str | None, intro: str, body: list[str],
-               recipe_text: str) -> str:
-    """A Hugging Face model card: front matter, what made it, the pipeline's lines, and the recipe."""
-    front = ["---"] + ([f"library_name: {library}"] if library else []) + ["tags:", "- merge", "- mergekit_lite"]
-    front += [f"- {tag}" for tag in tags] + ["---", ""]
+               recipe_text: str, base_models: Iterable[str] = ()) -> str:
+    """A Hugging Face model card: front matter (the inputs as `base_model`, the tags the hub lists merges by),
+    what made it, the pipeline's lines, and the recipe."""
+    front = ["---"] + ([f"library_name: {library}"] if library else [])
+    models = list(dict.fromkeys(str(model) for model in base_models))
+    if models:
+        front += ["base_model:"] + [f"- {json.dumps(model)}" for model in models]
+    front += ["tags:", "- merge", "- mergekit", "- mergekit_lite"] + [f"- {tag}" for tag in tags] + ["---", ""]
     lines = front + [f"# {title}", "", f"Made with mergekit_lite {__version__}: {intro}", ""] + body
     lines += ["", "## Recipe", "", "```yaml", recipe_text.rstrip(), "```", ""]
     return "\n".join(lines)

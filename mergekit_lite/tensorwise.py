@@ -4,6 +4,7 @@ config, tokenizer, recipe, model card and report."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -26,12 +27,12 @@ from mergekit_lite.pipeline import (
 )
 from mergekit_lite.recipe import DTYPES, Recipe
 from mergekit_lite.report import (
-    RECIPE_NAME,
     REPORT_NAME,
     envelope,
     model_card,
     output_files,
     report_bytes,
+    write_description,
     write_report,
 )
 from mergekit_lite.units import human_bytes
@@ -124,12 +125,17 @@ def build_report(result: MergeResult, out_dir: Path, written_dir: Path,
         warnings=warnings, sections={"tensors": result.tensor_stats})
 
 
+def recipe_models(recipe: Recipe) -> list[str]:
+    """The inputs as the recipe names them (hub ids or paths): the model card's `base_model`."""
+    return ([recipe.base_model] if recipe.base_model else []) + [entry.model for entry in recipe.models]
+
+
 def tensorwise_card(result: MergeResult, recipe_text: str) -> str:
     plan = result.plan
     sources = plan.sources
     body = [f"Base model: `{sources.base.path}`", ""] if sources.base is not None else []
     body += ["Models merged:", ""] + [f"- `{ckpt.path}`" for ckpt in sources.experts]
-    return model_card(title=f"Merged model ({plan.method.name})", tags=[],
+    return model_card(title=f"Merged model ({plan.method.name})", tags=[], base_models=recipe_models(plan.recipe),
                       library="transformers" if sources.reference.kind == "transformers" else "timm",
                       intro=f"**{plan.method.name}**, {plan.method.summary}.", body=body, recipe_text=recipe_text)
 
@@ -137,30 +143,50 @@ def tensorwise_card(result: MergeResult, recipe_text: str) -> str:
 def merge_tensorwise(recipe: Recipe, recipe_text: str, out: Path, options: MergeOptions,
                      progress: Progress | None = None) -> dict[str, Any]:
     """Plan and stream a tensor-wise merge into `out`, with config, tokenizer, recipe, card and report."""
-    plan = plan_merge(recipe, allow_pickle=options.allow_pickle)
+    plan = plan_merge(recipe, allow_pickle=options.allow_pickle, allow_crimes=options.allow_crimes)
     tokenizer_source = tokenizer_dir(recipe, plan)
     support_files(tokenizer_source)  # a link out of the checkpoint or a FIFO is refused now, not after the merge
-    shard = options.shard_size if options.shard_size is not None else recipe.shard_size
+    shard_bytes = shard_bytes_for(plan, options)
     report: dict[str, Any] = {}
 
     def finalize(result: MergeResult, writer: CheckpointWriter) -> None:
         reference = plan.sources.reference.directory
         out_dtype = recipe.out_dtype or recipe.dtype
         writer.copy_config(reference, _dtype_updates(reference, out_dtype) if out_dtype else None)
-        writer.copy_support_files(tokenizer_source)
-        writer.add_file(RECIPE_NAME, recipe_text)
-        writer.add_file("README.md", tensorwise_card(result, recipe_text))
+        if options.copy_tokenizer:
+            writer.copy_support_files(tokenizer_source)
+        write_description(writer, recipe_text, tensorwise_card(result, recipe_text) if options.write_model_card else None)
         report.update(build_report(result, out, writer.tmp_dir, writer.shard_digest))
         if options.report_path is None:
             writer.add_file(REPORT_NAME, report_bytes(report).decode())
 
-    shard_bytes = parse_size(shard) if shard is not None else None
     run_merge(plan, out, device=options.device, force=options.force, seed=options.seed, shard_bytes=shard_bytes,
               progress=progress, finalize=finalize, resume=options.resume,
               fingerprint=plan_fingerprint(plan, options.seed, shard_bytes))
     if options.report_path is not None:
         write_report(options.report_path, report)
     return report
+
+
+def shard_bytes_for(plan: MergePlan, options: MergeOptions) -> int | None:
+    """The largest output shard in bytes: --shard-size (bytes), else --out-shard-size (mergekit's: parameters,
+    at the output's bytes per parameter), else the recipe's shard_size, else the writer's default. A size below
+    every tensor's puts each in its own file: said in the report's warnings."""
+    recipe = plan.recipe
+    if options.shard_size is not None:
+        shard_bytes = parse_size(options.shard_size)
+    elif options.shard_parameters is not None:
+        numel = sum(math.prod(t.shape) for t in plan.tensors)
+        shard_bytes = max(1, int(options.shard_parameters * plan.total_bytes / max(numel, 1)))
+    elif recipe.shard_size is not None:
+        shard_bytes = parse_size(recipe.shard_size)
+    else:
+        return None
+    if plan.tensors and shard_bytes < min(t.nbytes for t in plan.tensors):
+        plan.warnings.append(f"a shard size of {shard_bytes:,} bytes is below every tensor's size: each tensor goes "
+                             "in a file of its own (shard sizes count bytes, e.g. 5GB; mergekit's --out-shard-size "
+                             "counts parameters, e.g. 5B)")
+    return shard_bytes
 
 
 def validate_tensorwise(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:

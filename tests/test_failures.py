@@ -267,5 +267,5 @@ def test_a_config_cannot_point_the_tool_elsewhere(tmp_path, llama_family):
     for file in (tmp_path / "out").iterdir():
         assert b"SENTINEL-CONTENT" not in file.read_bytes()
     allowed = {"model.safetensors", "config.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-               "generation_config.json", "README.md", "merge_recipe.yaml", "merge_report.json"}
+               "generation_config.json", "README.md", "merge_recipe.yaml", "mergekit_config.yml", "merge_report.json"}
     assert {p.name for p in (tmp_path / "out").iterdir()} <= allowed

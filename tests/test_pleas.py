@@ -309,6 +309,8 @@ def test_merge_run_data_free_uses_generic_inputs(tmp_path, pleas_inputs, monkeyp
     report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
     assert tuple(report)[: len(ENVELOPE_KEYS)] == ENVELOPE_KEYS  # the envelope every pipeline writes
     assert report["kind_schema"] == "mergekit_lite.report.pleas/1" and report["output"]["files"]
+    assert (tmp_path / "merged" / "mergekit_config.yml").is_file()
+    assert "base_model:" in (tmp_path / "merged" / "README.md").read_text().split("---")[1]
     assert "generic" in report["data"]["source"]
     # every data-free report warns that its figures are measured on synthetic inputs; refinement is its own phase
     assert any(w.startswith("data-free:") for w in report["warnings"]) and "data-free:" in result.stderr

@@ -336,3 +336,68 @@ def test_keys_mergekit_ignores_are_warned_about_under_quiet_and_kept_in_the_repo
     assert "density" not in report["recipe"]["models"][0]["parameters"]
     assert report["recipe"]["parameters"] == {"lambda": 0.5, "normalize": True}
     assert result.stdout == ""  # --quiet: nothing but warnings, and those on stderr
+
+
+def _ties_recipe(tmp_path, family) -> str:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: ties\nbase_model: {family['base']}\nmodels:\n"
+                      f"  - model: {family['expert1']}\n    parameters: {{density: 0.5}}\n"
+                      f"  - model: {family['expert2']}\n    parameters: {{density: 0.5}}\ndtype: float32\n")
+    return recipe
+
+
+def test_mergekit_outputs_config_and_model_card_front_matter(tmp_path, llama_family):
+    recipe = _ties_recipe(tmp_path, llama_family)
+    assert run_cli("run", recipe, tmp_path / "out", "--quiet").exit_code == 0
+    out = tmp_path / "out"
+    assert (out / "mergekit_config.yml").read_text() == recipe.read_text() == (out / "merge_recipe.yaml").read_text()
+    card = (out / "README.md").read_text()
+    front = card.split("---")[1]
+    for line in ("base_model:", f'- "{llama_family["base"]}"', f'- "{llama_family["expert1"]}"', "- merge",
+                 "- mergekit", "- mergekit_lite", "library_name: transformers"):
+        assert line in front, line
+    assert (out / "tokenizer_config.json").exists()
+    bare = run_cli("run", recipe, tmp_path / "bare", "--quiet", "--no-copy-tokenizer", "--no-write-model-card")
+    assert bare.exit_code == 0, bare.output
+    assert not (tmp_path / "bare" / "README.md").exists() and not (tmp_path / "bare" / "tokenizer_config.json").exists()
+    assert tree_digest(tmp_path / "bare" / "model.safetensors") == tree_digest(out / "model.safetensors")
+
+
+def test_mergekit_shard_flags_count_parameters_and_a_byte_size_below_every_tensor_is_a_warning(tmp_path, llama_family):
+    recipe = _ties_recipe(tmp_path, llama_family)
+    whole = run_cli("run", recipe, tmp_path / "whole", "--quiet", "--out-shard-size", "5B")
+    assert whole.exit_code == 0, whole.output
+    assert sorted(p.name for p in (tmp_path / "whole").glob("*.safetensors")) == ["model.safetensors"]
+    split = run_cli("run", recipe, tmp_path / "split", "--quiet", "--out-shard-size", "10K")
+    assert split.exit_code == 0 and len(list((tmp_path / "split").glob("model-*.safetensors"))) > 1
+    bytes_five = run_cli("run", recipe, tmp_path / "tiny", "--quiet", "--shard-size", "5B")
+    assert bytes_five.exit_code == 0 and "each tensor goes in a file of its own" in " ".join(bytes_five.stderr.split())
+    report = json.loads((tmp_path / "tiny" / "merge_report.json").read_text())
+    assert any("mergekit's --out-shard-size counts parameters" in w for w in report["warnings"])
+    bad = run_cli("run", recipe, tmp_path / "bad", "--out-shard-size", "lots")
+    assert bad.exit_code == 2 and "--out-shard-size 'lots'" in bad.output and not (tmp_path / "bad").exists()
+
+
+def test_trust_remote_code_is_refused_and_allow_crimes_merges_other_architectures(tmp_path, llama_family):
+    recipe = _ties_recipe(tmp_path, llama_family)
+    refused = run_cli("run", recipe, tmp_path / "out", "--trust-remote-code")
+    assert refused.exit_code == 2 and "never runs code from a checkpoint" in refused.output
+    assert not (tmp_path / "out").exists()
+    other = tmp_path / "other"
+    shutil.copytree(llama_family["expert2"], other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+    recipe.write_text(recipe.read_text().replace(str(llama_family["expert2"]), str(other)))
+    crime = run_cli("run", recipe, tmp_path / "crime", "--quiet")
+    assert crime.exit_code == 2 and "--allow-crimes" in crime.output
+    allowed = run_cli("run", recipe, tmp_path / "crime", "--quiet", "--allow-crimes", "--lazy-unpickle")
+    assert allowed.exit_code == 0, allowed.output
+    assert "is a mistral model, merged into a llama model (--allow-crimes)" in " ".join(allowed.stderr.split())
+    assert run_cli("run", recipe, tmp_path / "x", "--cuda", "--device", "cpu").exit_code == 2
+
+
+def test_the_command_is_also_installed_as_mergekit_lite():
+    from importlib.metadata import entry_points
+
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
+    assert scripts.get("merge") == scripts.get("mergekit-lite") == "mergekit_lite.cli:main"

@@ -176,6 +176,8 @@ def test_collapse_command_equals_the_runtime_for_fixed_weights(gpt2_twin):
         torch.testing.assert_close(plain(x).logits, twin(x, weights={"prose": 0.6, "code": 0.4}).logits,
                                    rtol=1e-4, atol=1e-4)
     assert json.loads((out / "twin_collapse.json").read_text())["weights"] == {"prose": 0.6, "code": 0.4}
+    card = (out / "README.md").read_text()  # a model card naming the twin recipe's inputs, as every output has
+    assert "base_model:" in card.split("---")[1] and "- mergekit" in card and "prose 0.6, code 0.4" in card
 
 
 @pytest.mark.parametrize("weights, message", [("prose=1,poetry=1", "unknown task"), ("prose", "task=weight"),
@@ -196,6 +198,8 @@ def test_the_directory_and_report_describe_what_was_stored(gpt2_twin):
         assert (twin_dir / name).is_file(), name
     assert tuple(report)[: len(ENVELOPE_KEYS)] == ENVELOPE_KEYS  # the envelope every pipeline writes
     assert report["kind_schema"] == "mergekit_lite.report.twin/1"
+    assert (twin_dir / "mergekit_config.yml").read_text() == (twin_dir / "merge_recipe.yaml").read_text()
+    assert "base_model:" in (twin_dir / "README.md").read_text().split("---")[1]
     files = {f["name"]: f for f in report["output"]["files"]}
     assert {"router.safetensors", "experts/model.safetensors"} <= set(files)
     assert all(len(f["sha256"]) == 64 and f["bytes"] == (twin_dir / n).stat().st_size for n, f in files.items())

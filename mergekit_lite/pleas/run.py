@@ -25,6 +25,7 @@ from mergekit_lite.report import (
     model_card,
     output_files,
     report_bytes,
+    write_description,
     write_report,
 )
 
@@ -134,9 +135,10 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
             writer.write(name, tensor)
         writer.add_file("config.json", json.dumps(source_config, indent=2) + "\n")
         source_dir = paths[0] if paths[0].is_dir() else paths[0].parent
-        writer.copy_support_files(source_dir)  # tokenizer and generation files of a transformers model
-        writer.add_file("merge_recipe.yaml", recipe_text)
-        writer.add_file("README.md", _card(paths, result.report, recipe_text))
+        if options.copy_tokenizer:
+            writer.copy_support_files(source_dir)  # tokenizer and generation files of a transformers model
+        write_description(writer, recipe_text,
+                          _card(recipe, result.report, recipe_text) if options.write_model_card else None)
         refine = phases.get("refine", 0.0)
         report = envelope(
             kind="pleas", method="pleas", recipe=recipe.model_dump(mode="json", exclude_none=True), seed=seed, device=device,
@@ -153,12 +155,13 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
     return report
 
 
-def _card(paths: list[Path], report: dict, recipe_text: str) -> str:
-    body = ["Models merged:", ""] + [f"- `{p}`" for p in paths]
+def _card(recipe: Recipe, report: dict, recipe_text: str) -> str:
+    models = [entry.model for entry in recipe.models]
+    body = ["Models merged:", ""] + [f"- `{model}`" for model in models]
     body += ["", f"Compute relative to one source model: {report['compute_ratio']:.3f} (target {report['target_width']}); "
              f"parameters: {report['parameter_ratio']:.3f}x.", "",
              "Load it with `mergekit_lite.pleas.load_model(path, transformers_ok=True)` (module shapes follow the "
              "weights; at width 1.0 it also loads with the source model's own loader)."]
     return model_card(title="Merged model (PLeaS)", tags=["pleas"], library=None,
                       intro="permutations and least squares, two models of one architecture.", body=body,
-                      recipe_text=recipe_text)
+                      recipe_text=recipe_text, base_models=models)

@@ -30,6 +30,7 @@ from mergekit_lite.report import (
     model_card,
     output_files,
     report_bytes,
+    write_description,
     write_report,
 )
 from mergekit_lite.tensorwise import merge_tensorwise
@@ -327,7 +328,9 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
             shared_report = merge_tensorwise(
                 inner, shared_text, directory / SHARED,
                 MergeOptions(device=str(device), seed=seed, shard_size=options.shard_size,
-                             allow_pickle=options.allow_pickle, resume=staging.resumed, force=staging.resumed),
+                             shard_parameters=options.shard_parameters, allow_pickle=options.allow_pickle,
+                             resume=staging.resumed, force=staging.resumed, copy_tokenizer=options.copy_tokenizer,
+                             allow_crimes=options.allow_crimes),
                 progress)
             stages["shared"] = {"timings_seconds": shared_report["timings_seconds"], "tensors": len(shared_report["tensors"])}
             _write_stages(directory, stages)
@@ -348,8 +351,8 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
                     "router": {k: router_info[k] for k in ("feature", "features", "sequence_max", "top_k", "dropout")},
                     "tensors": layout}
         staging.add_file(MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        staging.add_file("merge_recipe.yaml", recipe_text)
-        staging.add_file("README.md", _card(recipe, tasks, storage, router_info, recipe_text))
+        write_description(staging, recipe_text, _card(recipe, tasks, storage, router_info, recipe_text)
+                          if options.write_model_card else None)
         shared_digests = {f"{SHARED}/{f['name']}": f["sha256"] for f in shared_report.get("output", {}).get("files", [])}
         names = sorted(str(f.relative_to(directory)) for f in directory.rglob("*.safetensors"))
         report = envelope(
@@ -419,4 +422,5 @@ def _card(recipe: Recipe, tasks: list[str], storage: dict, router_info: dict, re
     return model_card(title="Twin-Merging directory", tags=["twin-merging"], library=None,
                       intro="a shared expert (`shared/`, a normal checkpoint), each task's exclusive knowledge as "
                             "low-rank factors (`experts/`), and a router (`router.safetensors`).",
-                      body=body, recipe_text=recipe_text)
+                      body=body, recipe_text=recipe_text,
+                      base_models=[recipe.base_model] + [entry.model for entry in recipe.models])

@@ -8,10 +8,13 @@ from pathlib import Path
 import torch
 
 from mergekit_lite.checkpoint import CheckpointWriter, TensorSpec, open_checkpoint
-from mergekit_lite.checkpoint.files import refuse_overlap
+from mergekit_lite.checkpoint.files import read_limited, refuse_overlap, roots_of
 from mergekit_lite.checkpoint.lock import output_lock
 from mergekit_lite.checkpoint.writer import check_output_path
+from mergekit_lite.errors import UserError
 from mergekit_lite.layers import must_stay_positive
+from mergekit_lite.recipe import MAX_RECIPE_BYTES, parse_recipe_text
+from mergekit_lite.report import RECIPE_NAME, model_card
 from mergekit_lite.twin.store import (
     EXPERTS,
     SHARED,
@@ -66,9 +69,26 @@ def _collapse(directory: Path, manifest: dict, weights: dict[str, float], vector
             writer.copy_support_files(directory / SHARED)
             mix_record = {"twin": str(directory), "weights": {t: float(weights.get(t, 0.0)) for t in manifest["tasks"]}}
             writer.add_file("twin_collapse.json", json.dumps(mix_record, indent=2) + "\n")
+            writer.add_file("README.md", _card(directory, mix_record["weights"]))
     finally:
         shared.close()
         experts.close()
     warnings = [f"{len(kept)} batch-norm variance tensor(s) would come out zero or negative under this mix and were "
                 f"kept from the shared expert, e.g. {kept[0]!r}"] if kept else []
     return {"path": str(out), "tensors": len(specs), "weights": mix_record["weights"], "warnings": warnings}
+
+
+def _card(directory: Path, weights: dict[str, float]) -> str:
+    """The collapsed checkpoint's model card: the mix, and the twin recipe's inputs as `base_model` when the
+    directory still holds its recipe."""
+    try:  # a regular file inside the directory only (never a FIFO or a link out), and at most a recipe's size
+        data = read_limited(directory / RECIPE_NAME, roots_of(directory), "recipe", MAX_RECIPE_BYTES)
+        recipe_text = data.decode("utf-8")
+        recipe, _ = parse_recipe_text(recipe_text, str(directory / RECIPE_NAME))
+        models = ([recipe.base_model] if recipe.base_model else []) + [entry.model for entry in recipe.models]
+    except (UserError, OSError, UnicodeDecodeError):
+        recipe_text, models = "# the Twin-Merging directory's recipe was not found", []
+    mix = ", ".join(f"{task} {weight:g}" for task, weight in weights.items())
+    return model_card(title="Twin-Merging directory, one fixed task mix", tags=["twin-merging"], library=None,
+                      intro=f"the shared expert of `{directory}` plus each task's exclusive knowledge at the weights "
+                            f"{mix} (`merge twin-collapse`).", body=[], recipe_text=recipe_text, base_models=models)
