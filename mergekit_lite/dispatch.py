@@ -10,6 +10,7 @@ from mergekit_lite.checkpoint.files import check_report_target, real, refuse_ove
 from mergekit_lite.checkpoint.lock import output_lock
 from mergekit_lite.checkpoint.writer import check_output_path
 from mergekit_lite.errors import RecipeError, UserError
+from mergekit_lite.hub import resolve_hub_ids
 from mergekit_lite.methods import METHODS
 from mergekit_lite.pipeline import (
     DirectorySummary,
@@ -97,6 +98,7 @@ def merge_recipe(recipe: Recipe, recipe_text: str, out_dir: str | Path | None, o
                  progress: Progress | None = None) -> dict[str, Any]:
     """Merge a checked recipe (its text is kept beside the output)."""
     out = resolve_output(recipe, out_dir)
+    resolve_hub_ids(recipe, options.allow_pickle)
     guard_paths(recipe_inputs(recipe), out, options.force, options.report_path)
     with output_lock(out):
         return pipeline_for(recipe.merge_method).run(recipe, recipe_text, out, options, progress or SilentProgress())
@@ -105,6 +107,7 @@ def merge_recipe(recipe: Recipe, recipe_text: str, out_dir: str | Path | None, o
 def validate_recipe(recipe: Recipe, allow_pickle: bool = False) -> Validation:
     """Check a recipe against its inputs (paths, shapes, missing tensors; models, for the pipelines that run them)
     without merging."""
+    resolve_hub_ids(recipe, allow_pickle)
     found = pipeline_for(recipe.merge_method).validate(recipe, allow_pickle)
     found.warnings = list(recipe.warnings) + [w for w in found.warnings if w not in recipe.warnings]
     return found

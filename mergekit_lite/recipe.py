@@ -90,10 +90,35 @@ class Recipe(BaseModel):
     shared_merge: SharedMerge | None = None
     # what checking found harmless but worth saying (keys mergekit accepts that this merge does not use)
     _warnings: list[str] = PrivateAttr(default_factory=list)
+    # hub ids resolved to local snapshots: {reference, repo_id, revision, commit, path} each
+    _hub_sources: list[dict[str, str]] = PrivateAttr(default_factory=list)
 
     @property
     def warnings(self) -> list[str]:
         return self._warnings
+
+    @property
+    def hub_sources(self) -> list[dict[str, str]]:
+        return self._hub_sources
+
+    def reference_of(self, path: str | Path | None) -> str | None:
+        """The reference the recipe was written with (a hub id) for a path it was resolved to, else the path."""
+        if path is None:
+            return None
+        for source in self._hub_sources:
+            if Path(source["path"]) == Path(path):
+                return source["reference"]
+        return str(path)
+
+    def as_written(self) -> dict:
+        """The recipe as JSON data, hub ids as the user wrote them rather than the snapshots they resolved to."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        for entry in data.get("models", []):
+            entry["model"] = self.reference_of(entry["model"])
+        for key in ("base_model", "tokenizer_source"):
+            if data.get(key) not in (None, "base", "union"):
+                data[key] = self.reference_of(data[key])
+        return data
 
     @field_validator("seed")
     @classmethod

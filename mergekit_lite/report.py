@@ -91,9 +91,14 @@ def output_files(directory: Path, names: Iterable[str],
 
 def envelope(*, kind: str, method: str, recipe: dict[str, Any], seed: int, device: torch.device, inputs: list[dict[str, Any]],
              output_path: Path, files: list[dict[str, Any]], tensors: int, timings: dict[str, float],
-             warnings: list[str], sections: dict[str, Any] | None = None) -> dict[str, Any]:
+             warnings: list[str], sections: dict[str, Any] | None = None,
+             hub_sources: list[dict[str, str]] = ()) -> dict[str, Any]:
     """The report every pipeline writes: the same keys in the same order, then its own sections. `schema`
     versions the envelope, `kind_schema` the sections of this kind of report (tensorwise, pleas or twin)."""
+    for item in inputs:  # a hub id: which repository and commit the input resolved to
+        source = next((s for s in hub_sources if Path(s["path"]) == Path(item["path"])), None)
+        if source is not None:
+            item["hub"] = {"id": source["repo_id"], "revision": source["revision"], "commit": source["commit"]}
     report = {
         "schema": SCHEMA,
         "kind_schema": f"{KIND_SCHEMA_PREFIX}{kind}/{KIND_SCHEMA_VERSIONS[kind]}",

@@ -117,17 +117,18 @@ def build_report(result: MergeResult, out_dir: Path, written_dir: Path,
     if result.nonfinite:
         warnings.append(f"{len(result.nonfinite)} merged tensor(s) hold NaN or Inf, e.g. {result.nonfinite[0]!r}")
     return envelope(
-        kind="tensorwise", method=plan.method.name, recipe=plan.recipe.model_dump(mode="json", exclude_none=True), seed=result.seed,
+        kind="tensorwise", method=plan.method.name, recipe=plan.recipe.as_written(), seed=result.seed,
         device=result.device, inputs=inputs, output_path=out_dir,
         files=output_files(written_dir, result.files, known_digest), tensors=len(plan.tensors),
         timings={"read": timings.read, "compute": timings.compute, "write": timings.write,
                  "waiting_for_reads": timings.wait, "first_pass": timings.prepare, "total": result.wall_seconds},
-        warnings=warnings, sections={"tensors": result.tensor_stats})
+        warnings=warnings, sections={"tensors": result.tensor_stats}, hub_sources=plan.recipe.hub_sources)
 
 
 def recipe_models(recipe: Recipe) -> list[str]:
     """The inputs as the recipe names them (hub ids or paths): the model card's `base_model`."""
-    return ([recipe.base_model] if recipe.base_model else []) + [entry.model for entry in recipe.models]
+    models = ([recipe.base_model] if recipe.base_model else []) + [entry.model for entry in recipe.models]
+    return [recipe.reference_of(model) for model in models]
 
 
 def tensorwise_card(result: MergeResult, recipe_text: str) -> str:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from mergekit_lite.dispatch import parse_recipe, pipeline_for
 from mergekit_lite.errors import RecipeError
 from mergekit_lite.methods import get_method
-from mergekit_lite.dispatch import parse_recipe, pipeline_for
 from mergekit_lite.params import gradient_value, recipe_params, resolve_value
 
 MERGEKIT_TIES = """\

@@ -141,13 +141,14 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
                           _card(recipe, result.report, recipe_text) if options.write_model_card else None)
         refine = phases.get("refine", 0.0)
         report = envelope(
-            kind="pleas", method="pleas", recipe=recipe.model_dump(mode="json", exclude_none=True), seed=seed, device=device,
+            kind="pleas", method="pleas", recipe=recipe.as_written(), seed=seed, device=device,
             inputs=[{"role": "model", "path": str(p)} for p in paths], output_path=out,
             files=output_files(writer.tmp_dir, writer.files, writer.shard_digest), tensors=len(state),
             timings={"read": loaded - started - refine, "refine": refine, "compute": merged_at - loaded,
                      "write": time.perf_counter() - merged_at, "total": time.perf_counter() - started},
             warnings=list(recipe.warnings) + ([DATA_FREE_WARNING] if "data-free" in described else []),
-            sections={"data": {"source": described, "samples": sum(len(b) for b in batches)}, "pleas": result.report})
+            sections={"data": {"source": described, "samples": sum(len(b) for b in batches)}, "pleas": result.report},
+            hub_sources=recipe.hub_sources)
         if report_path is None:
             writer.add_file(REPORT_NAME, report_bytes(report).decode())
     if report_path is not None:
@@ -156,7 +157,7 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
 
 
 def _card(recipe: Recipe, report: dict, recipe_text: str) -> str:
-    models = [entry.model for entry in recipe.models]
+    models = [recipe.reference_of(entry.model) for entry in recipe.models]
     body = ["Models merged:", ""] + [f"- `{model}`" for model in models]
     body += ["", f"Compute relative to one source model: {report['compute_ratio']:.3f} (target {report['target_width']}); "
              f"parameters: {report['parameter_ratio']:.3f}x.", "",

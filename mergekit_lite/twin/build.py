@@ -356,7 +356,7 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
         shared_digests = {f"{SHARED}/{f['name']}": f["sha256"] for f in shared_report.get("output", {}).get("files", [])}
         names = sorted(str(f.relative_to(directory)) for f in directory.rglob("*.safetensors"))
         report = envelope(
-            kind="twin", method="twin", recipe=recipe.model_dump(mode="json", exclude_none=True), seed=seed, device=device,
+            kind="twin", method="twin", recipe=recipe.as_written(), seed=seed, device=device,
             inputs=[{"role": "base", "path": recipe.base_model}] + [
                 {"role": "model", "task": t, "path": m.model} for t, m in zip(tasks, recipe.models)],
             output_path=out, files=output_files(directory, names, shared_digests.get),
@@ -370,7 +370,8 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
                                "shared_merge": {"method": inner.merge_method,
                                                 "parameters": inner.model_dump(mode="json")["parameters"],
                                                 "seconds": shared_report["timings_seconds"]["total"]},
-                               "tensors": stats}})
+                               "tensors": stats}},
+            hub_sources=recipe.hub_sources)
         if staging.resumed:
             report["warnings"].append("resumed: stages and tensors of an interrupted run were kept (checksums verified)")
         if options.report_path is None:
@@ -423,4 +424,4 @@ def _card(recipe: Recipe, tasks: list[str], storage: dict, router_info: dict, re
                       intro="a shared expert (`shared/`, a normal checkpoint), each task's exclusive knowledge as "
                             "low-rank factors (`experts/`), and a router (`router.safetensors`).",
                       body=body, recipe_text=recipe_text,
-                      base_models=[recipe.base_model] + [entry.model for entry in recipe.models])
+                      base_models=[recipe.reference_of(m) for m in [recipe.base_model] + [e.model for e in recipe.models]])

@@ -1,0 +1,91 @@
+"""Hub ids in recipes (`model: org/name`, `org/name@revision`) resolved to local snapshots through huggingface_hub,
+the library made for it: only the files a merge reads are fetched, into the standard cache, and HF_HOME,
+HF_HUB_CACHE, HF_HUB_OFFLINE, HF_TOKEN and HF_ENDPOINT mean what they mean there. A local path that exists wins
+over a hub id spelled the same way."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import huggingface_hub
+from huggingface_hub import errors
+
+from mergekit_lite.errors import UserError
+from mergekit_lite.recipe import Recipe
+
+# org/name, optionally @revision (a branch, tag or commit); no path-like prefixes
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95})(?:@(?P<revision>[\w./-]{1,255}))?$")
+# What a merge reads from a repository: weights (safetensors), configs, tokenizer and generation files.
+NEEDED_FILES = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+                "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
+                "*.tiktoken", "chat_template.jinja", "preprocessor_config.json"]
+PICKLED_FILES = ["*.bin", "*.bin.index.json", "*.pt", "*.pth"]
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """A hub id as the recipe wrote it, and the snapshot it resolved to."""
+
+    reference: str
+    repo_id: str
+    revision: str
+    commit: str
+    path: str
+
+
+def hub_id(reference: str) -> tuple[str, str | None] | None:
+    """(repo id, revision or None) when `reference` names a hub repository and no local path of that name exists."""
+    if Path(reference).expanduser().exists() or reference.startswith((".", "/", "~")):
+        return None
+    match = HUB_ID.match(reference)
+    if match is None or ".." in reference:
+        return None
+    return match.group("repo"), match.group("revision")
+
+
+def fetch(reference: str, allow_pickle: bool = False) -> HubSource:
+    """The local snapshot of a hub id, downloaded into the cache when it is not there (offline: the cache only)."""
+    found = hub_id(reference)
+    if found is None:
+        raise UserError(f"{reference}: not a hub id (org/name or org/name@revision) and no such path")
+    repo_id, revision = found
+    command = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+    try:
+        path = huggingface_hub.snapshot_download(repo_id, revision=revision,
+                                                 allow_patterns=NEEDED_FILES + (PICKLED_FILES if allow_pickle else []))
+    except errors.RevisionNotFoundError:
+        raise UserError(f"{reference}: the hub has no revision {revision!r} of {repo_id}") from None
+    except (errors.RepositoryNotFoundError, errors.GatedRepoError):
+        raise UserError(f"{reference}: no such repository on the hub, or it is private or gated: set HF_TOKEN "
+                        "(or run `hf auth login`) if you have access") from None
+    except errors.LocalEntryNotFoundError:
+        raise UserError(f"{reference}: not in the Hugging Face cache, and the hub cannot be reached (offline, or "
+                        f"HF_HUB_OFFLINE is set); fetch it first where there is a network: {command}") from None
+    except errors.HfHubHTTPError as exc:
+        raise UserError(f"{reference}: the hub refused: {str(exc).splitlines()[0]}") from None
+    snapshot = Path(path)
+    return HubSource(reference, repo_id, revision or "main", snapshot.name, str(snapshot))
+
+
+def resolve_hub_ids(recipe: Recipe, allow_pickle: bool = False) -> None:
+    """Every hub id among the recipe's model references (models, base_model, tokenizer_source) replaced by its
+    local snapshot, each fetched once; the recipe keeps what it resolved (`Recipe.hub_sources`) for the report
+    and the model card."""
+    found: dict[str, HubSource] = {}
+
+    def local(reference: str | None) -> str | None:
+        if reference is None or hub_id(reference) is None:
+            return reference
+        if reference not in found:
+            found[reference] = fetch(reference, allow_pickle)
+        return found[reference].path
+
+    for entry in recipe.models:
+        entry.model = local(entry.model)
+    recipe.base_model = local(recipe.base_model)
+    if recipe.tokenizer_source not in (None, "base", "union"):
+        recipe.tokenizer_source = local(recipe.tokenizer_source)
+    recipe.hub_sources.extend({"reference": s.reference, "repo_id": s.repo_id, "revision": s.revision,
+                               "commit": s.commit, "path": s.path} for s in found.values())
