@@ -142,3 +142,4 @@ def test_a_real_download_from_a_hub_on_the_loopback_address(tmp_path, llama_fami
     assert missing.returncode == 2 and "no such repository on the hub" in missing.stderr
     assert wrong.returncode == 2 and "no revision 'v9'" in " ".join(wrong.stderr.split())
     assert not (tmp_path / "missing").exists() and not (tmp_path / "wrong").exists()
+

@@ -395,9 +395,3 @@ def test_trust_remote_code_is_refused_and_allow_crimes_merges_other_architecture
     assert "is a mistral model, merged into a llama model (--allow-crimes)" in " ".join(allowed.stderr.split())
     assert run_cli("run", recipe, tmp_path / "x", "--cuda", "--device", "cpu").exit_code == 2
 
-
-def test_the_command_is_also_installed_as_mergekit_lite():
-    from importlib.metadata import entry_points
-
-    scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
-    assert scripts.get("merge") == scripts.get("mergekit-lite") == "mergekit_lite.cli:main"

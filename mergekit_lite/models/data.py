@@ -17,7 +17,7 @@ import torch
 from mergekit_lite.checkpoint import open_checkpoint
 from mergekit_lite.checkpoint.files import checked_file, read_limited, roots_of
 from mergekit_lite.errors import UserError, one_line
-from mergekit_lite.models.loading import is_transformers
+from mergekit_lite.models.loading import import_timm, is_transformers
 from mergekit_lite.models.synthetic import batch_norm_layers, statistics_matched
 from mergekit_lite.pipeline import Progress
 
@@ -156,8 +156,9 @@ def text_file_inputs(path: Path, model_dir: Path, config: dict, length: int | No
 
 def image_folder_inputs(path: Path, model: torch.nn.Module, count: int, seed: int) -> torch.Tensor:
     """Images from a folder (any depth), with the model's own timm preprocessing."""
-    from timm.data import ImageDataset, create_transform, resolve_data_config
-
+    timm_data = import_timm("data")
+    ImageDataset, create_transform, resolve_data_config = (timm_data.ImageDataset, timm_data.create_transform,
+                                                            timm_data.resolve_data_config)
     transform = create_transform(**resolve_data_config({}, model=model))
     try:
         dataset = ImageDataset(str(path), transform=transform)

@@ -7,13 +7,36 @@ class). A merged checkpoint wider than its source loads the same way: modules ta
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
 from mergekit_lite.checkpoint import open_checkpoint
 from mergekit_lite.checkpoint.files import load_json, roots_of
 from mergekit_lite.errors import UserError, one_line
+
+
+def import_timm(submodule: str = "") -> ModuleType:
+    """timm, which timm checkpoints (PLeaS, Twin-Merging on vision models) need and tensor-wise merges do not: an
+    optional extra. Missing, or broken by a torchvision built for another torch, it is an environment problem
+    with one line saying what to install, not a bug."""
+    try:
+        return importlib.import_module("timm" + (f".{submodule}" if submodule else ""))
+    except ImportError as exc:
+        if getattr(exc, "name", None) in ("timm", "torchvision"):
+            raise UserError("timm models need timm and torchvision, which are not installed: "
+                            "pip install 'mergekit_lite[vision]'") from None
+        raise _mismatch(exc) from None
+    except RuntimeError as exc:  # torchvision's compiled operators do not load into this torch
+        raise _mismatch(exc) from None
+
+
+def _mismatch(exc: Exception) -> UserError:
+    return UserError(f"timm could not be imported with torch {torch.__version__} ({one_line(exc, limit=200)}): "
+                     "install the torchvision release built for this torch (see pytorch.org's version table), "
+                     "e.g. pip install 'torchvision==<the matching version>'")
 
 
 def resize_to(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -101,8 +124,7 @@ def _build(config: dict, path: Path) -> torch.nn.Module:
                 layers.append(torch.nn.ReLU())
         return torch.nn.Sequential(*layers)
     if "architecture" in config:
-        import timm
-
+        timm = import_timm()
         args = config.get("model_args") or {}
         if not isinstance(args, dict):
             raise UserError(f"{path}: config.json model_args must be an object")
