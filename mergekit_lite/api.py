@@ -9,12 +9,7 @@ from typing import Any
 
 import yaml
 
-from mergekit_lite.dispatch import (
-    load_recipe,
-    merge_recipe,
-    parse_recipe,
-    validate_recipe,
-)
+from mergekit_lite.dispatch import load_recipe, merge_recipe, parse_recipe, validate_recipe
 from mergekit_lite.errors import RecipeError
 from mergekit_lite.pipeline import MergeOptions, Progress, Validation
 from mergekit_lite.recipe import Recipe

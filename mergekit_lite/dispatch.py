@@ -12,14 +12,7 @@ from mergekit_lite.checkpoint.writer import check_output_path
 from mergekit_lite.errors import RecipeError, UserError
 from mergekit_lite.hub import resolve_hub_ids
 from mergekit_lite.methods import METHODS
-from mergekit_lite.pipeline import (
-    DirectorySummary,
-    MergeOptions,
-    Pipeline,
-    Progress,
-    SilentProgress,
-    Validation,
-)
+from mergekit_lite.pipeline import DirectorySummary, MergeOptions, Pipeline, Progress, SilentProgress, Validation
 from mergekit_lite.pleas.pipeline import PLEAS
 from mergekit_lite.recipe import Recipe, location, parse_recipe_text, read_recipe_text
 from mergekit_lite.tensorwise import TensorwisePipeline

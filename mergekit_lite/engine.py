@@ -19,22 +19,12 @@ from typing import Any, Callable, Iterator
 import torch
 
 from mergekit_lite import kernels
-from mergekit_lite.checkpoint import (
-    Checkpoint,
-    CheckpointWriter,
-    TensorSpec,
-    open_checkpoint,
-)
+from mergekit_lite.checkpoint import Checkpoint, CheckpointWriter, TensorSpec, open_checkpoint
 from mergekit_lite.checkpoint.files import same_path
 from mergekit_lite.checkpoint.writer import DEFAULT_SHARD_BYTES, check_output_path
 from mergekit_lite.device import resolve_device
 from mergekit_lite.errors import UserError
-from mergekit_lite.layers import (
-    count_layers,
-    is_embedding,
-    layer_index,
-    must_stay_positive,
-)
+from mergekit_lite.layers import count_layers, is_embedding, layer_index, must_stay_positive
 from mergekit_lite.methods import Chunk, MergeMethod, TensorContext, get_method
 from mergekit_lite.methods.base import ChunkResult, summarize_counts
 from mergekit_lite.params import recipe_params

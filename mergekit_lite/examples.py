@@ -137,6 +137,7 @@ def task_texts(out_dir: Path) -> dict[str, Path]:
     import inspect
     import json as json_module
     import unicodedata
+
     from pydoc_data.topics import topics
 
     out_dir.mkdir(parents=True, exist_ok=True)

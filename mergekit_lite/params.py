@@ -15,15 +15,7 @@ from typing import Any, Callable, Protocol
 from mergekit_lite.checkpoint.files import same_path
 from mergekit_lite.errors import RecipeError
 from mergekit_lite.layers import is_input_embedding
-from mergekit_lite.recipe import (
-    FilterEntry,
-    ParamValue,
-    Recipe,
-    Scalar,
-    did_you_mean,
-    dotted_key,
-    location,
-)
+from mergekit_lite.recipe import FilterEntry, ParamValue, Recipe, Scalar, did_you_mean, dotted_key, location
 
 # Every parameter some mergekit method reads. mergekit ignores one that the recipe's method does not read; here
 # that is a warning (a recipe written for another method, or copied from a model card), and a name outside

@@ -18,23 +18,10 @@ from mergekit_lite.engine import MergePlan, MergeResult, plan_merge, run_merge
 from mergekit_lite.errors import RecipeError
 from mergekit_lite.methods import MergeMethod
 from mergekit_lite.params import check_parameters
-from mergekit_lite.pipeline import (
-    DirectorySummary,
-    MergeOptions,
-    MethodFacts,
-    Progress,
-    Validation,
-)
+from mergekit_lite.pipeline import DirectorySummary, MergeOptions, MethodFacts, Progress, Validation
 from mergekit_lite.recipe import DTYPES, Recipe
-from mergekit_lite.report import (
-    REPORT_NAME,
-    envelope,
-    model_card,
-    output_files,
-    report_bytes,
-    write_description,
-    write_report,
-)
+from mergekit_lite.report import (REPORT_NAME, envelope, model_card, output_files, report_bytes, write_description,
+                                  write_report)
 from mergekit_lite.units import human_bytes
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)

@@ -12,12 +12,7 @@ from typer.testing import CliRunner
 
 from mergekit_lite.cli import app
 from mergekit_lite.pleas import PleasOptions, load_model, pleas_merge
-from mergekit_lite.pleas.graph import (
-    check_groups,
-    output_tensor,
-    permutation_spec,
-    permute_state,
-)
+from mergekit_lite.pleas.graph import check_groups, output_tensor, permutation_spec, permute_state
 from mergekit_lite.pleas.method import reestimate_norm_statistics
 from mergekit_lite.report import ENVELOPE_KEYS
 

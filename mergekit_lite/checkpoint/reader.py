@@ -13,15 +13,8 @@ from typing import Any
 
 import torch
 
-from mergekit_lite.checkpoint.files import (
-    checked_file,
-    inside,
-    load_json,
-    open_regular,
-    real,
-    resume_fingerprint,
-    roots_of,
-)
+from mergekit_lite.checkpoint.files import (checked_file, inside, load_json, open_regular, real,
+                                           resume_fingerprint, roots_of)
 from mergekit_lite.checkpoint.safetensors_format import TensorInfo, read_header
 from mergekit_lite.errors import CheckpointError, one_line
 

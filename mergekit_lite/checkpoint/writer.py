@@ -20,13 +20,7 @@ from pathlib import Path
 
 import torch
 
-from mergekit_lite.checkpoint.files import (
-    checked_file,
-    copy_checked,
-    load_json,
-    real,
-    roots_of,
-)
+from mergekit_lite.checkpoint.files import checked_file, copy_checked, load_json, real, roots_of
 from mergekit_lite.checkpoint.lock import output_lock
 from mergekit_lite.checkpoint.safetensors_format import element_size, encode_header
 from mergekit_lite.errors import UserError

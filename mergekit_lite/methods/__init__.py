@@ -4,25 +4,9 @@ models and are pipelines of their own: `pleas/pipeline.py`, `twin/pipeline.py`.)
 from __future__ import annotations
 
 from mergekit_lite.errors import RecipeError
-from mergekit_lite.methods import (
-    breadcrumbs,
-    dare_linear,
-    dare_ties,
-    della,
-    linear,
-    model_stock,
-    slerp,
-    task_arithmetic,
-    ties,
-)
-from mergekit_lite.methods.base import (
-    Chunk,
-    ChunkResult,
-    MergeMethod,
-    MergeOutput,
-    ParamSpec,
-    TensorContext,
-)
+from mergekit_lite.methods import (breadcrumbs, dare_linear, dare_ties, della, linear, model_stock, slerp,
+                                   task_arithmetic, ties)
+from mergekit_lite.methods.base import Chunk, ChunkResult, MergeMethod, MergeOutput, ParamSpec, TensorContext
 
 METHODS: dict[str, MergeMethod] = {
     module.METHOD.name: module.METHOD

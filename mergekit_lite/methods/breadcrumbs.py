@@ -3,24 +3,10 @@
 from __future__ import annotations
 
 from mergekit_lite.methods.base import (
-    LAMBDA,
-    WEIGHT,
-    Chunk,
-    ChunkResult,
-    ChunkStream,
-    MergeMethod,
-    ParamSpec,
-    TensorContext,
-    density_param,
-    normalize_param,
+    LAMBDA, WEIGHT, Chunk, ChunkResult, ChunkStream, MergeMethod, ParamSpec, TensorContext, density_param, normalize_param,
 )
 from mergekit_lite.methods.sparsify import (
-    delta_magnitudes,
-    keep_count,
-    merge_task_vectors,
-    streamed_kth_largest,
-    task_vectors,
-    trim_each,
+    delta_magnitudes, trim_each, keep_count, merge_task_vectors, streamed_kth_largest, task_vectors,
 )
 
 GAMMA = ParamSpec("gamma", float, 0.01, "fraction of largest-magnitude entries dropped as outliers", minimum=0.0, maximum=1.0)

@@ -3,24 +3,10 @@
 from __future__ import annotations
 
 from mergekit_lite.methods.base import (
-    INT8_MASK,
-    LAMBDA,
-    WEIGHT,
-    Chunk,
-    ChunkResult,
-    MergeMethod,
-    ParamSpec,
-    TensorContext,
-    density_param,
-    normalize_param,
-    rescale_param,
+    INT8_MASK, LAMBDA, WEIGHT, Chunk, ChunkResult, MergeMethod, ParamSpec, TensorContext, density_param,
+    normalize_param, rescale_param,
 )
-from mergekit_lite.methods.sparsify import (
-    merge_task_vectors,
-    random_keep,
-    task_vectors,
-    tensor_seed,
-)
+from mergekit_lite.methods.sparsify import merge_task_vectors, random_keep, task_vectors, tensor_seed
 
 SEED = ParamSpec("seed", int, 0, "random seed for the drop masks (--seed overrides)", scope="global", minimum=0)
 DARE_DENSITY = density_param(0.1, "keep probability of each task-vector entry (DARE drops 1 - density)")

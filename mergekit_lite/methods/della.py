@@ -7,24 +7,12 @@ from __future__ import annotations
 
 from mergekit_lite.errors import UserError
 from mergekit_lite.methods.base import (
-    LAMBDA,
-    WEIGHT,
-    Chunk,
-    ChunkResult,
-    MergeMethod,
-    ParamSpec,
-    TensorContext,
-    density_param,
-    normalize_param,
+    LAMBDA, WEIGHT, Chunk, ChunkResult, MergeMethod, ParamSpec, TensorContext, density_param, normalize_param,
     rescale_param,
 )
 from mergekit_lite.methods.dare_linear import SEED
 from mergekit_lite.methods.sparsify import (
-    merge_task_vectors,
-    random_keep,
-    rank_keep_probabilities,
-    task_vectors,
-    tensor_seed,
+    merge_task_vectors, random_keep, rank_keep_probabilities, task_vectors, tensor_seed,
 )
 
 EPSILON = ParamSpec("epsilon", float, 0.1, "half-width of the keep-probability range around density", minimum=0.0)

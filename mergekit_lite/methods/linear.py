@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-from mergekit_lite.methods.base import (
-    WEIGHT,
-    Chunk,
-    ChunkResult,
-    MergeMethod,
-    TensorContext,
-    normalize_param,
-)
+from mergekit_lite.methods.base import WEIGHT, Chunk, ChunkResult, MergeMethod, TensorContext, normalize_param
 
 
 def merge_linear(context: TensorContext, chunk: Chunk, _state: None) -> ChunkResult:

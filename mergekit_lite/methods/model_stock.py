@@ -5,14 +5,8 @@ from __future__ import annotations
 import itertools
 import math
 
-from mergekit_lite.methods.base import (
-    Chunk,
-    ChunkResult,
-    ChunkStream,
-    MergeMethod,
-    TensorContext,
-    fixed_order_dot,
-)
+
+from mergekit_lite.methods.base import Chunk, ChunkResult, ChunkStream, MergeMethod, TensorContext, fixed_order_dot
 from mergekit_lite.methods.sparsify import task_vectors
 
 

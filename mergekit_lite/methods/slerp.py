@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import math
 
-from mergekit_lite.methods.base import (
-    Chunk,
-    ChunkResult,
-    ChunkStream,
-    MergeMethod,
-    ParamSpec,
-    TensorContext,
-    fixed_order_dot,
-)
+from mergekit_lite.methods.base import (Chunk, ChunkResult, ChunkStream, MergeMethod, ParamSpec, TensorContext,
+                                        fixed_order_dot)
 
 T = ParamSpec("t", float, 0.5, "interpolation position: 0 gives base_model, 1 the other model", scope="global",
               minimum=0.0, maximum=1.0)

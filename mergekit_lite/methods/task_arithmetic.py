@@ -2,15 +2,7 @@
 
 from __future__ import annotations
 
-from mergekit_lite.methods.base import (
-    LAMBDA,
-    WEIGHT,
-    Chunk,
-    ChunkResult,
-    MergeMethod,
-    TensorContext,
-    normalize_param,
-)
+from mergekit_lite.methods.base import LAMBDA, WEIGHT, Chunk, ChunkResult, MergeMethod, TensorContext, normalize_param
 from mergekit_lite.methods.sparsify import merge_task_vectors, task_vectors
 
 

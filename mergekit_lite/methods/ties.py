@@ -12,25 +12,11 @@ from typing import Callable, Iterator
 from mergekit_lite import kernels
 from mergekit_lite.errors import UserError
 from mergekit_lite.methods.base import (
-    INT8_MASK,
-    LAMBDA,
-    WEIGHT,
-    Chunk,
-    ChunkResult,
-    ChunkStream,
-    MergeMethod,
-    ParamSpec,
-    TensorContext,
-    density_param,
+    INT8_MASK, LAMBDA, WEIGHT, Chunk, ChunkResult, ChunkStream, MergeMethod, ParamSpec, TensorContext, density_param,
     normalize_param,
 )
 from mergekit_lite.methods.sparsify import (
-    delta_magnitudes,
-    keep_count,
-    merge_task_vectors,
-    streamed_kth_largest,
-    task_vectors,
-    trim_each,
+    delta_magnitudes, trim_each, keep_count, merge_task_vectors, streamed_kth_largest, task_vectors,
 )
 
 TRIM_SCOPE = ParamSpec(

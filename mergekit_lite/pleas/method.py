@@ -23,15 +23,8 @@ from mergekit_lite.models.loading import resize_to
 from mergekit_lite.pipeline import Progress
 from mergekit_lite.pleas.features import channel_axis, channel_rows
 from mergekit_lite.pleas.graph import check_groups, permutation_spec
-from mergekit_lite.pleas.matching import (
-    CrossStats,
-    Layout,
-    allocate_ratios,
-    block_cost,
-    identity_layout,
-    match,
-    partial_layout,
-)
+from mergekit_lite.pleas.matching import (CrossStats, Layout, allocate_ratios, block_cost, identity_layout, match,
+                                          partial_layout)
 from mergekit_lite.pleas.spec import Group, Layer, Spec, expand_blocks
 from mergekit_lite.pleas.tuning import tune_outputs
 

@@ -8,13 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_lite.params import ParamSpec, check_parameters, recipe_params
-from mergekit_lite.pipeline import (
-    DirectorySummary,
-    MergeOptions,
-    MethodFacts,
-    Progress,
-    Validation,
-)
+from mergekit_lite.pipeline import DirectorySummary, MergeOptions, MethodFacts, Progress, Validation
 from mergekit_lite.pleas.run import check_models, run_recipe
 from mergekit_lite.recipe import Recipe
 

@@ -19,15 +19,8 @@ from mergekit_lite.pipeline import MergeOptions, Progress
 from mergekit_lite.pleas.graph import check_groups, permutation_spec
 from mergekit_lite.pleas.method import PleasOptions, check_same_structure, pleas_merge
 from mergekit_lite.recipe import Recipe
-from mergekit_lite.report import (
-    REPORT_NAME,
-    envelope,
-    model_card,
-    output_files,
-    report_bytes,
-    write_description,
-    write_report,
-)
+from mergekit_lite.report import (REPORT_NAME, envelope, model_card, output_files, report_bytes, write_description,
+                                  write_report)
 
 DATA_FREE_TUNE_STEPS = 300
 TASK_SAMPLES, DATA_FREE_SAMPLES = 1000, 256

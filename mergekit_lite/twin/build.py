@@ -24,42 +24,15 @@ from mergekit_lite.models.loading import load_model, read_config
 from mergekit_lite.params import Parameterised, check_parameters
 from mergekit_lite.pipeline import MergeOptions, Progress, SilentProgress
 from mergekit_lite.recipe import ModelEntry, Recipe, SharedMerge, location
-from mergekit_lite.report import (
-    REPORT_NAME,
-    envelope,
-    model_card,
-    output_files,
-    report_bytes,
-    write_description,
-    write_report,
-)
+from mergekit_lite.report import (REPORT_NAME, envelope, model_card, output_files, report_bytes, write_description,
+                                  write_report)
 from mergekit_lite.tensorwise import merge_tensorwise
 from mergekit_lite.twin.compress import low_rank
 from mergekit_lite.twin.ranks import ratio_for_budget
-from mergekit_lite.twin.router import (
-    AUTO,
-    FINAL,
-    STEM,
-    RouterTraining,
-    SiteRouters,
-    candidate_sites,
-    pooled_features_at,
-    split_indices,
-    train_router,
-)
-from mergekit_lite.twin.store import (
-    EXPERTS,
-    FORMAT,
-    MANIFEST,
-    ROUTER,
-    SHARED,
-    TASK_NAME,
-    delta_specs,
-    dense_name,
-    left_name,
-    right_name,
-    tensor_layout,
-)
+from mergekit_lite.twin.router import (AUTO, FINAL, STEM, RouterTraining, SiteRouters, candidate_sites,
+                                       pooled_features_at, split_indices, train_router)
+from mergekit_lite.twin.store import (EXPERTS, FORMAT, MANIFEST, ROUTER, SHARED, TASK_NAME, delta_specs, dense_name,
+                                      left_name, right_name, tensor_layout)
 
 FACTOR_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

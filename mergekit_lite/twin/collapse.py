@@ -15,15 +15,7 @@ from mergekit_lite.errors import UserError
 from mergekit_lite.layers import must_stay_positive
 from mergekit_lite.recipe import MAX_RECIPE_BYTES, parse_recipe_text
 from mergekit_lite.report import RECIPE_NAME, model_card
-from mergekit_lite.twin.store import (
-    EXPERTS,
-    SHARED,
-    dense_name,
-    left_name,
-    read_manifest,
-    right_name,
-    task_weights,
-)
+from mergekit_lite.twin.store import EXPERTS, SHARED, dense_name, left_name, read_manifest, right_name, task_weights
 
 
 def collapse(directory: str | Path, weights: dict[str, float], out: str | Path, force: bool = False) -> dict:

@@ -8,12 +8,7 @@ import torch
 from mergekit_lite.models.tracing import trace
 from mergekit_lite.twin.routed import RoutedConv1D, RoutedEmbedding, RoutedLinear
 from mergekit_lite.twin.routed_conv import RoutedConv2d, fold_norms
-from mergekit_lite.twin.routed_norms import (
-    RoutedBatchNorm2d,
-    RoutedLayerNorm,
-    RoutedRMSNorm,
-    is_rms_norm,
-)
+from mergekit_lite.twin.routed_norms import RoutedBatchNorm2d, RoutedLayerNorm, RoutedRMSNorm, is_rms_norm
 from mergekit_lite.twin.store import StackedDelta
 
 

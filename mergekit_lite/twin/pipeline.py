@@ -9,21 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_lite.params import ParamSpec, recipe_params
-from mergekit_lite.pipeline import (
-    DirectorySummary,
-    MergeOptions,
-    MethodFacts,
-    Progress,
-    Validation,
-)
+from mergekit_lite.pipeline import DirectorySummary, MergeOptions, MethodFacts, Progress, Validation
 from mergekit_lite.recipe import Recipe
 from mergekit_lite.tensorwise import plan_text, validate_tensorwise
-from mergekit_lite.twin.build import (
-    check_data_paths,
-    check_twin_recipe,
-    run_recipe,
-    shared_recipe,
-)
+from mergekit_lite.twin.build import check_data_paths, check_twin_recipe, run_recipe, shared_recipe
 from mergekit_lite.twin.store import EXPERTS, MANIFEST, SHARED, read_manifest
 from mergekit_lite.units import human_bytes
 

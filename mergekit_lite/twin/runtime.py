@@ -20,29 +20,12 @@ from mergekit_lite.models.loading import load_model
 from mergekit_lite.twin.install import install_routes
 from mergekit_lite.twin.lanes import Lanes, lay_out, pack, split_tasks, unpack
 from mergekit_lite.twin.policy import DEFAULT_POLICY, RuntimePolicy
-from mergekit_lite.twin.route import (
-    is_one_hot,
-    lanes_route,
-    routed_layers,
-    set_route,
-    task_order,
-)
+from mergekit_lite.twin.route import is_one_hot, lanes_route, routed_layers, set_route, task_order
 from mergekit_lite.twin.routed import RoutedLinear, keep_task_weights
 from mergekit_lite.twin.routed_conv import RoutedConv2d
 from mergekit_lite.twin.routed_norms import RoutedBatchNorm2d
-from mergekit_lite.twin.router import (
-    Router,
-    SiteRouters,
-    pooled_features_at,
-    route_weights,
-)
-from mergekit_lite.twin.store import (
-    ROUTER,
-    SHARED,
-    load_deltas,
-    read_manifest,
-    task_weights,
-)
+from mergekit_lite.twin.router import Router, SiteRouters, pooled_features_at, route_weights
+from mergekit_lite.twin.store import ROUTER, SHARED, load_deltas, read_manifest, task_weights
 
 
 def _batch_major(value, batch: int) -> bool:
