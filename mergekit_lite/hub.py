@@ -58,11 +58,12 @@ def fetch(reference: str, allow_pickle: bool = False) -> HubSource:
     except errors.RevisionNotFoundError:
         raise UserError(f"{reference}: the hub has no revision {revision!r} of {repo_id}") from None
     except (errors.RepositoryNotFoundError, errors.GatedRepoError):
-        raise UserError(f"{reference}: no such repository on the hub, or it is private or gated: set HF_TOKEN "
-                        "(or run `hf auth login`) if you have access") from None
+        raise UserError(f"{reference}: no local directory of that name, and no such repository on the hub (or it is "
+                        "private or gated: set HF_TOKEN, or run `hf auth login`, if you have access)") from None
     except errors.LocalEntryNotFoundError:
-        raise UserError(f"{reference}: not in the Hugging Face cache, and the hub cannot be reached (offline, or "
-                        f"HF_HUB_OFFLINE is set); fetch it first where there is a network: {command}") from None
+        raise UserError(f"{reference}: no local directory of that name; as a hub id it is not in the Hugging Face "
+                        "cache, and the hub cannot be reached (offline, or HF_HUB_OFFLINE is set); fetch it first where "
+                        f"there is a network: {command}") from None
     except errors.HfHubHTTPError as exc:
         raise UserError(f"{reference}: the hub refused: {str(exc).splitlines()[0]}") from None
     snapshot = Path(path)
