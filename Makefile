@@ -30,8 +30,8 @@ demo: env
 	$(BIN)/merge run recipes/pleas.yaml $(DEMO)/pleas
 	$(BIN)/merge report $(DEMO)/pleas --top 3
 
-test: env
-	$(BIN)/python -m pytest -q
+test: env   # in parallel over the cores (pytest-xdist); a module's shared fixtures stay on one worker
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 bench: env
 	$(BIN)/python bench/writer_memory.py

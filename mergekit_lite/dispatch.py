@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mergekit_lite.chat_templates import check_chat_template
 from mergekit_lite.checkpoint.files import check_report_target, real, refuse_overlap
+from mergekit_lite.checkpoint.lora import split_lora_reference
 from mergekit_lite.checkpoint.lock import output_lock
 from mergekit_lite.checkpoint.writer import check_output_path
 from mergekit_lite.errors import RecipeError, UserError
@@ -40,7 +42,25 @@ def parse_recipe(text: str, source: str = "<recipe>") -> tuple[Recipe, dict[tupl
     except RecipeError as exc:
         raise RecipeError(f"{location(source, lines, ('merge_method',))}: {exc}") from None
     pipeline.check(recipe, source, lines)
+    if recipe.chat_template:
+        try:
+            check_chat_template(recipe.chat_template)
+        except RecipeError as exc:
+            raise RecipeError(f"{location(source, lines, ('chat_template',))}: {exc}") from None
+    if not pipeline.reads_adapters:
+        _refuse_adapters(recipe, source, lines)
     return recipe, lines
+
+
+def _refuse_adapters(recipe: Recipe, source: str, lines: dict[tuple, int]) -> None:
+    """Methods that run the models load them whole: a LoRA reference is applied first, by a tensor-wise merge."""
+    references = [(("models", index, "model"), entry.model) for index, entry in enumerate(recipe.models)]
+    references.append((("base_model",), recipe.base_model))
+    for loc, reference in references:
+        if reference is not None and split_lora_reference(reference) is not None:
+            raise RecipeError(f"{location(source, lines, loc)}: {recipe.merge_method} loads whole models and does not "
+                              f"apply LoRA adapters ({reference}); write the adapted model first with a linear merge "
+                              "of that one reference, then name its output here")
 
 
 def load_recipe(path: str | Path) -> tuple[Recipe, dict[tuple, int], str]:
@@ -60,9 +80,10 @@ def resolve_output(recipe: Recipe, out_dir: str | Path | None) -> Path:
 
 def recipe_inputs(recipe: Recipe) -> list[str]:
     """Every path a recipe reads: models, base, tokenizer source, data."""
-    paths = [entry.model for entry in recipe.models] + ([recipe.base_model] if recipe.base_model else [])
-    if recipe.tokenizer_source not in (None, "base", "union"):
-        paths.append(recipe.tokenizer_source)
+    references = [entry.model for entry in recipe.models] + ([recipe.base_model] if recipe.base_model else [])
+    paths = [path for reference in references for path in (split_lora_reference(reference) or (reference,))]
+    if recipe.vocabulary_source not in (None, "base", "union"):
+        paths.append(recipe.vocabulary_source)
     data = [recipe.data] + [entry.data for entry in recipe.models]
     return paths + [item.path for item in data if item is not None and item.path]
 

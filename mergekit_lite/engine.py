@@ -16,20 +16,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 
 from mergekit_lite import kernels
-from mergekit_lite.checkpoint import Checkpoint, CheckpointWriter, TensorSpec, open_checkpoint
+from mergekit_lite.checkpoint import Checkpoint, CheckpointWriter, TensorSpec, open_reference
 from mergekit_lite.checkpoint.files import same_path
 from mergekit_lite.checkpoint.writer import DEFAULT_SHARD_BYTES, check_output_path
 from mergekit_lite.device import resolve_device
 from mergekit_lite.errors import UserError
-from mergekit_lite.layers import count_layers, is_embedding, layer_index, must_stay_positive
+from mergekit_lite.layers import count_layers, is_embedding, is_token_embedding, layer_index, must_stay_positive
 from mergekit_lite.methods import Chunk, MergeMethod, TensorContext, get_method
 from mergekit_lite.methods.base import ChunkResult, summarize_counts
 from mergekit_lite.params import recipe_params
 from mergekit_lite.pipeline import Progress, SilentProgress
 from mergekit_lite.recipe import DTYPES, Recipe
+from mergekit_lite.vocab import (MODEL_TOKEN, VocabAlignment, align, aligned_model_rows, model_rows, runs,
+                                 stand_in_rows)
+from mergekit_lite.vocab_build import Vocabularies, token_settings
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CHUNK_ELEMENTS = 1 << 20
@@ -63,6 +67,7 @@ class TensorPlan:
     positive: bool = False  # a statistic that must stay > 0 (batch-norm variance): kept from the reference if not
     model_params: list[dict[str, Any]] = field(default_factory=list)  # per expert, resolved for this tensor
     params: dict[str, Any] = field(default_factory=dict)  # recipe-wide, resolved for this tensor
+    by_token: VocabAlignment | None = None  # rows put in the output vocabulary's order (a merge that writes a tokenizer)
 
     def source_name(self, expert: int) -> str:
         return self.read_as.get(expert, self.name)
@@ -81,6 +86,7 @@ class MergePlan:
     num_layers: int
     warnings: list[str]
     params: dict[str, Any] = field(default_factory=dict)  # recipe-wide, resolved with no tensor in view
+    vocab_size: int | None = None  # the output's vocabulary rows, when embeddings are aligned by token
 
     @property
     def total_bytes(self) -> int:
@@ -91,12 +97,12 @@ def open_sources(recipe: Recipe, method: MergeMethod, allow_pickle: bool = False
     """Open the inputs. Methods without a base (linear) mix every listed model, the base_model too if listed;
     the others skip a model entry that names the base, however it is spelled (`base`, `base/`, a link)."""
     uses_base = method.needs_base and recipe.base_model is not None
-    base = open_checkpoint(recipe.base_model, allow_pickle=allow_pickle) if uses_base else None
+    base = open_reference(recipe.base_model, allow_pickle=allow_pickle) if uses_base else None
     experts, entries = [], []
     for index, entry in enumerate(recipe.models):
         if uses_base and same_path(entry.model, recipe.base_model):
             continue
-        experts.append(open_checkpoint(entry.model, allow_pickle=allow_pickle))
+        experts.append(open_reference(entry.model, allow_pickle=allow_pickle))
         entries.append(index)
     return Sources(base=base, experts=experts, entry_of_expert=entries)
 
@@ -109,10 +115,23 @@ def output_dtype(recipe: Recipe, source: torch.dtype) -> torch.dtype:
     return TORCH_DTYPES[DTYPES[name]]
 
 
-def plan_merge(recipe: Recipe, allow_pickle: bool = False, allow_crimes: bool = False) -> MergePlan:
-    """Open every input and decide, from headers alone, what each output tensor is and how it is made."""
+def plan_merge(recipe: Recipe, allow_pickle: bool = False, allow_crimes: bool = False,
+               vocabularies: Vocabularies | None = None) -> MergePlan:
+    """Open every input and decide, from headers alone, what each output tensor is and how it is made. With
+    `vocabularies` (a merge that writes its own tokenizer), embedding rows are aligned by token."""
     method = get_method(recipe.merge_method)
     sources = open_sources(recipe, method, allow_pickle)
+    try:
+        return _plan(recipe, method, sources, allow_crimes, vocabularies)
+    except BaseException:
+        for ckpt in [sources.base, *sources.experts]:
+            if ckpt is not None:
+                ckpt.close()
+        raise
+
+
+def _plan(recipe: Recipe, method: MergeMethod, sources: Sources, allow_crimes: bool,
+          vocabularies: Vocabularies | None) -> MergePlan:
     reference = sources.reference
     warnings: list[str] = list(recipe.warnings)  # what checking the recipe found harmless but worth saying
     if not reference.tensors:
@@ -122,6 +141,8 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False, allow_crimes: bool = 
     plans = []
     kept_as_is = []
     num_layers = count_layers(reference.config, reference.tensors)
+    token_rows = _token_rows(recipe, sources, vocabularies) if vocabularies is not None else None
+    vocab_size = (reference.config or {}).get("vocab_size")
     for name, info in reference.tensors.items():
         # Integer and boolean tensors (quantisation tables, masks, position ids) are not averaged as numbers,
         # and nor is an empty tensor: they are copied from the reference, as mergekit does.
@@ -130,6 +151,8 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False, allow_crimes: bool = 
             kept_as_is.append(name)
         plan = TensorPlan(name=name, shape=info.shape, dtype=output_dtype(recipe, info.dtype), merge=merge,
                           positive=must_stay_positive(name))
+        by_token = (token_rows is not None and merge and is_token_embedding(name) and len(info.shape) == 2
+                    and (not isinstance(vocab_size, int) or info.shape[0] == vocab_size))
         if merge:  # the recipe is read here once: the engine streams from the plan
             layer = layer_index(name)
             plan.model_params = [recipe_params(recipe, method, entry, name, layer, num_layers)
@@ -150,7 +173,7 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False, allow_crimes: bool = 
                 if sources.base is None:
                     raise UserError(f"{expert.path}: has no tensor {name!r}, which {reference.path} has; {method.name} needs it in every model")
                 plan.missing_in.append(index)
-            elif other.shape != info.shape:
+            elif other.shape != info.shape and not (by_token and _rows_differ_only(other.shape, info.shape)):
                 if sources.base is not None and _rows_differ_only(other.shape, info.shape) and is_embedding(name):
                     plan.row_aligned.append(index)
                 else:
@@ -158,6 +181,9 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False, allow_crimes: bool = 
                         f"{expert.path}: tensor {name!r} has shape {list(other.shape)} but {reference.path} has "
                         f"{list(info.shape)}; the models are of different architectures or sizes"
                     )
+        if by_token:
+            plan.by_token = token_rows(plan)
+            plan.shape = (plan.by_token.total_rows, info.shape[1])
         if plan.missing_in:
             missing = ", ".join(str(sources.experts[i].path) for i in plan.missing_in)
             warnings.append(f"{name}: not in {missing}; those models contribute no change to it")
@@ -171,8 +197,39 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False, allow_crimes: bool = 
     extra = sorted({n for e in sources.experts for n in e.tensors if n not in reference.tensors})
     if extra:
         warnings.append(f"{len(extra)} tensor(s) not in {reference.path} are left out, e.g. {extra[0]!r}")
+    aligned = [plan.by_token.total_rows for plan in plans if plan.by_token is not None]
+    if token_rows is not None and not aligned:
+        warnings.append("no embedding tensor has the config's vocab_size rows: nothing was aligned by token")
     return MergePlan(recipe, method, sources, plans, num_layers, warnings,
-                     recipe_params(recipe, method, None, "", None, num_layers))
+                     recipe_params(recipe, method, None, "", None, num_layers), aligned[0] if aligned else None)
+
+
+def _token_rows(recipe: Recipe, sources: Sources, vocabularies: Vocabularies) -> Callable[[TensorPlan], VocabAlignment]:
+    """A function giving a vocabulary-indexed tensor's alignment: each aligned model's (the base first) row for
+    every output token, and the stand-in rules of the recipe's token settings."""
+    models = ([sources.base] if sources.base is not None else []) + sources.experts
+    references = (([recipe.base_model] if sources.base is not None else [])
+                  + [recipe.models[index].model for index in sources.entry_of_expert])
+    vocabs = [vocabularies.vocabulary_of(ckpt.directory) for ckpt in models]
+    settings = token_settings(vocabularies, references, vocabs)
+    offset = 1 if sources.base is not None else 0
+
+    def alignment(plan: TensorPlan) -> VocabAlignment:
+        rows = []
+        for index, ckpt in enumerate(models):
+            expert = index - offset
+            if expert >= 0 and expert in plan.missing_in:
+                rows.append(np.full(len(vocabularies.output), -1, dtype=np.int64))
+                continue
+            name = plan.source_name(expert) if expert >= 0 else plan.name
+            embedded = ckpt.tensors[name].shape[0]
+            configured = (ckpt.config or {}).get("vocab_size")
+            if isinstance(configured, int) and 0 < configured < embedded:
+                embedded = configured
+            rows.append(model_rows(vocabularies.output, vocabs[index], embedded))
+        return align(rows, 0 if sources.base is not None else None, settings, vocabularies.pad_to_multiple_of)
+
+    return alignment
 
 
 _INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
@@ -296,6 +353,8 @@ class ChunkReader:
         self.pool = pool
         self.ring = BufferRing() if device.type == "cpu" else None
         self._ahead: tuple[str, Any] | None = None  # (tensor name, future of its whole read)
+        self._mean_rows: dict[str, list[torch.Tensor]] = {}  # by-token tensors with padding rows: each model's mean
+        self._mean_lock = threading.Lock()
 
     def _raw(self, ckpt: Checkpoint, name: str, start: int, stop: int, buffers: dict | None, slot: int) -> torch.Tensor:
         """Rows as stored (e.g. bfloat16), read into this chunk's byte buffer for `slot` when there is one."""
@@ -323,6 +382,10 @@ class ChunkReader:
         """File reads only (the part worth a background thread): the base's rows, then each expert's
         (None for an expert that lacks the tensor)."""
         started = time.perf_counter()
+        if tensor.by_token is not None:
+            chunk = self._read_by_token(tensor, start, stop, self._padding_means(tensor))
+            self._account(started)
+            return [chunk]
         sources = self.plan.sources
         raws: list[torch.Tensor | None] = []
         raws.append(self._raw(sources.base, tensor.name, start, stop, buffers, 0) if sources.base is not None else None)
@@ -338,6 +401,8 @@ class ChunkReader:
 
     def convert(self, tensor: TensorPlan, start: int, raws: list[torch.Tensor | None], buffers: dict | None) -> Chunk:
         """float32 chunk from the raw rows; done in the main thread, where torch's own threads do the work."""
+        if tensor.by_token is not None:
+            return raws[0]
         sources = self.plan.sources
         base = self._float(raws[0], sources.base, tensor.name, start, buffers, 0) if sources.base is not None else None
         experts = []
@@ -354,6 +419,61 @@ class ChunkReader:
             else:
                 experts.append(self._float(raw, expert, name, start, buffers, index + 1))
         return Chunk(start, base, experts)
+
+    def _aligned_inputs(self, tensor: TensorPlan) -> list[tuple[Checkpoint, str] | None]:
+        """(checkpoint, tensor name) of each aligned model, the base first; None for an expert lacking it."""
+        sources = self.plan.sources
+        inputs: list[tuple[Checkpoint, str] | None] = [(sources.base, tensor.name)] if sources.base is not None else []
+        for index, expert in enumerate(sources.experts):
+            inputs.append(None if index in tensor.missing_in else (expert, tensor.source_name(index)))
+        return inputs
+
+    def _read_by_token(self, tensor: TensorPlan, start: int, stop: int, means: list[torch.Tensor] | None) -> Chunk:
+        """Rows [start, stop) of every model in the output vocabulary's order, stand-ins filled in."""
+        alignment, inputs = tensor.by_token, self._aligned_inputs(tensor)
+        vocab_stop = max(min(stop, alignment.vocab_rows), start)
+        gathered = []
+        for index, source in enumerate(inputs):
+            rows = torch.zeros((vocab_stop - start, tensor.shape[1]), dtype=torch.float32)
+            if source is not None:
+                ckpt, name = source
+                for position, first, count in runs(alignment.rows[index][start:vocab_stop]):
+                    rows[position:position + count] = ckpt.read_rows(name, first, first + count).float()
+                refuse_nonfinite(rows, ckpt, name, start)
+            gathered.append(rows.to(self.device))
+        named = {}
+        for offset in np.flatnonzero(alignment.kind[start:vocab_stop] == MODEL_TOKEN).tolist():
+            model, row = int(alignment.source_model[start + offset]), int(alignment.source_row[start + offset])
+            ckpt, name = inputs[model]
+            if not 0 <= row < ckpt.tensors[name].shape[0]:
+                raise UserError(f"{ckpt.path}: tokenizer.tokens names row {row} of {name!r}, which has "
+                                f"{ckpt.tensors[name].shape[0]} rows")
+            named[(model, row)] = ckpt.read_rows(name, row, row + 1)[0].float().to(self.device)
+        stand_in = stand_in_rows(alignment, start, stop, gathered, named)
+        aligned = [aligned_model_rows(alignment, index, start, stop, rows, stand_in,
+                                      means[index] if means is not None else None)
+                   for index, rows in enumerate(gathered)]
+        if self.plan.sources.base is None:
+            return Chunk(start, None, aligned)
+        base = aligned[0]
+        experts = [base.clone() if inputs[index + 1] is None else rows for index, rows in enumerate(aligned[1:])]
+        return Chunk(start, base, experts)
+
+    def _padding_means(self, tensor: TensorPlan) -> list[torch.Tensor] | None:
+        """Each aligned model's mean row over the vocabulary (the rows `pad_to_multiple_of` adds), computed once."""
+        alignment = tensor.by_token
+        if alignment.total_rows == alignment.vocab_rows:
+            return None
+        with self._mean_lock:
+            if tensor.name not in self._mean_rows:
+                totals = None
+                for start, stop in row_chunks((alignment.vocab_rows, tensor.shape[1])):
+                    chunk = self._read_by_token(tensor, start, stop, None)
+                    rows = ([chunk.base] if chunk.base is not None else []) + chunk.experts
+                    sums = [r.double().sum(0) for r in rows]
+                    totals = sums if totals is None else [t + s for t, s in zip(totals, sums)]
+                self._mean_rows[tensor.name] = [(t / alignment.vocab_rows).float() for t in totals]
+            return self._mean_rows[tensor.name]
 
     def read(self, tensor: TensorPlan, start: int, stop: int, buffers: dict | None = None) -> Chunk:
         return self.convert(tensor, start, self.read_raw(tensor, start, stop, buffers), buffers)

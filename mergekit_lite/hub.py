@@ -12,6 +12,7 @@ from pathlib import Path
 import huggingface_hub
 from huggingface_hub import errors
 
+from mergekit_lite.checkpoint.lora import split_lora_reference
 from mergekit_lite.errors import UserError
 from mergekit_lite.recipe import Recipe
 
@@ -20,7 +21,7 @@ HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95})
 # What a merge reads from a repository: weights (safetensors), configs, tokenizer and generation files.
 NEEDED_FILES = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
                 "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
-                "*.tiktoken", "chat_template.jinja", "preprocessor_config.json"]
+                "*.tiktoken", "chat_template.jinja", "preprocessor_config.json", "adapter_config.json"]
 PICKLED_FILES = ["*.bin", "*.bin.index.json", "*.pt", "*.pth"]
 
 
@@ -77,6 +78,9 @@ def resolve_hub_ids(recipe: Recipe, allow_pickle: bool = False) -> None:
     found: dict[str, HubSource] = {}
 
     def local(reference: str | None) -> str | None:
+        lora = split_lora_reference(reference) if reference is not None else None
+        if lora is not None:  # base+adapter: either side may be a hub id
+            return "+".join(local(side) for side in lora)
         if reference is None or hub_id(reference) is None:
             return reference
         if reference not in found:
@@ -88,5 +92,13 @@ def resolve_hub_ids(recipe: Recipe, allow_pickle: bool = False) -> None:
     recipe.base_model = local(recipe.base_model)
     if recipe.tokenizer_source not in (None, "base", "union"):
         recipe.tokenizer_source = local(recipe.tokenizer_source)
+    if recipe.tokenizer is not None:
+        if recipe.tokenizer.source not in ("base", "union"):
+            recipe.tokenizer.source = local(recipe.tokenizer.source)
+        for entry in recipe.tokenizer.tokens.values():
+            if isinstance(entry.source, str):
+                entry.source = local(entry.source)
+            elif entry.source is not None and entry.source.model is not None:
+                entry.source.model = local(entry.source.model)
     recipe.hub_sources.extend({"reference": s.reference, "repo_id": s.repo_id, "revision": s.revision,
                                "commit": s.commit, "path": s.path} for s in found.values())

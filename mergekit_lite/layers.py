@@ -45,3 +45,9 @@ def is_input_embedding(tensor_name: str) -> bool:
 def is_embedding(tensor_name: str) -> bool:
     """Input embeddings and output heads: the tensors whose rows follow the vocabulary."""
     return is_input_embedding(tensor_name) or "lm_head" in tensor_name.lower()
+
+
+def is_token_embedding(tensor_name: str) -> bool:
+    """An embedding or output head indexed by token (not by position)."""
+    lowered = tensor_name.lower()
+    return is_embedding(tensor_name) and "position" not in lowered and "wpe" not in lowered

@@ -73,6 +73,7 @@ class MethodFacts:
     needs_base: bool = True
     min_models: int = 1
     max_models: int | None = None
+    reads_adapters: bool = True  # takes LoRA references (`base+adapter`): the adapter applied as tensors are read
 
 
 @dataclass
@@ -96,6 +97,7 @@ class Pipeline(Protocol):
     needs_base: bool
     min_models: int
     max_models: int | None
+    reads_adapters: bool
 
     def check(self, recipe: Recipe, source: str, lines: dict[tuple, int]) -> None:
         """Refuse (RecipeError, with the line) what this method cannot take, from the recipe alone."""

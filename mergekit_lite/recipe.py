@@ -7,11 +7,12 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Union
+from typing import Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from mergekit_lite.checkpoint.lora import split_lora_reference
 from mergekit_lite.errors import RecipeError
 
 Scalar = Union[bool, int, float, str]
@@ -45,12 +46,43 @@ class ModelEntry(BaseModel):
     task: str | None = None  # twin: the task this expert was fine-tuned for
     data: DataSource | None = None  # twin: inputs of that task (router training)
 
-    @field_validator("model")
-    @classmethod
-    def _plain_path(cls, value: str) -> str:
-        if "+" in value and not Path(value).exists():
-            raise ValueError("LoRA references (model+lora) are not supported; merge the adapter into the model first")
-        return value
+
+class TokenSource(BaseModel):
+    """Where a token's row comes from, besides a model reference: a zero row, or another token's row of a model."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["zero", "model_token"]
+    model: str | None = None
+    token_id: int | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> "TokenSource":
+        if self.kind == "model_token":
+            if self.model is None:
+                raise ValueError("model_token needs model")
+            if (self.token_id is None) == (self.token is None):
+                raise ValueError("model_token needs exactly one of token_id and token")
+            if self.token_id is not None and self.token_id < 0:
+                raise ValueError("token_id must be at least 0")
+        return self
+
+
+class TokenEntry(BaseModel):
+    """A `tokenizer.tokens` entry: the row a token gets where a model lacks it (and, with force, everywhere)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: Union[str, TokenSource, None] = None
+    force: bool = False
+
+
+class TokenizerBlock(BaseModel):
+    """mergekit's `tokenizer:` block: the output vocabulary and how rows for its tokens are found."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"  # union | base | a model reference
+    tokens: dict[str, TokenEntry] = Field(default_factory=dict)
+    pad_to_multiple_of: int | None = Field(default=None, ge=1, le=1 << 20)
 
 
 class SharedMerge(BaseModel):
@@ -72,6 +104,7 @@ class Recipe(BaseModel):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerBlock | None = None
     name: str | None = None
     output: str | None = None
     seed: int | None = None
@@ -98,6 +131,9 @@ class Recipe(BaseModel):
         """The reference the recipe was written with (a hub id) for a path it was resolved to, else the path."""
         if path is None:
             return None
+        lora = split_lora_reference(str(path))
+        if lora is not None:
+            return "+".join(str(self.reference_of(side)) for side in lora)
         for source in self._hub_sources:
             if Path(source["path"]) == Path(path):
                 return source["reference"]
@@ -127,6 +163,18 @@ class Recipe(BaseModel):
             raise ValueError("pickled files are allowed only by the command-line flag --allow-pickle, never by a "
                              "recipe (a recipe may come from someone else)")
         return value
+
+    @model_validator(mode="after")
+    def _one_tokenizer_setting(self) -> "Recipe":
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError("give tokenizer_source or a tokenizer block (its source), not both")
+        return self
+
+    @property
+    def vocabulary_source(self) -> str | None:
+        """Where the output vocabulary comes from (union, base or a model), when the merge writes its own
+        tokenizer and aligns embedding rows by token; None: the tokenizer is copied as it is."""
+        return self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
 
     @field_validator("dtype", "out_dtype")
     @classmethod

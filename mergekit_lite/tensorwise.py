@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from mergekit_lite.checkpoint import CheckpointWriter
+from mergekit_lite.checkpoint import CheckpointWriter, split_lora_reference
 from mergekit_lite.checkpoint.files import load_json, resume_fingerprint, roots_of
+from mergekit_lite.chat_templates import output_chat_template
 from mergekit_lite.checkpoint.writer import support_files
 from mergekit_lite.engine import MergePlan, MergeResult, plan_merge, run_merge
 from mergekit_lite.errors import RecipeError
@@ -23,6 +24,7 @@ from mergekit_lite.recipe import DTYPES, Recipe
 from mergekit_lite.report import (REPORT_NAME, envelope, model_card, output_files, report_bytes, write_description,
                                   write_report)
 from mergekit_lite.units import human_bytes
+from mergekit_lite.vocab_build import Vocabularies, build_vocabularies
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
@@ -45,24 +47,27 @@ def parse_size(value: str | int) -> int:
 
 
 def _directory(path: Path) -> Path:
+    """The directory of a checkpoint reference (for `base+adapter`, the base's: the adapter has no tokenizer)."""
+    lora = split_lora_reference(str(path))
+    path = Path(lora[0]) if lora is not None else path
     return path if path.is_dir() else path.parent
 
 
 def tokenizer_dir(recipe: Recipe, plan: MergePlan) -> Path:
-    """Where tokenizer files come from: tokenizer_source (base or a path), else base_model, else the first model."""
-    source = recipe.tokenizer_source
-    if source in (None, "base"):
-        if recipe.base_model:
-            return _directory(Path(recipe.base_model))
-        if source == "base":
-            raise RecipeError("tokenizer_source: base needs base_model")
-        return plan.sources.reference.directory
-    if source == "union":
-        raise RecipeError("tokenizer_source: union (merging vocabularies) is not supported; name base or a model path")
-    path = Path(source)
-    if not path.exists():
-        raise RecipeError(f"tokenizer_source {source!r}: no such directory")
-    return _directory(path)
+    """Where tokenizer files are copied from when the merge does not build its own: the base model, else the
+    first model."""
+    if recipe.base_model:
+        return _directory(Path(recipe.base_model))
+    return plan.sources.reference.directory
+
+
+def plan_with_vocabularies(recipe: Recipe, allow_pickle: bool = False, allow_crimes: bool = False
+                           ) -> tuple[MergePlan, Vocabularies | None]:
+    """The merge plan; with `tokenizer_source` or a `tokenizer:` block, the output tokenizer is built first and
+    embedding rows are aligned to it by token."""
+    vocabularies = build_vocabularies(recipe) if recipe.vocabulary_source is not None else None
+    plan = plan_merge(recipe, allow_pickle=allow_pickle, allow_crimes=allow_crimes, vocabularies=vocabularies)
+    return plan, vocabularies
 
 
 def plan_fingerprint(plan: MergePlan, seed: int | None, shard_bytes: int | None) -> str:
@@ -131,18 +136,30 @@ def tensorwise_card(result: MergeResult, recipe_text: str) -> str:
 def merge_tensorwise(recipe: Recipe, recipe_text: str, out: Path, options: MergeOptions,
                      progress: Progress | None = None) -> dict[str, Any]:
     """Plan and stream a tensor-wise merge into `out`, with config, tokenizer, recipe, card and report."""
-    plan = plan_merge(recipe, allow_pickle=options.allow_pickle, allow_crimes=options.allow_crimes)
+    plan, vocabularies = plan_with_vocabularies(recipe, options.allow_pickle, options.allow_crimes)
     tokenizer_source = tokenizer_dir(recipe, plan)
     support_files(tokenizer_source)  # a link out of the checkpoint or a FIFO is refused now, not after the merge
     shard_bytes = shard_bytes_for(plan, options)
     report: dict[str, Any] = {}
+    inputs = [ckpt.directory for ckpt in [plan.sources.base, *plan.sources.experts] if ckpt is not None]
+    template = output_chat_template(recipe.chat_template, inputs)
+    if recipe.chat_template and not options.copy_tokenizer and vocabularies is None:
+        plan.warnings.append("chat_template: not written, since --no-copy-tokenizer writes no tokenizer")
 
     def finalize(result: MergeResult, writer: CheckpointWriter) -> None:
         reference = plan.sources.reference.directory
         out_dtype = recipe.out_dtype or recipe.dtype
-        writer.copy_config(reference, _dtype_updates(reference, out_dtype) if out_dtype else None)
-        if options.copy_tokenizer:
+        updates = _dtype_updates(reference, out_dtype) if out_dtype else {}
+        if plan.vocab_size is not None:
+            updates["vocab_size"] = plan.vocab_size
+        writer.copy_config(reference, updates)
+        if vocabularies is not None:  # the tokenizer the rows were aligned to, as transformers saves it
+            vocabularies.tokenizer.save_pretrained(str(writer.tmp_dir))
+            writer.copy_support_files(tokenizer_source, only=("generation_config.json",))
+        elif options.copy_tokenizer:
             writer.copy_support_files(tokenizer_source)
+        if template is not None and (vocabularies is not None or options.copy_tokenizer):
+            writer.set_chat_template(template)
         write_description(writer, recipe_text, tensorwise_card(result, recipe_text) if options.write_model_card else None)
         report.update(build_report(result, out, writer.tmp_dir, writer.shard_digest))
         if options.report_path is None:
@@ -179,7 +196,7 @@ def shard_bytes_for(plan: MergePlan, options: MergeOptions) -> int | None:
 
 def validate_tensorwise(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     """Plan from headers alone (paths, shapes, missing tensors), and check the tokenizer source and shard size."""
-    plan = plan_merge(recipe, allow_pickle=allow_pickle)
+    plan, _vocabularies = plan_with_vocabularies(recipe, allow_pickle)
     support_files(tokenizer_dir(recipe, plan))
     if recipe.shard_size is not None:
         parse_size(recipe.shard_size)

@@ -390,7 +390,7 @@ def pleas_settings(ws: Workspace, root: Path) -> dict[str, dict]:
     short = {"data_free_steps": 10, "tune_steps": 20, "samples": 64} if ws.plan.quick else {}
     generic.update(short)
     settings = {"permutation only (1.0x)": {**with_data, "least_squares": False, "target_width": 1.0}}
-    widths = (1.0, 1.5) if ws.plan.quick else (1.0, 1.25, 1.5, 2.0)
+    widths = (1.0,) if ws.plan.quick else (1.0, 1.25, 1.5, 2.0)
     for width in widths:
         settings[f"PLeaS {width}x"] = {**with_data, "target_width": width}
     if not ws.plan.quick:

@@ -20,12 +20,14 @@ from pathlib import Path
 
 import torch
 
-from mergekit_lite.checkpoint.files import checked_file, copy_checked, load_json, real, roots_of
+from mergekit_lite.checkpoint.files import checked_file, copy_checked, load_json, read_limited, real, roots_of
 from mergekit_lite.checkpoint.lock import output_lock
 from mergekit_lite.checkpoint.safetensors_format import element_size, encode_header
 from mergekit_lite.errors import UserError
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+MAX_TEMPLATE_BYTES = 1024 * 1024
 SUPPORT_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -297,15 +299,27 @@ class CheckpointWriter:
         self.add_file("config.json", json.dumps(config, indent=2) + "\n")
         return True
 
-    def copy_support_files(self, source_dir: Path) -> list[str]:
-        """Copy tokenizer, generation and preprocessing files (known names only) from a source checkpoint."""
-        names = support_files(source_dir)
+    def copy_support_files(self, source_dir: Path, only: tuple[str, ...] | None = None) -> list[str]:
+        """Copy tokenizer, generation and preprocessing files (known names only, or those in `only`) from a
+        source checkpoint."""
+        names = [name for name in support_files(source_dir) if only is None or name in only]
         for name in names:
             try:
                 copy_checked(source_dir / name, self.tmp_dir / name, roots_of(source_dir), name)
             except OSError as exc:
                 raise UserError(f"{self.tmp_dir / name}: cannot write: {exc.strerror or exc}{RESUME_HINT}") from exc
         return names
+
+    def set_chat_template(self, template: str) -> None:
+        """Write the output's chat template as transformers saves one (chat_template.jinja), and drop any template
+        the copied tokenizer_config.json carried, which the file would otherwise contradict."""
+        config_file = self.tmp_dir / "tokenizer_config.json"
+        if config_file.exists():
+            config = load_json(config_file, [self.tmp_dir], "tokenizer_config.json")
+            if isinstance(config, dict) and "chat_template" in config:
+                del config["chat_template"]
+                self.add_file("tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        self.add_file(CHAT_TEMPLATE_FILE, template)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
@@ -406,6 +420,22 @@ def _read_journal(path: Path) -> tuple[str, dict[str, dict]] | None:
         except (json.JSONDecodeError, KeyError, TypeError):
             break  # a line cut short by a kill: everything after it is unknown
     return fingerprint, records
+
+
+def read_chat_template(directory: Path) -> str | None:
+    """The chat template a checkpoint's tokenizer carries (chat_template.jinja, else tokenizer_config.json's, the
+    default one when it names several), or None."""
+    roots = roots_of(directory)
+    if os.path.lexists(directory / CHAT_TEMPLATE_FILE):
+        data = read_limited(directory / CHAT_TEMPLATE_FILE, roots, CHAT_TEMPLATE_FILE, MAX_TEMPLATE_BYTES)
+        return data.decode("utf-8", errors="replace")
+    if not os.path.lexists(directory / "tokenizer_config.json"):
+        return None
+    template = load_json(directory / "tokenizer_config.json", roots, "tokenizer_config.json")
+    template = template.get("chat_template") if isinstance(template, dict) else None
+    if isinstance(template, list):  # several named templates: the default one
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
 
 
 def support_files(source_dir: Path) -> list[str]:

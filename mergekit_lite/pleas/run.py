@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import torch
 
+from mergekit_lite.chat_templates import output_chat_template
 from mergekit_lite.checkpoint import CheckpointWriter, TensorSpec
 from mergekit_lite.checkpoint.reader import run_fingerprint
 from mergekit_lite.device import resolve_device
@@ -130,6 +131,9 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
         source_dir = paths[0] if paths[0].is_dir() else paths[0].parent
         if options.copy_tokenizer:
             writer.copy_support_files(source_dir)  # tokenizer and generation files of a transformers model
+            template = output_chat_template(recipe.chat_template, [p if p.is_dir() else p.parent for p in paths])
+            if template is not None:
+                writer.set_chat_template(template)
         write_description(writer, recipe_text,
                           _card(recipe, result.report, recipe_text) if options.write_model_card else None)
         refine = phases.get("refine", 0.0)

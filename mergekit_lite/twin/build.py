@@ -48,7 +48,7 @@ def shared_recipe(recipe: Recipe) -> Recipe:
                   models=[ModelEntry(model=m.model, parameters=m.parameters) for m in recipe.models],
                   parameters=shared.parameters, dtype=recipe.dtype, out_dtype=recipe.out_dtype,
                   tokenizer_source=recipe.tokenizer_source, seed=recipe.seed, shard_size=recipe.shard_size,
-                  device=recipe.device)
+                  device=recipe.device, chat_template=recipe.chat_template)
 
 
 def check_twin_recipe(recipe: Recipe, source: str, lines: dict, twin: Parameterised) -> None:
