@@ -174,8 +174,10 @@ def _plan(recipe: Recipe, method: MergeMethod, sources: Sources, allow_crimes: b
                     raise UserError(f"{expert.path}: has no tensor {name!r}, which {reference.path} has; {method.name} needs it in every model")
                 plan.missing_in.append(index)
             elif other.shape != info.shape and not (by_token and _rows_differ_only(other.shape, info.shape)):
-                if sources.base is not None and _rows_differ_only(other.shape, info.shape) and is_embedding(name):
+                if _rows_differ_only(other.shape, info.shape) and is_embedding(name):
                     plan.row_aligned.append(index)
+                    if sources.base is None:  # no base to stand in for missing rows: the rows all models have
+                        plan.shape = (min(plan.shape[0], other.shape[0]), *plan.shape[1:])
                 else:
                     raise UserError(
                         f"{expert.path}: tensor {name!r} has shape {list(other.shape)} but {reference.path} has "
@@ -189,7 +191,9 @@ def _plan(recipe: Recipe, method: MergeMethod, sources: Sources, allow_crimes: b
             warnings.append(f"{name}: not in {missing}; those models contribute no change to it")
         if plan.row_aligned:
             aligned = ", ".join(str(sources.experts[i].path) for i in plan.row_aligned)
-            warnings.append(f"{name}: vocabulary size differs in {aligned}; rows aligned to {reference.path}")
+            warnings.append(f"{name}: vocabulary size differs in {aligned}; " + (
+                f"rows aligned to {reference.path}" if sources.base is not None else
+                f"the first {plan.shape[0]} rows, which every model has, are merged (tokenizer_source aligns by token)"))
         plans.append(plan)
     if kept_as_is:
         warnings.append(f"{len(kept_as_is)} integer or boolean tensor(s) copied from {reference.path}, not merged, "
@@ -198,7 +202,9 @@ def _plan(recipe: Recipe, method: MergeMethod, sources: Sources, allow_crimes: b
     if extra:
         warnings.append(f"{len(extra)} tensor(s) not in {reference.path} are left out, e.g. {extra[0]!r}")
     aligned = [plan.by_token.total_rows for plan in plans if plan.by_token is not None]
-    if token_rows is not None and not aligned:
+    aligned += [plan.shape[0] for plan in plans if plan.by_token is None and is_token_embedding(plan.name)
+                and plan.shape[0] != reference.tensors[plan.name].shape[0]]  # cut to the rows all models have
+    if token_rows is not None and not any(plan.by_token is not None for plan in plans):
         warnings.append("no embedding tensor has the config's vocab_size rows: nothing was aligned by token")
     return MergePlan(recipe, method, sources, plans, num_layers, warnings,
                      recipe_params(recipe, method, None, "", None, num_layers), aligned[0] if aligned else None)
@@ -411,7 +417,7 @@ class ChunkReader:
             name = tensor.source_name(index)
             if index in tensor.missing_in:
                 experts.append(base.clone())
-            elif index in tensor.row_aligned:
+            elif index in tensor.row_aligned and base is not None:
                 aligned = base.clone()  # rows past the expert's vocabulary: no change
                 if raw is not None:
                     aligned[: raw.shape[0]] = self._float(raw, expert, name, start, None, 0)

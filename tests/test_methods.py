@@ -212,6 +212,21 @@ def test_model_stock_ratio_and_result():
     torch.testing.assert_close(out, t * torch.tensor([1.0, 0.5]))
 
 
+def test_model_stock_filter_wise_takes_each_rows_own_ratio():
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 5, generator=gen)
+    experts = [base + torch.randn(6, 5, generator=gen) * s for s in (0.2, 0.5, 0.3)]
+    out = _merge("model_stock", base, experts, [{}, {}, {}], {"filter_wise": True}).tensor
+    for row in range(6):
+        deltas = [e[row] - base[row] for e in experts]
+        cosines = [float(deltas[i] @ deltas[j] / (deltas[i].norm() * deltas[j].norm()))
+                   for i, j in ((0, 1), (0, 2), (1, 2))]
+        t = stock_ratio(3, sum(cosines) / 3)
+        torch.testing.assert_close(out[row], base[row] + t * sum(deltas) / 3)
+    whole = _merge("model_stock", base, experts, [{}, {}, {}]).tensor
+    assert not torch.allclose(out, whole)  # one ratio per tensor differs from one per row
+
+
 def test_model_scope_thresholds_equal_sorting_the_whole_model():
     gen = torch.Generator().manual_seed(11)
     tensors = [(f"t{i}", torch.randn(n, generator=gen)) for i, n in enumerate([1000, 37, 300_000, 1])]
