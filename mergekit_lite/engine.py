@@ -47,7 +47,7 @@ class Sources:
 
     base: Checkpoint | None
     experts: list[Checkpoint]
-    entry_of_expert: list[int]
+    entry_of_expert: list[int | None]  # None: the base model, added as an input (base_as_input)
 
     @property
     def reference(self) -> Checkpoint:
@@ -96,7 +96,7 @@ class MergePlan:
 def open_sources(recipe: Recipe, method: MergeMethod, allow_pickle: bool = False) -> Sources:
     """Open the inputs. Methods without a base (linear) mix every listed model, the base_model too if listed;
     the others skip a model entry that names the base, however it is spelled (`base`, `base/`, a link)."""
-    uses_base = method.needs_base and recipe.base_model is not None
+    uses_base = (method.needs_base or method.optional_base) and recipe.base_model is not None
     base = open_reference(recipe.base_model, allow_pickle=allow_pickle) if uses_base else None
     experts, entries = [], []
     for index, entry in enumerate(recipe.models):
@@ -104,6 +104,10 @@ def open_sources(recipe: Recipe, method: MergeMethod, allow_pickle: bool = False
             continue
         experts.append(open_reference(entry.model, allow_pickle=allow_pickle))
         entries.append(index)
+    if method.base_as_input and recipe.base_model is not None and not any(
+            same_path(entry.model, recipe.base_model) for entry in recipe.models):
+        experts.append(open_reference(recipe.base_model, allow_pickle=allow_pickle))
+        entries.append(None)  # no model entry: its per-model parameters are the recipe-wide ones
     return Sources(base=base, experts=experts, entry_of_expert=entries)
 
 
@@ -155,7 +159,7 @@ def _plan(recipe: Recipe, method: MergeMethod, sources: Sources, allow_crimes: b
                     and (not isinstance(vocab_size, int) or info.shape[0] == vocab_size))
         if merge:  # the recipe is read here once: the engine streams from the plan
             layer = layer_index(name)
-            plan.model_params = [recipe_params(recipe, method, entry, name, layer, num_layers)
+            plan.model_params = [recipe_params(recipe, method, entry, name, layer, num_layers, as_model=True)
                                  for entry in sources.entry_of_expert]
             plan.params = recipe_params(recipe, method, None, name, layer, num_layers)
         for index, expert in enumerate(sources.experts):
@@ -215,7 +219,8 @@ def _token_rows(recipe: Recipe, sources: Sources, vocabularies: Vocabularies) ->
     every output token, and the stand-in rules of the recipe's token settings."""
     models = ([sources.base] if sources.base is not None else []) + sources.experts
     references = (([recipe.base_model] if sources.base is not None else [])
-                  + [recipe.models[index].model for index in sources.entry_of_expert])
+                  + [recipe.models[index].model if index is not None else recipe.base_model
+                     for index in sources.entry_of_expert])
     vocabs = [vocabularies.vocabulary_of(ckpt.directory) for ckpt in models]
     settings = token_settings(vocabularies, references, vocabs)
     offset = 1 if sources.base is not None else 0

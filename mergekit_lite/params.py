@@ -14,7 +14,6 @@ from typing import Any, Callable, Protocol
 
 from mergekit_lite.checkpoint.files import same_path
 from mergekit_lite.errors import RecipeError
-from mergekit_lite.layers import is_input_embedding
 from mergekit_lite.recipe import FilterEntry, ParamValue, Recipe, Scalar, did_you_mean, dotted_key, location
 
 # Every parameter some mergekit method reads. mergekit ignores one that the recipe's method does not read; here
@@ -40,6 +39,7 @@ class ParamSpec:
     maximum: float | None = None
     exclusive_minimum: bool = False
     choices: tuple[str, ...] | None = None
+    required: bool = False  # no default: the recipe must give it (as mergekit requires it)
 
     def check(self, value: Any) -> str | None:
         """Why `value` is not acceptable, or None when it is."""
@@ -75,6 +75,8 @@ class Parameterised(Protocol):
     needs_base: bool
     min_models: int
     max_models: int | None
+    optional_base: bool
+    base_as_input: bool
 
 
 def check_parameters(recipe: Recipe, source: str, lines: dict[tuple, int], method: Parameterised,
@@ -112,13 +114,22 @@ def check_parameters(recipe: Recipe, source: str, lines: dict[tuple, int], metho
             problem = spec.check(scalar)
             if problem:
                 raise RecipeError(f"{where(loc)}: {dotted_key(loc)}: {problem}")
-    experts = [m for m in recipe.models if not method.needs_base or recipe.base_model is None
+    separate_base = method.needs_base or method.optional_base
+    experts = [m for m in recipe.models if not separate_base or recipe.base_model is None
                or not same_path(m.model, recipe.base_model)]
+    count = len(experts) + (1 if method.base_as_input and recipe.base_model is not None and not any(
+        same_path(m.model, recipe.base_model) for m in recipe.models) else 0)
+    for spec in method.params:
+        if not spec.required or spec.name in recipe.parameters:
+            continue
+        if spec.scope == "global" or not per_model or any(spec.name not in m.parameters for m in experts):
+            where_given = "under parameters" if spec.scope == "global" else "per model or under parameters"
+            raise RecipeError(f"{source}: {method.name} needs {spec.name} ({spec.help}), given {where_given}")
     if method.needs_base and recipe.base_model is None:
         raise RecipeError(f"{source}: {method.name} needs base_model")
-    if len(experts) < method.min_models:
+    if count < method.min_models:
         raise RecipeError(f"{where(('models',))}: {method.name} needs at least {method.min_models} model(s) besides the base")
-    if method.max_models is not None and len(experts) > method.max_models:
+    if method.max_models is not None and count > method.max_models:
         raise RecipeError(f"{where(('models',))}: {method.name} takes at most {method.max_models} model(s) besides the base")
 
 
@@ -169,13 +180,11 @@ def resolve_value(value: ParamValue, tensor_name: str, layer: int | None, num_la
 def gradient_value(points: list[float], tensor_name: str, layer: int | None, num_layers: int) -> float:
     """Interpolate a gradient list over the layers: the first point at layer 0, the last at the last layer.
 
-    Tensors outside the layers take an end point: embeddings the first, everything else (final norm,
-    output head) the last.
+    Tensors outside the layers (embeddings, final norm, output head) take the first point, as in mergekit, which
+    reads them at position 0.
     """
-    if len(points) == 1:
+    if len(points) == 1 or layer is None:
         return points[0]
-    if layer is None:
-        return points[0] if is_input_embedding(tensor_name) else points[-1]
     position = layer / max(num_layers - 1, 1) * (len(points) - 1)
     low = min(int(math.floor(position)), len(points) - 2)
     frac = position - low
@@ -183,15 +192,17 @@ def gradient_value(points: list[float], tensor_name: str, layer: int | None, num
 
 
 def recipe_params(recipe: Recipe, method: Parameterised, model_index: int | None, tensor_name: str, layer: int | None,
-                  num_layers: int) -> dict[str, Scalar]:
+                  num_layers: int, as_model: bool = False) -> dict[str, Scalar]:
     """Every parameter of `method` for one tensor: per-model value, else recipe-wide, else the default; a filter
-    list with no entry for this tensor falls through to the next of these."""
+    list with no entry for this tensor falls through to the next of these. With no model index, the recipe-wide
+    parameters, or (`as_model`) the per-model ones of an input without a model entry."""
     entry = recipe.models[model_index].parameters if model_index is not None else {}
+    per_model = model_index is not None or as_model
     resolved = {}
     for spec in method.params:
-        if model_index is not None and spec.scope == "global":
+        if per_model and spec.scope == "global":
             continue
-        if model_index is None and spec.scope == "model":
+        if not per_model and spec.scope == "model":
             continue
         value = None
         for level in (entry, recipe.parameters):

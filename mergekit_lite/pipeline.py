@@ -73,6 +73,8 @@ class MethodFacts:
     needs_base: bool = True
     min_models: int = 1
     max_models: int | None = None
+    optional_base: bool = False  # uses base_model when given, without needing one
+    base_as_input: bool = False  # base_model, when given, is merged as one more input
     reads_adapters: bool = True  # takes LoRA references (`base+adapter`): the adapter applied as tensors are read
 
 

@@ -221,7 +221,7 @@ class TensorwisePipeline(MethodFacts):
     @classmethod
     def of(cls, method: MergeMethod) -> "TensorwisePipeline":
         return cls(method.name, method.summary, method.params, method.needs_base, method.min_models,
-                   method.max_models, method)
+                   method.max_models, method.optional_base, method.base_as_input, method=method)
 
     def check(self, recipe: Recipe, source: str, lines: dict[tuple, int]) -> None:
         check_parameters(recipe, source, lines, self)

@@ -26,13 +26,7 @@ runner = CliRunner()
 
 # Recipes whose method or layout is not here yet, with the word the refusal names.
 PENDING = {
-    "examples_arcee_fusion": "arcee_fusion", "examples_gradient-slerp": "slices",
-    "examples_orcamini-platy-44layer": "slices", "tests_granite_copy": "passthrough",
-    "tests_gpt2_copy": "passthrough", "tests_gpt2_stack": "slices", "tests_passthrough_scale": "passthrough",
-    "tests_nuslerp_plain": "nuslerp", "tests_nuslerp_row_wise": "nuslerp", "tests_nuslerp_flatten": "nuslerp",
-    "tests_nuslerp_base": "nuslerp", "tests_nuslerp_base_row_wise": "nuslerp", "tests_sce_merge": "sce",
-    "tests_ram_merge": "ram", "tests_ramplus_tl_merge": "ramplus_tl", "tests_multislerp_merge": "multislerp",
-    "tests_arcee_fusion_merge": "arcee_fusion", "tests_nearswap_merge": "nearswap", "tests_karcher_merge": "karcher",
+    "examples_gradient-slerp": "slices", "examples_orcamini-platy-44layer": "slices", "tests_gpt2_stack": "slices",
 }
 # Recipes mergekit refuses too (its test expects the error).
 REFUSED = {"tests_della_invalid_epsilon": "epsilon"}

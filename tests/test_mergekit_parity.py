@@ -1,4 +1,4 @@
-"""Our linear, task_arithmetic and ties equal mergekit's on the same recipe, for float32 inputs.
+"""Our deterministic methods equal mergekit's on the same recipe, for float32 inputs.
 
 Runs when mergekit's `mergekit-yaml` can be found (MERGEKIT_YAML, PATH, or the virtual environment that
 `bench/tensorwise.py --install-mergekit` creates); skipped otherwise.
@@ -64,6 +64,166 @@ models:
     parameters: {{weight: 1.2, density: 0.7}}
 parameters:
   normalize: true
+dtype: float32
+""",
+    "task_arithmetic_gradients": """merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {e1}
+    parameters:
+      weight: [0, 0.3, 0.7, 1]
+  - model: {e2}
+    parameters:
+      weight:
+        - filter: mlp
+          value: [1.0, 0.2]
+        - value: 0.5
+dtype: float32
+""",
+    "slerp": """merge_method: slerp
+base_model: {base}
+models:
+  - model: {base}
+  - model: {e2}
+parameters:
+  t: [{{filter: self_attn, value: [0, 0.5, 1]}}, {{value: 0.3}}]
+dtype: float32
+""",
+    "breadcrumbs": """merge_method: breadcrumbs
+base_model: {base}
+models:
+  - model: {e1}
+    parameters: {{weight: 1.0, density: 0.7, gamma: 0.05}}
+  - model: {e3}
+    parameters: {{weight: 0.5, density: 0.9, gamma: 0.01}}
+dtype: float32
+""",
+    "passthrough": """merge_method: passthrough
+models:
+  - model: {e1}
+    parameters:
+      scale: [{{filter: o_proj, value: 0}}, {{filter: mlp, value: 0.5}}, {{value: 1}}]
+dtype: float32
+""",
+    "nuslerp": """merge_method: nuslerp
+models:
+  - model: {e1}
+    parameters: {{weight: 0.3}}
+  - model: {e2}
+    parameters: {{weight: 0.7}}
+dtype: float32
+""",
+    "nuslerp_rows": """merge_method: nuslerp
+models:
+  - model: {e1}
+    parameters: {{weight: 0.6}}
+  - model: {e2}
+    parameters: {{weight: 0.4}}
+parameters: {{nuslerp_flatten: false}}
+dtype: float32
+""",
+    "nuslerp_row_wise_base": """merge_method: nuslerp
+base_model: {base}
+models:
+  - model: {e1}
+    parameters: {{weight: 0.5}}
+  - model: {e2}
+    parameters: {{weight: 1.5}}
+parameters: {{nuslerp_flatten: false, nuslerp_row_wise: true}}
+dtype: float32
+""",
+    "nuslerp_flat_base": """merge_method: nuslerp
+base_model: {base}
+models:
+  - model: {e1}
+    parameters: {{weight: 1.0}}
+  - model: {e3}
+    parameters: {{weight: 1.0}}
+dtype: float32
+""",
+    "multislerp": """merge_method: multislerp
+models:
+  - model: {e1}
+    parameters: {{weight: 0.2}}
+  - model: {e2}
+    parameters: {{weight: 0.5}}
+  - model: {e3}
+    parameters: {{weight: 0.3}}
+dtype: float32
+""",
+    "multislerp_base": """merge_method: multislerp
+base_model: {base}
+models:
+  - model: {e1}
+    parameters: {{weight: 1.0}}
+  - model: {e2}
+    parameters: {{weight: 2.0}}
+  - model: {e3}
+    parameters: {{weight: 1.0}}
+dtype: float32
+""",
+    "karcher": """merge_method: karcher
+base_model: {base}
+models:
+  - model: {e1}
+  - model: {e2}
+parameters: {{max_iter: 5, tol: 1e-5}}
+dtype: float32
+""",
+    "sce": """merge_method: sce
+base_model: {base}
+models:
+  - model: {e1}
+  - model: {e2}
+  - model: {e3}
+parameters: {{select_topk: 0.5}}
+dtype: float32
+""",
+    "sce_all": """merge_method: sce
+base_model: {base}
+models:
+  - model: {e1}
+  - model: {e2}
+dtype: float32
+""",
+    "ram": """merge_method: ram
+base_model: {base}
+models:
+  - model: {e1}
+  - model: {e2}
+  - model: {e3}
+parameters: {{epsilon: 0.01}}
+dtype: float32
+""",
+    "ramplus_tl": """merge_method: ramplus_tl
+base_model: {base}
+models:
+  - model: {e1}
+  - model: {e2}
+parameters: {{epsilon: 0.01, r: 0.3, alpha: 0.5}}
+dtype: float32
+""",
+    "nearswap": """merge_method: nearswap
+base_model: {base}
+models:
+  - model: {e1}
+parameters: {{t: 0.01}}
+dtype: float32
+""",
+    "arcee_fusion": """merge_method: arcee_fusion
+base_model: {base}
+models:
+  - model: {base}
+  - model: {e2}
+dtype: float32
+""",
+    "breadcrumbs_ties": """merge_method: breadcrumbs_ties
+base_model: {base}
+models:
+  - model: {e1}
+    parameters: {{weight: 1.0, density: 0.7, gamma: 0.05}}
+  - model: {e2}
+    parameters: {{weight: 0.5, density: 0.8, gamma: 0.02}}
 dtype: float32
 """,
 }

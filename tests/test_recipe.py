@@ -60,8 +60,8 @@ def test_gradient_interpolates_over_layers():
     values = [gradient_value(points, f"layers.{i}.w", i, 5) for i in range(5)]
     assert values == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0])
     assert gradient_value(points, "model.embed_tokens.weight", None, 5) == 0.0
-    assert gradient_value([0.2, 0.8], "lm_head.weight", None, 5) == 0.8
-    assert gradient_value([0.2, 0.8], "model.norm.weight", None, 5) == 0.8
+    assert gradient_value([0.2, 0.8], "lm_head.weight", None, 5) == 0.2  # outside the layers: the first point
+    assert gradient_value([0.2, 0.8], "model.norm.weight", None, 5) == 0.2
 
 
 def test_a_filter_list_without_a_match_falls_through_to_the_global_value_then_the_default():

@@ -92,6 +92,8 @@ class MergeMethod:
     params: tuple[ParamSpec, ...] = ()
     prepare: Callable[[TensorContext, ChunkStream], Any] | None = None  # whole-tensor statistics pass
     needs_base: bool = True
+    optional_base: bool = False  # without needs_base: uses base_model when the recipe gives one
+    base_as_input: bool = False  # base_model, when given, is one more input (as mergekit adds it), not a reference
     min_models: int = 1
     max_models: int | None = None
     random: bool = False  # uses the seed

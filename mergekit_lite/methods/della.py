@@ -18,7 +18,8 @@ from mergekit_lite.methods.sparsify import (
 EPSILON = ParamSpec("epsilon", float, 0.1, "half-width of the keep-probability range around density", minimum=0.0)
 
 
-def merge_della(context: TensorContext, chunk: Chunk, _state: None) -> ChunkResult:
+def della_drop(context: TensorContext, chunk: Chunk) -> tuple[list, list[float], list[int]]:
+    """Each expert's task vector after DELLA's magnitude-ranked random drop, rescaled by 1/p when `rescale`."""
     deltas, delta_sq = task_vectors(chunk)
     kept = []
     settings = zip(deltas, context.per_model("density"), context.per_model("epsilon"))
@@ -31,6 +32,11 @@ def merge_della(context: TensorContext, chunk: Chunk, _state: None) -> ChunkResu
         probability = rank_keep_probabilities(delta, density, epsilon)
         seed = tensor_seed(context.seed, context.name, index, chunk.start)
         kept.append(random_keep(delta, probability, seed, rescale=context.params["rescale"]))
+    return deltas, delta_sq, kept
+
+
+def merge_della(context: TensorContext, chunk: Chunk, _state: None) -> ChunkResult:
+    deltas, delta_sq, kept = della_drop(context, chunk)
     return merge_task_vectors(context, chunk, deltas, delta_sq, kept, elect=True)
 
 

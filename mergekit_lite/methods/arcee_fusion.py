@@ -1,0 +1,48 @@
+"""Arcee Fusion: take the other model's change only where it matters most. Importance of an entry is
+|change| times the KL divergence between the two models' softmaxed rows (last axis); entries at or above
+median + 1.5 IQR of the tensor's importances take the other model's value, the rest keep the base's."""
+
+from __future__ import annotations
+
+import torch
+
+from mergekit_lite.methods.base import Chunk, ChunkResult, ChunkStream, MergeMethod, TensorContext
+from mergekit_lite.methods.sparsify import streamed_kth_largest
+
+SOFTMAX_EPS = 1e-8  # added to both softmaxes before the KL divergence, as mergekit does
+QUANTILES = (0.25, 0.5, 0.75)
+
+
+def importance(base: torch.Tensor, other: torch.Tensor, width: int) -> torch.Tensor:
+    """Per entry, |other - base| times the KL divergence of the rows' softmaxes (flattened, not in place)."""
+    b, o = base.reshape(-1, width), other.reshape(-1, width)
+    p = torch.softmax(o, dim=-1) + SOFTMAX_EPS
+    q = torch.softmax(b, dim=-1) + SOFTMAX_EPS
+    divergence = (p * torch.log(p / q)).sum(-1, keepdim=True)
+    return ((o - b).abs() * divergence).reshape(-1)
+
+
+def threshold(context: TensorContext, stream: ChunkStream) -> float:
+    """median + 1.5 * (q3 - q1) of the importances over the whole tensor, exact (the quantile at q is the
+    floor(q * (n - 1))-th smallest, counting from 0)."""
+    n, width = context.numel, context.shape[-1] if context.shape else 1
+    ranks = [n - int(q * (n - 1)) for q in QUANTILES]  # as k-th largest
+    series = lambda stride: ([importance(c.base, c.experts[0], width).clamp_(min=0)[::stride]]  # noqa: E731
+                             for c in stream())
+    q1, median, q3 = streamed_kth_largest(series, n, [ranks])[0]
+    return median + 1.5 * (q3 - q1)
+
+
+def merge_arcee_fusion(context: TensorContext, chunk: Chunk, cut: float) -> ChunkResult:
+    width = context.shape[-1] if context.shape else 1
+    keep = (importance(chunk.base, chunk.experts[0], width) >= cut).view(chunk.base.shape)
+    return ChunkResult(chunk.experts[0].sub_(chunk.base).mul_(keep).add_(chunk.base))
+
+
+METHOD = MergeMethod(
+    name="arcee_fusion",
+    summary="the other model's change where |change| x row KL divergence reaches median + 1.5 IQR, else the base",
+    merge_chunk=merge_arcee_fusion,
+    prepare=threshold,
+    max_models=1,
+)

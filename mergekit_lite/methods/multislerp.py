@@ -1,0 +1,80 @@
+"""Multi-SLERP: a weighted mean of several models on the sphere. Each model (task vector, with a base) is scaled
+to unit norm; the weighted mean of those units, renormalised, is the direction, and the weighted mean of the
+norms the length. (mergekit's tangent-space step adds only rounding: the weighted tangent vectors at the mean
+sum to zero.) A pass over the tensor gathers the models' dot products; the result is then a fixed linear
+combination of the models, streamed."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mergekit_lite.errors import UserError
+from mergekit_lite.methods.base import (WEIGHT, Chunk, ChunkResult, ChunkStream, MergeMethod, ParamSpec,
+                                        TensorContext, fixed_order_dot)
+
+NORMALIZE_WEIGHTS = ParamSpec("normalize_weights", bool, True, "divide the weights by their sum", scope="global")
+EPS = ParamSpec("eps", float, 1e-8, "added to norms before dividing by them", scope="global", minimum=0.0)
+
+
+def _vectors(chunk: Chunk) -> list[torch.Tensor]:
+    return [e if chunk.base is None else e - chunk.base for e in chunk.experts]
+
+
+def gram(stream: ChunkStream, count: int) -> list[list[float]]:
+    """Dot products of every pair of models' vectors over the whole tensor."""
+    products = [[0.0] * count for _ in range(count)]
+    for chunk in stream():
+        vectors = _vectors(chunk)
+        for i in range(count):
+            for j in range(i, count):
+                products[i][j] += fixed_order_dot(vectors[i], vectors[j])
+    for i in range(count):
+        for j in range(i):
+            products[i][j] = products[j][i]
+    return products
+
+
+def sphere_mean_coefficients(products: list[list[float]], weights: list[float], eps: float) -> list[float]:
+    """c such that sum_i c_i v_i is the spherical weighted mean, from the vectors' dot products."""
+    norms = [math.sqrt(max(products[i][i], 0.0)) for i in range(len(weights))]
+    scale = [w / (n + eps) for w, n in zip(weights, norms)]
+    mean_sq = sum(scale[i] * scale[j] * products[i][j] for i in range(len(weights)) for j in range(len(weights)))
+    mean_norm = math.sqrt(max(mean_sq, 0.0))
+    if mean_norm < eps:
+        if len(weights) == 2:  # opposite vectors: mergekit falls back to the weighted sum
+            return list(weights)
+        raise UserError("multislerp: the weighted mean of the models' directions is zero (opposite models with "
+                        "balancing weights); change the weights")
+    length = sum(w * n for w, n in zip(weights, norms))
+    return [s / mean_norm * length for s in scale]
+
+
+def coefficients(context: TensorContext, stream: ChunkStream) -> list[float]:
+    weights = context.per_model("weight")
+    if len(weights) == 1:
+        return [1.0]
+    if context.params["normalize_weights"]:
+        total = sum(weights)
+        weights = [w / total for w in weights]
+    return sphere_mean_coefficients(gram(stream, len(weights)), weights, context.params["eps"])
+
+
+def merge_multislerp(context: TensorContext, chunk: Chunk, combination: list[float]) -> ChunkResult:
+    vectors = _vectors(chunk)
+    merged = vectors[0] * combination[0]
+    for vector, c in zip(vectors[1:], combination[1:]):
+        merged.add_(vector, alpha=c)
+    return ChunkResult(merged if chunk.base is None else merged.add_(chunk.base))
+
+
+METHOD = MergeMethod(
+    name="multislerp",
+    summary="weighted mean of several models on the sphere (of their task vectors with a base)",
+    merge_chunk=merge_multislerp,
+    prepare=coefficients,
+    params=(WEIGHT, NORMALIZE_WEIGHTS, EPS),
+    needs_base=False,
+    optional_base=True,
+)

@@ -1,0 +1,77 @@
+"""SCE (select, calculate, erase): keep the entries whose task vectors vary most across the models (`select_topk`
+of them), weight each model by its mean squared (kept) task vector, and average per entry the models that agree
+with the sign of the sum."""
+
+from __future__ import annotations
+
+import torch
+
+from mergekit_lite.methods.base import Chunk, ChunkResult, ChunkStream, MergeMethod, ParamSpec, TensorContext
+from mergekit_lite.methods.sparsify import count_nonzero, keep_count, streamed_kth_largest, task_vectors
+
+SELECT_TOPK = ParamSpec("select_topk", float, 1.0, "fraction of entries kept, by their variance across the models",
+                        scope="global", minimum=0.0, maximum=1.0)
+MIN_DIVISOR = 1e-6  # mergekit's floor under the sum of agreeing weights
+
+
+def variance(deltas: list[torch.Tensor]) -> torch.Tensor:
+    """Per entry, the (biased) variance of the models' task vectors."""
+    return torch.var(torch.stack([d.reshape(-1) for d in deltas]), dim=0, unbiased=False)
+
+
+def selection(context: TensorContext, stream: ChunkStream) -> tuple[float | None, list[float]]:
+    """The variance at or above which an entry is kept (None: all kept; inf: none), then each model's weight:
+    its kept task vector's mean square, normalised to sum 1 (equal weights when they are all ~0)."""
+    fraction = context.params["select_topk"]
+    threshold = None
+    if fraction <= 0:
+        threshold = float("inf")
+    elif fraction < 1:
+        varied = sum(count_nonzero(variance(task_vectors(chunk)[0])) for chunk in stream())
+        k = keep_count(fraction, varied)
+        if k == 0:
+            threshold = float("inf")
+        else:
+            series = lambda stride: ([variance(task_vectors(c)[0])[::stride]] for c in stream())  # noqa: E731
+            threshold = streamed_kth_largest(series, context.numel, [[k]])[0][0]
+    squares = None
+    for chunk in stream():
+        deltas = task_vectors(chunk)[0]
+        kept = variance(deltas) >= threshold if threshold is not None else None
+        flat = [d.reshape(-1) for d in deltas]
+        here = [float(((d * kept) if kept is not None else d).square().sum()) for d in flat]
+        squares = here if squares is None else [a + b for a, b in zip(squares, here)]
+    means = [s / context.numel for s in squares]
+    total = sum(means)
+    if abs(total) < 1e-6:
+        return threshold, [1.0 / len(means)] * len(means)
+    return threshold, [m / total for m in means]
+
+
+def merge_sce(context: TensorContext, chunk: Chunk, state: tuple[float | None, list[float]]) -> ChunkResult:
+    threshold, weights = state
+    deltas, delta_sq = task_vectors(chunk)
+    if threshold is not None:
+        kept = (variance(deltas) >= threshold).view(deltas[0].shape)
+        deltas = [d.mul_(kept) for d in deltas]
+    total = torch.zeros_like(deltas[0])
+    for delta in deltas:
+        total += delta
+    majority = torch.where(total >= 0, 1.0, -1.0)
+    merged = torch.zeros_like(total)
+    divisor = torch.zeros_like(total)
+    for delta, weight in zip(deltas, weights):
+        agrees = (torch.sign(delta) == majority).to(delta.dtype) * weight
+        merged += delta * agrees
+        divisor += agrees
+    merged /= divisor.clamp_(min=MIN_DIVISOR)
+    return ChunkResult(merged.view(chunk.base.shape).add_(chunk.base), delta_sq=delta_sq)
+
+
+METHOD = MergeMethod(
+    name="sce",
+    summary="keep the select_topk most varying entries, weight models by mean squared change, sign-agreeing mean",
+    merge_chunk=merge_sce,
+    prepare=selection,
+    params=(SELECT_TOPK,),
+)
