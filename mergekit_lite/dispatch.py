@@ -41,13 +41,16 @@ def parse_recipe(text: str, source: str = "<recipe>") -> tuple[Recipe, dict[tupl
         pipeline = pipeline_for(recipe.merge_method)
     except RecipeError as exc:
         raise RecipeError(f"{location(source, lines, ('merge_method',))}: {exc}") from None
+    if not pipeline.streams_tensors and recipe.slices is not None:
+        raise RecipeError(f"{location(source, lines, ('slices',))}: {recipe.merge_method} loads whole models; "
+                          "slices are for tensor-wise methods")
     pipeline.check(recipe, source, lines)
     if recipe.chat_template:
         try:
             check_chat_template(recipe.chat_template)
         except RecipeError as exc:
             raise RecipeError(f"{location(source, lines, ('chat_template',))}: {exc}") from None
-    if not pipeline.reads_adapters:
+    if not pipeline.streams_tensors:
         _refuse_adapters(recipe, source, lines)
     return recipe, lines
 
@@ -80,7 +83,7 @@ def resolve_output(recipe: Recipe, out_dir: str | Path | None) -> Path:
 
 def recipe_inputs(recipe: Recipe) -> list[str]:
     """Every path a recipe reads: models, base, tokenizer source, data."""
-    references = [entry.model for entry in recipe.models] + ([recipe.base_model] if recipe.base_model else [])
+    references = recipe.references()
     paths = [path for reference in references for path in (split_lora_reference(reference) or (reference,))]
     if recipe.vocabulary_source not in (None, "base", "union"):
         paths.append(recipe.vocabulary_source)

@@ -56,6 +56,15 @@ class Sources:
 
 
 @dataclass
+class TensorInputs:
+    """Where one output tensor is read from when it is not the same-named tensor of every source: a slice's
+    layer, renumbered, of its own models."""
+
+    base: tuple[Checkpoint, str] | None
+    experts: list[tuple[Checkpoint, str]]
+
+
+@dataclass
 class TensorPlan:
     name: str
     shape: tuple[int, ...]
@@ -68,6 +77,7 @@ class TensorPlan:
     model_params: list[dict[str, Any]] = field(default_factory=list)  # per expert, resolved for this tensor
     params: dict[str, Any] = field(default_factory=dict)  # recipe-wide, resolved for this tensor
     by_token: VocabAlignment | None = None  # rows put in the output vocabulary's order (a merge that writes a tokenizer)
+    inputs: TensorInputs | None = None  # read from these rather than the plan's sources (layer slices)
 
     def source_name(self, expert: int) -> str:
         return self.read_as.get(expert, self.name)
@@ -87,6 +97,8 @@ class MergePlan:
     warnings: list[str]
     params: dict[str, Any] = field(default_factory=dict)  # recipe-wide, resolved with no tensor in view
     vocab_size: int | None = None  # the output's vocabulary rows, when embeddings are aligned by token
+    config_updates: dict[str, Any] = field(default_factory=dict)  # e.g. the layer count of a sliced merge
+    layer_plan: list[dict[str, Any]] | None = None  # a sliced merge: output layers and where they come from
 
     @property
     def total_bytes(self) -> int:
@@ -141,7 +153,7 @@ def _plan(recipe: Recipe, method: MergeMethod, sources: Sources, allow_crimes: b
     if not reference.tensors:
         raise UserError(f"{reference.path}: holds no tensors; there is nothing to merge")
     for expert in sources.experts:
-        _check_same_architecture(reference, expert, allow_crimes, warnings)
+        check_same_architecture(reference, expert, allow_crimes, warnings)
     plans = []
     kept_as_is = []
     num_layers = count_layers(reference.config, reference.tensors)
@@ -261,7 +273,7 @@ def _architecture(ckpt: Checkpoint) -> str | None:
     return config.get("architecture") or config.get("model_type")
 
 
-def _check_same_architecture(reference: Checkpoint, expert: Checkpoint, allow_crimes: bool = False,
+def check_same_architecture(reference: Checkpoint, expert: Checkpoint, allow_crimes: bool = False,
                              warnings: list[str] | None = None) -> None:
     """Refuse models whose configs name different architectures (unless `allow_crimes`, mergekit's flag: then a
     warning), or that share under half the tensor names."""
@@ -397,14 +409,13 @@ class ChunkReader:
             chunk = self._read_by_token(tensor, start, stop, self._padding_means(tensor))
             self._account(started)
             return [chunk]
-        sources = self.plan.sources
-        raws: list[torch.Tensor | None] = []
-        raws.append(self._raw(sources.base, tensor.name, start, stop, buffers, 0) if sources.base is not None else None)
-        for index, expert in enumerate(sources.experts):
-            if index in tensor.missing_in:
+        base, experts = self.inputs_of(tensor)
+        raws: list[torch.Tensor | None] = [self._raw(*base, start, stop, buffers, 0) if base is not None else None]
+        for index, source in enumerate(experts):
+            if source is None:
                 raws.append(None)
                 continue
-            name = tensor.source_name(index)
+            expert, name = source
             stop_here = min(stop, expert.tensors[name].shape[0]) if index in tensor.row_aligned else stop
             raws.append(self._raw(expert, name, start, stop_here, buffers, index + 1) if start < stop_here else None)
         self._account(started)
@@ -414,12 +425,15 @@ class ChunkReader:
         """float32 chunk from the raw rows; done in the main thread, where torch's own threads do the work."""
         if tensor.by_token is not None:
             return raws[0]
-        sources = self.plan.sources
-        base = self._float(raws[0], sources.base, tensor.name, start, buffers, 0) if sources.base is not None else None
+        base_source, sources = self.inputs_of(tensor)
+        base = self._float(raws[0], *base_source, start, buffers, 0) if base_source is not None else None
         experts = []
-        for index, expert in enumerate(sources.experts):
+        for index, source in enumerate(sources):
             raw = raws[index + 1]
-            name = tensor.source_name(index)
+            if source is None:  # the expert lacks this tensor: no change
+                experts.append(base.clone())
+                continue
+            expert, name = source
             if index in tensor.missing_in:
                 experts.append(base.clone())
             elif index in tensor.row_aligned and base is not None:
@@ -431,13 +445,26 @@ class ChunkReader:
                 experts.append(self._float(raw, expert, name, start, buffers, index + 1))
         return Chunk(start, base, experts)
 
+    def inputs_of(self, tensor: TensorPlan) -> tuple[tuple[Checkpoint, str] | None, list[tuple[Checkpoint, str] | None]]:
+        """(checkpoint, tensor name) of the base (None: no base) and of each expert (None: it lacks the tensor)."""
+        if tensor.inputs is not None:
+            return tensor.inputs.base, list(tensor.inputs.experts)
+        sources = self.plan.sources
+        base = (sources.base, tensor.name) if sources.base is not None else None
+        return base, [None if index in tensor.missing_in else (expert, tensor.source_name(index))
+                      for index, expert in enumerate(sources.experts)]
+
+    def reference_of(self, tensor: TensorPlan) -> tuple[Checkpoint, str]:
+        """Where a tensor that is copied rather than merged (or kept when a merge breaks it) is read from."""
+        base, experts = self.inputs_of(tensor)
+        if tensor.inputs is not None:
+            return base if base is not None else experts[0]
+        return self.plan.sources.reference, tensor.name
+
     def _aligned_inputs(self, tensor: TensorPlan) -> list[tuple[Checkpoint, str] | None]:
         """(checkpoint, tensor name) of each aligned model, the base first; None for an expert lacking it."""
-        sources = self.plan.sources
-        inputs: list[tuple[Checkpoint, str] | None] = [(sources.base, tensor.name)] if sources.base is not None else []
-        for index, expert in enumerate(sources.experts):
-            inputs.append(None if index in tensor.missing_in else (expert, tensor.source_name(index)))
-        return inputs
+        base, experts = self.inputs_of(tensor)
+        return ([base] if base is not None else []) + experts
 
     def _read_by_token(self, tensor: TensorPlan, start: int, stop: int, means: list[torch.Tensor] | None) -> Chunk:
         """Rows [start, stop) of every model in the output vocabulary's order, stand-ins filled in."""
@@ -464,7 +491,7 @@ class ChunkReader:
         aligned = [aligned_model_rows(alignment, index, start, stop, rows, stand_in,
                                       means[index] if means is not None else None)
                    for index, rows in enumerate(gathered)]
-        if self.plan.sources.base is None:
+        if self.inputs_of(tensor)[0] is None:
             return Chunk(start, None, aligned)
         base = aligned[0]
         experts = [base.clone() if inputs[index + 1] is None else rows for index, rows in enumerate(aligned[1:])]
@@ -715,13 +742,13 @@ def _merge_tensor(plan: MergePlan, tensor: TensorPlan, reader: ChunkReader, writ
     for chunk in chunks:
         result = method.merge_chunk(context, chunk, state)
         if tensor.positive and not bool((result.tensor > 0).all()):  # NaN fails the test too
-            reference = plan.sources.reference
+            reference, name = reader.reference_of(tensor)
             stop = chunk.start + (result.tensor.shape[0] if result.tensor.dim() > 1 else 1)
-            result = ChunkResult(reader.copy_rows(reference, tensor.name, chunk.start, stop).to(result.tensor))
+            result = ChunkResult(reader.copy_rows(reference, name, chunk.start, stop).to(result.tensor))
             kept_from = str(reference.path)
         stats.add(result, result.tensor, chunk.base)
         _write(writer, tensor, chunk.start, result.tensor, timings)
-    entry = stats.summary(plan.sources.base is not None)
+    entry = stats.summary(reader.inputs_of(tensor)[0] is not None)
     entry["nonfinite"] = stats.nonfinite
     if kept_from is not None:
         entry["kept_from"] = kept_from
@@ -730,9 +757,9 @@ def _merge_tensor(plan: MergePlan, tensor: TensorPlan, reader: ChunkReader, writ
 
 def _copy_tensor(plan: MergePlan, tensor: TensorPlan, reader: ChunkReader, writer: CheckpointWriter,
                  timings: Timings) -> dict[str, Any]:
-    reference = plan.sources.reference
+    reference, name = reader.reference_of(tensor)
     for start, stop in row_chunks(tensor.shape):
-        _write(writer, tensor, start, reader.copy_rows(reference, tensor.name, start, stop), timings)
+        _write(writer, tensor, start, reader.copy_rows(reference, name, start, stop), timings)
     return {"name": tensor.name, "copied_from": str(reference.path)}
 
 

@@ -89,6 +89,10 @@ def resolve_hub_ids(recipe: Recipe, allow_pickle: bool = False) -> None:
 
     for entry in recipe.models:
         entry.model = local(entry.model)
+    for piece in recipe.slices or []:
+        for source in piece.sources:
+            source.model = local(source.model)
+        piece.base_model = local(piece.base_model)
     recipe.base_model = local(recipe.base_model)
     if recipe.tokenizer_source not in (None, "base", "union"):
         recipe.tokenizer_source = local(recipe.tokenizer_source)

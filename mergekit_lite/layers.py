@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 _LAYER_NUMBER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
-_CONFIG_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "depth")
+CONFIG_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "depth")
 
 
 def layer_index(name: str) -> int | None:
@@ -17,9 +17,19 @@ def layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def split_layer(name: str) -> tuple[str, int, str] | None:
+    """(before, layer number, after) for a layer tensor (`model.layers.7.mlp.up.weight` -> (`model.layers.`, 7,
+    `.mlp.up.weight`)), so that the same tensor of another layer is before + str(n) + after; None outside the
+    layers."""
+    match = _LAYER_NUMBER.search(name)
+    if match is None:
+        return None
+    return name[:match.start(1)], int(match.group(1)), name[match.end(1):]
+
+
 def count_layers(config: dict[str, Any] | None, names: Iterable[str]) -> int:
     """Layer count from config.json when it says, else one more than the largest layer index in the names."""
-    for key in _CONFIG_LAYER_KEYS:
+    for key in CONFIG_LAYER_KEYS:
         value = (config or {}).get(key)
         if isinstance(value, int) and value > 0:
             return value

@@ -91,6 +91,11 @@ def check_parameters(recipe: Recipe, source: str, lines: dict[tuple, int], metho
         _refuse_composite_keys(recipe, where)
         for index, entry in enumerate(recipe.models):
             given += [(("models", index, "parameters", name), name, value) for name, value in entry.parameters.items()]
+        for index, piece in enumerate(recipe.slices or []):
+            given += [(("slices", index, "parameters", name), name, value) for name, value in piece.parameters.items()]
+            for number, part in enumerate(piece.sources):
+                given += [(("slices", index, "sources", number, "parameters", name), name, value)
+                          for name, value in part.parameters.items()]
     for loc, name, value in given:
         spec = known.get(name)
         if spec is None:
@@ -101,7 +106,7 @@ def check_parameters(recipe: Recipe, source: str, lines: dict[tuple, int], metho
             names = ", ".join(known) or "none"
             raise RecipeError(f"{where(loc)}: {dotted_key(loc)}: unknown parameter for {method.name}"
                               f"{did_you_mean(name, [*known, *MERGEKIT_PARAMETERS])} (known: {names})")
-        if spec.scope == "global" and loc[0] == "models":
+        if spec.scope == "global" and (loc[0] == "models" or "sources" in loc):
             recipe.warnings.append(f"{where(loc)}: {dotted_key(loc)}: {name} is recipe-wide, read from the top-level "
                                    "parameters only; ignored here")
             _drop(recipe, loc)
@@ -114,6 +119,9 @@ def check_parameters(recipe: Recipe, source: str, lines: dict[tuple, int], metho
             problem = spec.check(scalar)
             if problem:
                 raise RecipeError(f"{where(loc)}: {dotted_key(loc)}: {problem}")
+    if recipe.slices is not None:
+        _check_slice_models(recipe, method, where)
+        return
     separate_base = method.needs_base or method.optional_base
     experts = [m for m in recipe.models if not separate_base or recipe.base_model is None
                or not same_path(m.model, recipe.base_model)]
@@ -133,9 +141,35 @@ def check_parameters(recipe: Recipe, source: str, lines: dict[tuple, int], metho
         raise RecipeError(f"{where(('models',))}: {method.name} takes at most {method.max_models} model(s) besides the base")
 
 
+def _check_slice_models(recipe: Recipe, method: Parameterised, where: Callable[[tuple], str]) -> None:
+    """Per slice: its base among its sources where the method needs one, and the method's model count."""
+    for index, piece in enumerate(recipe.slices):
+        base = piece.base_model or recipe.base_model
+        has_base = base is not None and any(same_path(s.model, base) for s in piece.sources)
+        if method.needs_base and not has_base:
+            raise RecipeError(f"{where(('slices', index))}: slices[{index}]: {method.name} needs base_model among the "
+                              "slice's sources (the layers the others are measured against)")
+        separate = (method.needs_base or method.optional_base) and has_base
+        count = sum(1 for s in piece.sources if not (separate and same_path(s.model, base)))
+        if count < method.min_models or (method.max_models is not None and count > method.max_models):
+            most = "" if method.max_models is None else f" and at most {method.max_models}"
+            raise RecipeError(f"{where(('slices', index, 'sources'))}: slices[{index}]: {method.name} takes at least "
+                              f"{method.min_models}{most} source(s) besides the base; this slice has {count}")
+        for spec in method.params:
+            missing = spec.required and spec.name not in recipe.parameters and spec.name not in piece.parameters
+            if missing and (spec.scope == "global" or any(spec.name not in s.parameters for s in piece.sources)):
+                raise RecipeError(f"{where(('slices', index))}: {method.name} needs {spec.name} ({spec.help})")
+
+
 def _parameters_at(recipe: Recipe, loc: tuple) -> dict[str, ParamValue]:
-    """The parameters mapping a parameter's location points into (top level or one model's)."""
-    return recipe.parameters if loc[0] == "parameters" else recipe.models[loc[1]].parameters
+    """The parameters mapping a parameter's location points into (top level, one model's, a slice's or one of
+    its sources')."""
+    if loc[0] == "parameters":
+        return recipe.parameters
+    if loc[0] == "models":
+        return recipe.models[loc[1]].parameters
+    piece = recipe.slices[loc[1]]
+    return piece.sources[loc[3]].parameters if loc[2] == "sources" else piece.parameters
 
 
 def _drop(recipe: Recipe, loc: tuple) -> None:
@@ -197,7 +231,14 @@ def recipe_params(recipe: Recipe, method: Parameterised, model_index: int | None
     list with no entry for this tensor falls through to the next of these. With no model index, the recipe-wide
     parameters, or (`as_model`) the per-model ones of an input without a model entry."""
     entry = recipe.models[model_index].parameters if model_index is not None else {}
-    per_model = model_index is not None or as_model
+    return resolve_params(method, [entry, recipe.parameters], tensor_name, layer, num_layers,
+                          per_model=model_index is not None or as_model)
+
+
+def resolve_params(method: Parameterised, levels: list[dict[str, ParamValue]], tensor_name: str, layer: int | None,
+                   num_layers: int, per_model: bool) -> dict[str, Scalar]:
+    """The method's per-model (or recipe-wide) parameters for one tensor, from the first of `levels` (most
+    specific first: a model's, a slice's, the recipe's) whose value applies to it, else the defaults."""
     resolved = {}
     for spec in method.params:
         if per_model and spec.scope == "global":
@@ -205,7 +246,7 @@ def recipe_params(recipe: Recipe, method: Parameterised, model_index: int | None
         if not per_model and spec.scope == "model":
             continue
         value = None
-        for level in (entry, recipe.parameters):
+        for level in levels:
             if spec.name in level:
                 value = resolve_value(level[spec.name], tensor_name, layer, num_layers)
                 if value is not None:

@@ -75,7 +75,7 @@ class MethodFacts:
     max_models: int | None = None
     optional_base: bool = False  # uses base_model when given, without needing one
     base_as_input: bool = False  # base_model, when given, is merged as one more input
-    reads_adapters: bool = True  # takes LoRA references (`base+adapter`): the adapter applied as tensors are read
+    streams_tensors: bool = True  # reads tensors one by one: takes LoRA references (`base+adapter`) and `slices`
 
 
 @dataclass
@@ -99,7 +99,7 @@ class Pipeline(Protocol):
     needs_base: bool
     min_models: int
     max_models: int | None
-    reads_adapters: bool
+    streams_tensors: bool
 
     def check(self, recipe: Recipe, source: str, lines: dict[tuple, int]) -> None:
         """Refuse (RecipeError, with the line) what this method cannot take, from the recipe alone."""

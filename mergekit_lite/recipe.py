@@ -85,6 +85,39 @@ class TokenizerBlock(BaseModel):
     pad_to_multiple_of: int | None = Field(default=None, ge=1, le=1 << 20)
 
 
+class SliceSource(BaseModel):
+    """One model's layers [first, last) in a slice."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _forward_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if value[0] < 0 or value[1] <= value[0]:
+            raise ValueError("must be [first, last) with 0 <= first < last")
+        return value
+
+
+class SliceEntry(BaseModel):
+    """A run of output layers: one source's layers copied (stacking), or several sources' merged layer by layer."""
+
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource] = Field(min_length=1)
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    base_model: str | None = None
+    residual_weight: float | None = None  # in mergekit's format, and unused there too
+
+    @model_validator(mode="after")
+    def _equal_lengths(self) -> "SliceEntry":
+        lengths = {source.layer_range[1] - source.layer_range[0] for source in self.sources}
+        if len(lengths) > 1:
+            raise ValueError(f"every source of a slice must span as many layers (here {sorted(lengths)})")
+        return self
+
+
 class SharedMerge(BaseModel):
     """twin: the tensor-wise merge that makes the shared expert (per-model parameters stay under models)."""
 
@@ -100,6 +133,7 @@ class Recipe(BaseModel):
     merge_method: str
     base_model: str | None = None
     models: list[ModelEntry] = Field(default_factory=list)
+    slices: list[SliceEntry] | None = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
@@ -144,6 +178,9 @@ class Recipe(BaseModel):
         data = self.model_dump(mode="json", exclude_none=True)
         for entry in data.get("models", []):
             entry["model"] = self.reference_of(entry["model"])
+        for piece in data.get("slices", []):
+            for entry in piece["sources"]:
+                entry["model"] = self.reference_of(entry["model"])
         for key in ("base_model", "tokenizer_source"):
             if data.get(key) not in (None, "base", "union"):
                 data[key] = self.reference_of(data[key])
@@ -168,7 +205,18 @@ class Recipe(BaseModel):
     def _one_tokenizer_setting(self) -> "Recipe":
         if self.tokenizer is not None and self.tokenizer_source is not None:
             raise ValueError("give tokenizer_source or a tokenizer block (its source), not both")
+        if self.slices is not None and self.models:
+            raise ValueError("give models or slices, not both")
+        if self.slices is not None and not self.slices:
+            raise ValueError("slices: give at least one slice")
         return self
+
+    def references(self) -> list[str]:
+        """Every model the recipe names, in order, each once (base_model first)."""
+        names = ([self.base_model] if self.base_model else []) + [entry.model for entry in self.models]
+        names += [source.model for piece in self.slices or [] for source in piece.sources]
+        names += [piece.base_model for piece in self.slices or [] if piece.base_model]
+        return list(dict.fromkeys(names))
 
     @property
     def vocabulary_source(self) -> str | None:
@@ -304,8 +352,6 @@ def parse_recipe_text(text: str, source: str = "<recipe>") -> tuple[Recipe, dict
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a YAML mapping with at least merge_method and models")
     lines = _line_map(node) if node is not None else {}
-    if "slices" in data:
-        raise RecipeError(f"{location(source, lines, ('slices',))}: 'slices' (layer stacking) is not supported; use 'models'")
     ignored = [key for key in IGNORED_KEYS if key in data]
     data = {key: value for key, value in data.items() if key not in IGNORED_KEYS}
     try:
@@ -337,8 +383,11 @@ def did_you_mean(word: str, choices: list[str]) -> str:
 
 def _keys_at(loc: tuple) -> list[str]:
     """The keys allowed where an unknown key `loc` was found."""
-    models = {"models": ModelEntry, "data": DataSource, "shared_merge": SharedMerge}
+    models = {"models": ModelEntry, "data": DataSource, "shared_merge": SharedMerge, "slices": SliceEntry,
+              "tokenizer": TokenizerBlock}
     model = models.get(str(loc[0]), Recipe) if len(loc) > 1 else Recipe
+    if len(loc) > 3 and loc[0] == "slices" and loc[2] == "sources":
+        model = SliceSource
     if len(loc) > 3 and loc[0] == "models" and loc[2] == "data":
         model = DataSource
     return list(model.model_fields)

@@ -23,6 +23,7 @@ from mergekit_lite.pipeline import DirectorySummary, MergeOptions, MethodFacts, 
 from mergekit_lite.recipe import DTYPES, Recipe
 from mergekit_lite.report import (REPORT_NAME, envelope, model_card, output_files, report_bytes, write_description,
                                   write_report)
+from mergekit_lite.slice_plan import layer_plan_lines, plan_slices
 from mergekit_lite.units import human_bytes
 from mergekit_lite.vocab_build import Vocabularies, build_vocabularies
 
@@ -65,6 +66,11 @@ def plan_with_vocabularies(recipe: Recipe, allow_pickle: bool = False, allow_cri
                            ) -> tuple[MergePlan, Vocabularies | None]:
     """The merge plan; with `tokenizer_source` or a `tokenizer:` block, the output tokenizer is built first and
     embedding rows are aligned to it by token."""
+    if recipe.slices is not None:
+        if recipe.vocabulary_source is not None:
+            raise RecipeError("tokenizer_source (or a tokenizer block) with slices is not supported yet; merge with "
+                              "models:, or leave the tokenizer to be copied from the base")
+        return plan_slices(recipe, allow_pickle, allow_crimes), None
     vocabularies = build_vocabularies(recipe) if recipe.vocabulary_source is not None else None
     plan = plan_merge(recipe, allow_pickle=allow_pickle, allow_crimes=allow_crimes, vocabularies=vocabularies)
     return plan, vocabularies
@@ -114,13 +120,13 @@ def build_report(result: MergeResult, out_dir: Path, written_dir: Path,
         files=output_files(written_dir, result.files, known_digest), tensors=len(plan.tensors),
         timings={"read": timings.read, "compute": timings.compute, "write": timings.write,
                  "waiting_for_reads": timings.wait, "first_pass": timings.prepare, "total": result.wall_seconds},
-        warnings=warnings, sections={"tensors": result.tensor_stats}, hub_sources=plan.recipe.hub_sources)
+        warnings=warnings, hub_sources=plan.recipe.hub_sources,
+        sections={"tensors": result.tensor_stats, **({"layer_plan": plan.layer_plan} if plan.layer_plan else {})})
 
 
 def recipe_models(recipe: Recipe) -> list[str]:
     """The inputs as the recipe names them (hub ids or paths): the model card's `base_model`."""
-    models = ([recipe.base_model] if recipe.base_model else []) + [entry.model for entry in recipe.models]
-    return [recipe.reference_of(model) for model in models]
+    return [recipe.reference_of(model) for model in recipe.references()]
 
 
 def tensorwise_card(result: MergeResult, recipe_text: str) -> str:
@@ -150,6 +156,7 @@ def merge_tensorwise(recipe: Recipe, recipe_text: str, out: Path, options: Merge
         reference = plan.sources.reference.directory
         out_dtype = recipe.out_dtype or recipe.dtype
         updates = _dtype_updates(reference, out_dtype) if out_dtype else {}
+        updates.update(plan.config_updates)
         if plan.vocab_size is not None:
             updates["vocab_size"] = plan.vocab_size
         writer.copy_config(reference, updates)
@@ -228,14 +235,24 @@ class TensorwisePipeline(MethodFacts):
 
     def validate(self, recipe: Recipe, allow_pickle: bool = False) -> Validation:
         plan = validate_tensorwise(recipe, allow_pickle)
-        return Validation([f"{self.name} over {plan_text(plan)}"], list(plan.warnings))
+        lines = [f"{self.name} over {plan_text(plan)}"] + layer_plan_lines(plan.layer_plan or [])
+        return Validation(lines, list(plan.warnings))
 
     def run(self, recipe: Recipe, recipe_text: str, out: Path, options: MergeOptions,
             progress: Progress) -> dict[str, Any]:
         return merge_tensorwise(recipe, recipe_text, out, options, progress)
 
     def describe(self, report: dict[str, Any]) -> list[str]:
-        return []
+        return layer_plan_lines(report.get("layer_plan") or [])
 
     def summarise_directory(self, path: Path) -> DirectorySummary | None:
-        return None
+        """An output of a sliced merge by this method: its layer plan, then the checkpoint."""
+        report_file = Path(path) / REPORT_NAME
+        if not Path(path).is_dir() or not report_file.is_file():
+            return None
+        report = load_json(report_file, roots_of(path), REPORT_NAME)
+        if not isinstance(report, dict) or report.get("method") != self.name or not report.get("layer_plan"):
+            return None
+        rows = report["layer_plan"]
+        return DirectorySummary("layer_plan", {"slices": rows}, "\n".join(["layer plan:"] + layer_plan_lines(rows)),
+                                Path(path))

@@ -24,10 +24,8 @@ CORPUS = Path(__file__).parent / "mergekit_corpus"
 RECIPES = sorted(path.stem for path in CORPUS.glob("*.yml"))
 runner = CliRunner()
 
-# Recipes whose method or layout is not here yet, with the word the refusal names.
-PENDING = {
-    "examples_gradient-slerp": "slices", "examples_orcamini-platy-44layer": "slices", "tests_gpt2_stack": "slices",
-}
+# Recipes whose method or layout is not here yet, with the word the refusal names (none left).
+PENDING: dict[str, str] = {}
 # Recipes mergekit refuses too (its test expects the error).
 REFUSED = {"tests_della_invalid_epsilon": "epsilon"}
 
@@ -37,12 +35,12 @@ LLAMA3_TEMPLATE = NAMED_TEMPLATES["llama3"]
 
 
 def save_llama(directory: Path, added: tuple[str, ...] = (), rows: int | None = None, seed: int = 0,
-               family: str = "llama", template: str | None = None) -> None:
+               family: str = "llama", template: str | None = None, layers: int = 2) -> None:
     """A tiny model with a BPE tokenizer of 64 tokens plus `added` special ones; `rows` embedding rows (default:
     one per token)."""
     torch.manual_seed(seed)
     rows = rows or len(BASE_TOKENS) + len(added)
-    common = dict(vocab_size=rows, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+    common = dict(vocab_size=rows, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2,
                   num_key_value_heads=1, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
     config = transformers.MistralConfig(**common) if family == "mistral" else transformers.LlamaConfig(**common)
     model = transformers.AutoModelForCausalLM.from_config(config)
@@ -65,8 +63,9 @@ def workspace(tmp_path_factory) -> Path:
     plain = ["model_a", "model_b", "model_c", "granite_a", "granite_b", "model_base", "psmathur/orca_mini_v3_13b",
              "garage-bAInd/Platypus2-13B", "WizardLM/WizardLM-13B-V1.2", "WizardLM/WizardMath-13B-V1.0",
              "TheBloke/Llama-2-13B-fp16"]
+    deep = [name for name in plain if "13B" in name or "13b" in name]  # 40 layers, as the examples slice them
     for seed, name in enumerate(plain):
-        save_llama(root / name, seed=seed)
+        save_llama(root / name, seed=seed, layers=40 if name in deep else 2)
     for seed, name in enumerate(["mistralai/Mistral-7B-Instruct-v0.2", "BioMistral/BioMistral-7B",
                                  "mistralai/Mistral-7B-v0.1"]):
         save_llama(root / name, seed=20 + seed, family="mistral")
@@ -157,10 +156,13 @@ CHECKS = {
 }
 
 
+LAYERS = {"examples_orcamini-platy-44layer": 44, "examples_gradient-slerp": 40, "tests_gpt2_stack": 4}
+
+
 def generates(out: Path) -> None:
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     ids = torch.tensor([[1, 5, 9, 12]])
-    generated = model.generate(ids, max_new_tokens=3, do_sample=False)
+    generated = model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert generated.shape == (1, 7) and torch.isfinite(model(ids).logits).all()
 
 
@@ -178,6 +180,8 @@ def test_mergekit_recipe_runs_unchanged(workspace, tmp_path, monkeypatch, name):
     generates(out)
     if name in CHECKS:
         CHECKS[name](out, workspace)
+    if name in LAYERS:
+        assert transformers.AutoConfig.from_pretrained(out).num_hidden_layers == LAYERS[name]
 
 
 def test_every_pending_or_refused_recipe_is_in_the_corpus():

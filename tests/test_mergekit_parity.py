@@ -98,6 +98,59 @@ models:
     parameters: {{weight: 0.5, density: 0.9, gamma: 0.01}}
 dtype: float32
 """,
+    "slices_stack": """merge_method: passthrough
+slices:
+  - sources:
+      - model: {e1}
+        layer_range: [0, 2]
+  - sources:
+      - model: {e2}
+        layer_range: [1, 2]
+  - sources:
+      - model: {e3}
+        layer_range: [0, 1]
+dtype: float32
+""",
+    "slices_slerp": """merge_method: slerp
+base_model: {base}
+slices:
+  - sources:
+      - model: {base}
+        layer_range: [0, 2]
+      - model: {e1}
+        layer_range: [0, 2]
+  - sources:
+      - model: {base}
+        layer_range: [1, 2]
+      - model: {e2}
+        layer_range: [0, 1]
+parameters:
+  t: [{{filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}}, {{filter: mlp, value: [1, 0.5, 0.7, 0.3, 0]}}, {{value: 0.5}}]
+dtype: float32
+""",
+    "slices_task_arithmetic": """merge_method: task_arithmetic
+base_model: {base}
+slices:
+  - sources:
+      - model: {base}
+        layer_range: [0, 2]
+      - model: {e1}
+        layer_range: [0, 2]
+        parameters: {{weight: [0.2, 0.9]}}
+      - model: {e2}
+        layer_range: [0, 2]
+        parameters: {{weight: 0.5}}
+    parameters: {{lambda: 0.8}}
+  - sources:
+      - model: {base}
+        layer_range: [0, 2]
+      - model: {e3}
+        layer_range: [0, 2]
+      - model: {e1}
+        layer_range: [0, 2]
+    parameters: {{weight: 0.3}}
+dtype: float32
+""",
     "passthrough": """merge_method: passthrough
 models:
   - model: {e1}

@@ -124,7 +124,7 @@ def test_keys_mergekit_accepts_but_this_method_does_not_use_are_warnings():
         ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\ndtype: float7\n", "unknown dtype"),
         ("merge_method: ties\n  base_model: [\n", "invalid YAML"),
         ("- just a list\n", "must be a YAML mapping"),
-        ("merge_method: passthrough\nslices: []\n", "'slices' (layer stacking) is not supported"),
+        ("merge_method: passthrough\nslices: []\n", "give at least one slice"),
     ],
 )
 def test_recipe_errors_name_line_and_key(text, needle):

@@ -111,9 +111,12 @@ def test_ties_matches_direct_computation(tmp_path, llama_family, scope):
 def test_every_method_runs_loads_and_generates(tmp_path, llama_family, method):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    experts = ("expert1",) if method == "slerp" else ("expert1", "expert2", "expert3")
-    recipe = write_recipe(tmp_path / "r.yaml", method, llama_family, experts=experts, base=method != "linear",
-                          extra="dtype: bfloat16\n")
+    spec = METHODS[method]
+    count = min(spec.max_models or 3, 3)
+    experts = ("expert1", "expert2", "expert3")[:count]
+    params = {spec.name: 0.01 for spec in spec.params if spec.required}  # nearswap's t
+    recipe = write_recipe(tmp_path / "r.yaml", method, llama_family, experts=experts, params=params,
+                          base=method not in ("linear", "passthrough"), extra="dtype: bfloat16\n")
     result = run_cli("run", recipe, tmp_path / "out")
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"
