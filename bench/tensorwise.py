@@ -7,6 +7,10 @@ whose experts are the base plus small noise, then runs in separate processes:
   * mergekit's `mergekit-yaml` on the same recipe, when --mergekit-venv points at an environment holding it
     (`--install-mergekit` creates one with mergekit 0.1.5 from PyPI).
 Prints each run's wall time and peak RSS, and the ratios the targets are stated in.
+
+`--method NAME` (or `--method all`) instead runs that merge method (each of them) with both tools, in mergekit's
+environment, on a recipe shaped for it (base and three experts, or the one or two models it takes), and prints
+one row per method: wall time and peak RSS of each tool and their ratios.
 """
 
 from __future__ import annotations
@@ -37,6 +41,66 @@ def write_recipe(path: Path, checkpoints: list[Path], dtype: str) -> Path:
     lines += ["parameters: {normalize: true}", f"dtype: {dtype}"]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# Per method: how many experts besides the base, whether the base is named, and the recipe-wide parameters.
+METHOD_SHAPES = {
+    "linear": (3, False, {}), "task_arithmetic": (3, True, {}), "ties": (3, True, {}),
+    "dare_ties": (3, True, {}), "dare_linear": (3, True, {}), "breadcrumbs": (3, True, {"gamma": 0.01}),
+    "breadcrumbs_ties": (3, True, {"gamma": 0.01}), "della": (3, True, {"epsilon": 0.1}),
+    "della_linear": (3, True, {"epsilon": 0.1}), "model_stock": (3, True, {}), "sce": (3, True, {"select_topk": 0.5}),
+    "ram": (3, True, {}), "ramplus_tl": (3, True, {}), "multislerp": (3, True, {}), "karcher": (3, True, {}),
+    "nuslerp": (2, True, {}), "slerp": (1, True, {"t": 0.5}), "nearswap": (1, True, {"t": 0.001}),
+    "arcee_fusion": (1, True, {}), "passthrough": (1, False, {}),
+}
+WEIGHTED = {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+            "della", "della_linear", "multislerp", "nuslerp"}
+DENSITY = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
+
+
+def method_recipe(path: Path, method: str, checkpoints: list[Path], dtype: str) -> Path:
+    """A recipe both tools run for `method`: the models it takes, weights and densities where it reads them."""
+    count, with_base, params = METHOD_SHAPES[method]
+    lines = [f"merge_method: {method}"] + ([f"base_model: {checkpoints[0]}"] if with_base else []) + ["models:"]
+    if method == "arcee_fusion":  # mergekit's arcee_fusion counts the base among its two models
+        lines.append(f"  - model: {checkpoints[0]}")
+    for expert in checkpoints[1:1 + count]:
+        lines.append(f"  - model: {expert}")
+        settings = {**({"weight": 0.5} if method in WEIGHTED else {}), **({"density": 0.5} if method in DENSITY else {})}
+        if settings:
+            lines.append("    parameters: " + json.dumps(settings))
+    if params:
+        lines.append("parameters: " + json.dumps(params))
+    lines.append(f"dtype: {dtype}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def compare_methods(methods: list[str], checkpoints: list[Path], workdir: Path, mergekit_venv: Path) -> dict:
+    """Each method with both tools, in mergekit's environment (its torch build), one after the other."""
+    mergekit = mergekit_venv / "bin" / "mergekit-yaml"
+    if not mergekit.exists():
+        raise SystemExit(f"--method needs mergekit: {mergekit} not found (--install-mergekit creates it)")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    python = str(mergekit_venv / "bin" / "python")
+    rows = {}
+    print(f"\n{'method':<18}{'ours s':>8}{'mergekit s':>12}{'time':>8}{'ours MiB':>10}{'mergekit MiB':>14}{'memory':>8}",
+          flush=True)
+    for method in methods:
+        recipe = method_recipe(workdir / f"{method}.yaml", method, checkpoints, "bfloat16")
+        out, theirs = workdir / "merged", workdir / "merged_mergekit"
+        ours = measure([python, "-m", "mergekit_lite", "run", str(recipe), str(out), "--force", "--quiet",
+                        "--device", "cpu", "--seed", "1"], env)
+        shutil.rmtree(theirs, ignore_errors=True)
+        mk = measure([str(mergekit), str(recipe), str(theirs), "--lazy-unpickle"])
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(theirs, ignore_errors=True)
+        rows[method] = {"ours": ours, "mergekit": mk, "time_ratio": ours["seconds"] / mk["seconds"],
+                        "memory_ratio": ours["peak_rss"] / mk["peak_rss"]}
+        print(f"{method:<18}{ours['seconds']:>8.1f}{mk['seconds']:>12.1f}{rows[method]['time_ratio']:>7.3f}x"
+              f"{ours['peak_rss'] / 2**20:>10.0f}{mk['peak_rss'] / 2**20:>14.0f}{rows[method]['memory_ratio']:>7.3f}x",
+              flush=True)
+    return rows
 
 
 # A child's peak RSS as the kernel reports it starts at its parent's high-water mark, and this process
@@ -87,6 +151,7 @@ def main() -> None:
     parser.add_argument("--mergekit-venv", type=Path, default=ROOT / "bench" / "out" / "mergekit-venv")
     parser.add_argument("--install-mergekit", action="store_true", help="create --mergekit-venv with mergekit 0.1.5")
     parser.add_argument("--skip-8", action="store_true", help="skip the 8-expert memory run")
+    parser.add_argument("--method", help="compare one merge method with mergekit (a name, or `all`)")
     parser.add_argument("--child-io-floor", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_io_floor:
@@ -102,6 +167,16 @@ def main() -> None:
     checkpoints = make_checkpoints(workdir, dims, experts, torch.bfloat16)
     params = sum(t.numel for t in open_checkpoint(checkpoints[0]).tensors.values())
     print(f"{params / 1e6:.0f}M parameters per model, bfloat16, 2 shards each", flush=True)
+    if args.method:
+        if args.install_mergekit and not (args.mergekit_venv / "bin" / "mergekit-yaml").exists():
+            install_mergekit(args.mergekit_venv)
+        methods = sorted(METHOD_SHAPES) if args.method == "all" else [args.method]
+        unknown = [m for m in methods if m not in METHOD_SHAPES]
+        if unknown:
+            raise SystemExit(f"unknown method {unknown[0]!r}; one of: all, {', '.join(sorted(METHOD_SHAPES))}")
+        rows = compare_methods(methods, checkpoints, workdir, args.mergekit_venv)
+        (workdir / f"methods_{args.method}.json").write_text(json.dumps(rows, indent=2))
+        return
     three = write_recipe(workdir / "ties3.yaml", checkpoints[:4], "bfloat16")
     merge = [str(ROOT / ".venv" / "bin" / "merge")] if (ROOT / ".venv" / "bin" / "merge").exists() else [
         sys.executable, "-m", "mergekit_lite"]

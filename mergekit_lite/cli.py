@@ -380,20 +380,22 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print machine-re
 
     if as_json:
         listing = {
-            name: {"summary": m.summary, "needs_base": m.needs_base,
+            name: {"summary": m.summary, "needs_base": m.needs_base, "optional_base": m.optional_base,
                    "parameters": [{"name": p.name, "type": p.kind.__name__, "default": p.default, "scope": p.scope,
-                                   "help": p.help} for p in m.params]}
+                                   "required": p.required, "help": p.help} for p in m.params]}
             for name, m in METHODS.items()
         }
         print(json.dumps(listing, indent=2))
         return
     width = max(len(p.name) for method in METHODS.values() for p in method.params)
     for name, method in METHODS.items():
-        out.print(f"[bold]{name}[/]  {method.summary}" + ("" if method.needs_base else "  (no base_model needed)"), highlight=False)
+        base = ("" if method.needs_base else "  (base_model optional)" if method.optional_base or method.base_as_input
+                else "  (no base_model needed)")
+        out.print(f"[bold]{name}[/]  {method.summary}{base}", highlight=False)
         for p in method.params:
             where = "per model or global" if p.scope == "model" else "global"
-            out.print(f"    {p.name:<{width}} {p.kind.__name__:<5} default {'auto' if p.default is None else p.default!s:<7} {where:<20} {p.help}",
-                      highlight=False)
+            default = "required" if p.required else "default " + ("auto" if p.default is None else str(p.default))
+            out.print(f"    {p.name:<{width}} {p.kind.__name__:<5} {default:<15} {where:<20} {p.help}", highlight=False)
 
 
 @app.command("report")

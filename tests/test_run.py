@@ -268,13 +268,30 @@ def test_no_output_directory_named(tmp_path, llama_family):
     assert result.exit_code == 2 and "no output directory" in result.stderr
 
 
-@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "model_stock", "slerp", "task_arithmetic", "linear"])
-def test_small_chunks_give_the_same_merge(tmp_path, llama_family, method, monkeypatch):
+CHUNKED = {  # method (label) -> (method, experts, with base, recipe-wide parameters)
+    "ties": ("ties", 3, True, None), "breadcrumbs": ("breadcrumbs", 3, True, None),
+    "model_stock": ("model_stock", 3, True, None), "slerp": ("slerp", 1, True, None),
+    "task_arithmetic": ("task_arithmetic", 3, True, None), "linear": ("linear", 3, False, None),
+    "breadcrumbs_ties": ("breadcrumbs_ties", 3, True, None), "sce": ("sce", 3, True, {"select_topk": 0.3}),
+    "ram": ("ram", 3, True, {"epsilon": 0.005}), "ramplus_tl": ("ramplus_tl", 3, True, {"epsilon": 0.005}),
+    "nearswap": ("nearswap", 1, True, {"t": 0.005}), "arcee_fusion": ("arcee_fusion", 1, True, None),
+    "multislerp": ("multislerp", 3, True, None), "karcher": ("karcher", 3, True, None),
+    "nuslerp (whole tensor)": ("nuslerp", 2, True, None),
+    "nuslerp (rows)": ("nuslerp", 2, False, {"nuslerp_flatten": False}),
+    "nuslerp (row_wise)": ("nuslerp", 2, True, {"nuslerp_flatten": False, "nuslerp_row_wise": True}),
+    "model_stock filter_wise": ("model_stock", 3, True, {"filter_wise": True}),
+    "passthrough": ("passthrough", 1, False, None),
+}
+
+
+@pytest.mark.parametrize("label", sorted(CHUNKED))
+def test_small_chunks_give_the_same_merge(tmp_path, llama_family, label, monkeypatch):
     """Streaming a tensor in many row chunks (with whole-tensor statistics gathered first) changes nothing."""
     from mergekit_lite import engine
 
-    experts = ("expert1",) if method == "slerp" else ("expert1", "expert2", "expert3")
-    recipe = write_recipe(tmp_path / "r.yaml", method, llama_family, experts=experts, base=method != "linear")
+    method, count, base, params = CHUNKED[label]
+    experts = ("expert1", "expert2", "expert3")[:count]
+    recipe = write_recipe(tmp_path / "r.yaml", method, llama_family, experts=experts, base=base, params=params)
     assert run_cli("run", recipe, tmp_path / "whole", "--quiet").exit_code == 0
     monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 100)
     assert len(engine.row_chunks((257, 32))) > 50

@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 
 from mergekit_lite.methods.base import Chunk, ChunkResult, ChunkStream, MergeMethod, TensorContext
-from mergekit_lite.methods.sparsify import streamed_kth_largest
 
 SOFTMAX_EPS = 1e-8  # added to both softmaxes before the KL divergence, as mergekit does
 QUANTILES = (0.25, 0.5, 0.75)
@@ -22,20 +21,28 @@ def importance(base: torch.Tensor, other: torch.Tensor, width: int) -> torch.Ten
     return ((o - b).abs() * divergence).reshape(-1)
 
 
-def threshold(context: TensorContext, stream: ChunkStream) -> float:
+def threshold(context: TensorContext, stream: ChunkStream) -> tuple[float, dict[int, torch.Tensor]]:
     """median + 1.5 * (q3 - q1) of the importances over the whole tensor, exact (the quantile at q is the
-    floor(q * (n - 1))-th smallest, counting from 0)."""
-    n, width = context.numel, context.shape[-1] if context.shape else 1
-    ranks = [n - int(q * (n - 1)) for q in QUANTILES]  # as k-th largest
-    series = lambda stride: ([importance(c.base, c.experts[0], width).clamp_(min=0)[::stride]]  # noqa: E731
-                             for c in stream())
-    q1, median, q3 = streamed_kth_largest(series, n, [ranks])[0]
-    return median + 1.5 * (q3 - q1)
+    floor(q * (n - 1))-th smallest, counting from 0), and each chunk's importances, computed once: they cost
+    an exp and a log per entry, and the merge pass needs them again. They take one float per entry of this
+    one tensor."""
+    width, n = (context.shape[-1] if context.shape else 1), context.numel
+    values, by_chunk, filled = None, {}, 0
+    for chunk in stream():
+        here = importance(chunk.base, chunk.experts[0], width)
+        if values is None:
+            values = torch.empty(n, dtype=here.dtype, device=here.device)
+        by_chunk[chunk.start] = values[filled:filled + here.numel()]  # a view: one float per entry in all
+        by_chunk[chunk.start].copy_(here)
+        filled += here.numel()
+    q1, median, q3 = (float(torch.kthvalue(values, int(q * (n - 1)) + 1).values) for q in QUANTILES)
+    return median + 1.5 * (q3 - q1), by_chunk
 
 
-def merge_arcee_fusion(context: TensorContext, chunk: Chunk, cut: float) -> ChunkResult:
-    width = context.shape[-1] if context.shape else 1
-    keep = (importance(chunk.base, chunk.experts[0], width) >= cut).view(chunk.base.shape)
+def merge_arcee_fusion(context: TensorContext, chunk: Chunk, state: tuple[float, dict[int, torch.Tensor]]
+                       ) -> ChunkResult:
+    cut, by_chunk = state
+    keep = (by_chunk.pop(chunk.start) >= cut).view(chunk.base.shape)
     return ChunkResult(chunk.experts[0].sub_(chunk.base).mul_(keep).add_(chunk.base))
 
 

@@ -147,3 +147,17 @@ def fixed_order_dot(a: torch.Tensor, b: torch.Tensor) -> float:
         a = torch.nn.functional.pad(a, (0, pad))
         b = torch.nn.functional.pad(b, (0, pad))
     return math.fsum((a * b).view(-1, DOT_BLOCK).sum(1).tolist())
+
+
+def fixed_order_gram(vectors: list[torch.Tensor]) -> list[list[float]]:
+    """Every pairwise fixed_order_dot of `vectors` (the same numbers), each widened and padded once."""
+    wide = []
+    for vector in vectors:
+        flat = vector.reshape(-1).double()
+        pad = -flat.numel() % DOT_BLOCK
+        wide.append(torch.nn.functional.pad(flat, (0, pad)).view(-1, DOT_BLOCK) if pad else flat.view(-1, DOT_BLOCK))
+    products = [[0.0] * len(wide) for _ in wide]
+    for i, a in enumerate(wide):
+        for j in range(i, len(wide)):
+            products[i][j] = products[j][i] = math.fsum((a * wide[j]).sum(1).tolist())
+    return products

@@ -12,7 +12,7 @@ import torch
 
 from mergekit_lite.errors import UserError
 from mergekit_lite.methods.base import (WEIGHT, Chunk, ChunkResult, ChunkStream, MergeMethod, ParamSpec,
-                                        TensorContext, fixed_order_dot)
+                                        TensorContext, fixed_order_gram)
 
 NORMALIZE_WEIGHTS = ParamSpec("normalize_weights", bool, True, "divide the weights by their sum", scope="global")
 EPS = ParamSpec("eps", float, 1e-8, "added to norms before dividing by them", scope="global", minimum=0.0)
@@ -26,13 +26,8 @@ def gram(stream: ChunkStream, count: int) -> list[list[float]]:
     """Dot products of every pair of models' vectors over the whole tensor."""
     products = [[0.0] * count for _ in range(count)]
     for chunk in stream():
-        vectors = _vectors(chunk)
-        for i in range(count):
-            for j in range(i, count):
-                products[i][j] += fixed_order_dot(vectors[i], vectors[j])
-    for i in range(count):
-        for j in range(i):
-            products[i][j] = products[j][i]
+        here = fixed_order_gram(_vectors(chunk))
+        products = [[a + b for a, b in zip(row, more)] for row, more in zip(products, here)]
     return products
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from mergekit_lite.methods.base import Chunk, ChunkResult, MergeMethod, ParamSpec, TensorContext
 
-SCALE = ParamSpec("scale", float, None, "multiply the tensor by this (unset: copied as it is)")
+SCALE = ParamSpec("scale", float, None, "multiply the tensor by this (auto: copied as it is)")
 
 
 def merge_passthrough(context: TensorContext, chunk: Chunk, _state: None) -> ChunkResult:

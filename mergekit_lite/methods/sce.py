@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from mergekit_lite.methods.base import Chunk, ChunkResult, ChunkStream, MergeMethod, ParamSpec, TensorContext
-from mergekit_lite.methods.sparsify import count_nonzero, keep_count, streamed_kth_largest, task_vectors
+from mergekit_lite.methods.sparsify import count_nonzero, keep_count, task_vectors
 
 SELECT_TOPK = ParamSpec("select_topk", float, 1.0, "fraction of entries kept, by their variance across the models",
                         scope="global", minimum=0.0, maximum=1.0)
@@ -19,40 +19,56 @@ def variance(deltas: list[torch.Tensor]) -> torch.Tensor:
     return torch.var(torch.stack([d.reshape(-1) for d in deltas]), dim=0, unbiased=False)
 
 
-def selection(context: TensorContext, stream: ChunkStream) -> tuple[float | None, list[float]]:
-    """The variance at or above which an entry is kept (None: all kept; inf: none), then each model's weight:
-    its kept task vector's mean square, normalised to sum 1 (equal weights when they are all ~0)."""
+Selection = tuple[float | None, list[float], dict[int, torch.Tensor]]
+
+
+def chunk_variances(context: TensorContext, stream: ChunkStream) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The tensor's per-entry variances, computed once, and each chunk's as a view of them."""
+    values, by_chunk, filled = None, {}, 0
+    for chunk in stream():
+        here = variance(task_vectors(chunk)[0])
+        if values is None:
+            values = torch.empty(context.numel, dtype=here.dtype, device=here.device)
+        by_chunk[chunk.start] = values[filled:filled + here.numel()]
+        by_chunk[chunk.start].copy_(here)
+        filled += here.numel()
+    return values, by_chunk
+
+
+def selection(context: TensorContext, stream: ChunkStream) -> Selection:
+    """The variance at or above which an entry is kept (None: all kept; inf: none), each model's weight (its
+    kept task vector's mean square, normalised to sum 1; equal weights when they are all ~0), and the
+    variances by chunk for the merge pass."""
     fraction = context.params["select_topk"]
     threshold = None
+    by_chunk: dict[int, torch.Tensor] = {}
     if fraction <= 0:
         threshold = float("inf")
     elif fraction < 1:
-        varied = sum(count_nonzero(variance(task_vectors(chunk)[0])) for chunk in stream())
-        k = keep_count(fraction, varied)
-        if k == 0:
-            threshold = float("inf")
-        else:
-            series = lambda stride: ([variance(task_vectors(c)[0])[::stride]] for c in stream())  # noqa: E731
-            threshold = streamed_kth_largest(series, context.numel, [[k]])[0][0]
+        values, by_chunk = chunk_variances(context, stream)
+        k = keep_count(fraction, count_nonzero(values))
+        threshold = float("inf") if k == 0 else float(torch.kthvalue(values, values.numel() - k + 1).values)
     squares = None
     for chunk in stream():
         deltas = task_vectors(chunk)[0]
-        kept = variance(deltas) >= threshold if threshold is not None else None
+        kept = by_chunk[chunk.start] >= threshold if by_chunk else None
         flat = [d.reshape(-1) for d in deltas]
         here = [float(((d * kept) if kept is not None else d).square().sum()) for d in flat]
         squares = here if squares is None else [a + b for a, b in zip(squares, here)]
     means = [s / context.numel for s in squares]
     total = sum(means)
     if abs(total) < 1e-6:
-        return threshold, [1.0 / len(means)] * len(means)
-    return threshold, [m / total for m in means]
+        return threshold, [1.0 / len(means)] * len(means), by_chunk
+    return threshold, [m / total for m in means], by_chunk
 
 
-def merge_sce(context: TensorContext, chunk: Chunk, state: tuple[float | None, list[float]]) -> ChunkResult:
-    threshold, weights = state
+def merge_sce(context: TensorContext, chunk: Chunk, state: Selection) -> ChunkResult:
+    threshold, weights, by_chunk = state
     deltas, delta_sq = task_vectors(chunk)
-    if threshold is not None:
-        kept = (variance(deltas) >= threshold).view(deltas[0].shape)
+    if threshold == float("inf"):
+        deltas = [d.zero_() for d in deltas]
+    elif threshold is not None:
+        kept = (by_chunk.pop(chunk.start) >= threshold).view(deltas[0].shape)
         deltas = [d.mul_(kept) for d in deltas]
     total = torch.zeros_like(deltas[0])
     for delta in deltas:
