@@ -35,7 +35,7 @@ def merge(recipe: RecipeLike, out: str | Path | None = None, *, device: str = "a
           seed: int | None = None, shard_size: str | int | None = None, allow_pickle: bool = False,
           report_path: str | Path | None = None, resume: bool = False, shard_parameters: int | None = None,
           copy_tokenizer: bool = True, write_model_card: bool = True, allow_crimes: bool = False,
-          progress: Progress | None = None) -> dict[str, Any]:
+          ray: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Merge what the recipe names into `out` (or the recipe's `output:`), published atomically; returns the
     report (also written as out/merge_report.json, or to `report_path`). The keyword arguments are `merge run`'s
     flags; errors raise mergekit_lite.errors.UserError (RecipeError, CheckpointError) with one clear line."""
@@ -43,7 +43,7 @@ def merge(recipe: RecipeLike, out: str | Path | None = None, *, device: str = "a
     options = MergeOptions(device=device, force=force, seed=seed, shard_size=shard_size, allow_pickle=allow_pickle,
                            report_path=Path(report_path) if report_path is not None else None, resume=resume,
                            shard_parameters=shard_parameters, copy_tokenizer=copy_tokenizer,
-                           write_model_card=write_model_card, allow_crimes=allow_crimes)
+                           write_model_card=write_model_card, allow_crimes=allow_crimes, ray=ray)
     return merge_recipe(parsed, text, out, options, progress)
 
 

@@ -315,6 +315,11 @@ def run(
                                        help="mergekit's flag, accepted: every input is read lazily here anyway."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
                                            help="Refused: no model code is ever run from a checkpoint."),
+    ray: Optional[str] = typer.Option(
+        None, "--ray", metavar="[ADDRESS]",
+        help="Merge on a Ray cluster, one task per output shard: --ray alone (or --ray local) starts a local one, "
+             "--ray auto joins the cluster RAY_ADDRESS names, --ray HOST:PORT that one. Inputs and output on a "
+             "file system every node shares."),
 ) -> None:
     """Merge the checkpoints a recipe names and write OUT_DIR (weights, config, tokenizer, model card, report)."""
     from mergekit_lite.dispatch import describe_report, merge_recipe_file
@@ -334,7 +339,7 @@ def run(
     options = MergeOptions(device="cuda" if cuda else device, force=force, seed=seed, shard_size=shard_size,
                            allow_pickle=allow_pickle, report_path=report, resume=resume,
                            shard_parameters=shard_parameters, copy_tokenizer=copy_tokenizer,
-                           write_model_card=write_model_card, allow_crimes=allow_crimes)
+                           write_model_card=write_model_card, allow_crimes=allow_crimes, ray=ray)
     progress = RichProgress(enabled=not quiet and err.is_terminal)
     result = merge_recipe_file(recipe, out_dir, options, progress=progress)
     for warning in result["warnings"]:  # also under --quiet: each names something the user should check
@@ -495,8 +500,18 @@ def twin_collapse(
         err.print(f"[yellow]warning:[/] {warning}", highlight=False)
 
 
+def bare_ray_flag(args: list[str]) -> list[str]:
+    """`--ray` with no address (last, or before another option) means a local cluster: `--ray local`."""
+    out = list(args)
+    for index, arg in enumerate(out):
+        if arg == "--ray" and (index + 1 == len(out) or out[index + 1].startswith("-")):
+            out[index + 1:index + 1] = ["local"]
+            break
+    return out
+
+
 def main() -> None:
-    app(prog_name="merge")
+    app(args=bare_ray_flag(sys.argv[1:]), prog_name="merge")
 
 
 if __name__ == "__main__":

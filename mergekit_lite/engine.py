@@ -14,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -642,6 +642,7 @@ class MergeResult:
     nonfinite: list[str]
     resumed: int = 0  # tensors kept from an interrupted run
     reverted: list[str] = field(default_factory=list)  # positive statistics the merge broke, kept from the reference
+    nodes: list[str] = field(default_factory=list)  # a Ray run: the node that merged each shard
 
 
 def tensor_context(tensor: TensorPlan, seed: int, model_state: Any = None) -> TensorContext:
@@ -672,7 +673,7 @@ def run_merge(
     recipe, method = plan.recipe, plan.method
     check_output_path(out_dir, force)
     dev = resolve_device(device if device != "auto" or recipe.device is None else recipe.device)
-    seed = _choose_seed(seed, recipe)
+    seed = choose_seed(seed, recipe)
     timings = Timings()
     started = time.perf_counter()
     specs = [TensorSpec(t.name, t.dtype, t.shape) for t in plan.tensors]
@@ -722,6 +723,43 @@ def run_merge(
                 ckpt.close()
     result_info.wall_seconds = time.perf_counter() - started
     return result_info
+
+
+class RowWriter(Protocol):
+    """Where merged rows go: the checkpoint writer, or one Ray task's view of the output's shard files."""
+
+    def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None: ...
+
+
+def merge_named(plan: MergePlan, names: list[str], writer: RowWriter, device: str, seed: int,
+                model_state: Any = None) -> list[dict[str, Any]]:
+    """Merge (or copy) the planned tensors `names`, in plan order, into `writer`; their report entries (with
+    `nonfinite` and `kept_from` as the local run records them). The unit of work of one Ray task."""
+    wanted = set(names)
+    tensors = [t for t in plan.tensors if t.name in wanted]
+    timings = Timings()
+    entries = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reader") as pool:
+        reader = ChunkReader(plan, resolve_device(device), timings, pool)
+        for position, tensor in enumerate(tensors):
+            if tensor.merge:
+                following = tensors[position + 1] if position + 1 < len(tensors) else None
+                following = following if following is not None and following.merge else None
+                entry = _merge_tensor(plan, tensor, reader, writer, seed, model_state, timings, following)
+            else:
+                entry = _copy_tensor(plan, tensor, reader, writer, timings)
+            entry.update(shape=list(tensor.shape), dtype=str(tensor.dtype).removeprefix("torch."))
+            entries.append(entry)
+    return entries
+
+
+def first_pass(plan: MergePlan, device: str, seed: int, progress: Progress) -> tuple[Any, float]:
+    """The method's whole-model first pass (None when it has none), and its seconds: run once by the driver of a
+    distributed merge, whose tasks all receive its result."""
+    timings = Timings()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reader") as pool:
+        state = _model_pass(plan, ChunkReader(plan, resolve_device(device), timings, pool), seed, progress, timings)
+    return state, timings.prepare
 
 
 def _next_to_merge(tensors: list[TensorPlan], position: int, completed: dict) -> TensorPlan | None:
@@ -788,7 +826,7 @@ def _model_pass(plan: MergePlan, reader: ChunkReader, seed: int, progress: Progr
     return state
 
 
-def _choose_seed(seed: int | None, recipe: Recipe) -> int:
+def choose_seed(seed: int | None, recipe: Recipe) -> int:
     if seed is not None:
         return seed
     if recipe.seed is not None:

@@ -53,6 +53,7 @@ class MergeOptions:
     copy_tokenizer: bool = True
     write_model_card: bool = True
     allow_crimes: bool = False  # mergekit's name: merge models whose configs name different architectures
+    ray: str | None = None  # merge on Ray: "local" starts a cluster, "auto" joins RAY_ADDRESS's, else an address
 
 
 @dataclass

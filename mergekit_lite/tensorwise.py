@@ -15,7 +15,8 @@ from mergekit_lite.checkpoint import CheckpointWriter, split_lora_reference
 from mergekit_lite.checkpoint.files import load_json, resume_fingerprint, roots_of
 from mergekit_lite.chat_templates import output_chat_template
 from mergekit_lite.checkpoint.writer import support_files
-from mergekit_lite.engine import MergePlan, MergeResult, plan_merge, run_merge
+from mergekit_lite.cluster import run_merge_on_ray
+from mergekit_lite.engine import MergePlan, MergeResult, run_merge
 from mergekit_lite.errors import RecipeError
 from mergekit_lite.methods import MergeMethod
 from mergekit_lite.params import check_parameters
@@ -23,9 +24,9 @@ from mergekit_lite.pipeline import DirectorySummary, MergeOptions, MethodFacts, 
 from mergekit_lite.recipe import DTYPES, Recipe
 from mergekit_lite.report import (REPORT_NAME, envelope, model_card, output_files, report_bytes, write_description,
                                   write_report)
-from mergekit_lite.slice_plan import layer_plan_lines, plan_slices
+from mergekit_lite.planning import plan_with_vocabularies
+from mergekit_lite.slice_plan import layer_plan_lines
 from mergekit_lite.units import human_bytes
-from mergekit_lite.vocab_build import Vocabularies, build_vocabularies
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
@@ -60,20 +61,6 @@ def tokenizer_dir(recipe: Recipe, plan: MergePlan) -> Path:
     if recipe.base_model:
         return _directory(Path(recipe.base_model))
     return plan.sources.reference.directory
-
-
-def plan_with_vocabularies(recipe: Recipe, allow_pickle: bool = False, allow_crimes: bool = False
-                           ) -> tuple[MergePlan, Vocabularies | None]:
-    """The merge plan; with `tokenizer_source` or a `tokenizer:` block, the output tokenizer is built first and
-    embedding rows are aligned to it by token."""
-    if recipe.slices is not None:
-        if recipe.vocabulary_source is not None:
-            raise RecipeError("tokenizer_source (or a tokenizer block) with slices is not supported yet; merge with "
-                              "models:, or leave the tokenizer to be copied from the base")
-        return plan_slices(recipe, allow_pickle, allow_crimes), None
-    vocabularies = build_vocabularies(recipe) if recipe.vocabulary_source is not None else None
-    plan = plan_merge(recipe, allow_pickle=allow_pickle, allow_crimes=allow_crimes, vocabularies=vocabularies)
-    return plan, vocabularies
 
 
 def plan_fingerprint(plan: MergePlan, seed: int | None, shard_bytes: int | None) -> str:
@@ -121,7 +108,8 @@ def build_report(result: MergeResult, out_dir: Path, written_dir: Path,
         timings={"read": timings.read, "compute": timings.compute, "write": timings.write,
                  "waiting_for_reads": timings.wait, "first_pass": timings.prepare, "total": result.wall_seconds},
         warnings=warnings, hub_sources=plan.recipe.hub_sources,
-        sections={"tensors": result.tensor_stats, **({"layer_plan": plan.layer_plan} if plan.layer_plan else {})})
+        sections={"tensors": result.tensor_stats, **({"layer_plan": plan.layer_plan} if plan.layer_plan else {}),
+                  **({"ray": {"tasks": len(result.nodes), "nodes": sorted(set(result.nodes))}} if result.nodes else {})})
 
 
 def recipe_models(recipe: Recipe) -> list[str]:
@@ -172,9 +160,14 @@ def merge_tensorwise(recipe: Recipe, recipe_text: str, out: Path, options: Merge
         if options.report_path is None:
             writer.add_file(REPORT_NAME, report_bytes(report).decode())
 
-    run_merge(plan, out, device=options.device, force=options.force, seed=options.seed, shard_bytes=shard_bytes,
-              progress=progress, finalize=finalize, resume=options.resume,
-              fingerprint=plan_fingerprint(plan, options.seed, shard_bytes))
+    settings = dict(device=options.device, force=options.force, seed=options.seed, shard_bytes=shard_bytes,
+                    progress=progress, finalize=finalize, resume=options.resume,
+                    fingerprint=plan_fingerprint(plan, options.seed, shard_bytes))
+    if options.ray is not None:
+        run_merge_on_ray(plan, out, address=None if options.ray == "local" else options.ray,
+                         allow_pickle=options.allow_pickle, allow_crimes=options.allow_crimes, **settings)
+    else:
+        run_merge(plan, out, **settings)
     if options.report_path is not None:
         write_report(options.report_path, report)
     return report

@@ -4,6 +4,7 @@ tensors PEFT's own merge_and_unload gives."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,22 @@ def test_the_report_and_card_name_the_reference_as_written(tmp_path, llama_base)
     report = merge({"merge_method": "linear", "models": [{"model": reference}]}, tmp_path / "out")
     assert reference in [entry["model"] for entry in report["recipe"]["models"]]
     assert reference in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_hub_ids_on_either_side_of_the_plus_resolve_from_the_cache(tmp_path, llama_base):
+    from test_hub import _cache_repo, _merge
+
+    model, base = llama_base
+    save_adapter(model, tmp_path / "adapter", seed=1, r=2, lora_alpha=2, target_modules=["q_proj"])
+    cache = tmp_path / "hub"
+    _cache_repo(cache, "org/tiny-base", base, {"main": "a" * 40})
+    _cache_repo(cache, "org/tiny-adapter", tmp_path / "adapter", {"main": "c" * 40})
+    text = "merge_method: linear\nmodels:\n  - model: {}\ndtype: float32\n"
+    hub = _merge(tmp_path, text.format("org/tiny-base+org/tiny-adapter"), tmp_path / "hub_out", cache)
+    assert hub.returncode == 0, hub.stderr
+    local = _merge(tmp_path, text.format(f"{base}+{tmp_path / 'adapter'}"), tmp_path / "local_out", cache)
+    assert local.returncode == 0, local.stderr
+    assert (tmp_path / "hub_out" / "model.safetensors").read_bytes() == \
+        (tmp_path / "local_out" / "model.safetensors").read_bytes()
+    report = json.loads((tmp_path / "hub_out" / "merge_report.json").read_text())
+    assert report["recipe"]["models"][0]["model"] == "org/tiny-base+org/tiny-adapter"

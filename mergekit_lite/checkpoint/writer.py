@@ -260,6 +260,14 @@ class CheckpointWriter:
         if self._written[name] >= spec.nbytes:
             self._done(name)
 
+    def accept(self, name: str, crc: int) -> None:
+        """A tensor another process wrote into this output's shard files (a Ray task), with its checksum."""
+        if name not in self.specs:
+            raise KeyError(f"tensor {name!r} is not in the writer's plan")
+        self._crc[name] = crc
+        self._written[name] = self.specs[name].nbytes
+        self._done(name)
+
     def _done(self, name: str) -> None:
         """A tensor is complete; the last one of a shard starts that shard's seal."""
         self._pending.discard(name)
@@ -436,6 +444,52 @@ def read_chat_template(directory: Path) -> str | None:
     if isinstance(template, list):  # several named templates: the default one
         template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
     return template if isinstance(template, str) else None
+
+
+class ShardFileWriter:
+    """Writes tensors' rows into the shard files a CheckpointWriter laid out in an output's partial directory, from
+    another process (a Ray task on any node that shares the file system): the same plan gives the same headers
+    and offsets. Records each tensor's checksum for the driver's journal; publishing stays the driver's."""
+
+    def __init__(self, tmp_dir: Path, specs: list[TensorSpec], max_shard_bytes: int,
+                 metadata: dict[str, str] | None = None) -> None:
+        self.tmp_dir = Path(tmp_dir)
+        self.specs = {spec.name: spec for spec in specs}
+        self.crcs: dict[str, int] = {}
+        self._location: dict[str, tuple[int, int]] = {}
+        self._fds: list[int] = []
+        full = {"format": "pt", **(metadata or {})}
+        for shard, file_name in zip(plan_shards(specs, max_shard_bytes), shard_file_names(len(plan_shards(specs, max_shard_bytes)))):
+            header, offsets = encode_header([(s.name, s.dtype, s.shape) for s in shard], full)
+            path = self.tmp_dir / file_name
+            if not path.is_file() or path.is_symlink():
+                raise UserError(f"{path}: the output's shard file is not there; is {self.tmp_dir} on a file system "
+                                "every node shares?")
+            fd = os.open(path, os.O_RDWR)
+            self._fds.append(fd)
+            if os.pread(fd, len(header), 0) != header:
+                raise UserError(f"{path}: holds another merge's header; the plan differs from the driver's")
+            for spec, offset in zip(shard, offsets):
+                self._location[spec.name] = (fd, len(header) + offset)
+
+    def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
+        spec = self.specs[name]
+        whole = len(spec.shape) < 2
+        row_bytes = spec.nbytes // spec.shape[0] if not whole and spec.shape[0] else spec.nbytes
+        fd, offset = self._location[name]
+        data = tensor_bytes(rows)
+        try:
+            _write_all(fd, data, offset + (0 if whole else start * row_bytes))
+        except OSError as exc:
+            raise UserError(f"{self.tmp_dir}: cannot write: {exc.strerror or exc}{RESUME_HINT}") from exc
+        self.crcs[name] = zlib.crc32(data, self.crcs.get(name, 0))  # rows arrive in order
+
+    def close(self) -> None:
+        """Flush to disk (the driver seals and publishes only what is durable) and close."""
+        for fd in self._fds:
+            os.fsync(fd)
+            os.close(fd)
+        self._fds.clear()
 
 
 def support_files(source_dir: Path) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from mergekit_lite.methods.base import Chunk, ChunkResult, ChunkStream, MergeMethod, TensorContext
+from mergekit_lite.methods.sparsify import streamed_kth_largest
 
 SOFTMAX_EPS = 1e-8  # added to both softmaxes before the KL divergence, as mergekit does
 QUANTILES = (0.25, 0.5, 0.75)
@@ -35,7 +36,12 @@ def threshold(context: TensorContext, stream: ChunkStream) -> tuple[float, dict[
         by_chunk[chunk.start] = values[filled:filled + here.numel()]  # a view: one float per entry in all
         by_chunk[chunk.start].copy_(here)
         filled += here.numel()
-    q1, median, q3 = (float(torch.kthvalue(values, int(q * (n - 1)) + 1).values) for q in QUANTILES)
+    if float(values.min()) >= 0:  # the usual case: the fast exact selection, which takes magnitudes
+        ranks = [n - int(q * (n - 1)) for q in QUANTILES]  # the k-th smallest as the (n - k + 1)-th largest
+        parts = list(by_chunk.values())
+        q1, median, q3 = streamed_kth_largest(lambda stride: ([part[::stride]] for part in parts), n, [ranks])[0]
+    else:  # rows whose softmaxes barely differ can give a KL divergence a hair below zero
+        q1, median, q3 = (float(torch.kthvalue(values, int(q * (n - 1)) + 1).values) for q in QUANTILES)
     return median + 1.5 * (q3 - q1), by_chunk
 
 

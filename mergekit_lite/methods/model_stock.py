@@ -10,7 +10,7 @@ import math
 import torch
 
 from mergekit_lite.methods.base import (Chunk, ChunkResult, ChunkStream, MergeMethod, ParamSpec, TensorContext,
-                                        fixed_order_dot)
+                                        fixed_order_gram)
 from mergekit_lite.methods.sparsify import task_vectors
 
 FILTER_WISE = ParamSpec("filter_wise", bool, False, "one ratio per row of the last axis instead of per tensor",
@@ -31,9 +31,8 @@ def mean_pairwise_cosine(context: TensorContext, stream: ChunkStream) -> float |
     count = len(context.model_params)
     gram = [[0.0] * count for _ in range(count)]
     for chunk in stream():
-        deltas = task_vectors(chunk)[0]
-        for i, j in itertools.combinations_with_replacement(range(count), 2):
-            gram[i][j] += fixed_order_dot(deltas[i], deltas[j])
+        here = fixed_order_gram(task_vectors(chunk)[0])
+        gram = [[a + b for a, b in zip(row, more)] for row, more in zip(gram, here)]
     cosines = []
     for i, j in itertools.combinations(range(count), 2):
         denominator = math.sqrt(gram[i][i] * gram[j][j])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from mergekit_lite.methods.base import Chunk, ChunkResult, ChunkStream, MergeMethod, ParamSpec, TensorContext
-from mergekit_lite.methods.sparsify import count_nonzero, keep_count, task_vectors
+from mergekit_lite.methods.sparsify import count_nonzero, keep_count, streamed_kth_largest, task_vectors
 
 SELECT_TOPK = ParamSpec("select_topk", float, 1.0, "fraction of entries kept, by their variance across the models",
                         scope="global", minimum=0.0, maximum=1.0)
@@ -47,7 +47,9 @@ def selection(context: TensorContext, stream: ChunkStream) -> Selection:
     elif fraction < 1:
         values, by_chunk = chunk_variances(context, stream)
         k = keep_count(fraction, count_nonzero(values))
-        threshold = float("inf") if k == 0 else float(torch.kthvalue(values, values.numel() - k + 1).values)
+        parts = list(by_chunk.values())
+        threshold = float("inf") if k == 0 else streamed_kth_largest(
+            lambda stride: ([part[::stride]] for part in parts), values.numel(), [[k]])[0][0]
     squares = None
     for chunk in stream():
         deltas = task_vectors(chunk)[0]

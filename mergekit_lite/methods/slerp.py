@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from mergekit_lite.methods.base import (Chunk, ChunkResult, ChunkStream, MergeMethod, ParamSpec, TensorContext,
-                                        fixed_order_dot)
+                                        fixed_order_gram)
 
 T = ParamSpec("t", float, 0.5, "interpolation position: 0 gives base_model, 1 the other model", scope="global",
               minimum=0.0, maximum=1.0)
@@ -27,10 +27,8 @@ def whole_tensor_geometry(context: TensorContext, stream: ChunkStream) -> tuple[
     """The coefficients for this tensor, from norms and the dot product accumulated over its chunks."""
     sq0 = sq1 = dot = 0.0
     for chunk in stream():
-        v0, v1 = chunk.base.reshape(-1), chunk.experts[0].reshape(-1)
-        sq0 += fixed_order_dot(v0, v0)
-        sq1 += fixed_order_dot(v1, v1)
-        dot += fixed_order_dot(v0, v1)
+        products = fixed_order_gram([chunk.base, chunk.experts[0]])
+        sq0, sq1, dot = sq0 + products[0][0], sq1 + products[1][1], dot + products[0][1]
     return slerp_coefficients(context.params["t"], math.sqrt(sq0), math.sqrt(sq1), dot)
 
 

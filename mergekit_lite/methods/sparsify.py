@@ -249,7 +249,9 @@ def rank_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float)
     """DELLA: keep probabilities rising linearly with magnitude rank, from density-eps to density+eps per row."""
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
     width = rows.shape[1]
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32)
+    order = rows.abs().argsort(dim=1)
+    ranks = torch.empty(order.shape, dtype=torch.float32, device=order.device)  # the inverse permutation, scattered
+    ranks.scatter_(1, order, torch.arange(width, dtype=torch.float32, device=order.device).expand_as(order).contiguous())
     position = ranks / (width - 1) if width > 1 else torch.full_like(ranks, 0.5)
     return ((density - epsilon) + 2 * epsilon * position).reshape(delta.shape)
 

@@ -1,0 +1,180 @@
+"""Merges on a real Ray cluster: a head and a second node started here as separate processes (`ray start`), each
+with its own resource label, on the loopback address, torn down at the end. Each output shard is one task; the
+output is byte-identical to a local run, also after a worker is killed mid-merge (Ray runs its task again) and
+after the driver is killed and the merge is resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+# The cluster's nodes and drivers (this process too) share a token (Ray's token authentication), made for this
+# run; Ray reads it when it is imported.
+os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
+                  RAY_AUTH_TOKEN=os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32))
+ENV = dict(os.environ)
+ray = pytest.importorskip("ray")
+RAY = str(Path(sys.executable).parent / "ray")
+SHARD = "40KB"  # the tiny models' merge in about a dozen shards: a dozen tasks
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ray(*args: str, env: dict) -> None:
+    subprocess.run([RAY, *args], check=True, env=env, capture_output=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """ADDRESS of a two-node cluster (one CPU each) on this machine."""
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    port = _free_port()
+    env = ENV
+    common = ["--num-cpus=1", "--disable-usage-stats"]
+    try:
+        _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=false",
+             f"--temp-dir={temp}", '--resources={"head_node": 1}', *common, env=env)
+        _ray("start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", '--resources={"second_node": 1}',
+             *common, env=env)
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _recipe(tmp_path: Path, family: dict, method: str, extra: str = "") -> Path:
+    params = "{weight: 1.0}" if method == "task_arithmetic" else "{weight: 1.0, density: 0.5}"
+    lines = [f"merge_method: {method}", f"base_model: {family['base']}", "models:"]
+    for name in ("expert1", "expert2", "expert3"):
+        lines += [f"  - model: {family[name]}", f"    parameters: {params}"]
+    path = tmp_path / f"{method}.yaml"
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return path
+
+
+def _run(recipe: Path, out: Path, *flags: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mergekit_lite", "run", str(recipe), str(out), "--quiet",
+                           "--shard-size", SHARD, *flags], capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def _shards(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("*.safetensors"))}
+
+
+@pytest.fixture(scope="module")
+def driver(cluster):
+    """This process as a driver of the cluster (connected once: its workers stay warm between merges)."""
+    from mergekit_lite.cluster import connect
+
+    connect(ray, cluster)
+    yield cluster
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("ties", ""), ("dare_ties", "seed: 5\n"), ("task_arithmetic", ""), ("ties", "parameters: {trim_scope: model}\n"),
+], ids=["ties", "dare_ties", "task_arithmetic", "ties model scope"])
+def test_a_cluster_merge_is_byte_identical_to_a_local_one(tmp_path, llama_family, driver, method, extra):
+    from mergekit_lite import merge
+
+    recipe = _recipe(tmp_path, llama_family, method, extra)
+    ours = merge(recipe, tmp_path / "local", shard_size=SHARD)
+    report = merge(recipe, tmp_path / "ray", shard_size=SHARD, ray=driver)
+    shards = _shards(tmp_path / "local")
+    assert len(shards) >= 3 and _shards(tmp_path / "ray") == shards
+    assert report["ray"]["tasks"] == len(shards) and len(report["ray"]["nodes"]) == 2  # both nodes merged
+    assert [t["name"] for t in report["tensors"]] == [t["name"] for t in ours["tensors"]]
+
+
+def _task_pids() -> list[int]:
+    """Worker processes running a shard task now (Ray titles them after the function)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"ray::merge_shard" in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_a_worker_killed_mid_merge_is_retried_and_the_output_is_the_same(tmp_path, llama_family, cluster):
+    recipe = _recipe(tmp_path, llama_family, "ties")
+    assert _run(recipe, tmp_path / "local").returncode == 0
+    driver = subprocess.Popen([sys.executable, "-m", "mergekit_lite", "run", str(recipe), str(tmp_path / "ray"),
+                               "--quiet", "--shard-size", SHARD, "--ray", cluster],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    killed, deadline = None, time.monotonic() + 120
+    while killed is None and driver.poll() is None and time.monotonic() < deadline:
+        pids = _task_pids()
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)
+            killed = pids[0]
+        time.sleep(0.005)
+    _, err = driver.communicate(timeout=300)
+    assert killed is not None, "no task was seen running"
+    assert driver.returncode == 0, err
+    assert _shards(tmp_path / "ray") == _shards(tmp_path / "local")
+
+
+def test_a_killed_driver_leaves_nothing_and_resume_finishes_it(tmp_path, llama_family, cluster):
+    recipe = _recipe(tmp_path, llama_family, "ties")
+    assert _run(recipe, tmp_path / "local").returncode == 0
+    out = tmp_path / "ray"
+    driver = subprocess.Popen([sys.executable, "-m", "mergekit_lite", "run", str(recipe), str(out), "--quiet",
+                               "--shard-size", SHARD, "--ray", cluster], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=ENV)
+    journal = tmp_path / ".ray.partial" / ".merge_journal.jsonl"
+    deadline = time.monotonic() + 120
+    while driver.poll() is None and time.monotonic() < deadline:
+        if journal.exists() and journal.read_text().count('"tensor"') >= 3:
+            break
+        time.sleep(0.01)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert not out.exists()
+    resumed = _run(recipe, out, "--ray", cluster, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _shards(out) == _shards(tmp_path / "local")
+    report = json.loads((out / "merge_report.json").read_text())
+    assert any("resumed" in w for w in report["warnings"])
+
+
+def test_without_ray_the_flag_says_what_to_install(monkeypatch):
+    import builtins
+
+    from mergekit_lite.cluster import import_ray
+    from mergekit_lite.errors import UserError
+
+    real = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray":
+            raise ImportError("No module named 'ray'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    with pytest.raises(UserError, match=r"pip install 'mergekit_lite\[ray\]'"):
+        import_ray()
+
+
+def test_a_bare_ray_flag_means_a_local_cluster():
+    from mergekit_lite.cli import bare_ray_flag
+
+    assert bare_ray_flag(["run", "r.yaml", "out", "--ray"]) == ["run", "r.yaml", "out", "--ray", "local"]
+    assert bare_ray_flag(["run", "r.yaml", "out", "--ray", "--quiet"])[4] == "local"
+    assert bare_ray_flag(["run", "r.yaml", "out", "--ray", "10.0.0.1:6379"])[4] == "10.0.0.1:6379"
