@@ -60,9 +60,7 @@ def merge_shard(recipe_data: dict[str, Any], allow_pickle: bool, allow_crimes: b
         entries = merge_named(plan, names, writer, device, seed, model_state)
     finally:
         writer.close()
-        for ckpt in [plan.sources.base, *plan.sources.experts]:
-            if ckpt is not None:
-                ckpt.close()
+        plan.close()
     node = import_ray().get_runtime_context().get_node_id()
     return {"entries": entries, "crcs": writer.crcs, "node": node, "seconds": time.perf_counter() - started}
 
@@ -136,8 +134,6 @@ def run_merge_on_ray(plan: MergePlan, out_dir: Path, *, address: str | None, all
                 finalize(result_info, writer)
     finally:
         progress.stop()
-        for ckpt in [plan.sources.base, *plan.sources.experts]:
-            if ckpt is not None:
-                ckpt.close()
+        plan.close()
     result_info.wall_seconds = time.perf_counter() - started
     return result_info

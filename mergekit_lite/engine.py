@@ -104,6 +104,12 @@ class MergePlan:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
+    def close(self) -> None:
+        """Close every input the plan opened."""
+        for ckpt in [self.sources.base, *self.sources.experts]:
+            if ckpt is not None:
+                ckpt.close()
+
 
 def open_sources(recipe: Recipe, method: MergeMethod, allow_pickle: bool = False) -> Sources:
     """Open the inputs. Methods without a base (linear) mix every listed model, the base_model too if listed;
@@ -718,9 +724,7 @@ def run_merge(
                     finalize(result_info, writer)
     finally:
         progress.stop()
-        for ckpt in [plan.sources.base, *plan.sources.experts]:
-            if ckpt is not None:
-                ckpt.close()
+        plan.close()
     result_info.wall_seconds = time.perf_counter() - started
     return result_info
 
