@@ -67,7 +67,7 @@ def measured(workdir: Path) -> dict[str, dict]:
     out = workdir / "merged"
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     merge = [sys.executable, "-m", "mergekit_lite", "run", str(recipe), str(out), "--force", "--quiet", "--device",
-             "cpu", "--shard-size", "200MB"]
+             "cpu", "--shard-size", "70MB"]
     rows = {"local": measure(merge, env)}
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     try:
