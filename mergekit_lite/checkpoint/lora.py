@@ -87,7 +87,8 @@ def read_adapter(directory: str | Path) -> Adapter:
         raise CheckpointError(f"{directory / ADAPTER_CONFIG}: r and lora_alpha must be positive numbers")
     if not (directory / ADAPTER_WEIGHTS).exists():
         raise CheckpointError(f"{directory}: no {ADAPTER_WEIGHTS} (pickled adapters are not read)")
-    weights = open_checkpoint(checked_file(directory / ADAPTER_WEIGHTS, roots_of(directory), "adapter weights"))
+    checked_file(directory / ADAPTER_WEIGHTS, roots_of(directory), "adapter weights")  # inside it (or its cache repo)
+    weights = open_checkpoint(directory / ADAPTER_WEIGHTS)
     adapter = Adapter(directory, weights)
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     for name in weights.tensors:
