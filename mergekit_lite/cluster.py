@@ -10,6 +10,8 @@ where or in which order it runs. Inputs and the output must lie on a file system
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -35,10 +37,36 @@ def import_ray() -> Any:
     return ray
 
 
+PROBE_SECONDS = 5.0
+
+
+def check_reachable(address: str | None) -> None:
+    """Refuse at once an address nothing answers on (Ray itself retries for minutes): `auto` needs RAY_ADDRESS,
+    and `host:port` (or `ray://host:port`) a listening port."""
+    if address is None:
+        return
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS")
+        if not address:
+            raise UserError("--ray auto: RAY_ADDRESS is not set; give the head's HOST:PORT, or --ray alone for a "
+                            "cluster on this machine")
+        if address == "auto":
+            return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--ray {address}: not an address; give HOST:PORT (the Ray head's GCS port), auto or nothing")
+    try:
+        socket.create_connection((host, int(port)), timeout=PROBE_SECONDS).close()
+    except OSError as exc:
+        raise UserError(f"--ray {address}: nothing answers there ({exc.strerror or exc}); is the Ray head "
+                        "running, and is this its address?") from None
+
+
 def connect(ray: Any, address: str | None) -> None:
     """Join the cluster at `address` (`auto`: the one RAY_ADDRESS names), or start a local one."""
     if ray.is_initialized():
         return
+    check_reachable(address)
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})

@@ -178,3 +178,12 @@ def test_a_bare_ray_flag_means_a_local_cluster():
     assert bare_ray_flag(["run", "r.yaml", "out", "--ray"]) == ["run", "r.yaml", "out", "--ray", "local"]
     assert bare_ray_flag(["run", "r.yaml", "out", "--ray", "--quiet"])[4] == "local"
     assert bare_ray_flag(["run", "r.yaml", "out", "--ray", "10.0.0.1:6379"])[4] == "10.0.0.1:6379"
+
+
+@pytest.mark.parametrize("address, needle", [("127.0.0.1:1", "nothing answers"), ("no-port", "not an address")])
+def test_an_address_nothing_answers_on_is_one_line_at_once(tmp_path, llama_family, address, needle):
+    recipe = _recipe(tmp_path, llama_family, "ties")
+    started = time.monotonic()
+    result = _run(recipe, tmp_path / "out", "--ray", address, timeout=120)
+    assert result.returncode == 2 and needle in result.stderr and time.monotonic() - started < 60, result.stderr
+    assert not (tmp_path / "out").exists()
