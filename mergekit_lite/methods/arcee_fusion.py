@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from mergekit_lite.methods.base import Chunk, ChunkResult, ChunkStream, MergeMethod, TensorContext
+from mergekit_lite.methods.base import Chunk, ChunkResult, ChunkStream, MergeMethod, TensorContext, per_entry_statistic
 from mergekit_lite.methods.sparsify import streamed_kth_largest
 
 SOFTMAX_EPS = 1e-8  # added to both softmaxes before the KL divergence, as mergekit does
@@ -28,14 +28,7 @@ def threshold(context: TensorContext, stream: ChunkStream) -> tuple[float, dict[
     an exp and a log per entry, and the merge pass needs them again. They take one float per entry of this
     one tensor."""
     width, n = (context.shape[-1] if context.shape else 1), context.numel
-    values, by_chunk, filled = None, {}, 0
-    for chunk in stream():
-        here = importance(chunk.base, chunk.experts[0], width)
-        if values is None:
-            values = torch.empty(n, dtype=here.dtype, device=here.device)
-        by_chunk[chunk.start] = values[filled:filled + here.numel()]  # a view: one float per entry in all
-        by_chunk[chunk.start].copy_(here)
-        filled += here.numel()
+    values, by_chunk = per_entry_statistic(n, stream, lambda c: importance(c.base, c.experts[0], width))
     if float(values.min()) >= 0:  # the usual case: the fast exact selection, which takes magnitudes
         ranks = [n - int(q * (n - 1)) for q in QUANTILES]  # the k-th smallest as the (n - k + 1)-th largest
         parts = list(by_chunk.values())

@@ -149,6 +149,22 @@ def fixed_order_dot(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.fsum((a * b).view(-1, DOT_BLOCK).sum(1).tolist())
 
 
+def per_entry_statistic(numel: int, stream: ChunkStream, compute: Callable[[Chunk], torch.Tensor]
+                        ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """A per-entry statistic of a whole tensor (`compute` gives a chunk's, flattened), computed once into one
+    buffer of `numel` floats, and each chunk's part as a view of it by the chunk's first row: a method that
+    selects by the statistic and then merges by it does not compute it again."""
+    values, by_chunk, filled = None, {}, 0
+    for chunk in stream():
+        here = compute(chunk)
+        if values is None:
+            values = torch.empty(numel, dtype=here.dtype, device=here.device)
+        by_chunk[chunk.start] = values[filled:filled + here.numel()]
+        by_chunk[chunk.start].copy_(here)
+        filled += here.numel()
+    return values, by_chunk
+
+
 def fixed_order_gram(vectors: list[torch.Tensor]) -> list[list[float]]:
     """Every pairwise fixed_order_dot of `vectors` (the same numbers), each widened and padded once."""
     wide = []

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from mergekit_lite.methods.base import Chunk, ChunkResult, ChunkStream, MergeMethod, ParamSpec, TensorContext
+from mergekit_lite.methods.base import (Chunk, ChunkResult, ChunkStream, MergeMethod, ParamSpec, TensorContext,
+                                        per_entry_statistic)
 from mergekit_lite.methods.sparsify import count_nonzero, keep_count, streamed_kth_largest, task_vectors
 
 SELECT_TOPK = ParamSpec("select_topk", float, 1.0, "fraction of entries kept, by their variance across the models",
@@ -31,19 +32,6 @@ def variance(deltas: list[torch.Tensor]) -> torch.Tensor:
 Selection = tuple[float | None, list[float], dict[int, torch.Tensor]]
 
 
-def chunk_variances(context: TensorContext, stream: ChunkStream) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """The tensor's per-entry variances, computed once, and each chunk's as a view of them."""
-    values, by_chunk, filled = None, {}, 0
-    for chunk in stream():
-        here = variance(task_vectors(chunk)[0])
-        if values is None:
-            values = torch.empty(context.numel, dtype=here.dtype, device=here.device)
-        by_chunk[chunk.start] = values[filled:filled + here.numel()]
-        by_chunk[chunk.start].copy_(here)
-        filled += here.numel()
-    return values, by_chunk
-
-
 def selection(context: TensorContext, stream: ChunkStream) -> Selection:
     """The variance at or above which an entry is kept (None: all kept; inf: none), each model's weight (its
     kept task vector's mean square, normalised to sum 1; equal weights when they are all ~0), and the
@@ -54,7 +42,7 @@ def selection(context: TensorContext, stream: ChunkStream) -> Selection:
     if fraction <= 0:
         threshold = float("inf")
     elif fraction < 1:
-        values, by_chunk = chunk_variances(context, stream)
+        values, by_chunk = per_entry_statistic(context.numel, stream, lambda c: variance(task_vectors(c)[0]))
         k = keep_count(fraction, count_nonzero(values))
         parts = list(by_chunk.values())
         threshold = float("inf") if k == 0 else streamed_kth_largest(
