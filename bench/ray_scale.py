@@ -2,8 +2,8 @@
 
 1. Measured: the 271M-parameter benchmark of bench/tensorwise.py (base and three experts, TIES, bfloat16)
    merged locally and on a Ray cluster of two single-CPU workers started here (`ray start`, loopback), each run in
-   a fresh process; prints both wall times and their ratio (the cost of Ray: cluster connection, task start,
-   every task planning the merge again).
+   a fresh process, alternated three times; prints the median wall times and their ratio (the cost of Ray:
+   joining the cluster, the workers loading torch, every task planning the merge again).
 2. Modelled: a merge reads every input byte once and writes the output once. On N nodes that read from shared
    storage, the time is about max(bytes read / (N x node read rate), bytes read / storage rate) + bytes written /
    min(N x node write rate, storage rate) + compute / (N x cores), plus a fixed start-up cost. Prints that for the
@@ -18,6 +18,7 @@ import json
 import os
 import secrets
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,7 +58,7 @@ def _cluster(temp: str, env: dict) -> str:
     return f"127.0.0.1:{port}"
 
 
-def measured(workdir: Path) -> dict[str, dict]:
+def measured(workdir: Path, repeats: int) -> dict[str, dict]:
     from mergekit_lite.examples import LLAMA_BENCH, llama_shaped_checkpoints
 
     import torch
@@ -68,20 +69,26 @@ def measured(workdir: Path) -> dict[str, dict]:
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     merge = [sys.executable, "-m", "mergekit_lite", "run", str(recipe), str(out), "--force", "--quiet", "--device",
              "cpu", "--shard-size", "70MB"]
-    rows = {"local": measure(merge, env)}
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    runs: dict[str, list[dict]] = {"local": [], "ray_2_workers": []}
     try:
         address = _cluster(temp, env)
         time.sleep(1)
-        rows["ray_2_workers"] = measure(merge + ["--ray", address], env)
+        for _ in range(repeats):  # alternated, so that a slow spell of the machine hits both
+            runs["local"].append(measure(merge, env))
+            runs["ray_2_workers"].append(measure(merge + ["--ray", address], env))
     finally:
         subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], env=env, capture_output=True)
+    rows = {name: {"seconds": statistics.median(r["seconds"] for r in found),
+                   "peak_rss": max(r["peak_rss"] for r in found), "all_seconds": [r["seconds"] for r in found]}
+            for name, found in runs.items()}
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out" / "tensorwise" / "full")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each, alternated; medians are compared")
     parser.add_argument("--model-only", action="store_true", help="print the model, measure nothing")
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--parameters", type=float, default=70e9)
@@ -95,10 +102,11 @@ def main() -> None:
     parser.add_argument("--startup", type=float, default=30.0, help="seconds to plan and start the tasks")
     args = parser.parse_args()
     if not args.model_only:
-        rows = measured(args.workdir)
-        print(f"{'run':<16}{'wall s':>9}{'peak RSS MiB':>14}")
+        rows = measured(args.workdir, args.repeats)
+        print(f"{'run':<16}{'median s':>9}{'peak RSS MiB':>14}  each run, s")
         for name, row in rows.items():
-            print(f"{name:<16}{row['seconds']:>9.1f}{row['peak_rss'] / 2**20:>14.0f}")
+            each = " ".join(f"{seconds:.1f}" for seconds in row["all_seconds"])
+            print(f"{name:<16}{row['seconds']:>9.1f}{row['peak_rss'] / 2**20:>14.0f}  {each}")
         print(f"ray (2 workers) / local: {rows['ray_2_workers']['seconds'] / rows['local']['seconds']:.2f}x "
               "(target <= 1.3)")
         (args.workdir / "ray_scale.json").write_text(json.dumps(rows, indent=2))

@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mergekit_lite.errors import UserError, one_line
+from mergekit_lite.ray_session import join as join_ray_cluster
 from mergekit_lite.units import human_bytes
 from mergekit_lite.version import __version__
 
@@ -322,6 +323,8 @@ def run(
              "file system every node shares."),
 ) -> None:
     """Merge the checkpoints a recipe names and write OUT_DIR (weights, config, tokenizer, model card, report)."""
+    if ray is not None:  # before torch is loaded here: the cluster's workers load it meanwhile
+        join_ray_cluster(ray)
     from mergekit_lite.dispatch import describe_report, merge_recipe_file
     from mergekit_lite.pipeline import MergeOptions
     from mergekit_lite.units import parse_count

@@ -4,14 +4,13 @@ The driver plans the merge and lays out the output's shard files (headers, sizes
 local run does; one Ray task per output shard then plans the same merge again from the same recipe and headers,
 merges that shard's tensors with the local engine's code and writes their bytes at their offsets; the driver
 checks in each tensor's checksum, journals it for --resume, seals the shards, writes the index, card and report
-and publishes the output atomically. The bytes are the local run's: each tensor's math and seeds do not depend on
+and publishes the output atomically. A whole-model first pass runs on the same tasks in rounds whose answers the
+driver reduces (`MergeMethod.split_model_pass`). The bytes are the local run's: each tensor's math and seeds do not depend on
 where or in which order it runs. Inputs and the output must lie on a file system every node sees.
 """
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -19,60 +18,54 @@ from typing import Any, Callable
 from mergekit_lite.checkpoint import CheckpointWriter, TensorSpec
 from mergekit_lite.checkpoint.writer import DEFAULT_SHARD_BYTES, ShardFileWriter, check_output_path
 from mergekit_lite.device import resolve_device
-from mergekit_lite.engine import MergePlan, MergeResult, Timings, choose_seed, first_pass, merge_named
-from mergekit_lite.errors import UserError
+from mergekit_lite.engine import (
+    MergePlan, MergeResult, Timings, choose_seed, first_pass, merge_named, model_pass_part, needs_model_pass,
+)
 from mergekit_lite.pipeline import Progress, SilentProgress
 from mergekit_lite.planning import plan_with_vocabularies
+from mergekit_lite.ray_session import as_completed, connect, import_ray, remote_task
 from mergekit_lite.recipe import Recipe
 
-TASK_RETRIES = 3  # a task whose worker dies is run again (it rewrites the same bytes)
+def _replan(recipe_data: dict[str, Any], allow_pickle: bool, allow_crimes: bool) -> MergePlan:
+    """The driver's plan, made again inside a task from the same recipe and headers."""
+    plan, _ = plan_with_vocabularies(Recipe.model_validate(recipe_data), allow_pickle, allow_crimes)
+    return plan
 
 
-def import_ray() -> Any:
-    """Ray, an optional extra: without it, one line saying what to install."""
+def answer_round(recipe_data: dict[str, Any], allow_pickle: bool, allow_crimes: bool, names: list[str], device: str,
+                 seed: int, question: Any) -> Any:
+    """One task of the split whole-model pass: this shard's answer to one round's question."""
+    plan = _replan(recipe_data, allow_pickle, allow_crimes)
     try:
-        import ray
-    except ImportError:
-        raise UserError("--ray needs Ray: pip install 'mergekit_lite[ray]' (or pip install ray)") from None
-    return ray
+        return model_pass_part(plan, names, device, seed, question)
+    finally:
+        plan.close()
 
 
-PROBE_SECONDS = 5.0
-
-
-def check_reachable(address: str | None) -> None:
-    """Refuse at once an address nothing answers on (Ray itself retries for minutes): `auto` needs RAY_ADDRESS,
-    and `host:port` (or `ray://host:port`) a listening port."""
-    if address is None:
-        return
-    if address == "auto":
-        address = os.environ.get("RAY_ADDRESS")
-        if not address:
-            raise UserError("--ray auto: RAY_ADDRESS is not set; give the head's HOST:PORT, or --ray alone for a "
-                            "cluster on this machine")
-        if address == "auto":
-            return
-    host, _, port = address.split("://", 1)[-1].rpartition(":")
-    if not host or not port.isdigit():
-        raise UserError(f"--ray {address}: not an address; give HOST:PORT (the Ray head's GCS port), auto or nothing")
-    try:
-        socket.create_connection((host, int(port)), timeout=PROBE_SECONDS).close()
-    except OSError as exc:
-        raise UserError(f"--ray {address}: nothing answers there ({exc.strerror or exc}); is the Ray head "
-                        "running, and is this its address?") from None
-
-
-def connect(ray: Any, address: str | None) -> None:
-    """Join the cluster at `address` (`auto`: the one RAY_ADDRESS names), or start a local one."""
-    if ray.is_initialized():
-        return
-    check_reachable(address)
-    try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = address or "a local cluster"
-        raise UserError(f"--ray {where}: cannot connect: {str(exc).splitlines()[0] if str(exc) else exc}") from exc
+def first_pass_on_ray(ray: Any, plan: MergePlan, groups: list[list[str]], task_args: tuple, device: str, seed: int,
+                      progress: Progress) -> tuple[Any, float, int]:
+    """The method's whole-model pass (None when it has none), its seconds and its rounds on Ray: split over one
+    task per shard in rounds whose answers the driver reduces, when the method can split it; else run here (0)."""
+    if not needs_model_pass(plan):
+        return None, 0.0, 0
+    split = plan.method.split_model_pass
+    if split is None:
+        return (*first_pass(plan, device, seed, progress), 0)
+    started = time.perf_counter()
+    remote = remote_task(ray, answer_round)
+    size = {t.name: t.nbytes for t in plan.tensors}
+    question, finished, round_number = None, False, 0
+    while not finished:
+        round_number += 1
+        progress.start(len(plan.tensors), plan.total_bytes, f"first pass over the model on Ray, round {round_number}")
+        answers = []
+        tasks = {remote.remote(*task_args, names, device, seed, question): names for names in groups}
+        for names, answer in as_completed(ray, tasks):
+            answers.append(answer)
+            progress.advance(sum(size[name] for name in names))
+        progress.stop()
+        finished, question = split.reduce(question, answers)
+    return question, time.perf_counter() - started, round_number
 
 
 def merge_shard(recipe_data: dict[str, Any], allow_pickle: bool, allow_crimes: bool, names: list[str],
@@ -80,8 +73,7 @@ def merge_shard(recipe_data: dict[str, Any], allow_pickle: bool, allow_crimes: b
                 model_state: Any) -> dict[str, Any]:
     """One task: plan the merge again, merge the tensors `names` of one shard into the shard file, flush it."""
     started = time.perf_counter()
-    recipe = Recipe.model_validate(recipe_data)
-    plan, _ = plan_with_vocabularies(recipe, allow_pickle, allow_crimes)
+    plan = _replan(recipe_data, allow_pickle, allow_crimes)
     specs = [TensorSpec(t.name, t.dtype, t.shape) for t in plan.tensors]
     writer = ShardFileWriter(Path(tmp_dir), specs, max_shard_bytes, metadata)
     try:
@@ -114,14 +106,17 @@ def run_merge_on_ray(plan: MergePlan, out_dir: Path, *, address: str | None, all
     max_shard_bytes = shard_bytes or DEFAULT_SHARD_BYTES
     writer = CheckpointWriter(out_dir, specs, max_shard_bytes=max_shard_bytes, force=force, metadata=metadata,
                               resume=resume, fingerprint=fingerprint)
-    remote = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, scheduling_strategy="SPREAD")(merge_shard)
+    remote = remote_task(ray, merge_shard)
     entries: dict[str, dict[str, Any]] = {}
     nodes: list[str] = []
     try:
         with writer:
-            model_state, timings.prepare = first_pass(plan, str(dev), seed, progress)
-            state_ref = ray.put(model_state)
             recipe_data = recipe.model_dump(mode="json")
+            task_args = (recipe_data, allow_pickle, allow_crimes)
+            groups = [[spec.name for spec in shard] for shard in writer.shards]
+            model_state, timings.prepare, rounds = first_pass_on_ray(ray, plan, groups, task_args, task_device,
+                                                                     seed, progress)
+            state_ref = ray.put(model_state)
             size = {t.name: t.nbytes for t in plan.tensors}
             progress.start(len(plan.tensors), plan.total_bytes, f"merging with {method.name} on Ray")
             pending = {}
@@ -133,19 +128,10 @@ def run_merge_on_ray(plan: MergePlan, out_dir: Path, *, address: str | None, all
                         entries[name] = writer.completed[name]
                         progress.advance(size[name])
                 if todo:
-                    task = remote.remote(recipe_data, allow_pickle, allow_crimes, todo, str(writer.tmp_dir),
+                    task = remote.remote(*task_args, todo, str(writer.tmp_dir),
                                          max_shard_bytes, metadata, task_device, seed, state_ref)
                     pending[task] = todo
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                names = pending.pop(done[0])
-                try:
-                    result = ray.get(done[0])
-                except ray.exceptions.RayTaskError as exc:
-                    cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else exc
-                    if isinstance(cause, UserError):
-                        raise cause from None
-                    raise
+            for _names, result in as_completed(ray, pending):
                 nodes.append(result["node"])
                 for entry in result["entries"]:
                     writer.accept(entry["name"], result["crcs"].get(entry["name"], 0))
@@ -157,7 +143,8 @@ def run_merge_on_ray(plan: MergePlan, out_dir: Path, *, address: str | None, all
             nonfinite = [t.name for t in plan.tensors if entries[t.name].get("nonfinite")]
             reverted = [t.name for t in plan.tensors if entries[t.name].get("kept_from") is not None]
             result_info = MergeResult(plan, stats, timings, dev, seed, writer.files, time.perf_counter() - started,
-                                      nonfinite, resumed=len(writer.completed), reverted=reverted, nodes=nodes)
+                                      nonfinite, resumed=len(writer.completed), reverted=reverted, nodes=nodes,
+                                     first_pass_rounds=rounds)
             if finalize is not None:
                 finalize(result_info, writer)
     finally:

@@ -115,10 +115,13 @@ def merge_recipe(recipe: Recipe, recipe_text: str, out_dir: str | Path | None, o
                  progress: Progress | None = None) -> dict[str, Any]:
     """Merge a checked recipe (its text is kept beside the output)."""
     out = resolve_output(recipe, out_dir)
+    pipeline = pipeline_for(recipe.merge_method)
+    if options.ray is not None and not pipeline.runs_on_ray:
+        raise UserError(f"--ray: {recipe.merge_method} merges whole models in one process; run it without --ray")
     resolve_hub_ids(recipe, options.allow_pickle)
     guard_paths(recipe_inputs(recipe), out, options.force, options.report_path)
     with output_lock(out):
-        return pipeline_for(recipe.merge_method).run(recipe, recipe_text, out, options, progress or SilentProgress())
+        return pipeline.run(recipe, recipe_text, out, options, progress or SilentProgress())
 
 
 def validate_recipe(recipe: Recipe, allow_pickle: bool = False) -> Validation:

@@ -649,6 +649,7 @@ class MergeResult:
     resumed: int = 0  # tensors kept from an interrupted run
     reverted: list[str] = field(default_factory=list)  # positive statistics the merge broke, kept from the reference
     nodes: list[str] = field(default_factory=list)  # a Ray run: the node that merged each shard
+    first_pass_rounds: int = 0  # a Ray run: rounds of tasks the whole-model first pass took
 
 
 def tensor_context(tensor: TensorPlan, seed: int, model_state: Any = None) -> TensorContext:
@@ -766,6 +767,23 @@ def first_pass(plan: MergePlan, device: str, seed: int, progress: Progress) -> t
     return state, timings.prepare
 
 
+def model_pass_part(plan: MergePlan, names: list[str], device: str, seed: int, question: Any) -> Any:
+    """One worker's answer, over the planned tensors `names`, to a round of the method's split whole-model pass
+    (`MergeMethod.split_model_pass`): the first-pass unit of work of one Ray task."""
+    wanted = set(names)
+    timings = Timings()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reader") as pool:
+        reader = ChunkReader(plan, resolve_device(device), timings, pool)
+        tensors = ((tensor_context(tensor, seed), (lambda tensor=tensor: reader.stream(tensor)))
+                   for tensor in plan.tensors if tensor.merge and tensor.name in wanted)
+        return plan.method.split_model_pass.part(question, tensors)
+
+
+def needs_model_pass(plan: MergePlan) -> bool:
+    method = plan.method
+    return method.prepare_model is not None and method.needs_model_pass(plan.params)
+
+
 def _next_to_merge(tensors: list[TensorPlan], position: int, completed: dict) -> TensorPlan | None:
     """The tensor merged right after the one at `position`, if it is the very next in the plan."""
     following = tensors[position + 1] if position + 1 < len(tensors) else None
@@ -814,7 +832,7 @@ def _write(writer: CheckpointWriter, tensor: TensorPlan, start: int, rows: torch
 def _model_pass(plan: MergePlan, reader: ChunkReader, seed: int, progress: Progress, timings: Timings) -> Any:
     """The method's whole-model first pass, when the recipe asks for one (e.g. TIES trim_scope: model)."""
     method = plan.method
-    if method.prepare_model is None or not method.needs_model_pass(plan.params):
+    if not needs_model_pass(plan):
         return None
     started = time.perf_counter()
     merged = [t for t in plan.tensors if t.merge]

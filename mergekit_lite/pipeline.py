@@ -77,6 +77,7 @@ class MethodFacts:
     optional_base: bool = False  # uses base_model when given, without needing one
     base_as_input: bool = False  # base_model, when given, is merged as one more input
     streams_tensors: bool = True  # reads tensors one by one: takes LoRA references (`base+adapter`) and `slices`
+    runs_on_ray: bool = True  # takes `merge run --ray`
 
 
 @dataclass
@@ -101,6 +102,7 @@ class Pipeline(Protocol):
     min_models: int
     max_models: int | None
     streams_tensors: bool
+    runs_on_ray: bool
 
     def check(self, recipe: Recipe, source: str, lines: dict[tuple, int]) -> None:
         """Refuse (RecipeError, with the line) what this method cannot take, from the recipe alone."""

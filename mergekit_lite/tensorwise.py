@@ -21,6 +21,7 @@ from mergekit_lite.errors import RecipeError
 from mergekit_lite.methods import MergeMethod
 from mergekit_lite.params import check_parameters
 from mergekit_lite.pipeline import DirectorySummary, MergeOptions, MethodFacts, Progress, Validation
+from mergekit_lite.ray_session import address_of
 from mergekit_lite.recipe import DTYPES, Recipe
 from mergekit_lite.report import (REPORT_NAME, envelope, model_card, output_files, report_bytes, write_description,
                                   write_report)
@@ -109,7 +110,15 @@ def build_report(result: MergeResult, out_dir: Path, written_dir: Path,
                  "waiting_for_reads": timings.wait, "first_pass": timings.prepare, "total": result.wall_seconds},
         warnings=warnings, hub_sources=plan.recipe.hub_sources,
         sections={"tensors": result.tensor_stats, **({"layer_plan": plan.layer_plan} if plan.layer_plan else {}),
-                  **({"ray": {"tasks": len(result.nodes), "nodes": sorted(set(result.nodes))}} if result.nodes else {})})
+                  **({"ray": _ray_section(result)} if result.nodes else {})})
+
+
+def _ray_section(result: MergeResult) -> dict[str, Any]:
+    """Where a Ray run's tasks ran: one merge task per shard, and the rounds of the split first pass, if any."""
+    section: dict[str, Any] = {"tasks": len(result.nodes), "nodes": sorted(set(result.nodes))}
+    if result.first_pass_rounds:
+        section["first_pass_rounds"] = result.first_pass_rounds
+    return section
 
 
 def recipe_models(recipe: Recipe) -> list[str]:
@@ -164,7 +173,7 @@ def merge_tensorwise(recipe: Recipe, recipe_text: str, out: Path, options: Merge
                     progress=progress, finalize=finalize, resume=options.resume,
                     fingerprint=plan_fingerprint(plan, options.seed, shard_bytes))
     if options.ray is not None:
-        run_merge_on_ray(plan, out, address=None if options.ray == "local" else options.ray,
+        run_merge_on_ray(plan, out, address=address_of(options.ray),
                          allow_pickle=options.allow_pickle, allow_crimes=options.allow_crimes, **settings)
     else:
         run_merge(plan, out, **settings)

@@ -465,13 +465,14 @@ def _twin_files(directory: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("stage", ["shared", "compress", "router"])
 def test_an_interrupted_twin_merge_resumes_to_the_same_bytes(tmp_path, twin_directory, monkeypatch, stage):
     import mergekit_lite.twin.build as build
+    import mergekit_lite.twin.factoring as factoring
 
     recipe = twin_directory.parent / "twin.yaml"
     out = tmp_path / "again"
     if stage == "shared":
         target, attribute = CheckpointWriter, "record"
     elif stage == "compress":
-        target, attribute = build, "low_rank"
+        target, attribute = factoring, "low_rank"
     else:
         target, attribute = build, "train_router"
     original = getattr(target, attribute)

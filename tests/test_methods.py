@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
+from mergekit_lite.errors import UserError
 from mergekit_lite.methods import METHODS, Chunk, TensorContext
+from mergekit_lite.methods.base import ChunkStream
 from mergekit_lite.methods.model_stock import stock_ratio
 from mergekit_lite.methods.sparsify import (
     kth_largest, magnitude_band, magnitude_threshold, radix_kth_largest, random_keep, streamed_kth_largest,
@@ -244,6 +246,47 @@ def test_model_scope_thresholds_equal_sorting_the_whole_model():
         magnitudes = torch.cat([(e - b).abs() for e, (_, b) in zip(expert, tensors)])
         k = int(density * magnitudes.numel())
         assert threshold == float(torch.sort(magnitudes, descending=True).values[k - 1])
+
+
+def _split_pass(method: str, parts: list[list[tuple[TensorContext, ChunkStream]]]):
+    """Run a method's split whole-model pass as a cluster would: each part answers each round, the driver reduces."""
+    split = METHODS[method].split_model_pass
+    question, rounds = None, 0
+    while True:
+        rounds += 1
+        finished, question = split.reduce(question, [split.part(question, iter(part)) for part in parts])
+        if finished:
+            return question, rounds
+
+
+def test_model_scope_thresholds_split_over_workers_equal_the_single_pass():
+    """Histograms summed over workers, in any split of the tensors, give model_thresholds' exact values, also
+    for magnitudes tied in 16-bit weights, density 1 (keep all) and a density that keeps nothing."""
+    gen = torch.Generator().manual_seed(5)
+    tensors = [(f"t{i}", torch.randn(n, generator=gen).to(torch.bfloat16).float())
+               for i, n in enumerate([4000, 37, 90_000, 1, 20_000])]
+    experts = [[(b + torch.randn(b.shape, generator=gen) * s).to(torch.bfloat16).float() for _, b in tensors]
+               for s in (0.1, 0.3, 0.02, 0.2)]
+    densities = [0.2, 0.05, 1.0, 1e-9]
+
+    def entry(i):
+        name, base = tensors[i]
+        context = _context("ties", base.shape, [{"density": d} for d in densities], name=name)
+        return context, (lambda: iter([Chunk(0, base, [e[i].clone() for e in experts])]))
+
+    expected = model_thresholds(lambda: (entry(i) for i in range(len(tensors))))
+    assert expected[2] == 0.0 and expected[3] == float("inf")
+    for split in ([[0, 1, 2, 3, 4]], [[2], [0, 4], [], [1, 3]], [[4, 3, 2, 1, 0]]):
+        thresholds, rounds = _split_pass("ties", [[entry(i) for i in part] for part in split])
+        assert thresholds == expected and rounds == 2
+
+
+def test_a_split_model_pass_refuses_densities_that_differ_between_workers():
+    base = torch.randn(100)
+    parts = [[(_context("ties", base.shape, [{"density": d}], name=f"t{d}"),
+               lambda: iter([Chunk(0, base, [base * 2])]))] for d in (0.2, 0.3)]
+    with pytest.raises(UserError, match="one density per model"):
+        _split_pass("ties", parts)
 
 
 def _chunked(values: torch.Tensor, size: int):

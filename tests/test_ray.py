@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 # The cluster's nodes and drivers (this process too) share a token (Ray's token authentication), made for this
 # run; Ray reads it when it is imported.
@@ -25,7 +26,7 @@ os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
 ENV = dict(os.environ)
 ray = pytest.importorskip("ray")
 RAY = str(Path(sys.executable).parent / "ray")
-SHARD = "40KB"  # the tiny models' merge in about a dozen shards: a dozen tasks
+SHARD = "12KB"  # the tiny models' merge (140 KB, 21 tensors) in about ten shards: ten tasks
 
 
 def _free_port() -> int:
@@ -77,9 +78,12 @@ def _shards(directory: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def driver(cluster):
     """This process as a driver of the cluster (connected once: its workers stay warm between merges)."""
-    from mergekit_lite.cluster import connect
+    from mergekit_lite.ray_session import connect, load_worker
 
     connect(ray, cluster)
+    # both nodes' workers loaded before the first merge, so that neither is still busy when its tasks are placed
+    ready = [ray.remote(num_cpus=1, resources={node: 1})(load_worker).remote() for node in ("head_node", "second_node")]
+    ray.get(ready, timeout=120)
     yield cluster
     ray.shutdown()
 
@@ -94,9 +98,11 @@ def test_a_cluster_merge_is_byte_identical_to_a_local_one(tmp_path, llama_family
     ours = merge(recipe, tmp_path / "local", shard_size=SHARD)
     report = merge(recipe, tmp_path / "ray", shard_size=SHARD, ray=driver)
     shards = _shards(tmp_path / "local")
-    assert len(shards) >= 3 and _shards(tmp_path / "ray") == shards
+    assert len(shards) >= 8 and _shards(tmp_path / "ray") == shards
     assert report["ray"]["tasks"] == len(shards) and len(report["ray"]["nodes"]) == 2  # both nodes merged
     assert [t["name"] for t in report["tensors"]] == [t["name"] for t in ours["tensors"]]
+    # model-scope TIES: the thresholds came from the tasks' histograms (two rounds), not a pass on the driver
+    assert report["ray"].get("first_pass_rounds", 0) == (2 if "trim_scope" in extra else 0)
 
 
 def _task_pids() -> list[int]:
@@ -157,7 +163,7 @@ def test_a_killed_driver_leaves_nothing_and_resume_finishes_it(tmp_path, llama_f
 def test_without_ray_the_flag_says_what_to_install(monkeypatch):
     import builtins
 
-    from mergekit_lite.cluster import import_ray
+    from mergekit_lite.ray_session import import_ray
     from mergekit_lite.errors import UserError
 
     real = builtins.__import__
@@ -186,4 +192,64 @@ def test_an_address_nothing_answers_on_is_one_line_at_once(tmp_path, llama_famil
     started = time.monotonic()
     result = _run(recipe, tmp_path / "out", "--ray", address, timeout=120)
     assert result.returncode == 2 and needle in result.stderr and time.monotonic() - started < 60, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_twin_merge_on_the_cluster_equals_the_local_one(tmp_path, driver):
+    """Twin-Merging with --ray: the shared merge and the factoring of every task's delta run as tasks on both nodes.
+    The shared expert, the dense deltas and the router are the local run's bytes; the factors are the same up to
+    float rounding (LAPACK's SVD rounds differently with another thread count), so their products are compared."""
+    from mergekit_lite import merge
+    from mergekit_lite.examples import make_family
+
+    paths = make_family(tmp_path / "models", "gpt2", experts=2, scale=0.2)
+    texts = {"prose": "The river ran past the old mill in the evening light. " * 40,
+             "code": "def add(a, b):\n    return a + b\n" * 60}
+    models = []
+    for index, (task, text) in enumerate(texts.items()):
+        (tmp_path / f"{task}.txt").write_text(text, encoding="utf-8")
+        models.append({"model": str(paths[f"expert{index + 1}"]), "task": task,
+                       "data": {"path": str(tmp_path / f"{task}.txt"), "length": 16}})
+    recipe = {"merge_method": "twin", "base_model": str(paths["base"]), "models": models,
+              "parameters": {"router_samples": 24, "router_epochs": 5, "rank": 0.25, "factor_dtype": "float32"}}
+    merge(recipe, tmp_path / "local", shard_size=SHARD)
+    report = merge(recipe, tmp_path / "ray", shard_size=SHARD, ray=driver)
+    assert len(report["ray"]["nodes"]) == 2 and report["ray"]["tasks"] > 2
+    for part in ("shared", "router.safetensors"):
+        assert _tree(tmp_path / "ray" / part) == _tree(tmp_path / "local" / part), part
+    ours, theirs = (_experts(tmp_path / where / "experts") for where in ("local", "ray"))
+    assert ours.keys() == theirs.keys()
+    factored = 0
+    for name in ours:
+        if name.endswith(".right"):
+            continue
+        if name.endswith(".left"):
+            stem = name.removesuffix(".left")
+            product = lambda t: t[name].double() @ t[f"{stem}.right"].double()  # noqa: E731
+            torch.testing.assert_close(product(theirs), product(ours), rtol=1e-5, atol=1e-6)
+            factored += 1
+        else:
+            assert torch.equal(theirs[name], ours[name]), name
+    assert factored > 0
+
+
+def _experts(directory: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {name: tensor for shard in sorted(directory.glob("*.safetensors")) for name, tensor in load_file(shard).items()}
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    files = [path] if path.is_file() else sorted(path.rglob("*.safetensors"))
+    return {str(p.relative_to(path.parent)): p.read_bytes() for p in files}
+
+
+def test_pleas_refuses_ray_in_one_line(tmp_path, llama_family):
+    from mergekit_lite import merge
+    from mergekit_lite.errors import UserError
+
+    recipe = {"merge_method": "pleas", "models": [{"model": str(llama_family["expert1"])},
+                                                   {"model": str(llama_family["expert2"])}]}
+    with pytest.raises(UserError, match="--ray: pleas merges whole models in one process"):
+        merge(recipe, tmp_path / "out", ray="local")
     assert not (tmp_path / "out").exists()

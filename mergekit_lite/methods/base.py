@@ -85,6 +85,16 @@ ModelPass = Callable[[Callable[[], Iterator[tuple[TensorContext, ChunkStream]]]]
 
 
 @dataclass(frozen=True)
+class SplitModelPass:
+    """The whole-model pass of a method, split so that workers each see some tensors (a Ray cluster): in each
+    round every worker answers `part(question, tensors)` over its tensors, and `reduce(question, answers)` gives
+    (True, the model state) or (False, the next round's question). The first question is None."""
+
+    part: Callable[[Any, Iterator[tuple[TensorContext, ChunkStream]]], Any]
+    reduce: Callable[[Any, list[Any]], tuple[bool, Any]]
+
+
+@dataclass(frozen=True)
 class MergeMethod:
     name: str
     summary: str
@@ -99,6 +109,7 @@ class MergeMethod:
     random: bool = False  # uses the seed
     prepare_model: ModelPass | None = None  # optional first pass over the whole model
     needs_model_pass: Callable[[dict], bool] = field(default=lambda params: False)
+    split_model_pass: SplitModelPass | None = None  # the same pass across workers, with the same result
 
     def merge(self, context: TensorContext, base: torch.Tensor | None, experts: list[torch.Tensor]) -> MergeOutput:
         """Merge whole in-memory tensors as one chunk: the library entry for callers that hold tensors."""

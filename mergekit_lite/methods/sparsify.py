@@ -165,6 +165,23 @@ def _bits(values: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1).contiguous().view(torch.int32)
 
 
+def high_histogram(values: torch.Tensor) -> torch.Tensor:
+    """Counts of non-negative float32 values by the high 16 bits of their bit pattern (65,536 buckets): the first
+    round of a radix select, which adds up across chunks, tasks and machines."""
+    return torch.bincount(_bits(values) >> 16, minlength=_BUCKETS).cpu()
+
+
+def low_histogram(values: torch.Tensor, bucket: int) -> torch.Tensor:
+    """Counts, by the low 16 bits, of the values whose high 16 bits are `bucket`: the radix select's second round."""
+    bits = _bits(values)
+    return torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=_BUCKETS).cpu()
+
+
+def radix_value(bucket: int, low_bucket: int) -> float:
+    """The float32 whose high and low 16 bits are the two buckets."""
+    return float(torch.tensor([(bucket << 16) | low_bucket], dtype=torch.int32).view(torch.float32)[0])
+
+
 def radix_kth_largest(stream: Callable[[], Iterator[torch.Tensor]], k: int) -> float:
     """Exact k-th largest of non-negative float32 values arriving in chunks: a two-pass radix select.
 
@@ -173,17 +190,16 @@ def radix_kth_largest(stream: Callable[[], Iterator[torch.Tensor]], k: int) -> f
     """
     high = torch.zeros(_BUCKETS, dtype=torch.int64)
     for values in stream():
-        high += torch.bincount(_bits(values) >> 16, minlength=_BUCKETS).cpu()
-    bucket, rank = _bucket_of_kth_largest(high, k)
+        high += high_histogram(values)
+    bucket, rank = bucket_of_kth_largest(high, k)
     low = torch.zeros(_BUCKETS, dtype=torch.int64)
     for values in stream():
-        bits = _bits(values)
-        low += torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=_BUCKETS).cpu()
-    low_bucket, _ = _bucket_of_kth_largest(low, rank)
-    return float(torch.tensor([(bucket << 16) | low_bucket], dtype=torch.int32).view(torch.float32)[0])
+        low += low_histogram(values, bucket)
+    low_bucket, _ = bucket_of_kth_largest(low, rank)
+    return radix_value(bucket, low_bucket)
 
 
-def _bucket_of_kth_largest(histogram: torch.Tensor, k: int) -> tuple[int, int]:
+def bucket_of_kth_largest(histogram: torch.Tensor, k: int) -> tuple[int, int]:
     """The bucket holding the k-th largest value, and that value's rank from the top inside the bucket."""
     from_top = histogram.flip(0).cumsum(0)
     position = int(torch.searchsorted(from_top, torch.tensor(k)))

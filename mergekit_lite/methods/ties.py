@@ -7,16 +7,19 @@ threshold, found by a first streamed pass over the model that never holds it in 
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
+
+import torch
 
 from mergekit_lite import kernels
 from mergekit_lite.errors import UserError
 from mergekit_lite.methods.base import (
-    INT8_MASK, LAMBDA, WEIGHT, Chunk, ChunkResult, ChunkStream, MergeMethod, ParamSpec, TensorContext, density_param,
-    normalize_param,
+    INT8_MASK, LAMBDA, WEIGHT, Chunk, ChunkResult, ChunkStream, MergeMethod, ParamSpec, SplitModelPass, TensorContext,
+    density_param, normalize_param,
 )
 from mergekit_lite.methods.sparsify import (
-    delta_magnitudes, trim_each, keep_count, merge_task_vectors, streamed_kth_largest, task_vectors,
+    bucket_of_kth_largest, delta_magnitudes, high_histogram, keep_count, low_histogram, merge_task_vectors,
+    radix_value, streamed_kth_largest, task_vectors, trim_each,
 )
 
 TRIM_SCOPE = ParamSpec(
@@ -25,11 +28,22 @@ TRIM_SCOPE = ParamSpec(
 )
 
 
+def _unkept_threshold(density: float) -> float:
+    """The threshold of an expert with no rank to find: keep everything (density 1) or nothing."""
+    return 0.0 if density >= 1 else float("inf")
+
+
+def _one_density(seen: list[float] | None, densities: list[float]) -> list[float]:
+    if seen is not None and densities != seen:
+        raise UserError("trim_scope: model needs one density per model, not per-tensor filters or gradients")
+    return densities
+
+
 def _thresholds(densities: list[float], n: int, stream: Callable[[int], Iterator[list]]) -> list[float]:
     """Per expert, the magnitude at or above which floor(density*n) entries lie (0: keep all, inf: none)."""
     ranks = [[keep_count(d, n)] if 0 < keep_count(d, n) and d < 1 else [] for d in densities]
     found = streamed_kth_largest(stream, n, ranks) if any(ranks) else [[] for _ in densities]
-    return [row[0] if row else (0.0 if d >= 1 else float("inf")) for row, d in zip(found, densities)]
+    return [row[0] if row else _unkept_threshold(d) for row, d in zip(found, densities)]
 
 
 def tensor_thresholds(context: TensorContext, stream: ChunkStream) -> list[float]:
@@ -43,10 +57,7 @@ def model_thresholds(tensors: Callable[[], Iterator[tuple[TensorContext, ChunkSt
     """Each expert's exact magnitude threshold over the whole model (trim_scope: model)."""
     densities, total = None, 0
     for context, _stream in tensors():
-        if densities is None:
-            densities = context.per_model("density")
-        if context.per_model("density") != densities:
-            raise UserError("trim_scope: model needs one density per model, not per-tensor filters or gradients")
+        densities = _one_density(densities, context.per_model("density"))
         total += context.numel
     if densities is None:
         return []
@@ -57,6 +68,57 @@ def model_thresholds(tensors: Callable[[], Iterator[tuple[TensorContext, ChunkSt
                 yield delta_magnitudes(chunk, stride)
 
     return _thresholds(densities, total, stream)
+
+
+def count_magnitudes(question: dict[str, Any] | None, tensors: Iterator[tuple[TensorContext, ChunkStream]]
+                     ) -> dict[str, Any]:
+    """One worker's share of the model-scope thresholds, found by a radix select whose histograms add up across
+    workers: round one counts every expert's magnitudes by their high 16 bits; round two, in the bucket that
+    holds each expert's threshold (`question["targets"]`), by their low 16 bits."""
+    targets = question["targets"] if question is not None else None
+    densities, total, histograms = None, 0, {}
+    for context, stream in tensors:
+        densities = _one_density(densities, context.per_model("density"))
+        total += context.numel
+        for chunk in stream():
+            for expert, magnitudes in enumerate(delta_magnitudes(chunk)):
+                if targets is None:
+                    counts = high_histogram(magnitudes)
+                elif targets[expert] is not None:
+                    counts = low_histogram(magnitudes, targets[expert][0])
+                else:
+                    continue
+                histograms[expert] = counts + histograms[expert] if expert in histograms else counts
+    return {"densities": densities, "numel": total, "histograms": histograms}
+
+
+def _summed(answers: list[dict[str, Any]], expert: int) -> torch.Tensor:
+    return sum(answer["histograms"][expert] for answer in answers if expert in answer["histograms"])
+
+
+def reduce_magnitude_counts(question: dict[str, Any] | None, answers: list[dict[str, Any]]) -> tuple[bool, Any]:
+    """Round one: the bucket and in-bucket rank of each expert's threshold; round two: the thresholds, equal to
+    `model_thresholds` (both are exact)."""
+    densities = None
+    for answer in answers:
+        if answer["densities"] is not None:
+            densities = _one_density(densities, answer["densities"])
+    if densities is None:
+        return True, []
+    if question is None:
+        n = sum(answer["numel"] for answer in answers)
+        targets = [bucket_of_kth_largest(_summed(answers, e), keep_count(d, n)) if 0 < keep_count(d, n) and d < 1
+                   else None for e, d in enumerate(densities)]
+        if any(target is not None for target in targets):
+            return False, {"targets": targets}
+        return True, [_unkept_threshold(d) for d in densities]
+    thresholds = []
+    for e, (d, target) in enumerate(zip(densities, question["targets"])):
+        if target is None:
+            thresholds.append(_unkept_threshold(d))
+        else:
+            thresholds.append(radix_value(target[0], bucket_of_kth_largest(_summed(answers, e), target[1])[0]))
+    return True, thresholds
 
 
 def merge_ties(context: TensorContext, chunk: Chunk, thresholds: list[float]) -> ChunkResult:
@@ -88,4 +150,5 @@ METHOD = MergeMethod(
             TRIM_SCOPE, INT8_MASK),
     prepare_model=model_thresholds,
     needs_model_pass=lambda params: params.get("trim_scope") == "model",
+    split_model_pass=SplitModelPass(count_magnitudes, reduce_magnitude_counts),
 )

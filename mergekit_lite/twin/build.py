@@ -4,7 +4,6 @@ factors, a router trained on the tasks' inputs, then a manifest and report; publ
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -13,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from mergekit_lite.checkpoint import CheckpointWriter, open_checkpoint
+from mergekit_lite.checkpoint import CheckpointWriter
 from mergekit_lite.checkpoint.files import replace_file
 from mergekit_lite.checkpoint.reader import run_fingerprint
 from mergekit_lite.device import resolve_device
@@ -27,12 +26,10 @@ from mergekit_lite.recipe import ModelEntry, Recipe, SharedMerge, location
 from mergekit_lite.report import (REPORT_NAME, envelope, model_card, output_files, report_bytes, write_description,
                                   write_report)
 from mergekit_lite.tensorwise import merge_tensorwise
-from mergekit_lite.twin.compress import low_rank
-from mergekit_lite.twin.ranks import ratio_for_budget
+from mergekit_lite.twin.factoring import compress
 from mergekit_lite.twin.router import (AUTO, FINAL, STEM, RouterTraining, SiteRouters, candidate_sites,
                                        pooled_features_at, split_indices, train_router)
-from mergekit_lite.twin.store import (EXPERTS, FORMAT, MANIFEST, ROUTER, SHARED, TASK_NAME, delta_specs, dense_name,
-                                      left_name, right_name, tensor_layout)
+from mergekit_lite.twin.store import (EXPERTS, FORMAT, MANIFEST, ROUTER, SHARED, TASK_NAME)
 
 FACTOR_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -94,97 +91,6 @@ def check_data_paths(recipe: Recipe) -> None:
     for task, entry in zip(task_names(recipe), recipe.models):
         if entry.data is not None and entry.data.path is not None and not Path(entry.data.path).exists():
             raise RecipeError(f"task {task}: data {entry.data.path} not found")
-
-
-def _delta(ckpt, name: str, shared_tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """One expert's difference to the shared expert for one tensor, float32 on `device`."""
-    if name not in ckpt.tensors:
-        raise RecipeError(f"{ckpt.path}: tensor {name!r} is missing (the shared expert has it)")
-    return ckpt.get(name, device).float() - shared_tensor
-
-
-def _open_inputs(directory: Path, recipe: Recipe, allow_pickle: bool):
-    return open_checkpoint(directory / SHARED), [open_checkpoint(entry.model, allow_pickle=allow_pickle)
-                                                 for entry in recipe.models]
-
-
-def _float_names(shared) -> list[str]:
-    return [n for n, info in shared.tensors.items() if info.dtype.is_floating_point]
-
-
-def _budget_ratio(shared, tasks: list[str], storage: float, factor_dtype: torch.dtype) -> float:
-    """The rank ratio whose factors (in `factor_dtype`) and dense 1-D deltas fit `storage` x the dense deltas."""
-    names = _float_names(shared)
-    matrices = [n for n in names if len(shared.tensors[n].shape) >= 2]
-    dense_bytes = len(tasks) * sum(shared.tensors[n].nbytes for n in names)
-    vector_bytes = len(tasks) * sum(shared.tensors[n].nbytes for n in names if n not in matrices)
-    shapes = [(shared.tensors[n].shape[0], math.prod(shared.tensors[n].shape[1:])) for n in matrices]
-    return ratio_for_budget(shapes, len(tasks), factor_dtype.itemsize, storage * dense_bytes - vector_bytes)
-
-
-def _compress(directory: Path, recipe: Recipe, tasks: list[str], rank: float | None, storage_share: float,
-              factor_dtype: torch.dtype, seed: int, device: torch.device, progress, allow_pickle: bool, resume: bool,
-              fingerprint: str, log=lambda message: None) -> tuple[dict[str, dict], list[dict], dict[str, Any]]:
-    """Factor every expert's difference to the shared expert, tensor by tensor, into directory/experts: matrices
-    as factors in `factor_dtype` at `rank` (or the ratio the storage budget allows), 1-D deltas dense in their own
-    dtype. With `resume`, tensors an interrupted run already factored (checksums verified) are kept."""
-    shared, experts = _open_inputs(directory, recipe, allow_pickle)
-    try:
-        names = _float_names(shared)
-        ratio = rank if rank is not None else _budget_ratio(shared, tasks, storage_share, factor_dtype)
-        layout = {name: tensor_layout(tuple(shared.tensors[name].shape), ratio) for name in names}
-        dtypes = {name: shared.tensors[name].dtype if layout[name]["kind"] == "dense" else factor_dtype
-                  for name in names}
-        stats = []
-        specs = delta_specs(layout, dtypes, tasks)
-        matrices = sum(1 for entry in layout.values() if entry["kind"] == "factors")
-        log(f"compressing: {matrices} matrices x {len(tasks)} tasks as factors at rank ratio {ratio:.3g} "
-            f"({sum(spec.nbytes for spec in specs) / 2**20:.1f} MiB to write)")
-        storage = {**_storage(specs, len(tasks) * sum(shared.tensors[n].nbytes for n in names), layout),
-                   "rank_ratio": ratio, "factor_dtype": str(factor_dtype).removeprefix("torch.")}
-        progress.start(len(names), sum(shared.tensors[n].nbytes for n in names), "compressing exclusive knowledge")
-        with CheckpointWriter(directory / EXPERTS, specs, metadata={"merged_with": "mergekit_lite twin"}, force=resume,
-                              resume=resume, fingerprint=fingerprint) as writer:
-            for name in names:
-                written = _spec_names(layout[name], tasks, name)
-                if all(spec in writer.completed for spec in written):
-                    stats.append(writer.completed[written[-1]])
-                    progress.advance(shared.tensors[name].nbytes)
-                    continue
-                base = shared.get(name, device).float()
-                entry, row = layout[name], {"name": name, "shape": layout[name]["shape"]}
-                residuals, norms = [], []
-                for task, ckpt in zip(tasks, experts):
-                    delta = _delta(ckpt, name, base, device)
-                    norms.append(float(delta.norm()))
-                    if entry["kind"] == "dense":
-                        writer.write(dense_name(task, name), delta.to(dtypes[name]).cpu())
-                        continue
-                    factors = low_rank(delta.reshape(delta.shape[0], -1), entry["rank"], seed)
-                    writer.write(left_name(task, name), factors.left.to(dtypes[name]).cpu())
-                    writer.write(right_name(task, name), factors.right.to(dtypes[name]).cpu())
-                    residuals.append(factors.residual_energy)
-                row.update(kind=entry["kind"], delta_norm=norms)
-                if entry["kind"] == "factors":
-                    row.update(rank=entry["rank"], residual_energy=residuals)
-                stats.append(row)
-                for spec in written[:-1]:
-                    writer.record(spec, {})
-                writer.record(written[-1], row)
-                progress.advance(shared.tensors[name].nbytes)
-        return layout, stats, storage
-    finally:
-        progress.stop()
-        shared.close()
-        for ckpt in experts:
-            ckpt.close()
-
-
-def _spec_names(entry: dict, tasks: list[str], name: str) -> list[str]:
-    """The tensors the experts file holds for one shared tensor, in the order they are written."""
-    if entry["kind"] == "dense":
-        return [dense_name(task, name) for task in tasks]
-    return [part for task in tasks for part in (left_name(task, name), right_name(task, name))]
 
 
 def _router_inputs(recipe: Recipe, tasks: list[str], params: dict, seed: int, allow_pickle: bool,
@@ -303,17 +209,20 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
                 MergeOptions(device=str(device), seed=seed, shard_size=options.shard_size,
                              shard_parameters=options.shard_parameters, allow_pickle=options.allow_pickle,
                              resume=staging.resumed, force=staging.resumed, copy_tokenizer=options.copy_tokenizer,
-                             allow_crimes=options.allow_crimes),
+                             allow_crimes=options.allow_crimes, ray=options.ray),
                 progress)
-            stages["shared"] = {"timings_seconds": shared_report["timings_seconds"], "tensors": len(shared_report["tensors"])}
+            stages["shared"] = {"timings_seconds": shared_report["timings_seconds"], "tensors": len(shared_report["tensors"]),
+                                "ray_nodes": shared_report.get("ray", {}).get("nodes", [])}
             _write_stages(directory, stages)
         merged_at = time.perf_counter()
         if "compress" not in stages:
-            layout, stats, storage = _compress(directory, recipe, tasks, rank, storage_share, factor_dtype, seed, device,
-                                               progress, options.allow_pickle, staging.resumed, fingerprint, log)
-            stages["compress"] = {"layout": layout, "stats": stats, "storage": storage}
+            layout, stats, storage, nodes = compress(
+                directory, [entry.model for entry in recipe.models], tasks, rank, storage_share, factor_dtype, seed,
+                device, progress, options.allow_pickle, staging.resumed, fingerprint, log, ray_address=options.ray)
+            stages["compress"] = {"layout": layout, "stats": stats, "storage": storage, "ray_nodes": nodes}
             _write_stages(directory, stages)
         layout, stats, storage = (stages["compress"][key] for key in ("layout", "stats", "storage"))
+        ray_nodes = stages["shared"].get("ray_nodes", []) + stages["compress"].get("ray_nodes", [])
         compressed_at = time.perf_counter()
         router, router_info = _train(directory, router_inputs, tasks, params, seed, device, progress, log)
         save_file({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}, str(directory / ROUTER))
@@ -343,7 +252,8 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
                                "shared_merge": {"method": inner.merge_method,
                                                 "parameters": inner.model_dump(mode="json")["parameters"],
                                                 "seconds": shared_report["timings_seconds"]["total"]},
-                               "tensors": stats}},
+                               "tensors": stats},
+                      **({"ray": {"tasks": len(ray_nodes), "nodes": sorted(set(ray_nodes))}} if ray_nodes else {})},
             hub_sources=recipe.hub_sources)
         if staging.resumed:
             report["warnings"].append("resumed: stages and tensors of an interrupted run were kept (checksums verified)")
@@ -367,14 +277,6 @@ def _read_stages(directory: Path) -> dict[str, Any]:
 
 def _write_stages(directory: Path, stages: dict[str, Any]) -> None:
     replace_file(directory / STAGES, json.dumps(stages).encode())
-
-
-def _storage(specs: list, dense_bytes: int, layout: dict[str, dict]) -> dict[str, Any]:
-    """Bytes the factors take (the experts file's planned tensors) against the dense deltas they stand for."""
-    stored = sum(spec.nbytes for spec in specs)
-    return {"stored_bytes": stored, "dense_delta_bytes": dense_bytes, "ratio": stored / dense_bytes if dense_bytes else 0.0,
-            "factored_tensors": sum(1 for e in layout.values() if e["kind"] == "factors"),
-            "dense_tensors": sum(1 for e in layout.values() if e["kind"] == "dense")}
 
 
 def _warnings(router_info: dict) -> list[str]:
