@@ -21,14 +21,18 @@ from mergekit_lite.device import resolve_device
 from mergekit_lite.engine import (
     MergePlan, MergeResult, Timings, choose_seed, first_pass, merge_named, model_pass_part, needs_model_pass,
 )
+from mergekit_lite.hub import pinned, resolve_hub_ids
 from mergekit_lite.pipeline import Progress, SilentProgress
 from mergekit_lite.planning import plan_with_vocabularies
 from mergekit_lite.ray_session import as_completed, connect, import_ray, remote_task
 from mergekit_lite.recipe import Recipe
 
 def _replan(recipe_data: dict[str, Any], allow_pickle: bool, allow_crimes: bool) -> MergePlan:
-    """The driver's plan, made again inside a task from the same recipe and headers."""
-    plan, _ = plan_with_vocabularies(Recipe.model_validate(recipe_data), allow_pickle, allow_crimes)
+    """The driver's plan, made again inside a task from the same recipe and headers; hub ids, pinned to the
+    driver's commits, resolve in this node's own cache."""
+    recipe = Recipe.model_validate(recipe_data)
+    resolve_hub_ids(recipe, allow_pickle)
+    plan, _ = plan_with_vocabularies(recipe, allow_pickle, allow_crimes)
     return plan
 
 
@@ -111,7 +115,7 @@ def run_merge_on_ray(plan: MergePlan, out_dir: Path, *, address: str | None, all
     nodes: list[str] = []
     try:
         with writer:
-            recipe_data = recipe.model_dump(mode="json")
+            recipe_data = pinned(recipe).model_dump(mode="json")
             task_args = (recipe_data, allow_pickle, allow_crimes)
             groups = [[spec.name for spec in shard] for shard in writer.shards]
             model_state, timings.prepare, rounds = first_pass_on_ray(ray, plan, groups, task_args, task_device,

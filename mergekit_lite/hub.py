@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import huggingface_hub
 from huggingface_hub import errors
@@ -71,38 +72,62 @@ def fetch(reference: str, allow_pickle: bool = False) -> HubSource:
     return HubSource(reference, repo_id, revision or "main", snapshot.name, str(snapshot))
 
 
+def map_references(recipe: Recipe, change: Callable[[str], str]) -> None:
+    """Apply `change` to every model reference of the recipe (models, slices, base_model, tokenizer sources; both
+    sides of `base+adapter`), in place."""
+
+    def each(reference: str | None) -> str | None:
+        if reference is None:
+            return None
+        lora = split_lora_reference(reference)
+        if lora is not None:
+            return "+".join(change(side) for side in lora)
+        return change(reference)
+
+    for entry in recipe.models:
+        entry.model = each(entry.model)
+    for piece in recipe.slices or []:
+        for source in piece.sources:
+            source.model = each(source.model)
+        piece.base_model = each(piece.base_model)
+    recipe.base_model = each(recipe.base_model)
+    if recipe.tokenizer_source not in (None, "base", "union"):
+        recipe.tokenizer_source = each(recipe.tokenizer_source)
+    if recipe.tokenizer is not None:
+        if recipe.tokenizer.source not in ("base", "union"):
+            recipe.tokenizer.source = each(recipe.tokenizer.source)
+        for entry in recipe.tokenizer.tokens.values():
+            if isinstance(entry.source, str):
+                entry.source = each(entry.source)
+            elif entry.source is not None and entry.source.model is not None:
+                entry.source.model = each(entry.source.model)
+
+
 def resolve_hub_ids(recipe: Recipe, allow_pickle: bool = False) -> None:
     """Every hub id among the recipe's model references (models, base_model, tokenizer_source) replaced by its
     local snapshot, each fetched once; the recipe keeps what it resolved (`Recipe.hub_sources`) for the report
     and the model card."""
     found: dict[str, HubSource] = {}
 
-    def local(reference: str | None) -> str | None:
-        lora = split_lora_reference(reference) if reference is not None else None
-        if lora is not None:  # base+adapter: either side may be a hub id
-            return "+".join(local(side) for side in lora)
-        if reference is None or hub_id(reference) is None:
-            return reference
-        if reference not in found:
+    def local(reference: str) -> str:
+        if hub_id(reference) is not None and reference not in found:
             found[reference] = fetch(reference, allow_pickle)
-        return found[reference].path
+        return found[reference].path if reference in found else reference
 
-    for entry in recipe.models:
-        entry.model = local(entry.model)
-    for piece in recipe.slices or []:
-        for source in piece.sources:
-            source.model = local(source.model)
-        piece.base_model = local(piece.base_model)
-    recipe.base_model = local(recipe.base_model)
-    if recipe.tokenizer_source not in (None, "base", "union"):
-        recipe.tokenizer_source = local(recipe.tokenizer_source)
-    if recipe.tokenizer is not None:
-        if recipe.tokenizer.source not in ("base", "union"):
-            recipe.tokenizer.source = local(recipe.tokenizer.source)
-        for entry in recipe.tokenizer.tokens.values():
-            if isinstance(entry.source, str):
-                entry.source = local(entry.source)
-            elif entry.source is not None and entry.source.model is not None:
-                entry.source.model = local(entry.source.model)
+    map_references(recipe, local)
     recipe.hub_sources.extend({"reference": s.reference, "repo_id": s.repo_id, "revision": s.revision,
                                "commit": s.commit, "path": s.path} for s in found.values())
+
+
+def local_reference(reference: str, allow_pickle: bool = False) -> str:
+    """A hub id's local snapshot (fetched into this machine's cache when missing); a path unchanged."""
+    return fetch(reference, allow_pickle).path if hub_id(reference) is not None else reference
+
+
+def pinned(recipe: Recipe) -> Recipe:
+    """A copy of a resolved recipe whose hub snapshots are written back as `repo_id@commit`: for a task on another
+    machine to resolve in its own cache (resolve_hub_ids), to the very files this machine resolved."""
+    pins = {source["path"]: f"{source['repo_id']}@{source['commit']}" for source in recipe.hub_sources}
+    copy = recipe.model_copy(deep=True)
+    map_references(copy, lambda reference: pins.get(reference, reference))
+    return copy

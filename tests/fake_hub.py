@@ -1,13 +1,17 @@
 """A stand-in for the Hugging Face hub for tests: answers, on the loopback address only, the endpoints that
 huggingface_hub's snapshot_download uses (repository info by revision, the file tree, HEAD and GET of
-/{repo}/resolve/{revision}/{file}), from repositories held in memory. Started and stopped by the tests."""
+/{repo}/resolve/{revision}/{file}), from repositories held in memory. Started and stopped by the tests. Also
+`cache_repo`, a repository laid out in a hub cache as huggingface_hub lays it out."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 
@@ -92,3 +96,21 @@ class FakeHub:
                 self._route()
 
         return Handler
+
+
+def cache_repo(cache: Path, repo_id: str, source: Path, refs: dict[str, str]) -> dict[str, str]:
+    """`source`'s files as a hub cache repository: each file a blob named by its hash, each commit a snapshot of
+    links into blobs/, each ref a file holding its commit. refs: name -> commit (all snapshots hold the files)."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    for name, commit in refs.items():
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for file in source.iterdir():
+            blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+            if not blob.exists():
+                shutil.copyfile(file, blob)
+            (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+        (repo / "refs" / name).write_text(commit)
+    return refs

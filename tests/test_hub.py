@@ -4,7 +4,6 @@ cached nor reachable. Each merge runs in a subprocess, since huggingface_hub rea
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -14,25 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.fake_hub import cache_repo
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cache_repo(cache: Path, repo_id: str, source: Path, refs: dict[str, str]) -> dict[str, str]:
-    """`source`'s files as a hub cache repository: each file a blob named by its hash, each commit a snapshot of
-    links into blobs/, each ref a file holding its commit. refs: name -> commit (all snapshots hold the files)."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs").mkdir(exist_ok=True)
-    for name, commit in refs.items():
-        snapshot = repo / "snapshots" / commit
-        snapshot.mkdir(parents=True, exist_ok=True)
-        for file in source.iterdir():
-            blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
-            if not blob.exists():
-                shutil.copyfile(file, blob)
-            (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
-        (repo / "refs" / name).write_text(commit)
-    return refs
 
 
 def _merge(tmp_path: Path, recipe_text: str, out: Path, cache: Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -48,8 +31,8 @@ def _merge(tmp_path: Path, recipe_text: str, out: Path, cache: Path, cwd: Path |
 def hub_cache(tmp_path, llama_family):
     cache = tmp_path / "hub"
     main, tagged = "a" * 40, "b" * 40
-    _cache_repo(cache, "org/tiny-base", llama_family["base"], {"main": main})
-    _cache_repo(cache, "org/tiny-expert", llama_family["expert1"], {"main": main, "v1": tagged})
+    cache_repo(cache, "org/tiny-base", llama_family["base"], {"main": main})
+    cache_repo(cache, "org/tiny-expert", llama_family["expert1"], {"main": main, "v1": tagged})
     return cache, main, tagged
 
 

@@ -132,13 +132,15 @@ def test_the_report_and_card_name_the_reference_as_written(tmp_path, llama_base)
 
 
 def test_hub_ids_on_either_side_of_the_plus_resolve_from_the_cache(tmp_path, llama_base):
-    from test_hub import _cache_repo, _merge
+    from test_hub import _merge
+
+    from tests.fake_hub import cache_repo
 
     model, base = llama_base
     save_adapter(model, tmp_path / "adapter", seed=1, r=2, lora_alpha=2, target_modules=["q_proj"])
     cache = tmp_path / "hub"
-    _cache_repo(cache, "org/tiny-base", base, {"main": "a" * 40})
-    _cache_repo(cache, "org/tiny-adapter", tmp_path / "adapter", {"main": "c" * 40})
+    cache_repo(cache, "org/tiny-base", base, {"main": "a" * 40})
+    cache_repo(cache, "org/tiny-adapter", tmp_path / "adapter", {"main": "c" * 40})
     text = "merge_method: linear\nmodels:\n  - model: {}\ndtype: float32\n"
     hub = _merge(tmp_path, text.format("org/tiny-base+org/tiny-adapter"), tmp_path / "hub_out", cache)
     assert hub.returncode == 0, hub.stderr

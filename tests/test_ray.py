@@ -40,20 +40,42 @@ def _ray(*args: str, env: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """ADDRESS of a two-node cluster (one CPU each) on this machine."""
+def node_hub():
+    """A stand-in hub on the loopback address that the cluster's nodes download from, and each node's own hub
+    cache (not shared with the driver's or with each other)."""
+    from tests.fake_hub import FakeHub
+
+    temp = Path(tempfile.mkdtemp(prefix="rayhub", dir="/tmp"))
+    with FakeHub({}) as hub:
+        yield hub, {node: temp / node for node in NODES}
+
+
+NODES = ("head_node", "second_node")
+
+
+def _node_env(hub, cache: Path) -> dict:
+    env = {k: v for k, v in ENV.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=hub.endpoint, HF_HUB_CACHE=str(cache), HF_HOME=str(cache.with_name(cache.name + "_home")),
+               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def cluster(node_hub):
+    """ADDRESS of a two-node cluster (one CPU each) on this machine; each node resolves hub ids into its own cache
+    from the stand-in hub."""
+    hub, caches = node_hub
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     port = _free_port()
-    env = ENV
     common = ["--num-cpus=1", "--disable-usage-stats"]
     try:
         _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=false",
-             f"--temp-dir={temp}", '--resources={"head_node": 1}', *common, env=env)
+             f"--temp-dir={temp}", '--resources={"head_node": 1}', *common, env=_node_env(hub, caches["head_node"]))
         _ray("start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", '--resources={"second_node": 1}',
-             *common, env=env)
+             *common, env=_node_env(hub, caches["second_node"]))
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        subprocess.run([RAY, "stop", "--force"], env=ENV, capture_output=True, timeout=120)
 
 
 def _recipe(tmp_path: Path, family: dict, method: str, extra: str = "") -> Path:
@@ -66,9 +88,11 @@ def _recipe(tmp_path: Path, family: dict, method: str, extra: str = "") -> Path:
     return path
 
 
-def _run(recipe: Path, out: Path, *flags: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def _run(recipe: Path, out: Path, *flags: str, timeout: int = 300, env: dict | None = None
+         ) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mergekit_lite", "run", str(recipe), str(out), "--quiet",
-                           "--shard-size", SHARD, *flags], capture_output=True, text=True, timeout=timeout, env=ENV)
+                           "--shard-size", SHARD, *flags], capture_output=True, text=True, timeout=timeout,
+                          env=env or ENV)
 
 
 def _shards(directory: Path) -> dict[str, bytes]:
@@ -82,7 +106,7 @@ def driver(cluster):
 
     connect(ray, cluster)
     # both nodes' workers loaded before the first merge, so that neither is still busy when its tasks are placed
-    ready = [ray.remote(num_cpus=1, resources={node: 1})(load_worker).remote() for node in ("head_node", "second_node")]
+    ready = [ray.remote(num_cpus=1, resources={node: 1})(load_worker).remote() for node in NODES]
     ray.get(ready, timeout=120)
     yield cluster
     ray.shutdown()
@@ -116,6 +140,35 @@ def _task_pids() -> list[int]:
             except OSError:
                 continue
     return found
+
+
+def test_hub_ids_resolve_in_each_nodes_own_cache(tmp_path, llama_family, cluster, node_hub):
+    """The driver resolves a hub id from its cache (offline) and sends its commit; each node's tasks resolve that
+    commit into the node's own cache (downloading it there), and the bytes are a local run's."""
+    from tests.fake_hub import cache_repo
+
+    hub, caches = node_hub
+    commit = "e" * 40
+    hub.repos["org/ray-expert"] = {"refs": {"main": commit}, "files": {
+        p.name: p.read_bytes() for p in llama_family["expert1"].iterdir() if p.is_file()}}
+    driver_cache = tmp_path / "driver_hub"
+    cache_repo(driver_cache, "org/ray-expert", llama_family["expert1"], {"main": commit})
+    env = {k: v for k, v in ENV.items() if not k.startswith("HF_")}
+    env.update(HF_HUB_CACHE=str(driver_cache), HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    recipe = tmp_path / "hub.yaml"
+    recipe.write_text(f"merge_method: ties\nbase_model: {llama_family['base']}\nmodels:\n"
+                      "  - model: org/ray-expert\n    parameters: {weight: 1.0, density: 0.5}\n"
+                      f"  - model: {llama_family['expert2']}\n    parameters: {{weight: 1.0, density: 0.5}}\n")
+    local = _run(recipe, tmp_path / "local", env=env)
+    assert local.returncode == 0, local.stderr
+    merged = _run(recipe, tmp_path / "ray", "--ray", cluster, env=env)
+    assert merged.returncode == 0, merged.stderr
+    assert _shards(tmp_path / "ray") == _shards(tmp_path / "local")
+    report = json.loads((tmp_path / "ray" / "merge_report.json").read_text())
+    assert len(report["ray"]["nodes"]) == 2
+    for node, cache in caches.items():  # each node fetched the driver's commit into its own cache
+        snapshot = cache / "models--org--ray-expert" / "snapshots" / commit
+        assert (snapshot / "model.safetensors").is_file(), node
 
 
 def test_a_worker_killed_mid_merge_is_retried_and_the_output_is_the_same(tmp_path, llama_family, cluster):

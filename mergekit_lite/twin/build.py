@@ -39,13 +39,16 @@ def task_names(recipe: Recipe) -> list[str]:
 
 
 def shared_recipe(recipe: Recipe) -> Recipe:
-    """The tensor-wise recipe that makes the shared expert: same base and models, the shared method."""
+    """The tensor-wise recipe that makes the shared expert: same base and models (and the hub snapshots they
+    resolved to), the shared method."""
     shared = recipe.shared_merge or SharedMerge()
-    return Recipe(merge_method=shared.merge_method, base_model=recipe.base_model,
-                  models=[ModelEntry(model=m.model, parameters=m.parameters) for m in recipe.models],
-                  parameters=shared.parameters, dtype=recipe.dtype, out_dtype=recipe.out_dtype,
-                  tokenizer_source=recipe.tokenizer_source, seed=recipe.seed, shard_size=recipe.shard_size,
-                  device=recipe.device, chat_template=recipe.chat_template)
+    inner = Recipe(merge_method=shared.merge_method, base_model=recipe.base_model,
+                   models=[ModelEntry(model=m.model, parameters=m.parameters) for m in recipe.models],
+                   parameters=shared.parameters, dtype=recipe.dtype, out_dtype=recipe.out_dtype,
+                   tokenizer_source=recipe.tokenizer_source, seed=recipe.seed, shard_size=recipe.shard_size,
+                   device=recipe.device, chat_template=recipe.chat_template)
+    inner.hub_sources.extend(recipe.hub_sources)
+    return inner
 
 
 def check_twin_recipe(recipe: Recipe, source: str, lines: dict, twin: Parameterised) -> None:
@@ -217,7 +220,7 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: Path, params: dict[str, An
         merged_at = time.perf_counter()
         if "compress" not in stages:
             layout, stats, storage, nodes = compress(
-                directory, [entry.model for entry in recipe.models], tasks, rank, storage_share, factor_dtype, seed,
+                directory, recipe, tasks, rank, storage_share, factor_dtype, seed,
                 device, progress, options.allow_pickle, staging.resumed, fingerprint, log, ray_address=options.ray)
             stages["compress"] = {"layout": layout, "stats": stats, "storage": storage, "ray_nodes": nodes}
             _write_stages(directory, stages)

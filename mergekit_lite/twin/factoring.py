@@ -16,8 +16,10 @@ from mergekit_lite.checkpoint.writer import DEFAULT_SHARD_BYTES, ShardFileWriter
 from mergekit_lite.device import resolve_device
 from mergekit_lite.engine import RowWriter
 from mergekit_lite.errors import RecipeError
+from mergekit_lite.hub import local_reference, pinned
 from mergekit_lite.pipeline import Progress
 from mergekit_lite.ray_session import address_of, as_completed, connect, import_ray, remote_task
+from mergekit_lite.recipe import Recipe
 from mergekit_lite.twin.compress import low_rank
 from mergekit_lite.twin.ranks import ratio_for_budget
 from mergekit_lite.twin.store import EXPERTS, SHARED, delta_specs, dense_name, left_name, right_name, tensor_layout
@@ -84,14 +86,16 @@ def factor_tensor(name: str, shared: Checkpoint, experts: list[Checkpoint], task
     return row
 
 
-def factor_group(shared_dir: str, expert_paths: list[str], allow_pickle: bool, tasks: list[str], names: list[str],
+def factor_group(shared_dir: str, expert_references: list[str], allow_pickle: bool, tasks: list[str], names: list[str],
                  layout: dict[str, dict], dtypes: dict[str, torch.dtype], seed: int, device: str, tmp_dir: str
                  ) -> dict[str, Any]:
     """One Ray task: factor the tensors `names` into the experts' shard files that the driver laid out (from the
-    whole `layout` and `dtypes`, the same headers)."""
+    whole `layout` and `dtypes`, the same headers). Hub ids (pinned to the driver's commits) resolve in this
+    node's own cache."""
     started = time.perf_counter()
     shared = open_checkpoint(Path(shared_dir))
-    experts = [open_checkpoint(path, allow_pickle=allow_pickle) for path in expert_paths]
+    experts = [open_checkpoint(local_reference(reference, allow_pickle), allow_pickle=allow_pickle)
+               for reference in expert_references]
     writer = ShardFileWriter(Path(tmp_dir), delta_specs(layout, dtypes, tasks), DEFAULT_SHARD_BYTES, METADATA)
     try:
         rows = [factor_tensor(name, shared, experts, tasks, layout[name], dtypes[name], seed, resolve_device(device),
@@ -118,7 +122,7 @@ def tensor_groups(names: list[str], nbytes: dict[str, int], count: int) -> list[
     return [group for group in groups if group]
 
 
-def compress(directory: Path, expert_paths: list[str], tasks: list[str], rank: float | None, storage_share: float,
+def compress(directory: Path, recipe: Recipe, tasks: list[str], rank: float | None, storage_share: float,
              factor_dtype: torch.dtype, seed: int, device: torch.device, progress: Progress, allow_pickle: bool,
              resume: bool, fingerprint: str, log: Callable[[str], None] = lambda message: None, ray_address: str | None = None
              ) -> tuple[dict[str, dict], list[dict], dict[str, Any], list[str]]:
@@ -167,10 +171,11 @@ def compress(directory: Path, expert_paths: list[str], tasks: list[str], rank: f
                 progress.advance(nbytes[row["name"]])
 
             if ray_address is None:
-                _factor_here(directory, expert_paths, allow_pickle, tasks, todo, layout, dtypes, seed, device,
+                _factor_here(directory, [entry.model for entry in recipe.models], allow_pickle, tasks, todo, layout, dtypes, seed, device,
                              writer, keep)
             else:
-                args = (str(directory / SHARED), expert_paths, allow_pickle, tasks)
+                references = [entry.model for entry in pinned(recipe).models]
+                args = (str(directory / SHARED), references, allow_pickle, tasks)
                 nodes = _factor_on_ray(ray_address, args, todo, nbytes, layout, dtypes, seed, device, writer, keep)
         return layout, [rows[name] for name in names], storage, nodes
     finally:
