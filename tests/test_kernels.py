@@ -105,6 +105,56 @@ def test_task_vector_magnitudes_and_bracket_counts(kernel_switch):
 
 
 @needs_kernels
+@pytest.mark.parametrize("shape", [(300, 1000), (1, 70_000), (5, 3), (2816, 64), (4, 1)])
+def test_della_probabilities_equal_the_torch_path_with_ties_in_index_order(kernel_switch, shape):
+    from mergekit_lite.methods.sparsify import rank_keep_probabilities
+
+    gen = torch.Generator().manual_seed(shape[0])
+    rows = (torch.randn(shape, generator=gen) * 4).round() / 4  # many equal magnitudes, and signed zeros
+    rows[0, :2] = torch.tensor([0.0, -0.0])[: rows.shape[1]]
+    found = []
+    for on in (True, False):
+        kernel_switch(on)
+        found.append(rank_keep_probabilities(rows, 0.35, 0.15))
+    assert torch.equal(found[0], found[1])
+    if shape[1] > 1:  # the smallest magnitude of a row gets density - eps, the largest density + eps
+        assert torch.allclose(found[0].min(dim=1).values, torch.tensor(0.2)) and torch.allclose(found[0].max(dim=1).values, torch.tensor(0.5))
+
+
+@needs_kernels
+@pytest.mark.parametrize("per_entry, rescale", [(True, True), (True, False), (False, True), (False, False)])
+def test_random_drop_equals_the_torch_path(kernel_switch, per_entry, rescale):
+    """The draws made in the kernel's threads are uniform_draws' (splitmix64 in torch's wrapping int64), and the
+    drop the torch ops'."""
+    from mergekit_lite.methods.sparsify import random_keep
+
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randn(200_001, generator=gen)
+    probability = torch.rand(values.shape, generator=gen) * 0.8 + 0.1 if per_entry else 0.3
+    results = []
+    for on in (True, False):
+        kernel_switch(on)
+        dropped = values.clone()
+        results.append((random_keep(dropped, probability, 2**63 - 12345, rescale), dropped))
+    (kept, fast), (expected_kept, expected) = results
+    assert kept == expected_kept and torch.equal(fast, expected) and torch.equal(fast.signbit(), expected.signbit())
+    share = kept / values.numel()
+    assert abs(share - (float(probability.mean()) if per_entry else 0.3)) < 0.01
+
+
+def test_uniform_draws_are_uniform_and_depend_on_the_seed():
+    from mergekit_lite.methods.sparsify import uniform_draws
+
+    draws = uniform_draws(7, 1_000_000)
+    assert 0.0 <= float(draws.min()) and float(draws.max()) < 1.0
+    counts = torch.histc(draws, bins=10, min=0.0, max=1.0)
+    assert float((counts - 100_000).abs().max()) < 1500  # about 3 standard deviations of a bin
+    assert not torch.equal(draws[:1000], uniform_draws(8, 1000))
+    assert torch.equal(draws[:1000], uniform_draws(7, 1000))
+    assert abs(float(torch.corrcoef(torch.stack([draws[:-1], draws[1:]]))[0, 1])) < 0.005  # neighbours unrelated
+
+
+@needs_kernels
 def test_widen_bfloat16_is_exact_and_counts_nonfinite(kernel_switch):
     kernel_switch(True)
     raw = torch.randn(150_001).to(torch.bfloat16)
@@ -123,11 +173,16 @@ def _bfloat16_family(llama_family, tmp_path):
 
 
 @needs_kernels
-def test_merge_run_gives_identical_bytes_with_and_without_kernels(tmp_path, llama_family, kernel_switch):
+@pytest.mark.parametrize("method, params", [
+    ("ties", {"normalize": True}), ("dare_ties", {}), ("dare_linear", {}), ("della", {"epsilon": 0.1}),
+    ("della_linear", {"epsilon": 0.05, "rescale": False}),
+])
+def test_merge_run_gives_identical_bytes_with_and_without_kernels(tmp_path, llama_family, kernel_switch, method,
+                                                                   params):
     family = _bfloat16_family(llama_family, tmp_path)
-    recipe = write_recipe(tmp_path / "r.yaml", "ties", family, params={"normalize": True},
+    recipe = write_recipe(tmp_path / "r.yaml", method, family, params=params,
                           model_params=[{"density": 0.5, "weight": 1.0}, {"density": 0.3, "weight": 0.7},
-                                        {"density": 0.8, "weight": 1.2}], extra="dtype: bfloat16\n")
+                                        {"density": 0.8, "weight": 1.2}], extra="dtype: bfloat16\nseed: 7\n")
     outputs = {}
     for on in (True, False):
         kernel_switch(on)

@@ -37,6 +37,8 @@ _SIGNATURES = {
     "count_bracket": [_ptr, _i64, _f32, _f32, _f32, _ptr],
     "widen_bfloat16": [_ptr, _ptr, _i64],
     "ties_merge": [_ptr, _ptr, _i32, _i64, _i32, _ptr, _ptr, _i32, _f32, _f32, _ptr, _ptr, _ptr, _ptr],
+    "rank_probabilities": [_ptr, _i64, _i64, _f32, _f32, _ptr],
+    "random_drop": [_ptr, _ptr, _i64, _i64, ctypes.c_uint64, _i64, _i32],
 }
 
 
@@ -80,6 +82,8 @@ def library() -> ctypes.CDLL | None:
         getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = None
     lib.widen_bfloat16.restype = _i64
+    lib.rank_probabilities.restype = _i32
+    lib.random_drop.restype = _i64
     return lib
 
 
@@ -188,6 +192,52 @@ def widen_bfloat16(raw: torch.Tensor, out: torch.Tensor) -> int:
 
     def work(start: int, stop: int, part: int) -> None:
         found[part] = lib.widen_bfloat16(_address(raw, start), _address(out, start), stop - start)
+
+    _run_parts(n, work)
+    return sum(found)
+
+
+def rank_probabilities(rows: torch.Tensor, low: float, span: float) -> torch.Tensor:
+    """DELLA's keep probabilities of a 2-D tensor: low + span * (rank of |entry| in its row / (width - 1)), ranks
+    of equal magnitudes in index order: the bits of sparsify.rank_keep_probabilities' torch path, several times
+    faster (a radix sort per row instead of a comparison sort)."""
+    lib = library()
+    count, width = rows.shape
+    out = torch.empty(rows.shape, dtype=torch.float32)
+    failed = []
+
+    def work(start: int, stop: int) -> None:
+        if lib.rank_probabilities(_address(rows, start * width), stop - start, width, low, span,
+                                  _address(out, start * width)) != 0:
+            failed.append(start)
+
+    workers = len(_parts(rows.numel()))
+    step = -(-count // workers) if count else 1
+    jobs = [(start, min(count, start + step)) for start in range(0, count, step)]
+    if len(jobs) == 1:
+        work(*jobs[0])
+    else:
+        for future in [_pool().submit(work, start, stop) for start, stop in jobs]:
+            future.result()
+    if failed:
+        raise MemoryError(f"rank_probabilities: no scratch memory for rows of {width} entries")
+    return out
+
+
+def random_drop(values: torch.Tensor, probability: torch.Tensor | float, seed: int, rescale: bool) -> int:
+    """In place: keep `values` where their draws from stream `seed` are below probability (a tensor like values, or
+    one number), divided by it when `rescale`, else zero; returns how many were kept. The bits of the torch path
+    (sparsify.random_keep), with the draws made in the worker threads."""
+    lib = library()
+    n = values.numel()
+    scalar = not isinstance(probability, torch.Tensor)
+    single = (ctypes.c_float * 1)(float(probability)) if scalar else None
+    found = [0] * len(_parts(n))
+
+    def work(start: int, stop: int, part: int) -> None:
+        where = ctypes.cast(single, ctypes.c_void_p) if scalar else _address(probability, start)
+        found[part] = lib.random_drop(_address(values, start), where, 0 if scalar else 1, stop - start, seed, start,
+                                      int(rescale))
 
     _run_parts(n, work)
     return sum(found)

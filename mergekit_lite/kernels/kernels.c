@@ -7,6 +7,8 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #define BLOCK 256
 
@@ -164,4 +166,86 @@ int64_t widen_bfloat16(const uint16_t *restrict src, float *restrict dst, int64_
         nonfinite += found;
     }
     return nonfinite;
+}
+
+/* DELLA's keep probabilities: out[r * width + i] = low + span * (rank / (width - 1)), where rank is the rank of
+ * |values[r * width + i]| within row r (0 for the smallest; equal magnitudes in index order, a stable sort), and
+ * rank / (width - 1) is 0.5 for rows of one entry; float32 operations in the torch path's order. The ranks come
+ * from an LSD radix sort of the magnitudes' bit patterns (for non-negative floats their order is the values'
+ * order), four 8-bit digits counted in one pass, skipping a digit every entry of the row shares. Returns 0, or -1 when scratch memory
+ * cannot be had. */
+int32_t rank_probabilities(const float *values, int64_t rows, int64_t width, float low, float span, float *out)
+{
+    /* each entry as one 64-bit word: its magnitude's bits above its index, so one store moves both */
+    uint64_t *scratch = malloc((size_t)width * 2 * sizeof(uint64_t));
+    if (scratch == NULL) return -1;
+    float last = (float)(width - 1);
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = values + r * width;
+        uint64_t *words = scratch, *next = scratch + width;
+        uint32_t offsets[4][256] = {{0}};  /* all four digits' histograms in one pass */
+        for (int64_t i = 0; i < width; i++) {
+            float magnitude = fabsf(row[i]);
+            uint32_t key;
+            memcpy(&key, &magnitude, sizeof key);
+            words[i] = ((uint64_t)key << 32) | (uint64_t)i;
+            offsets[0][key & 0xffu]++;
+            offsets[1][(key >> 8) & 0xffu]++;
+            offsets[2][(key >> 16) & 0xffu]++;
+            offsets[3][key >> 24]++;
+        }
+        for (int digit = 0; digit < 4; digit++) {
+            int shift = 32 + 8 * digit;
+            uint32_t *offset = offsets[digit];
+            if (offset[(words[0] >> shift) & 0xffu] == (uint32_t)width) continue;  /* every entry shares it */
+            uint32_t position = 0;
+            for (int bucket = 0; bucket < 256; bucket++) {
+                uint32_t count = offset[bucket];
+                offset[bucket] = position;
+                position += count;
+            }
+            for (int64_t i = 0; i < width; i++) {
+                uint64_t word = words[i];
+                next[offset[(word >> shift) & 0xffu]++] = word;
+            }
+            uint64_t *swap = words; words = next; next = swap;
+        }
+        float *row_out = out + r * width;
+        for (int64_t i = 0; i < width; i++) {
+            float position = width > 1 ? (float)i / last : 0.5f;
+            row_out[words[i] & 0xffffffffu] = position * span + low;
+        }
+    }
+    free(scratch);
+    return 0;
+}
+
+/* Uniform draw number `index` of the stream `seed`, in [0, 1) with 24 random bits: splitmix64 of
+ * seed + (index + 1) * golden ratio (a counter-based generator: any draw can be made alone, by any thread). */
+static float uniform_draw(uint64_t seed, uint64_t index)
+{
+    uint64_t z = seed + (index + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (float)(int32_t)(z >> 40) * 0x1.0p-24f;  /* 24 bits: exact, and a cheap conversion */
+}
+
+/* DARE's and DELLA's drop, in place: values[i] is kept where draw number first + i of stream `seed` is below its
+ * keep probability (probability[i * stride]: stride 0 for one probability), then divided by it when `rescale`;
+ * a dropped entry becomes value * 0 (a signed zero). The torch path's operations, in its order: lt, mul, div.
+ * Returns the count kept. */
+int64_t random_drop(float *values, const float *probability, int64_t stride, int64_t n, uint64_t seed,
+                    int64_t first, int32_t rescale)
+{
+    int64_t kept = 0;
+    for (int64_t i = 0; i < n; i++) {
+        float p = probability[i * stride];
+        float draw = uniform_draw(seed, (uint64_t)(first + i));
+        float keep = draw < p ? 1.0f : 0.0f;
+        kept += draw < p;
+        float value = values[i] * keep;
+        values[i] = rescale ? value / p : value;
+    }
+    return kept;
 }

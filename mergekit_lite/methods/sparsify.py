@@ -248,13 +248,39 @@ def tensor_seed(seed: int, tensor_name: str, expert_index: int, start_row: int =
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def _signed(value: int) -> int:
+    """A 64-bit pattern as the int64 torch holds it."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN, _MIX1, _MIX2 = (_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> keeps the sign)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def uniform_draws(seed: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Draws 0..count-1 of stream `seed`, uniform in [0, 1) with 24 random bits: splitmix64 of seed + (i + 1) *
+    golden ratio. Counter-based, so any range of draws can be made alone (the C kernel makes them in its worker
+    threads); int64 arithmetic wraps as the C uint64 arithmetic does, so both give the same bits."""
+    z = (torch.arange(1, count + 1, dtype=torch.int64, device=device) * _GOLDEN).add_(_signed(seed % (1 << 64)))
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    z ^= _shift_right(z, 31)
+    return _shift_right(z, 40).to(torch.float32).mul_(2.0 ** -24)
+
+
 def random_keep(delta: torch.Tensor, probability: torch.Tensor | float, seed: int, rescale: bool) -> int:
     """Bernoulli drop, in place: keep each entry with `probability`, divided by it when `rescale`.
 
-    One generator per chunk, so a recipe reproduces bit for bit on the same device type.
+    Entry i's draw is draw i of the chunk's stream `seed` (uniform_draws), so a recipe reproduces bit for bit on
+    any device, with or without the C kernels, whatever the processing order.
     """
-    gen = torch.Generator(device=delta.device).manual_seed(seed)
-    keep = torch.rand(delta.shape, generator=gen, device=delta.device).lt_(probability)
+    if kernels.usable(delta) and (not isinstance(probability, torch.Tensor) or kernels.usable(probability)):
+        return kernels.random_drop(delta, probability, seed, rescale)
+    keep = uniform_draws(seed, delta.numel(), delta.device).view(delta.shape).lt_(probability)
     delta.mul_(keep)
     if rescale:
         delta.div_(probability)
@@ -262,11 +288,14 @@ def random_keep(delta: torch.Tensor, probability: torch.Tensor | float, seed: in
 
 
 def rank_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """DELLA: keep probabilities rising linearly with magnitude rank, from density-eps to density+eps per row."""
+    """DELLA: keep probabilities rising linearly with magnitude rank, from density-eps to density+eps per row.
+    Equal magnitudes rank in index order (a stable sort), so the ranks do not depend on a sort's implementation."""
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
     width = rows.shape[1]
-    order = rows.abs().argsort(dim=1)
-    ranks = torch.empty(order.shape, dtype=torch.float32, device=order.device)  # the inverse permutation, scattered
+    if kernels.usable(rows):
+        return kernels.rank_probabilities(rows, density - epsilon, 2 * epsilon).reshape(delta.shape)
+    order = rows.abs().argsort(dim=1, stable=True)  # ranks: a stable sort, then its inverse permutation scattered
+    ranks = torch.empty(order.shape, dtype=torch.float32, device=order.device)
     ranks.scatter_(1, order, torch.arange(width, dtype=torch.float32, device=order.device).expand_as(order).contiguous())
     position = ranks / (width - 1) if width > 1 else torch.full_like(ranks, 0.5)
     return ((density - epsilon) + 2 * epsilon * position).reshape(delta.shape)
