@@ -184,7 +184,8 @@ def fixed_order_gram(vectors: list[torch.Tensor]) -> list[list[float]]:
         pad = -flat.numel() % DOT_BLOCK
         wide.append(torch.nn.functional.pad(flat, (0, pad)).view(-1, DOT_BLOCK) if pad else flat.view(-1, DOT_BLOCK))
     products = [[0.0] * len(wide) for _ in wide]
+    scratch = torch.empty_like(wide[0]) if wide else None  # one buffer for every pair's products
     for i, a in enumerate(wide):
         for j in range(i, len(wide)):
-            products[i][j] = products[j][i] = math.fsum((a * wide[j]).sum(1).tolist())
+            products[i][j] = products[j][i] = math.fsum(torch.mul(a, wide[j], out=scratch).sum(1).tolist())
     return products

@@ -376,7 +376,16 @@ def merge_task_vectors(
     *, elect: bool,
 ) -> ChunkResult:
     """Finish a task-vector method: combine the (sparsified) deltas with the recipe's weights, normalize and
-    lambda, and add the result to the base."""
+    lambda, and add the result to the base. A sign election on the CPU runs in the fused TIES kernel with
+    nothing left to trim (the same bits as the torch path)."""
+    if elect and kernels.usable(chunk.base, *deltas):
+        merged, stats = kernels.ties_merge(
+            chunk.base.reshape(-1), [delta.reshape(-1) for delta in deltas], True, [0.0] * len(deltas),
+            context.per_model("weight"), context.params["normalize"], context.params["lambda"],
+        )
+        return ChunkResult(merged.view(chunk.base.shape), kept=kept, any_kept=stats["any_kept"],
+                           disagreed=stats["disagreed"], delta_sq=delta_sq, result_delta_sq=stats["change_sq"],
+                           result_sq=stats["result_sq"])
     merged, any_kept, disagreed = combine(
         deltas, context.per_model("weight"), elect=elect, normalize=context.params["normalize"],
         scale=context.params["lambda"],
