@@ -232,3 +232,21 @@ def test_library_is_built_once_into_the_cache(tmp_path, kernel_switch, monkeypat
     stamp = built[0].stat().st_mtime_ns
     kernels.library.cache_clear()
     assert kernels.library() is not None and built[0].stat().st_mtime_ns == stamp
+
+
+@needs_kernels
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 6])
+def test_fixed_order_gram_is_the_same_with_and_without_kernels(kernel_switch, count):
+    """The kernel's block sums are the torch path's cumulative sums, so slerp, model_stock, multislerp and karcher
+    weigh their models the same either way; and both are the exact dot products to float64 rounding."""
+    from mergekit_lite.methods.base import fixed_order_gram
+
+    gen = torch.Generator().manual_seed(count)
+    vectors = [torch.randn(3 * 4096 + 77, generator=gen) for _ in range(count)]
+    found = []
+    for on in (True, False):
+        kernel_switch(on)
+        found.append(fixed_order_gram(vectors))
+    assert found[0] == found[1]
+    exact = [[float(a.double() @ b.double()) for b in vectors] for a in vectors]
+    assert np.allclose(found[0], exact, rtol=1e-12)

@@ -39,6 +39,7 @@ _SIGNATURES = {
     "ties_merge": [_ptr, _ptr, _i32, _i64, _i32, _ptr, _ptr, _i32, _f32, _f32, _ptr, _ptr, _ptr, _ptr],
     "rank_probabilities": [_ptr, _i64, _i64, _f32, _f32, _ptr],
     "random_drop": [_ptr, _ptr, _i64, _i64, ctypes.c_uint64, _i64, _i32],
+    "block_gram": [_ptr, _i32, _i64, _i64, _i64, _i64, _i64, _ptr],
 }
 
 
@@ -241,3 +242,31 @@ def random_drop(values: torch.Tensor, probability: torch.Tensor | float, seed: i
 
     _run_parts(n, work)
     return sum(found)
+
+
+GRAM_MAX_VECTORS = 16  # kernels.c's limit on the vectors of one block_gram
+
+
+def block_gram(vectors: list[torch.Tensor], block: int) -> torch.Tensor:
+    """(pairs, blocks) float64: for every pair i <= j of the flat vectors (upper triangle, row-major) and every block
+    of `block` entries, the sum of the exact products in index order from 0.0: what a cumulative sum of the float64
+    products gives, computed in one pass over the vectors."""
+    lib = library()
+    n = vectors[0].numel()
+    blocks = -(-n // block)
+    pairs = len(vectors) * (len(vectors) + 1) // 2
+    sums = torch.empty(pairs, blocks, dtype=torch.float64)
+    pointers = _pointers(vectors, 0)
+    workers = len(_parts(n))
+    step = -(-blocks // workers) if blocks else 1
+
+    def work(first: int, last: int) -> None:
+        lib.block_gram(pointers, len(vectors), n, block, first, last, blocks, sums.data_ptr())
+
+    jobs = [(first, min(blocks, first + step)) for first in range(0, blocks, step)]
+    if len(jobs) == 1:
+        work(*jobs[0])
+    else:
+        for future in [_pool().submit(work, first, last) for first, last in jobs]:
+            future.result()
+    return sums

@@ -249,3 +249,40 @@ int64_t random_drop(float *values, const float *probability, int64_t stride, int
     }
     return kept;
 }
+
+#define GRAM_MAX_VECTORS 16
+
+/* Block sums of every pairwise dot product of k float32 vectors (k <= GRAM_MAX_VECTORS): for pair p (i <= j, in
+ * row-major order of the upper triangle) and block b of `block` entries, sums[p * total_blocks + b] is the sum,
+ * from 0.0 and in index order, of (double)v_i * (double)v_j (exact products) over the block. Handles blocks
+ * [first_block, last_block) of vectors of n entries; every pair's sum is its own chain, so the chains interleave. */
+static inline void gram_blocks(const float *const *vectors, int32_t k, int64_t n, int64_t block, int64_t first_block,
+                               int64_t last_block, int64_t total_blocks, double *sums)
+{
+    int32_t pairs = k * (k + 1) / 2;
+    for (int64_t b = first_block; b < last_block; b++) {
+        double acc[GRAM_MAX_VECTORS * (GRAM_MAX_VECTORS + 1) / 2] = {0};
+        int64_t start = b * block, stop = start + block < n ? start + block : n;
+        for (int64_t e = start; e < stop; e++) {
+            double x[GRAM_MAX_VECTORS];
+            for (int32_t t = 0; t < k; t++) x[t] = (double)vectors[t][e];
+            int32_t p = 0;
+            for (int32_t i = 0; i < k; i++)
+                for (int32_t j = i; j < k; j++) acc[p++] += x[i] * x[j];
+        }
+        for (int32_t p = 0; p < pairs; p++) sums[p * total_blocks + b] = acc[p];
+    }
+}
+
+void block_gram(const float *const *vectors, int32_t k, int64_t n, int64_t block, int64_t first_block,
+                int64_t last_block, int64_t total_blocks, double *sums)
+{
+    /* the usual counts as constants, so the compiler unrolls the pairs and keeps the sums in registers */
+    switch (k) {
+    case 2: gram_blocks(vectors, 2, n, block, first_block, last_block, total_blocks, sums); break;
+    case 3: gram_blocks(vectors, 3, n, block, first_block, last_block, total_blocks, sums); break;
+    case 4: gram_blocks(vectors, 4, n, block, first_block, last_block, total_blocks, sums); break;
+    case 5: gram_blocks(vectors, 5, n, block, first_block, last_block, total_blocks, sums); break;
+    default: gram_blocks(vectors, k, n, block, first_block, last_block, total_blocks, sums);
+    }
+}

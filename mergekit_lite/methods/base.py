@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from mergekit_lite import kernels
 from mergekit_lite.params import ParamSpec
 
 
@@ -148,18 +149,6 @@ def rescale_param(default: bool) -> ParamSpec:
 DOT_BLOCK = 4096
 
 
-def fixed_order_dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    """a·b with a result that does not depend on the thread count: BLAS and torch split a long reduction across
-    threads, so its rounding (and a method's output bytes) would follow the machine. Products of float32 values
-    are exact in float64; each fixed block is summed on its own and the block sums are added exactly."""
-    a, b = a.reshape(-1).double(), b.reshape(-1).double()
-    pad = -a.numel() % DOT_BLOCK
-    if pad:
-        a = torch.nn.functional.pad(a, (0, pad))
-        b = torch.nn.functional.pad(b, (0, pad))
-    return math.fsum((a * b).view(-1, DOT_BLOCK).sum(1).tolist())
-
-
 def per_entry_statistic(numel: int, stream: ChunkStream, compute: Callable[[Chunk], torch.Tensor]
                         ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """A per-entry statistic of a whole tensor (`compute` gives a chunk's, flattened), computed once into one
@@ -177,15 +166,28 @@ def per_entry_statistic(numel: int, stream: ChunkStream, compute: Callable[[Chun
 
 
 def fixed_order_gram(vectors: list[torch.Tensor]) -> list[list[float]]:
-    """Every pairwise fixed_order_dot of `vectors` (the same numbers), each widened and padded once."""
-    wide = []
-    for vector in vectors:
-        flat = vector.reshape(-1).double()
-        pad = -flat.numel() % DOT_BLOCK
-        wide.append(torch.nn.functional.pad(flat, (0, pad)).view(-1, DOT_BLOCK) if pad else flat.view(-1, DOT_BLOCK))
-    products = [[0.0] * len(wide) for _ in wide]
-    scratch = torch.empty_like(wide[0]) if wide else None  # one buffer for every pair's products
-    for i, a in enumerate(wide):
-        for j in range(i, len(wide)):
-            products[i][j] = products[j][i] = math.fsum(torch.mul(a, wide[j], out=scratch).sum(1).tolist())
+    """Every pairwise dot product of `vectors`, with a result that depends neither on the thread count nor on the C
+    kernels: products of float32 values are exact in float64; each block of DOT_BLOCK entries is summed in index
+    order (a loop in the kernel, a cumulative sum on the torch path: the same additions), and the block sums are
+    added exactly (math.fsum). BLAS and torch split a long reduction across threads, so a plain dot's rounding,
+    and a method's output bytes, would follow the machine."""
+    flat = [vector.reshape(-1) for vector in vectors]
+    count = len(flat)
+    if kernels.usable(*flat) and count <= kernels.GRAM_MAX_VECTORS:
+        sums = kernels.block_gram(flat, DOT_BLOCK)
+    else:
+        wide = []
+        for vector in flat:
+            widened = vector.double()
+            pad = -widened.numel() % DOT_BLOCK
+            wide.append((torch.nn.functional.pad(widened, (0, pad)) if pad else widened).view(-1, DOT_BLOCK))
+        scratch = torch.empty_like(wide[0])
+        sums = torch.stack([torch.mul(wide[i], wide[j], out=scratch).cumsum(1)[:, -1].cpu()
+                            for i in range(count) for j in range(i, count)])
+    products = [[0.0] * count for _ in range(count)]
+    pair = 0
+    for i in range(count):
+        for j in range(i, count):
+            products[i][j] = products[j][i] = math.fsum(sums[pair].tolist())
+            pair += 1
     return products
