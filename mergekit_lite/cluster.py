@@ -148,7 +148,7 @@ def run_merge_on_ray(plan: MergePlan, out_dir: Path, *, address: str | None, all
             reverted = [t.name for t in plan.tensors if entries[t.name].get("kept_from") is not None]
             result_info = MergeResult(plan, stats, timings, dev, seed, writer.files, time.perf_counter() - started,
                                       nonfinite, resumed=len(writer.completed), reverted=reverted, nodes=nodes,
-                                     first_pass_rounds=rounds)
+                                      first_pass_rounds=rounds)
             if finalize is not None:
                 finalize(result_info, writer)
     finally:

@@ -140,6 +140,18 @@ def _run_parts(n: int, work: Callable[[int, int, int], None]) -> None:
         future.result()
 
 
+def _run_units(units: int, elements: int, work: Callable[[int, int], None]) -> None:
+    """work(first, last) over `units` whole units (rows, blocks) of `elements` entries in all, one contiguous run of
+    units per worker thread."""
+    step = -(-units // len(_parts(elements))) if units else 1
+    jobs = [(first, min(units, first + step)) for first in range(0, units, step)]
+    if len(jobs) == 1:
+        work(*jobs[0])
+        return
+    for future in [_pool().submit(work, first, last) for first, last in jobs]:
+        future.result()
+
+
 def count_bracket(values: torch.Tensor, lo: float, guess: float, hi: float) -> list[int]:
     """[#values > hi, #values > guess, #values >= guess, #values >= lo] in one pass."""
     lib = library()
@@ -212,14 +224,7 @@ def rank_probabilities(rows: torch.Tensor, low: float, span: float) -> torch.Ten
                                   _address(out, start * width)) != 0:
             failed.append(start)
 
-    workers = len(_parts(rows.numel()))
-    step = -(-count // workers) if count else 1
-    jobs = [(start, min(count, start + step)) for start in range(0, count, step)]
-    if len(jobs) == 1:
-        work(*jobs[0])
-    else:
-        for future in [_pool().submit(work, start, stop) for start, stop in jobs]:
-            future.result()
+    _run_units(count, rows.numel(), work)
     if failed:
         raise MemoryError(f"rank_probabilities: no scratch memory for rows of {width} entries")
     return out
@@ -257,16 +262,9 @@ def block_gram(vectors: list[torch.Tensor], block: int) -> torch.Tensor:
     pairs = len(vectors) * (len(vectors) + 1) // 2
     sums = torch.empty(pairs, blocks, dtype=torch.float64)
     pointers = _pointers(vectors, 0)
-    workers = len(_parts(n))
-    step = -(-blocks // workers) if blocks else 1
 
     def work(first: int, last: int) -> None:
         lib.block_gram(pointers, len(vectors), n, block, first, last, blocks, sums.data_ptr())
 
-    jobs = [(first, min(blocks, first + step)) for first in range(0, blocks, step)]
-    if len(jobs) == 1:
-        work(*jobs[0])
-    else:
-        for future in [_pool().submit(work, first, last) for first, last in jobs]:
-            future.result()
+    _run_units(blocks, n, work)
     return sums
