@@ -64,6 +64,13 @@ def storage_facts(specs: list, dense_bytes: int, layout: dict[str, dict]) -> dic
             "dense_tensors": sum(1 for e in layout.values() if e["kind"] == "dense")}
 
 
+def _open_inputs(shared_dir: Path, references: list[str], allow_pickle: bool) -> tuple[Checkpoint, list[Checkpoint]]:
+    """The shared expert and the experts (hub ids, pinned by the driver, resolved in this machine's cache)."""
+    experts = [open_checkpoint(local_reference(reference, allow_pickle), allow_pickle=allow_pickle)
+               for reference in references]
+    return open_checkpoint(shared_dir), experts
+
+
 def factor_tensor(name: str, shared: Checkpoint, experts: list[Checkpoint], tasks: list[str], entry: dict, dtype: torch.dtype, seed: int,
                   device: torch.device, writer: RowWriter) -> dict[str, Any]:
     """Factor (or keep dense) every task's delta of one tensor into `writer`; the tensor's report row."""
@@ -93,9 +100,7 @@ def factor_group(shared_dir: str, expert_references: list[str], allow_pickle: bo
     whole `layout` and `dtypes`, the same headers). Hub ids (pinned to the driver's commits) resolve in this
     node's own cache."""
     started = time.perf_counter()
-    shared = open_checkpoint(Path(shared_dir))
-    experts = [open_checkpoint(local_reference(reference, allow_pickle), allow_pickle=allow_pickle)
-               for reference in expert_references]
+    shared, experts = _open_inputs(Path(shared_dir), expert_references, allow_pickle)
     writer = ShardFileWriter(Path(tmp_dir), delta_specs(layout, dtypes, tasks), DEFAULT_SHARD_BYTES, METADATA)
     try:
         rows = [factor_tensor(name, shared, experts, tasks, layout[name], dtypes[name], seed, resolve_device(device),
@@ -184,8 +189,7 @@ def compress(directory: Path, recipe: Recipe, tasks: list[str], rank: float | No
 
 def _factor_here(directory: Path, expert_paths: list[str], allow_pickle: bool, tasks: list[str], names: list[str],
                  layout: dict, dtypes: dict, seed: int, device: torch.device, writer: CheckpointWriter, keep: Callable[[dict], None]) -> None:
-    shared = open_checkpoint(directory / SHARED)
-    experts = [open_checkpoint(path, allow_pickle=allow_pickle) for path in expert_paths]
+    shared, experts = _open_inputs(directory / SHARED, expert_paths, allow_pickle)
     try:
         for name in names:
             keep(factor_tensor(name, shared, experts, tasks, layout[name], dtypes[name], seed, device, writer))
