@@ -323,8 +323,8 @@ def run(
              "file system every node shares."),
 ) -> None:
     """Merge the checkpoints a recipe names and write OUT_DIR (weights, config, tokenizer, model card, report)."""
-    if ray is not None:  # before torch is loaded here: the cluster's workers load it meanwhile
-        join_ray_cluster(ray)
+    if ray is not None:  # before torch is loaded here: the cluster's workers load it (and the tasks' module) meanwhile
+        join_ray_cluster(ray, "mergekit_lite.cluster")
     from mergekit_lite.dispatch import describe_report, merge_recipe_file
     from mergekit_lite.pipeline import MergeOptions
     from mergekit_lite.units import parse_count

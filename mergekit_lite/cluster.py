@@ -99,7 +99,7 @@ def run_merge_on_ray(plan: MergePlan, out_dir: Path, *, address: str | None, all
     progress = progress or SilentProgress()
     recipe, method = plan.recipe, plan.method
     check_output_path(out_dir, force)
-    connect(ray, address)
+    connect(ray, address, __name__)
     dev = resolve_device(device if device != "auto" or recipe.device is None else recipe.device)
     task_device = "cpu" if dev.type == "cpu" else "auto"  # each node uses its own accelerator when it has one
     seed = choose_seed(seed, recipe)

@@ -3,6 +3,8 @@ belongs to, let it check the recipe, then validate or run it. Names no method: e
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +17,43 @@ from mergekit_lite.errors import RecipeError, UserError
 from mergekit_lite.hub import resolve_hub_ids
 from mergekit_lite.methods import METHODS
 from mergekit_lite.pipeline import DirectorySummary, MergeOptions, Pipeline, Progress, SilentProgress, Validation
-from mergekit_lite.pleas.pipeline import PLEAS
 from mergekit_lite.recipe import Recipe, location, parse_recipe_text, read_recipe_text
 from mergekit_lite.tensorwise import TensorwisePipeline
-from mergekit_lite.twin.pipeline import TWIN
 
-PIPELINES: dict[str, Pipeline] = {
-    **{name: TensorwisePipeline.of(method) for name, method in METHODS.items()},
-    PLEAS.name: PLEAS,
-    TWIN.name: TWIN,
-}
+# Methods that load whole models live in packages named after them, which bring scipy, torch.fx and model code
+# along; each is imported the first time a recipe or a report names its method, so a tensor-wise merge starts
+# without them.
+WHOLE_MODEL_PIPELINES = ("mergekit_lite.pleas.pipeline", "mergekit_lite.twin.pipeline")
+
+
+class PipelineRegistry(Mapping[str, Pipeline]):
+    """Method name -> its pipeline: tensor-wise ones built at once, the others imported when first asked for
+    (each module's PIPELINE, whose method is named after the package holding it)."""
+
+    def __init__(self, ready: dict[str, Pipeline], deferred: tuple[str, ...]) -> None:
+        self._ready = dict(ready)
+        self._deferred = {module.split(".")[-2]: module for module in deferred}
+
+    def __getitem__(self, name: str) -> Pipeline:
+        if name not in self._ready and name in self._deferred:
+            pipeline = importlib.import_module(self._deferred[name]).PIPELINE
+            if pipeline.name != name:
+                raise TypeError(f"{self._deferred[name]} holds the {pipeline.name!r} pipeline, not {name!r}")
+            self._ready[name] = pipeline
+        return self._ready[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self._ready, *(name for name in self._deferred if name not in self._ready)])
+
+    def __len__(self) -> int:
+        return len(self._ready.keys() | self._deferred.keys())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._ready or name in self._deferred
+
+
+PIPELINES = PipelineRegistry({name: TensorwisePipeline.of(method) for name, method in METHODS.items()},
+                             WHOLE_MODEL_PIPELINES)
 
 
 def pipeline_for(name: str) -> Pipeline:

@@ -12,7 +12,6 @@ from mergekit_lite.errors import UserError
 
 PROBE_SECONDS = 5.0
 TASK_RETRIES = 3  # a task whose worker dies is run again (tasks rewrite the same bytes)
-WORKER_MODULE = "mergekit_lite.cluster"  # what a task needs loaded: the engine, the methods, torch
 
 
 def import_ray() -> Any:
@@ -51,14 +50,14 @@ def address_of(flag: str) -> str | None:
     return None if flag == "local" else flag
 
 
-def load_worker() -> None:
-    """Run on a worker ahead of the merge's tasks: load what they need while the driver plans."""
-    importlib.import_module(WORKER_MODULE)
+def load_worker(module: str) -> None:
+    """Run on a worker ahead of the merge's tasks: load the module they come from while the driver plans."""
+    importlib.import_module(module)
 
 
-def connect(ray: Any, address: str | None) -> None:
+def connect(ray: Any, address: str | None, worker_module: str) -> None:
     """Join the cluster at `address` (`auto`: the one RAY_ADDRESS names), or start a local one; then start one
-    worker per CPU of the cluster loading what the tasks need (not waited for)."""
+    worker per CPU of the cluster loading `worker_module`, where the tasks come from (not waited for)."""
     if ray.is_initialized():
         return
     check_reachable(address)
@@ -70,12 +69,12 @@ def connect(ray: Any, address: str | None) -> None:
         raise UserError(f"--ray {where}: cannot connect: {str(exc).splitlines()[0] if str(exc) else exc}") from exc
     warm = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(load_worker)
     for _ in range(int(ray.cluster_resources().get("CPU", 1))):
-        warm.remote()
+        warm.remote(worker_module)
 
 
-def join(flag: str) -> None:
-    """Join (or start) the cluster a `--ray` flag names, and start its workers."""
-    connect(import_ray(), address_of(flag))
+def join(flag: str, worker_module: str) -> None:
+    """Join (or start) the cluster a `--ray` flag names, and start its workers loading `worker_module`."""
+    connect(import_ray(), address_of(flag), worker_module)
 
 
 def task_result(ray: Any, ref: Any) -> Any:

@@ -1,9 +1,12 @@
 """The package's import graph points one way: no module imports, directly or through others, a module that
-imports it back. Function-level imports count too, so a cycle cannot hide in one."""
+imports it back. Function-level imports count too, and so does a string naming a module (one imported by name
+when first needed), so a cycle cannot hide in either."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mergekit_lite"
@@ -20,7 +23,8 @@ def _modules() -> dict[str, Path]:
 
 def import_graph() -> dict[str, set[str]]:
     """module -> the package's modules it imports (`from pkg import name` counts as pkg.name when that is a
-    module, else as pkg, whose __init__ then runs for the name)."""
+    module, else as pkg, whose __init__ then runs for the name; a string that names a module counts as an
+    import of it)."""
     modules = _modules()
 
     def owner(name: str) -> str | None:
@@ -41,6 +45,8 @@ def import_graph() -> dict[str, set[str]]:
                     anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join(anchor + ([base] if base else []))
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "." in node.value and node.value in modules:
+                targets = [node.value]
             for target in targets:
                 found = owner(target) if target.startswith("mergekit_lite") else None
                 if found is not None and found != name:
@@ -92,6 +98,26 @@ def test_the_package_has_no_import_cycles():
     graph = import_graph()
     assert "mergekit_lite.dispatch" in graph and graph["mergekit_lite.dispatch"]  # the walk sees real imports
     assert cycles(graph) == []
+
+
+def test_modules_imported_by_name_count_in_the_graph():
+    graph = import_graph()
+    assert {"mergekit_lite.pleas.pipeline", "mergekit_lite.twin.pipeline"} <= graph["mergekit_lite.dispatch"]
+
+
+_LOADED = ("print(sorted({m.split('.')[0] if m.startswith('scipy') else m for m in sys.modules "
+           "if m.startswith(('scipy', 'mergekit_lite.pleas', 'mergekit_lite.twin'))}))")
+
+
+def _loaded_after(statements: str) -> str:
+    probe = f"import sys, mergekit_lite.dispatch as dispatch, mergekit_lite.cli, mergekit_lite.api; {statements}; {_LOADED}"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_a_tensor_wise_merge_starts_without_the_whole_model_packages():
+    """PLeaS and Twin bring scipy and model code: the dispatcher imports them only for their own recipes."""
+    assert _loaded_after("dispatch.parse_recipe('merge_method: linear\\nmodels: [{model: a}, {model: b}]')") == "[]"
+    assert "mergekit_lite.pleas.pipeline" in _loaded_after("dispatch.pipeline_for('pleas')")
 
 
 def test_the_dispatcher_and_the_command_line_name_no_method():

@@ -111,9 +111,9 @@ def driver(cluster):
     """This process as a driver of the cluster (connected once: its workers stay warm between merges)."""
     from mergekit_lite.ray_session import connect, load_worker
 
-    connect(ray, cluster)
+    connect(ray, cluster, "mergekit_lite.cluster")
     # both nodes' workers loaded before the first merge, so that neither is still busy when its tasks are placed
-    ready = [ray.remote(num_cpus=1, resources={node: 1})(load_worker).remote() for node in NODES]
+    ready = [ray.remote(num_cpus=1, resources={node: 1})(load_worker).remote("mergekit_lite.cluster") for node in NODES]
     ray.get(ready, timeout=120)
     yield cluster
     ray.shutdown()

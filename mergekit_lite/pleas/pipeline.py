@@ -89,5 +89,5 @@ class PleasPipeline(MethodFacts):
         return None
 
 
-PLEAS = PleasPipeline("pleas", SUMMARY, PARAMS, needs_base=False, min_models=2, max_models=2, streams_tensors=False,
-                      runs_on_ray=False)
+PIPELINE = PleasPipeline("pleas", SUMMARY, PARAMS, needs_base=False, min_models=2, max_models=2,
+                         streams_tensors=False, runs_on_ray=False)

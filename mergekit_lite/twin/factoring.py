@@ -203,7 +203,7 @@ def _factor_on_ray(address: str, args: tuple, names: list[str], nbytes: dict[str
                    ) -> list[str]:
     """Factor `names` on Ray tasks (groups of tensors), checking in each task's tensors as it finishes."""
     ray = import_ray()
-    connect(ray, address_of(address))
+    connect(ray, address_of(address), __name__)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     task_device = "cpu" if device.type == "cpu" else "auto"  # each node uses its own accelerator when it has one
     remote = remote_task(ray, factor_group)

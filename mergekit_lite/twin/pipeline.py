@@ -98,4 +98,4 @@ class TwinPipeline(MethodFacts):
         return DirectorySummary(key="twin", facts=facts, line=line, checkpoint=path / SHARED)
 
 
-TWIN = TwinPipeline("twin", SUMMARY, PARAMS, needs_base=True, min_models=2, streams_tensors=False)
+PIPELINE = TwinPipeline("twin", SUMMARY, PARAMS, needs_base=True, min_models=2, streams_tensors=False)
