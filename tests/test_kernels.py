@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from mergekit_lite import kernels
-from mergekit_lite.methods import ties
+from mergekit_lite.methods import METHODS, ties
 from mergekit_lite.methods.base import Chunk, TensorContext
 from tests.test_failures import copy_model, expect_refusal, recipe_text
 from tests.test_run import load_dir, run_cli, write_recipe
@@ -74,6 +74,74 @@ def test_fused_ties_equals_torch_path_bit_for_bit(kernel_switch, weights, densit
     assert fused.delta_sq == pytest.approx(reference.delta_sq, rel=1e-5)
     assert fused.result_delta_sq == pytest.approx(reference.result_delta_sq, rel=1e-5)
     assert fused.result_sq == pytest.approx(float(reference.tensor.double().pow(2).sum()), rel=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+@pytest.mark.parametrize("weights, densities, normalize, rescale, lam", [
+    ([1.0, 1.0, 1.0], [0.5, 0.5, 0.5], True, True, 1.0),
+    ([0.5, 2.0, 1.0], [0.2, 0.7, 1.0], True, True, 0.7),  # a density of 1 keeps its task vector whole
+    ([1.0, -1.0, 0.3], [0.5, 0.1, 0.9], True, False, 1.0),  # a negative weight; no rescale
+    ([0.6, 0.4, 0.5], [0.3, 0.3, 0.3], False, True, 1.3),
+    ([1.0, -1.0, 0.0], [0.9, 0.9, 0.9], True, True, 1.0),  # weights summing to 0: linear does not divide
+])
+def test_fused_dare_equals_the_drop_then_merge_bit_for_bit(kernel_switch, method, weights, densities, normalize,
+                                                          rescale, lam):
+    """One fused pass (drop, rescale, weights, election or sum) against the drop and merge done one by one."""
+    base, experts = _data()
+    merge_chunk = METHODS[method].merge_chunk
+    context = TensorContext("w", tuple(base.shape), [{"weight": w, "density": d} for w, d in zip(weights, densities)],
+                            {"normalize": normalize, "rescale": rescale, "lambda": lam}, seed=11)
+    results = []
+    for on in (True, False):
+        kernel_switch(on)
+        results.append(merge_chunk(context, Chunk(3, base.clone(), [e.clone() for e in experts]), None))
+    fused, reference = results
+    assert torch.equal(fused.tensor, reference.tensor)
+    assert torch.equal(fused.tensor.signbit(), reference.tensor.signbit())
+    assert fused.kept == reference.kept
+    assert all(0 < k < base.numel() for k, d in zip(fused.kept, densities) if d < 1)
+    assert (fused.any_kept, fused.disagreed) == (reference.any_kept, reference.disagreed)
+    assert fused.delta_sq == pytest.approx(reference.delta_sq, rel=1e-5)
+    assert fused.result_delta_sq == pytest.approx(reference.result_delta_sq, rel=1e-5)
+
+
+@needs_kernels
+def test_the_per_cpu_build_and_the_single_build_give_the_same_bits(tmp_path, kernel_switch, monkeypatch):
+    """On a CPU with AVX-512 the loader picks the wide build of the merge kernels; the build without per-CPU
+    clones must agree with it bit for bit (and a compiler without target_clones gets that build)."""
+    base, experts = _data(n=90_001)
+    outputs = []
+    for flags in ([], ["-DMERGEKIT_NO_CLONES"]):
+        monkeypatch.setattr(kernels, "FLAGS", [*kernels.FLAGS, *flags])
+        monkeypatch.setenv("MERGEKIT_LITE_CACHE", str(tmp_path / f"cache{len(flags)}"))
+        kernel_switch(True)
+        ties_out, ties_stats = kernels.ties_merge(base, [e.clone() for e in experts], False, [0.004, 0.006, 0.0],
+                                                  [1.0, 0.5, 2.0], True, 1.0)
+        dare_out, dare_stats = kernels.dare_merge(base, [e.clone() for e in experts], [5, 6, 7], [0.3, 0.5, 1.0], True,
+                                                  [1.0, 0.5, 2.0], True, True, 1.0)
+        drop = experts[0] - base
+        kept = kernels.random_drop(drop, 0.4, 9, True)
+        outputs.append((ties_out, ties_stats["kept"], dare_out, dare_stats["kept"], drop, kept))
+    for wide, single in zip(*outputs):
+        assert torch.equal(wide, single) if isinstance(wide, torch.Tensor) else wide == single
+
+
+@needs_kernels
+def test_a_compiler_without_per_cpu_clones_gets_the_single_build(tmp_path, kernel_switch, monkeypatch):
+    compiler = tmp_path / "cc"  # refuses what it cannot build: anything without MERGEKIT_NO_CLONES
+    compiler.write_text(f'#!/bin/sh\ncase "$*" in *MERGEKIT_NO_CLONES*) exec {shutil.which(os.environ.get("CC", "cc"))} '
+                        '"$@";; *) echo "unknown attribute target_clones" >&2; exit 1;; esac\n')
+    compiler.chmod(0o755)
+    base, experts = _data(n=1000)
+    merged = []
+    for cc in (os.environ.get("CC", "cc"), str(compiler)):
+        monkeypatch.setenv("CC", cc)
+        monkeypatch.setenv("MERGEKIT_LITE_CACHE", str(tmp_path / f"cache-{len(merged)}"))
+        kernel_switch(True)
+        assert kernels.library() is not None
+        merged.append(kernels.ties_merge(base, [e.clone() for e in experts], False, [0.0] * 3, [1.0] * 3, True, 1.0)[0])
+    assert torch.equal(merged[0], merged[1])
 
 
 @needs_kernels

@@ -37,6 +37,8 @@ _SIGNATURES = {
     "count_bracket": [_ptr, _i64, _f32, _f32, _f32, _ptr],
     "widen_bfloat16": [_ptr, _ptr, _i64],
     "ties_merge": [_ptr, _ptr, _i32, _i64, _i32, _ptr, _ptr, _i32, _f32, _f32, _ptr, _ptr, _ptr, _ptr],
+    "dare_merge": [_ptr, _ptr, _i32, _i64, _i64, _ptr, _ptr, _i32, _ptr, _i32, _i32, _f32, _f32, _f32, _ptr, _ptr,
+                   _ptr, _ptr],
     "rank_probabilities": [_ptr, _i64, _i64, _f32, _f32, _ptr],
     "random_drop": [_ptr, _ptr, _i64, _i64, ctypes.c_uint64, _i64, _i32],
     "block_gram": [_ptr, _i32, _i64, _i64, _i64, _i64, _i64, _ptr],
@@ -60,8 +62,11 @@ def _compile(source: Path, target: Path) -> None:
     compiler = os.environ.get("CC", "cc")
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        subprocess.run([compiler, *FLAGS, str(source), "-o", str(built), "-lm"], check=True, capture_output=True,
-                       timeout=120)
+        command = [compiler, *FLAGS, str(source), "-o", str(built), "-lm"]
+        try:
+            subprocess.run(command, check=True, capture_output=True, timeout=120)
+        except subprocess.CalledProcessError:  # no per-CPU builds (target_clones) with this compiler: one build
+            subprocess.run([*command, "-DMERGEKIT_NO_CLONES"], check=True, capture_output=True, timeout=120)
         os.replace(built, target)
 
 
@@ -85,6 +90,8 @@ def library() -> ctypes.CDLL | None:
     lib.widen_bfloat16.restype = _i64
     lib.rank_probabilities.restype = _i32
     lib.random_drop.restype = _i64
+    lib.ties_merge.restype = _i32
+    lib.dare_merge.restype = _i32
     return lib
 
 
@@ -165,28 +172,10 @@ def count_bracket(values: torch.Tensor, lo: float, guess: float, hi: float) -> l
     return [sum(c[j] for c in counts) for j in range(4)]
 
 
-def ties_merge(base: torch.Tensor, experts: list[torch.Tensor], are_deltas: bool, thresholds: list[float],
-               weights: list[float], normalize: bool, scale: float) -> tuple[torch.Tensor, dict]:
-    """The whole TIES chunk in two passes; the result is written over experts[0]. Returns it with
-    kept (per expert), any_kept, disagreed, delta_sq (per expert), change_sq and result_sq."""
-    lib = library()
-    n, count = base.numel(), len(experts)
-    out = experts[0]
-    threshold_array = (ctypes.c_float * count)(*thresholds)
-    weight_array = (ctypes.c_float * count)(*weights)
-    parts = _parts(n)
-    kept = [(ctypes.c_int64 * count)() for _ in parts]
-    tallies = [(ctypes.c_int64 * 2)() for _ in parts]
-    sums = [(ctypes.c_double * (count + 2))() for _ in parts]
-
-    def work(start: int, stop: int, part: int) -> None:
-        lib.ties_merge(_address(base, start), _pointers(experts, start), count, stop - start, int(are_deltas),
-                       threshold_array, weight_array, int(normalize), min(weights), scale, _address(out, start),
-                       kept[part], tallies[part], sums[part])
-
-    _run_parts(n, work)
+def _merge_stats(count: int, kept: list, tallies: list, sums: list) -> dict:
+    """The per-thread counters of ties_merge / dare_merge, added up."""
     total = lambda arrays, j: sum(a[j] for a in arrays)  # noqa: E731
-    stats = {
+    return {
         "kept": [total(kept, t) for t in range(count)],
         "any_kept": total(tallies, 0),
         "disagreed": total(tallies, 1),
@@ -194,7 +183,65 @@ def ties_merge(base: torch.Tensor, experts: list[torch.Tensor], are_deltas: bool
         "change_sq": total(sums, count),
         "result_sq": total(sums, count + 1),
     }
-    return out, stats
+
+
+def _run_merge(n: int, count: int, call: Callable[..., int]) -> tuple[list, list, list]:
+    """Run a merge kernel over the threads' parts: call(start, stop, kept, tallies, sums) per part, each with its
+    own counters; a kernel short of scratch memory is a MemoryError."""
+    parts = _parts(n)
+    kept = [(ctypes.c_int64 * count)() for _ in parts]
+    tallies = [(ctypes.c_int64 * 2)() for _ in parts]
+    sums = [(ctypes.c_double * (count + 2))() for _ in parts]
+    failed = []
+
+    def work(start: int, stop: int, part: int) -> None:
+        if call(start, stop, kept[part], tallies[part], sums[part]) != 0:
+            failed.append(start)
+
+    _run_parts(n, work)
+    if failed:
+        raise MemoryError(f"merge kernel: no scratch memory for {count} experts")
+    return kept, tallies, sums
+
+
+def ties_merge(base: torch.Tensor, experts: list[torch.Tensor], are_deltas: bool, thresholds: list[float],
+               weights: list[float], normalize: bool, scale: float) -> tuple[torch.Tensor, dict]:
+    """The whole TIES chunk in one pass; the result is written over experts[0]. Returns it with
+    kept (per expert), any_kept, disagreed, delta_sq (per expert), change_sq and result_sq."""
+    lib = library()
+    count, out = len(experts), experts[0]
+    threshold_array = (ctypes.c_float * count)(*thresholds)
+    weight_array = (ctypes.c_float * count)(*weights)
+
+    def call(start: int, stop: int, *counters) -> int:
+        return lib.ties_merge(_address(base, start), _pointers(experts, start), count, stop - start, int(are_deltas),
+                              threshold_array, weight_array, int(normalize), min(weights), scale,
+                              _address(out, start), *counters)
+
+    return out, _merge_stats(count, *_run_merge(base.numel(), count, call))
+
+
+def dare_merge(base: torch.Tensor, experts: list[torch.Tensor], seeds: list[int], densities: list[float],
+               rescale: bool, weights: list[float], elect: bool, normalize: bool, scale: float
+               ) -> tuple[torch.Tensor, dict]:
+    """DARE's whole chunk in one pass: random drop of each task vector (draw i of stream seeds[t]; a density of
+    1 or more keeps all), rescale, weights, then the TIES election (elect) or the sum (normalize: divided by the
+    weights' sum, unless it is about 0), scale, base. The bits of the torch path (sparsify.random_keep, then
+    merge_task_vectors); written over experts[0], returned with the stats of ties_merge."""
+    lib = library()
+    count, out = len(experts), experts[0]
+    seed_array = (ctypes.c_uint64 * count)(*seeds)
+    density_array = (ctypes.c_float * count)(*densities)
+    weight_array = (ctypes.c_float * count)(*weights)
+    weight_sum = float(sum(weights))
+    divisor = weight_sum if normalize and not elect and abs(weight_sum) >= 1e-8 else 0.0
+
+    def call(start: int, stop: int, *counters) -> int:
+        return lib.dare_merge(_address(base, start), _pointers(experts, start), count, stop - start, start,
+                              seed_array, density_array, int(rescale), weight_array, int(elect), int(normalize),
+                              min(weights), divisor, scale, _address(out, start), *counters)
+
+    return out, _merge_stats(count, *_run_merge(base.numel(), count, call))
 
 
 def widen_bfloat16(raw: torch.Tensor, out: torch.Tensor) -> int:

@@ -12,6 +12,16 @@
 
 #define BLOCK 256
 
+/* The merge kernels are built twice on x86-64: for CPUs with AVX-512 (whose vectors multiply 64-bit integers, as the
+ * random draws need) and for any other; the loader picks one per CPU. Both do the same float32 operations in the
+ * same order (no contraction into fused multiply-adds), so they give the same bits. A compiler without
+ * target_clones builds with MERGEKIT_NO_CLONES: one build. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(MERGEKIT_NO_CLONES)
+#define PER_CPU __attribute__((target_clones("arch=x86-64-v4", "default")))
+#else
+#define PER_CPU
+#endif
+
 /* Sum of squares of at most BLOCK values, in eight float lanes (32 terms each at most: ample precision for
  * norms), so it vectorizes without reassociating the merge's own arithmetic. */
 static double sum_squares(const float *restrict values, int len)
@@ -87,66 +97,68 @@ static int64_t trim_weight(const float *restrict d, float threshold, float weigh
     return kept;
 }
 
-/* TIES: trim each task vector at its threshold, elect a sign per entry from the weighted sum, average the
- * agreeing entries (normalize: divide by the agreeing weights), scale, add to the base.
- *
- * out may be experts[0]. tallies += [entries some expert kept, of those entries with a minority sign];
- * sums += [delta_sq of each expert..., |result - base|^2, |result|^2]. */
-void ties_merge(const float *base, float *const *experts, int32_t n_experts, int64_t n, int32_t are_deltas,
-                const float *thresholds, const float *weights, int32_t normalize, float min_weight, float scale,
-                float *out, int64_t *kept, int64_t *tallies, double *sums)
+/* The TIES election over one block of weighted terms (term t at terms + t * BLOCK, summed in order t = 0.. into
+ * total): the sign of
+ * total per entry (+ where it is >= 0), the sum of the terms of that sign (normalize: divided by the agreeing
+ * weights, at least min_weight when every weight is positive, else 1 where none agree), times scale, plus the
+ * base, into o. tallies += [entries some expert kept, of those entries with a minority sign]; sums += [|result -
+ * base|^2, |result|^2]. */
+static inline void elect_block(const float *restrict terms, const float *restrict total, int32_t n_experts,
+                               int len, const float *weights, int normalize, float min_weight, float scale,
+                               const float *restrict b, float *o, int64_t *tallies, double *sums)
 {
-    float total[BLOCK], sign[BLOCK], agree[BLOCK], divisor[BLOCK], term[BLOCK], d[BLOCK], result[BLOCK];
+    float sign[BLOCK], agree[BLOCK], divisor[BLOCK], result[BLOCK];
     int positive_weights = min_weight > 0.0f;
+    for (int i = 0; i < len; i++) {
+        sign[i] = total[i] >= 0.0f ? 1.0f : -1.0f;
+        agree[i] = 0.0f;
+        divisor[i] = 0.0f;
+    }
+    for (int32_t t = 0; t < n_experts; t++) {
+        const float *restrict term = terms + (size_t)t * BLOCK;
+        float w = weights[t];
+        for (int i = 0; i < len; i++) {  /* branch-free, so it vectorizes: agrees is 1 or 0 */
+            float s = term[i] * sign[i];
+            float agrees = (float)(s > 0.0f);
+            agree[i] += s * agrees;
+            divisor[i] += w * agrees;
+        }
+    }
     int64_t any_kept = 0, disagreed = 0;
-    for (int64_t start = 0; start < n; start += BLOCK) {
-        int len = n - start < BLOCK ? (int)(n - start) : BLOCK;
-        const float *b = base + start;
-        for (int32_t t = 0; t < n_experts; t++) {
-            block_delta(b, experts[t] + start, are_deltas, len, d);
-            sums[t] += sum_squares(d, len);
-            kept[t] += trim_weight(d, thresholds[t], weights[t], len, t == 0 ? total : term);
-            if (t > 0)
-                for (int i = 0; i < len; i++) total[i] += term[i];
+    for (int i = 0; i < len; i++) {
+        any_kept += agree[i] != 0.0f;
+        disagreed += agree[i] > fabsf(total[i]);
+    }
+    for (int i = 0; i < len; i++) {
+        float a = agree[i] * sign[i];
+        if (normalize) {
+            float q = divisor[i];
+            q = positive_weights ? (q < min_weight ? min_weight : q) : (q == 0.0f ? 1.0f : q);
+            a /= q;
         }
-        for (int i = 0; i < len; i++) {
-            sign[i] = total[i] >= 0.0f ? 1.0f : -1.0f;
-            agree[i] = 0.0f;
-            divisor[i] = 0.0f;
-        }
-        for (int32_t t = 0; t < n_experts; t++) {
-            block_delta(b, experts[t] + start, are_deltas, len, d);
-            trim_weight(d, thresholds[t], weights[t], len, term);
-            float w = weights[t];
-            for (int i = 0; i < len; i++) {  /* branch-free, so it vectorizes: agrees is 1 or 0 */
-                float s = term[i] * sign[i];
-                float agrees = (float)(s > 0.0f);
-                agree[i] += s * agrees;
-                divisor[i] += w * agrees;
-            }
-        }
-        for (int i = 0; i < len; i++) {
-            any_kept += agree[i] != 0.0f;
-            disagreed += agree[i] > fabsf(total[i]);
-        }
-        for (int i = 0; i < len; i++) {
-            float a = agree[i] * sign[i];
-            if (normalize) {
-                float q = divisor[i];
-                q = positive_weights ? (q < min_weight ? min_weight : q) : (q == 0.0f ? 1.0f : q);
-                a /= q;
-            }
-            if (scale != 1.0f) a *= scale;
-            agree[i] = a;
-            result[i] = a + b[i];
-        }
-        sums[n_experts] += sum_squares(agree, len);
-        sums[n_experts + 1] += sum_squares(result, len);
-        float *o = out + start;
-        for (int i = 0; i < len; i++) o[i] = result[i];
+        if (scale != 1.0f) a *= scale;
+        agree[i] = a;
+        result[i] = a + b[i];
     }
     tallies[0] += any_kept;
     tallies[1] += disagreed;
+    sums[0] += sum_squares(agree, len);
+    sums[1] += sum_squares(result, len);
+    for (int i = 0; i < len; i++) o[i] = result[i];
+}
+
+/* total = the terms (term t at terms + t * BLOCK) summed in order t = 0.. */
+static void sum_terms(const float *restrict terms, int32_t n_experts, int len, float *restrict total)
+{
+    for (int i = 0; i < len; i++) total[i] = terms[i];
+    for (int32_t t = 1; t < n_experts; t++)
+        for (int i = 0; i < len; i++) total[i] += terms[(size_t)t * BLOCK + i];
+}
+
+/* Scratch for one block of terms per expert, term t at + t * BLOCK (NULL when memory is short). */
+static float *term_scratch(int32_t n_experts)
+{
+    return malloc((size_t)n_experts * BLOCK * sizeof(float));
 }
 
 /* bfloat16 -> float32 (exact: the high half of the float's bits); returns how many values are NaN or Inf,
@@ -235,6 +247,7 @@ static float uniform_draw(uint64_t seed, uint64_t index)
  * keep probability (probability[i * stride]: stride 0 for one probability), then divided by it when `rescale`;
  * a dropped entry becomes value * 0 (a signed zero). The torch path's operations, in its order: lt, mul, div.
  * Returns the count kept. */
+PER_CPU
 int64_t random_drop(float *values, const float *probability, int64_t stride, int64_t n, uint64_t seed,
                     int64_t first, int32_t rescale)
 {
@@ -248,6 +261,108 @@ int64_t random_drop(float *values, const float *probability, int64_t stride, int
         values[i] = rescale ? value / p : value;
     }
     return kept;
+}
+
+/* How merge_blocks sparsifies each task vector: trim below thresholds[t] (TIES), or (thresholds NULL) DARE's random
+ * drop: keep where draw number first + i of stream seeds[t] is below densities[t] (a density of 1 or more keeps all),
+ * divided by it when rescale; a dropped entry becomes d * 0. */
+struct sparsify {
+    const float *thresholds;
+    const uint64_t *seeds;
+    const float *densities;
+    int32_t rescale;
+    int64_t first;
+};
+
+/* One expert's weighted term over a block after DARE's drop, in the torch path's order: lt, mul, div, mul by the
+ * weight. Returns the count kept. */
+static inline int64_t drop_weight(const float *restrict d, uint64_t seed, uint64_t index, float p, int rescale, float w,
+                           int len, float *restrict draws, float *restrict term)
+{
+    if (p >= 1.0f) {
+        for (int i = 0; i < len; i++) term[i] = w * d[i];
+        return len;
+    }
+    for (int i = 0; i < len; i++) draws[i] = uniform_draw(seed, index + (uint64_t)i);
+    int32_t count = 0;
+    for (int i = 0; i < len; i++) {
+        float keep = draws[i] < p ? 1.0f : 0.0f;
+        count += draws[i] < p;
+        float value = d[i] * keep;
+        term[i] = w * (rescale ? value / p : value);
+    }
+    return count;
+}
+
+/* The body of ties_merge and dare_merge: per block, each expert's task vector (delta_sq += its squared norm),
+ * sparsified as `how` says and weighted; then the TIES election (elect) or the sum in order t = 0.. (divided by
+ * divisor unless it is 0, times scale), plus the base, into out (which may be experts[0]). kept[t] += entries kept;
+ * tallies as elect_block; sums += [delta_sq of each expert..., |result - base|^2, |result|^2 (election only)].
+ * Returns 0, or -1 when no scratch memory was to be had. */
+PER_CPU
+static int32_t merge_blocks(const float *base, float *const *experts, int32_t n_experts, int64_t n,
+                            int32_t are_deltas, const struct sparsify *how, const float *weights, int32_t elect,
+                            int32_t normalize, float min_weight, float divisor, float scale, float *out, int64_t *kept,
+                            int64_t *tallies, double *sums)
+{
+    float total[BLOCK], d[BLOCK], draws[BLOCK];
+    float *terms = term_scratch(n_experts);
+    if (!terms) return -1;
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int len = n - start < BLOCK ? (int)(n - start) : BLOCK;
+        const float *b = base + start;
+        for (int32_t t = 0; t < n_experts; t++) {
+            float *term = terms + (size_t)t * BLOCK;
+            block_delta(b, experts[t] + start, are_deltas, len, d);
+            sums[t] += sum_squares(d, len);
+            if (how->thresholds)
+                kept[t] += trim_weight(d, how->thresholds[t], weights[t], len, term);
+            else
+                kept[t] += drop_weight(d, how->seeds[t], (uint64_t)(how->first + start), how->densities[t],
+                                       how->rescale, weights[t], len, draws, term);
+        }
+        sum_terms(terms, n_experts, len, total);
+        if (elect) {
+            elect_block(terms, total, n_experts, len, weights, normalize, min_weight, scale, b, out + start, tallies,
+                        sums + n_experts);
+            continue;
+        }
+        for (int i = 0; i < len; i++) {
+            float value = total[i];
+            if (divisor != 0.0f) value /= divisor;
+            if (scale != 1.0f) value *= scale;
+            total[i] = value;
+        }
+        sums[n_experts] += sum_squares(total, len);
+        float *o = out + start;
+        for (int i = 0; i < len; i++) o[i] = total[i] + b[i];
+    }
+    free(terms);
+    return 0;
+}
+
+/* TIES: trim each task vector at its threshold, elect a sign per entry from the weighted sum, average the
+ * agreeing entries (normalize: divide by the agreeing weights), scale, add to the base. Counters as merge_blocks. */
+int32_t ties_merge(const float *base, float *const *experts, int32_t n_experts, int64_t n, int32_t are_deltas,
+                   const float *thresholds, const float *weights, int32_t normalize, float min_weight, float scale,
+                   float *out, int64_t *kept, int64_t *tallies, double *sums)
+{
+    struct sparsify how = {thresholds, NULL, NULL, 0, 0};
+    return merge_blocks(base, experts, n_experts, n, are_deltas, &how, weights, 1, normalize, min_weight, 0.0f, scale,
+                        out, kept, tallies, sums);
+}
+
+/* DARE in one pass: each expert's task vector (expert - base) randomly dropped (draws first.. of stream seeds[t]),
+ * rescaled, weighted; then the TIES election (elect) or the sum (divided by divisor unless 0), scale, base. The
+ * torch path's operations in its order; counters as merge_blocks. */
+int32_t dare_merge(const float *base, float *const *experts, int32_t n_experts, int64_t n, int64_t first,
+                   const uint64_t *seeds, const float *densities, int32_t rescale, const float *weights,
+                   int32_t elect, int32_t normalize, float min_weight, float divisor, float scale, float *out,
+                   int64_t *kept, int64_t *tallies, double *sums)
+{
+    struct sparsify how = {NULL, seeds, densities, rescale, first};
+    return merge_blocks(base, experts, n_experts, n, 0, &how, weights, elect, normalize, min_weight, divisor, scale,
+                        out, kept, tallies, sums);
 }
 
 #define GRAM_MAX_VECTORS 16

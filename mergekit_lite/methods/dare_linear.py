@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mergekit_lite import kernels
 from mergekit_lite.methods.base import (
     INT8_MASK, LAMBDA, WEIGHT, Chunk, ChunkResult, MergeMethod, ParamSpec, TensorContext, density_param,
     normalize_param, rescale_param,
@@ -26,9 +27,26 @@ def dare_drop(context: TensorContext, chunk: Chunk) -> tuple[list, list[float], 
     return deltas, delta_sq, kept
 
 
-def merge_dare_linear(context: TensorContext, chunk: Chunk, _state: None) -> ChunkResult:
+def merge_dare(context: TensorContext, chunk: Chunk, *, elect: bool) -> ChunkResult:
+    """DARE's drop, then the weighted sum or (elect) the TIES election; on the CPU in one fused pass, whose bits are
+    those of the drop and merge_task_vectors done one after the other."""
+    if chunk.delta_sq is None and kernels.usable(chunk.base, *chunk.experts):
+        seeds = [tensor_seed(context.seed, context.name, index, chunk.start) for index in range(len(chunk.experts))]
+        merged, stats = kernels.dare_merge(
+            chunk.base.reshape(-1), [expert.reshape(-1) for expert in chunk.experts], seeds,
+            context.per_model("density"), context.params["rescale"], context.per_model("weight"), elect,
+            context.params["normalize"], context.params["lambda"],
+        )
+        return ChunkResult(merged.view(chunk.base.shape), kept=stats["kept"],
+                           any_kept=stats["any_kept"] if elect else None,
+                           disagreed=stats["disagreed"] if elect else None, delta_sq=stats["delta_sq"],
+                           result_delta_sq=stats["change_sq"], result_sq=stats["result_sq"] if elect else None)
     deltas, delta_sq, kept = dare_drop(context, chunk)
-    return merge_task_vectors(context, chunk, deltas, delta_sq, kept, elect=False)
+    return merge_task_vectors(context, chunk, deltas, delta_sq, kept, elect=elect)
+
+
+def merge_dare_linear(context: TensorContext, chunk: Chunk, _state: None) -> ChunkResult:
+    return merge_dare(context, chunk, elect=False)
 
 
 METHOD = MergeMethod(

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from mergekit_lite.methods.base import Chunk, ChunkResult, MergeMethod, TensorContext
-from mergekit_lite.methods.dare_linear import DARE_PARAMS, dare_drop
-from mergekit_lite.methods.sparsify import merge_task_vectors
+from mergekit_lite.methods.dare_linear import DARE_PARAMS, merge_dare
 
 
 def merge_dare_ties(context: TensorContext, chunk: Chunk, _state: None) -> ChunkResult:
-    deltas, delta_sq, kept = dare_drop(context, chunk)
-    return merge_task_vectors(context, chunk, deltas, delta_sq, kept, elect=True)
+    return merge_dare(context, chunk, elect=True)
 
 
 METHOD = MergeMethod(
