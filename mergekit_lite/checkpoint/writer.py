@@ -138,11 +138,12 @@ class CheckpointWriter:
         self._fds: list[int] = []
         self._pending = set(self.specs)
         self._written: dict[str, int] = {}
-        # A shard is sealed (fsynced and hashed) in the background as soon as its last tensor is written,
-        # while the merge goes on with the next shard.
+        # A shard is hashed in the background in file order as its tensors are finished, and fsynced once its
+        # last one is, while the merge goes on.
         self._shard_of = {spec.name: i for i, shard in enumerate(self.shards) for spec in shard}
         self._unwritten = [{spec.name for spec in shard} for shard in self.shards]
         self._shard_fds: list[int] = []
+        self._hashers: list[ShardHasher] = []
         self._seals: dict[int, Future] = {}
         self._sealer: ThreadPoolExecutor | None = None
         self._lock = None
@@ -190,6 +191,8 @@ class CheckpointWriter:
                     os.ftruncate(fd, size)
                 for spec, offset in zip(shard, offsets):
                     self._location[spec.name] = (fd, len(header) + offset)
+                self._hashers.append(ShardHasher(fd, sorted((self._location[spec.name][1], spec.nbytes, spec.name)
+                                                            for spec in shard)))
             if continuing:
                 self.completed = self._verified(previous[1])
             self._journal = open(self.tmp_dir / JOURNAL, "a" if continuing else "w", encoding="utf-8")
@@ -269,15 +272,22 @@ class CheckpointWriter:
         self._done(name)
 
     def _done(self, name: str) -> None:
-        """A tensor is complete; the last one of a shard starts that shard's seal."""
+        """A tensor is complete: hash what its shard now has complete from the hashed part on; the last one of a
+        shard seals it."""
         self._pending.discard(name)
         shard = self._shard_of[name]
         left = self._unwritten[shard]
         left.discard(name)
-        if not left and shard not in self._seals:
-            if self._sealer is None:
-                self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergekit-seal")
-            self._seals[shard] = self._sealer.submit(_seal, self._shard_fds[shard])
+        if shard in self._seals:
+            return
+        if self._sealer is None:
+            self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergekit-seal")
+        hasher = self._hashers[shard]
+        end = hasher.complete_until(left)
+        if end is not None:
+            self._sealer.submit(hasher.add, end)
+        if not left:
+            self._seals[shard] = self._sealer.submit(hasher.seal)
 
     def shard_digest(self, file_name: str) -> str | None:
         """The sha256 of a finished shard, computed in the background (None if it was not sealed here)."""
@@ -379,8 +389,8 @@ class CheckpointWriter:
     def _close_fds(self) -> None:
         for future in self._seals.values():  # never close a file under a running seal
             future.exception()
-        if self._sealer is not None:
-            self._sealer.shutdown(wait=True)
+        if self._sealer is not None:  # hashing of unfinished shards (a failed run) is not waited for
+            self._sealer.shutdown(wait=True, cancel_futures=True)
             self._sealer = None
         while self._fds:
             os.close(self._fds.pop())
@@ -519,15 +529,59 @@ def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         offset += written
 
 
-def _seal(fd: int) -> str:
-    """fsync a finished shard and return its sha256, read back through the page cache."""
-    os.fsync(fd)
-    digest = hashlib.sha256()
-    offset = 0
-    while block := os.pread(fd, 1 << 22, offset):
-        digest.update(block)
-        offset += len(block)
-    return digest.hexdigest()
+class ShardHasher:
+    """A shard's sha256, taken in file order and read back through the page cache, as its tensors are finished,
+    and its fsync: the end of a merge waits for the last tensor's bytes only. Its data is synced every
+    SYNC_EVERY bytes on the way, so that the final fsync has little left to write.
+
+    `complete_until` runs in the writing thread; `add` and `seal` run in order in one background thread."""
+
+    SYNC_EVERY = 64 << 20
+
+    def __init__(self, fd: int, layout: list[tuple[int, int, str]]) -> None:
+        self.fd = fd
+        self.layout = layout  # (offset, nbytes, name) of each tensor, in file order
+        self.next = 0  # the first tensor not yet handed to `add`
+        self.digest = hashlib.sha256()
+        self.hashed = 0  # bytes hashed so far (the header first)
+        self.unsynced = 0
+        self.failure: OSError | None = None
+
+    def complete_until(self, unwritten: set[str]) -> int | None:
+        """The end of the run of finished tensors after the ones handed to `add`, or None if there is none."""
+        start = self.next
+        while self.next < len(self.layout) and self.layout[self.next][2] not in unwritten:
+            self.next += 1
+        if self.next == start:
+            return None
+        offset, nbytes, _ = self.layout[self.next - 1]
+        return offset + nbytes
+
+    def add(self, end: int) -> None:
+        """Hash the file up to `end`."""
+        try:
+            while self.hashed < end:
+                block = os.pread(self.fd, min(1 << 22, end - self.hashed), self.hashed)
+                if not block:
+                    raise OSError(f"shard ends at {self.hashed} bytes, before {end}")
+                self.digest.update(block)
+                self.hashed += len(block)
+                self.unsynced += len(block)
+            if self.unsynced >= self.SYNC_EVERY:
+                os.fdatasync(self.fd)
+                self.unsynced = 0
+        except OSError as exc:
+            self.failure = self.failure or exc
+
+    def seal(self) -> str:
+        """fsync the finished shard and return its sha256 (the whole file: what `add` has not read yet too)."""
+        if self.failure is not None:
+            raise self.failure
+        os.fsync(self.fd)
+        while block := os.pread(self.fd, 1 << 22, self.hashed):
+            self.digest.update(block)
+            self.hashed += len(block)
+        return self.digest.hexdigest()
 
 
 def _fsync_dir(directory: Path) -> None:
