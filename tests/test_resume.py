@@ -126,7 +126,7 @@ def test_sigkill_at_random_points_never_leaves_a_broken_output(tmp_path, medium_
     expected = (reference / "model.safetensors").read_bytes()
     rng = random.Random(5)
     outcomes = {"nothing": 0, "complete": 0}
-    for trial in range(4):
+    for trial in range(3):
         out = tmp_path / f"out{trial}"
         proc = subprocess.Popen(command + [str(out), "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(0.3, duration * 1.1))
@@ -139,4 +139,4 @@ def test_sigkill_at_random_points_never_leaves_a_broken_output(tmp_path, medium_
             outcomes["nothing"] += 1
             subprocess.run(command + [str(out), "--resume", "--quiet"], check=True)
             assert (out / "model.safetensors").read_bytes() == expected
-    assert sum(outcomes.values()) == 4
+    assert outcomes["nothing"] >= 1  # at least one kill interrupted a merge, and --resume finished it
