@@ -107,6 +107,34 @@ def test_fused_dare_equals_the_drop_then_merge_bit_for_bit(kernel_switch, method
 
 
 @needs_kernels
+@pytest.mark.parametrize("method", ["ram", "ramplus_tl"])
+@pytest.mark.parametrize("epsilon", [1e-5, 0.008])
+def test_fused_ram_equals_the_torch_path_bit_for_bit(kernel_switch, method, epsilon):
+    """RAM and RAM+ (its counting pass and its merge) in the kernel, on raw experts and on task vectors already
+    made, against the torch path."""
+    from mergekit_lite.methods.sparsify import task_vectors
+
+    base, experts = _data()
+    spec = METHODS[method]
+    context = TensorContext("w", tuple(base.shape), [{}] * 3, {"epsilon": epsilon, "r": 0.5, "alpha": 1e9})
+    results = []
+    for on, prepared in ((False, False), (True, False), (True, True)):
+        kernel_switch(on)
+        chunk = Chunk(0, base.clone(), [e.clone() for e in experts])
+        if prepared:
+            task_vectors(chunk)
+        state = spec.prepare(context, lambda: iter([chunk])) if spec.prepare else None
+        results.append((state, spec.merge_chunk(context, chunk, state)))
+    (expected_state, expected), *fused = results
+    if spec.prepare:
+        assert len(set(expected_state)) > 1 and all(scale > 1.0 for scale in expected_state)  # no cap reached
+    for state, result in fused:
+        assert state == expected_state
+        assert torch.equal(result.tensor, expected.tensor) and torch.equal(result.tensor.signbit(), expected.tensor.signbit())
+        assert result.delta_sq == pytest.approx(expected.delta_sq, rel=1e-5)
+
+
+@needs_kernels
 def test_a_compiler_without_per_cpu_clones_gets_a_single_build_with_the_same_bits(tmp_path, kernel_switch,
                                                                                   monkeypatch):
     """On a CPU with AVX-512 the loader picks the wide build of the merge kernels; a compiler that cannot make
@@ -234,7 +262,7 @@ def _bfloat16_family(llama_family, tmp_path):
 @needs_kernels
 @pytest.mark.parametrize("method, params", [
     ("ties", {"normalize": True}), ("dare_ties", {}), ("dare_linear", {}), ("della", {"epsilon": 0.1}),
-    ("della_linear", {"epsilon": 0.05, "rescale": False}),
+    ("della_linear", {"epsilon": 0.05, "rescale": False}), ("ram", {}), ("ramplus_tl", {"r": 0.5, "alpha": 0.9}),
 ])
 def test_merge_run_gives_identical_bytes_with_and_without_kernels(tmp_path, llama_family, kernel_switch, method,
                                                                    params):

@@ -40,6 +40,8 @@ _SIGNATURES = {
     "dare_merge": [_ptr, _ptr, _i32, _i64, _i64, _ptr, _ptr, _i32, _ptr, _i32, _i32, _f32, _f32, _f32, _ptr, _ptr,
                    _ptr, _ptr],
     "rank_probabilities": [_ptr, _i64, _i64, _f32, _f32, _ptr],
+    "ram_counts": [_ptr, _ptr, _i32, _i64, _i32, _f32, _ptr, _ptr],
+    "ram_merge": [_ptr, _ptr, _i32, _i64, _i32, _f32, _ptr, _ptr, _ptr],
     "random_drop": [_ptr, _ptr, _i64, _i64, ctypes.c_uint64, _i64, _i32],
     "block_gram": [_ptr, _i32, _i64, _i64, _i64, _i64, _i64, _ptr],
 }
@@ -92,6 +94,8 @@ def library() -> ctypes.CDLL | None:
     lib.random_drop.restype = _i64
     lib.ties_merge.restype = _i32
     lib.dare_merge.restype = _i32
+    lib.ram_counts.restype = _i32
+    lib.ram_merge.restype = _i32
     return lib
 
 
@@ -185,6 +189,19 @@ def _merge_stats(count: int, kept: list, tallies: list, sums: list) -> dict:
     }
 
 
+def _run_failing(n: int, work: Callable[[int, int, int], int], what: str) -> None:
+    """_run_parts for a kernel that returns -1 when it finds no scratch memory (a MemoryError here)."""
+    failed = []
+
+    def checked(start: int, stop: int, part: int) -> None:
+        if work(start, stop, part) != 0:
+            failed.append(start)
+
+    _run_parts(n, checked)
+    if failed:
+        raise MemoryError(f"{what}: no scratch memory")
+
+
 def _run_merge(n: int, count: int, call: Callable[..., int]) -> tuple[list, list, list]:
     """Run a merge kernel over the threads' parts: call(start, stop, kept, tallies, sums) per part, each with its
     own counters; a kernel short of scratch memory is a MemoryError."""
@@ -192,15 +209,8 @@ def _run_merge(n: int, count: int, call: Callable[..., int]) -> tuple[list, list
     kept = [(ctypes.c_int64 * count)() for _ in parts]
     tallies = [(ctypes.c_int64 * 2)() for _ in parts]
     sums = [(ctypes.c_double * (count + 2))() for _ in parts]
-    failed = []
-
-    def work(start: int, stop: int, part: int) -> None:
-        if call(start, stop, kept[part], tallies[part], sums[part]) != 0:
-            failed.append(start)
-
-    _run_parts(n, work)
-    if failed:
-        raise MemoryError(f"merge kernel: no scratch memory for {count} experts")
+    _run_failing(n, lambda start, stop, part: call(start, stop, kept[part], tallies[part], sums[part]),
+                 f"merge kernel for {count} experts")
     return kept, tallies, sums
 
 
@@ -242,6 +252,35 @@ def dare_merge(base: torch.Tensor, experts: list[torch.Tensor], seeds: list[int]
                               min(weights), divisor, scale, _address(out, start), *counters)
 
     return out, _merge_stats(count, *_run_merge(base.numel(), count, call))
+
+
+def ram_counts(base: torch.Tensor, experts: list[torch.Tensor], are_deltas: bool, epsilon: float
+               ) -> tuple[list[int], list[int]]:
+    """RAM+'s counts, per model: entries it changed (|task vector| > epsilon) along with another model, and alone."""
+    lib = library()
+    count = len(experts)
+    parts = _parts(base.numel())
+    shared = [(ctypes.c_int64 * count)() for _ in parts]
+    unique = [(ctypes.c_int64 * count)() for _ in parts]
+    _run_failing(base.numel(), lambda start, stop, part: lib.ram_counts(
+        _address(base, start), _pointers(experts, start), count, stop - start, int(are_deltas), epsilon, shared[part],
+        unique[part]), "ram_counts")
+    return [sum(s[t] for s in shared) for t in range(count)], [sum(u[t] for u in unique) for t in range(count)]
+
+
+def ram_merge(base: torch.Tensor, experts: list[torch.Tensor], are_deltas: bool, epsilon: float,
+              scales: list[float] | None) -> tuple[torch.Tensor, list[float]]:
+    """RAM (scales None) or RAM+ over a chunk in one pass, the bits of the torch path (methods/ram.py,
+    methods/ramplus_tl.py); written over experts[0], returned with each task vector's squared norm."""
+    lib = library()
+    count, out = len(experts), experts[0]
+    parts = _parts(base.numel())
+    sums = [(ctypes.c_double * count)() for _ in parts]
+    scale_array = (ctypes.c_float * count)(*scales) if scales is not None else None
+    _run_failing(base.numel(), lambda start, stop, part: lib.ram_merge(
+        _address(base, start), _pointers(experts, start), count, stop - start, int(are_deltas), epsilon, scale_array,
+        _address(out, start), sums[part]), "ram_merge")
+    return out, [sum(s[t] for s in sums) for t in range(count)]
 
 
 def widen_bfloat16(raw: torch.Tensor, out: torch.Tensor) -> int:

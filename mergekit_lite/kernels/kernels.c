@@ -365,6 +365,93 @@ int32_t dare_merge(const float *base, float *const *experts, int32_t n_experts, 
                         out, kept, tallies, sums);
 }
 
+/* RAM and RAM+ work on which models changed an entry: |d_t| > epsilon, d_t = expert - base (or the expert, when it
+ * already holds its task vector); count = how many did. changed is 1 or 0 per model and entry, count their sum. */
+static void ram_changes(const float *restrict b, float *const *experts, int64_t start, int32_t n_experts,
+                        int32_t are_deltas, float epsilon, int len, float *restrict deltas, float *restrict changed,
+                        float *restrict count)
+{
+    for (int i = 0; i < len; i++) count[i] = 0.0f;
+    for (int32_t t = 0; t < n_experts; t++) {
+        float *restrict d = deltas + (size_t)t * BLOCK;
+        float *restrict c = changed + (size_t)t * BLOCK;
+        block_delta(b, experts[t] + start, are_deltas, len, d);
+        for (int i = 0; i < len; i++) {
+            c[i] = fabsf(d[i]) > epsilon ? 1.0f : 0.0f;
+            count[i] += c[i];
+        }
+    }
+}
+
+/* RAM+'s first pass: shared[t] += entries model t changed along with another, unique[t] += those it alone changed.
+ * Returns 0, or -1 when no scratch memory was to be had. */
+int32_t ram_counts(const float *base, float *const *experts, int32_t n_experts, int64_t n, int32_t are_deltas,
+                   float epsilon, int64_t *shared, int64_t *unique)
+{
+    float count[BLOCK];
+    float *deltas = term_scratch(2 * n_experts);
+    if (!deltas) return -1;
+    float *changed = deltas + (size_t)n_experts * BLOCK;
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int len = n - start < BLOCK ? (int)(n - start) : BLOCK;
+        ram_changes(base + start, experts, start, n_experts, are_deltas, epsilon, len, deltas, changed, count);
+        for (int32_t t = 0; t < n_experts; t++) {
+            const float *restrict c = changed + (size_t)t * BLOCK;
+            int32_t with_others = 0, alone = 0;
+            for (int i = 0; i < len; i++) {  /* & not &&: no branch, so it vectorizes */
+                with_others += (c[i] != 0.0f) & (count[i] > 1.0f);
+                alone += (c[i] != 0.0f) & (count[i] == 1.0f);
+            }
+            shared[t] += with_others;
+            unique[t] += alone;
+        }
+    }
+    free(deltas);
+    return 0;
+}
+
+/* RAM (scales NULL): the sum over t of k_t = d_t * changed_t, divided by max(count, 1). RAM+: the sum over t of
+ * k_t * [count == 1] * scales[t] + k_t * [count > 1] / max(count, 1). Plus the base, into out (which may be
+ * experts[0]); delta_sq[t] += |d_t|^2. The torch path's operations in its order. Returns 0, or -1 when no scratch
+ * memory was to be had. */
+int32_t ram_merge(const float *base, float *const *experts, int32_t n_experts, int64_t n, int32_t are_deltas,
+                  float epsilon, const float *scales, float *out, double *delta_sq)
+{
+    float count[BLOCK], merged[BLOCK];
+    float *deltas = term_scratch(2 * n_experts);
+    if (!deltas) return -1;
+    float *changed = deltas + (size_t)n_experts * BLOCK;
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int len = n - start < BLOCK ? (int)(n - start) : BLOCK;
+        const float *b = base + start;
+        ram_changes(b, experts, start, n_experts, are_deltas, epsilon, len, deltas, changed, count);
+        for (int i = 0; i < len; i++) merged[i] = 0.0f;
+        for (int32_t t = 0; t < n_experts; t++) {
+            const float *restrict d = deltas + (size_t)t * BLOCK;
+            const float *restrict c = changed + (size_t)t * BLOCK;
+            delta_sq[t] += sum_squares(d, len);
+            if (scales == NULL) {
+                for (int i = 0; i < len; i++) merged[i] += d[i] * c[i];
+                continue;
+            }
+            float scale = scales[t];
+            for (int i = 0; i < len; i++) {
+                float kept = d[i] * c[i];
+                float alone = count[i] == 1.0f ? 1.0f : 0.0f, with_others = count[i] > 1.0f ? 1.0f : 0.0f;
+                float divisor = count[i] < 1.0f ? 1.0f : count[i];
+                merged[i] += kept * alone * scale + kept * with_others / divisor;
+            }
+        }
+        float *o = out + start;
+        if (scales == NULL)
+            for (int i = 0; i < len; i++) o[i] = merged[i] / (count[i] < 1.0f ? 1.0f : count[i]) + b[i];
+        else
+            for (int i = 0; i < len; i++) o[i] = merged[i] + b[i];
+    }
+    free(deltas);
+    return 0;
+}
+
 #define GRAM_MAX_VECTORS 16
 
 /* Block sums of every pairwise dot product of k float32 vectors (k <= GRAM_MAX_VECTORS): for pair p (i <= j, in

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from mergekit_lite import kernels
 from mergekit_lite.methods.base import Chunk, ChunkResult, MergeMethod, ParamSpec, TensorContext
 from mergekit_lite.methods.sparsify import task_vectors
 
@@ -21,7 +22,20 @@ def contributions(deltas: list[torch.Tensor], epsilon: float) -> tuple[list[torc
     return changed, count
 
 
+def fused_ram(context: TensorContext, chunk: Chunk, scales: list[float] | None) -> ChunkResult | None:
+    """RAM (scales None) or RAM+ in one pass of the C kernel, with the torch path's bits; None when the kernels
+    cannot take this chunk."""
+    if not kernels.usable(chunk.base, *chunk.experts):
+        return None
+    merged, delta_sq = kernels.ram_merge(chunk.base.reshape(-1), [expert.reshape(-1) for expert in chunk.experts],
+                                         chunk.delta_sq is not None, context.params["epsilon"], scales)
+    return ChunkResult(merged.view(chunk.base.shape), delta_sq=delta_sq)
+
+
 def merge_ram(context: TensorContext, chunk: Chunk, _state: None) -> ChunkResult:
+    fused = fused_ram(context, chunk, None)
+    if fused is not None:
+        return fused
     deltas, delta_sq = task_vectors(chunk)
     changed, count = contributions(deltas, context.params["epsilon"])
     merged = torch.zeros_like(deltas[0])

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from mergekit_lite import kernels
 from mergekit_lite.methods.base import Chunk, ChunkResult, ChunkStream, MergeMethod, ParamSpec, TensorContext
-from mergekit_lite.methods.ram import RAM_EPSILON, contributions
+from mergekit_lite.methods.ram import RAM_EPSILON, contributions, fused_ram
 from mergekit_lite.methods.sparsify import task_vectors
 
 R = ParamSpec("r", float, 0.1, "how much a model's shared-to-unique ratio raises its unique changes", scope="global",
@@ -19,10 +20,15 @@ def unique_scales(context: TensorContext, stream: ChunkStream) -> list[float]:
     epsilon = context.params["epsilon"]
     shared = unique = None
     for chunk in stream():
-        deltas = task_vectors(chunk)[0]
-        changed, count = contributions(deltas, epsilon)
-        here_shared = [int((mask & (count > 1)).sum()) for mask in changed]
-        here_unique = [int((mask & (count == 1)).sum()) for mask in changed]
+        if kernels.usable(chunk.base, *chunk.experts):
+            here_shared, here_unique = kernels.ram_counts(
+                chunk.base.reshape(-1), [expert.reshape(-1) for expert in chunk.experts], chunk.delta_sq is not None,
+                epsilon)
+        else:
+            deltas = task_vectors(chunk)[0]
+            changed, count = contributions(deltas, epsilon)
+            here_shared = [int((mask & (count > 1)).sum()) for mask in changed]
+            here_unique = [int((mask & (count == 1)).sum()) for mask in changed]
         shared = here_shared if shared is None else [a + b for a, b in zip(shared, here_shared)]
         unique = here_unique if unique is None else [a + b for a, b in zip(unique, here_unique)]
     r, alpha = context.params["r"], context.params["alpha"]
@@ -30,6 +36,9 @@ def unique_scales(context: TensorContext, stream: ChunkStream) -> list[float]:
 
 
 def merge_ramplus_tl(context: TensorContext, chunk: Chunk, scales: list[float]) -> ChunkResult:
+    fused = fused_ram(context, chunk, scales)
+    if fused is not None:
+        return fused
     deltas, delta_sq = task_vectors(chunk)
     changed, count = contributions(deltas, context.params["epsilon"])
     alone, shared = count == 1, count > 1
