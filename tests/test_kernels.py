@@ -135,6 +135,29 @@ def test_fused_ram_equals_the_torch_path_bit_for_bit(kernel_switch, method, epsi
 
 
 @needs_kernels
+@pytest.mark.parametrize("select_topk", [1.0, 0.5, 0.0])
+@pytest.mark.parametrize("same_chunk", [True, False], ids=["task vectors from the first pass", "re-read experts"])
+def test_fused_sce_equals_the_torch_path_bit_for_bit(kernel_switch, select_topk, same_chunk):
+    """SCE's merge pass in the kernel against the torch path, after the same selection pass, on the chunk the
+    selection turned into task vectors and on a re-read one (a streamed tensor)."""
+    base, experts = _data()
+    spec = METHODS["sce"]
+    context = TensorContext("w", tuple(base.shape), [{}] * 3, {"select_topk": select_topk})
+    results = []
+    for on in (False, True):
+        kernel_switch(on)
+        chunk = Chunk(0, base.clone(), [e.clone() for e in experts])
+        state = spec.prepare(context, lambda: iter([chunk]))
+        if not same_chunk:
+            chunk = Chunk(0, base.clone(), [e.clone() for e in experts])
+        results.append(spec.merge_chunk(context, chunk, state))
+    expected, fused = results
+    assert torch.equal(fused.tensor, expected.tensor) and torch.equal(fused.tensor.signbit(), expected.tensor.signbit())
+    assert fused.delta_sq == pytest.approx(expected.delta_sq, rel=1e-5)
+    assert torch.equal(expected.tensor, base) == (select_topk == 0.0)  # keeping nothing gives the base back
+
+
+@needs_kernels
 def test_a_compiler_without_per_cpu_clones_gets_a_single_build_with_the_same_bits(tmp_path, kernel_switch,
                                                                                   monkeypatch):
     """On a CPU with AVX-512 the loader picks the wide build of the merge kernels; a compiler that cannot make
@@ -263,6 +286,7 @@ def _bfloat16_family(llama_family, tmp_path):
 @pytest.mark.parametrize("method, params", [
     ("ties", {"normalize": True}), ("dare_ties", {}), ("dare_linear", {}), ("della", {"epsilon": 0.1}),
     ("della_linear", {"epsilon": 0.05, "rescale": False}), ("ram", {}), ("ramplus_tl", {"r": 0.5, "alpha": 0.9}),
+    ("sce", {"select_topk": 0.4}),
 ])
 def test_merge_run_gives_identical_bytes_with_and_without_kernels(tmp_path, llama_family, kernel_switch, method,
                                                                    params):

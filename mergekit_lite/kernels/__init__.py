@@ -42,6 +42,7 @@ _SIGNATURES = {
     "rank_probabilities": [_ptr, _i64, _i64, _f32, _f32, _ptr],
     "ram_counts": [_ptr, _ptr, _i32, _i64, _i32, _f32, _ptr, _ptr],
     "ram_merge": [_ptr, _ptr, _i32, _i64, _i32, _f32, _ptr, _ptr, _ptr],
+    "sce_merge": [_ptr, _ptr, _i32, _i64, _i32, _ptr, _f32, _i32, _ptr, _f32, _ptr, _ptr],
     "random_drop": [_ptr, _ptr, _i64, _i64, ctypes.c_uint64, _i64, _i32],
     "block_gram": [_ptr, _i32, _i64, _i64, _i64, _i64, _i64, _ptr],
 }
@@ -96,6 +97,7 @@ def library() -> ctypes.CDLL | None:
     lib.dare_merge.restype = _i32
     lib.ram_counts.restype = _i32
     lib.ram_merge.restype = _i32
+    lib.sce_merge.restype = _i32
     return lib
 
 
@@ -280,6 +282,24 @@ def ram_merge(base: torch.Tensor, experts: list[torch.Tensor], are_deltas: bool,
     _run_failing(base.numel(), lambda start, stop, part: lib.ram_merge(
         _address(base, start), _pointers(experts, start), count, stop - start, int(are_deltas), epsilon, scale_array,
         _address(out, start), sums[part]), "ram_merge")
+    return out, [sum(s[t] for s in sums) for t in range(count)]
+
+
+def sce_merge(base: torch.Tensor, experts: list[torch.Tensor], are_deltas: bool, variances: torch.Tensor | None,
+              threshold: float, none_kept: bool, weights: list[float], min_divisor: float
+              ) -> tuple[torch.Tensor, list[float]]:
+    """SCE's merge of a chunk in one pass (entries kept where `variances` >= threshold, all when it is None, none
+    with none_kept), the bits of the torch path (methods/sce.py); written over experts[0], returned with each task
+    vector's squared norm."""
+    lib = library()
+    count, out = len(experts), experts[0]
+    parts = _parts(base.numel())
+    sums = [(ctypes.c_double * count)() for _ in parts]
+    weight_array = (ctypes.c_float * count)(*weights)
+    _run_failing(base.numel(), lambda start, stop, part: lib.sce_merge(
+        _address(base, start), _pointers(experts, start), count, stop - start, int(are_deltas),
+        _address(variances, start) if variances is not None else None, threshold, int(none_kept), weight_array,
+        min_divisor, _address(out, start), sums[part]), "sce_merge")
     return out, [sum(s[t] for s in sums) for t in range(count)]
 
 

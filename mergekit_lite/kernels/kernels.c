@@ -452,6 +452,51 @@ int32_t ram_merge(const float *base, float *const *experts, int32_t n_experts, i
     return 0;
 }
 
+/* SCE's merge: each model's task vector d_t (expert - base, or the expert when it already is one; delta_sq[t] +=
+ * |d_t|^2), kept where the entry's variance across the models is at or above threshold (variances NULL: all kept;
+ * none_kept: none). The sign of their sum elects per entry; each model whose d_t has that sign counts with its
+ * weight: the sum of the agreeing weighted d_t over the agreeing weights (at least min_divisor), plus the base,
+ * into out (which may be experts[0]). The torch path's operations in its order. Returns 0, or -1 when no scratch
+ * memory was to be had. */
+int32_t sce_merge(const float *base, float *const *experts, int32_t n_experts, int64_t n, int32_t are_deltas,
+                  const float *variances, float threshold, int32_t none_kept, const float *weights, float min_divisor,
+                  float *out, double *delta_sq)
+{
+    float total[BLOCK], majority[BLOCK], merged[BLOCK], divisor[BLOCK];
+    float *deltas = term_scratch(n_experts);
+    if (!deltas) return -1;
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int len = n - start < BLOCK ? (int)(n - start) : BLOCK;
+        const float *b = base + start;
+        for (int i = 0; i < len; i++) total[i] = merged[i] = divisor[i] = 0.0f;
+        for (int32_t t = 0; t < n_experts; t++) {
+            float *restrict d = deltas + (size_t)t * BLOCK;
+            block_delta(b, experts[t] + start, are_deltas, len, d);
+            delta_sq[t] += sum_squares(d, len);
+            if (none_kept)
+                for (int i = 0; i < len; i++) d[i] = 0.0f;
+            else if (variances)
+                for (int i = 0; i < len; i++) d[i] = d[i] * (variances[start + i] >= threshold ? 1.0f : 0.0f);
+            for (int i = 0; i < len; i++) total[i] += d[i];
+        }
+        for (int i = 0; i < len; i++) majority[i] = total[i] >= 0.0f ? 1.0f : -1.0f;
+        for (int32_t t = 0; t < n_experts; t++) {
+            const float *restrict d = deltas + (size_t)t * BLOCK;
+            float w = weights[t];
+            for (int i = 0; i < len; i++) {
+                float sign = d[i] > 0.0f ? 1.0f : (d[i] < 0.0f ? -1.0f : 0.0f);
+                float agrees = (sign == majority[i] ? 1.0f : 0.0f) * w;
+                merged[i] += d[i] * agrees;
+                divisor[i] += agrees;
+            }
+        }
+        float *o = out + start;
+        for (int i = 0; i < len; i++) o[i] = merged[i] / (divisor[i] < min_divisor ? min_divisor : divisor[i]) + b[i];
+    }
+    free(deltas);
+    return 0;
+}
+
 #define GRAM_MAX_VECTORS 16
 
 /* Block sums of every pairwise dot product of k float32 vectors (k <= GRAM_MAX_VECTORS): for pair p (i <= j, in

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from mergekit_lite import kernels
 from mergekit_lite.methods.base import (Chunk, ChunkResult, ChunkStream, MergeMethod, ParamSpec, TensorContext,
                                         per_entry_statistic)
 from mergekit_lite.methods.sparsify import count_nonzero, keep_count, streamed_kth_largest, task_vectors
@@ -63,11 +64,17 @@ def selection(context: TensorContext, stream: ChunkStream) -> Selection:
 
 def merge_sce(context: TensorContext, chunk: Chunk, state: Selection) -> ChunkResult:
     threshold, weights, by_chunk = state
+    variances = by_chunk.pop(chunk.start) if threshold not in (None, float("inf")) else None
+    if kernels.usable(chunk.base, *chunk.experts) and (variances is None or kernels.usable(variances)):
+        merged, delta_sq = kernels.sce_merge(
+            chunk.base.reshape(-1), [expert.reshape(-1) for expert in chunk.experts], chunk.delta_sq is not None,
+            variances, 0.0 if threshold is None else threshold, threshold == float("inf"), weights, MIN_DIVISOR)
+        return ChunkResult(merged.view(chunk.base.shape), delta_sq=delta_sq)
     deltas, delta_sq = task_vectors(chunk)
     if threshold == float("inf"):
         deltas = [d.zero_() for d in deltas]
     elif threshold is not None:
-        kept = (by_chunk.pop(chunk.start) >= threshold).view(deltas[0].shape)
+        kept = (variances >= threshold).view(deltas[0].shape)
         deltas = [d.mul_(kept) for d in deltas]
     total = torch.zeros_like(deltas[0])
     for delta in deltas:
