@@ -142,7 +142,6 @@ class CheckpointWriter:
         # last one is, while the merge goes on.
         self._shard_of = {spec.name: i for i, shard in enumerate(self.shards) for spec in shard}
         self._unwritten = [{spec.name for spec in shard} for shard in self.shards]
-        self._shard_fds: list[int] = []
         self._hashers: list[ShardHasher] = []
         self._seals: dict[int, Future] = {}
         self._sealer: ThreadPoolExecutor | None = None
@@ -185,7 +184,6 @@ class CheckpointWriter:
                 flags = os.O_RDWR | os.O_CREAT | (0 if continuing else os.O_TRUNC)
                 fd = os.open(path, flags, 0o644)
                 self._fds.append(fd)
-                self._shard_fds.append(fd)
                 if not (continuing and os.fstat(fd).st_size == size and os.pread(fd, len(header), 0) == header):
                     _write_all(fd, header, 0)
                     os.ftruncate(fd, size)
@@ -347,11 +345,11 @@ class CheckpointWriter:
         try:
             if self._pending:
                 raise RuntimeError(f"{len(self._pending)} planned tensor(s) were never written, e.g. {min(self._pending)}")
-            for shard, fd in enumerate(self._shard_fds):
+            for shard, hasher in enumerate(self._hashers):
                 if shard in self._seals:
                     self._seals[shard].result()
                 else:
-                    os.fsync(fd)
+                    os.fsync(hasher.fd)
             self._close_fds()
             if self._journal is not None:
                 self._journal.close()
