@@ -109,15 +109,19 @@ _LOADED = ("print(sorted({m.split('.')[0] if m.startswith('scipy') else m for m 
            "if m.startswith(('scipy', 'mergekit_lite.pleas', 'mergekit_lite.twin'))}))")
 
 
-def _loaded_after(statements: str) -> str:
-    probe = f"import sys, mergekit_lite.dispatch as dispatch, mergekit_lite.cli, mergekit_lite.api; {statements}; {_LOADED}"
-    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+def _loaded_after(*steps: str) -> list[str]:
+    """In a fresh interpreter, the whole-model modules loaded after each statement in turn."""
+    probe = "; ".join(["import sys, mergekit_lite.dispatch as dispatch, mergekit_lite.cli, mergekit_lite.api",
+                       *(f"{step}; {_LOADED}" for step in steps)])
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split("\n")
 
 
 def test_a_tensor_wise_merge_starts_without_the_whole_model_packages():
     """PLeaS and Twin bring scipy and model code: the dispatcher imports them only for their own recipes."""
-    assert _loaded_after("dispatch.parse_recipe('merge_method: linear\\nmodels: [{model: a}, {model: b}]')") == "[]"
-    assert "mergekit_lite.pleas.pipeline" in _loaded_after("dispatch.pipeline_for('pleas')")
+    tensor_wise, pleas = _loaded_after("dispatch.parse_recipe('merge_method: linear\\nmodels: [{model: a}, {model: b}]')",
+                                       "dispatch.pipeline_for('pleas')")[:2]
+    assert tensor_wise == "[]"
+    assert "mergekit_lite.pleas.pipeline" in pleas
 
 
 def test_the_dispatcher_and_the_command_line_name_no_method():

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 QUALITY = Path(__file__).resolve().parents[1] / "bench" / "quality"
 sys.path.insert(0, str(QUALITY))
@@ -24,7 +25,8 @@ import suite  # noqa: E402
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("quality")
-    assert quality_run.main(["--quick", "--workdir", str(workdir)]) == 0
+    # this test process's share of the CPUs (tests/conftest.py), as every other test here runs with
+    assert quality_run.main(["--quick", "--workdir", str(workdir), "--threads", str(torch.get_num_threads())]) == 0
     import json
 
     return json.loads((workdir / "report.json").read_text())

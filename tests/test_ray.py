@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.forked_cli import ForkedMerge
+
 # The cluster's nodes and drivers (this process too) share a token (Ray's token authentication), made for this
 # run; Ray reads it when it is imported.
 os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
@@ -35,8 +37,32 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _ray(*args: str, env: dict) -> None:
-    subprocess.run([RAY, *args], check=True, env=env, capture_output=True, timeout=180)
+def _start_node(*args: str, env: dict, log: Path) -> subprocess.Popen:
+    """`ray start --block ARGS` in a session of its own (see `_wait_until_up`)."""
+    with open(log, "w") as out:
+        return subprocess.Popen([RAY, "start", "--block", *args], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _wait_until_up(node: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 180
+    while "Ray runtime started" not in log.read_text():
+        if node.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{' '.join(node.args)} failed:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
+def _stop_node(node: subprocess.Popen) -> None:
+    """SIGKILL to every process in the node's session (its services and the workers they started), and to no
+    other: a Ray cluster of the user's on this machine is left alone."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == node.pid:
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except OSError:
+                continue
+    node.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -65,17 +91,23 @@ def cluster(node_hub):
     """ADDRESS of a two-node cluster (one CPU each) on this machine; each node resolves hub ids into its own cache
     from the stand-in hub."""
     hub, caches = node_hub
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
     port = _free_port()
     common = ["--num-cpus=1", "--disable-usage-stats"]
-    try:
-        _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=false",
-             f"--temp-dir={temp}", '--resources={"head_node": 1}', *common, env=_node_env(hub, caches["head_node"]))
-        _ray("start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", '--resources={"second_node": 1}',
-             *common, env=_node_env(hub, caches["second_node"]))
+    nodes = []
+    try:  # the second node starts with the head: it waits for the head's services to answer
+        nodes.append(_start_node("--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=false",
+                                 f"--temp-dir={temp}", '--resources={"head_node": 1}', *common,
+                                 env=_node_env(hub, caches["head_node"]), log=temp / "head.log"))
+        nodes.append(_start_node(f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
+                                 '--resources={"second_node": 1}', *common, env=_node_env(hub, caches["second_node"]),
+                                 log=temp / "second.log"))
+        for node, log in zip(nodes, ("head.log", "second.log")):
+            _wait_until_up(node, temp / log)
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=ENV, capture_output=True, timeout=120)
+        for node in reversed(nodes):
+            _stop_node(node)
 
 
 def _recipe(tmp_path: Path, family: dict, method: str, extra: str = "") -> Path:
@@ -182,19 +214,17 @@ def test_hub_ids_resolve_in_each_nodes_own_cache(tmp_path, llama_family, cluster
 def test_a_worker_killed_mid_merge_is_retried_and_the_output_is_the_same(tmp_path, llama_family, cluster):
     recipe = _recipe(tmp_path, llama_family, "ties")
     _merge_here(recipe, tmp_path / "local")
-    driver = subprocess.Popen([sys.executable, "-m", "mergekit_lite", "run", str(recipe), str(tmp_path / "ray"),
-                               "--quiet", "--shard-size", SHARD, "--ray", cluster],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    driver = ForkedMerge("run", recipe, tmp_path / "ray", "--quiet", "--shard-size", SHARD, "--ray", cluster,
+                         logs=tmp_path / "logs", env=ENV)  # a driver process of its own: a new Ray job, cold workers
     killed, deadline = None, time.monotonic() + 120
-    while killed is None and driver.poll() is None and time.monotonic() < deadline:
+    while killed is None and not driver.ended() and time.monotonic() < deadline:
         pids = _task_pids()
         if pids:
             os.kill(pids[0], signal.SIGKILL)
             killed = pids[0]
         time.sleep(0.005)
-    _, err = driver.communicate(timeout=300)
     assert killed is not None, "no task was seen running"
-    assert driver.returncode == 0, err
+    assert driver.wait() == 0, driver.stderr
     assert _shards(tmp_path / "ray") == _shards(tmp_path / "local")
 
 
@@ -206,17 +236,15 @@ def test_a_killed_driver_leaves_nothing_and_resume_finishes_it(tmp_path, llama_f
     recipe = _recipe(tmp_path, llama_family, "ties")
     _merge_here(recipe, tmp_path / "local")
     out = tmp_path / "ray"
-    driver = subprocess.Popen([sys.executable, "-m", "mergekit_lite", "run", str(recipe), str(out), "--quiet",
-                               "--shard-size", SHARD, "--ray", cluster], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, env=ENV)
+    killed = ForkedMerge("run", recipe, out, "--quiet", "--shard-size", SHARD, "--ray", cluster, logs=tmp_path / "logs",
+                         env=ENV)
     journal = tmp_path / ".ray.partial" / ".merge_journal.jsonl"
     deadline = time.monotonic() + 120
-    while driver.poll() is None and time.monotonic() < deadline:
+    while not killed.ended() and time.monotonic() < deadline:
         if journal.exists() and journal.read_text().count('"tensor"') >= 3:
             break
         time.sleep(0.01)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
+    killed.kill()
     assert not out.exists()
     report = merge(recipe, out, shard_size=SHARD, ray=driver, resume=True)
     assert _shards(out) == _shards(tmp_path / "local")

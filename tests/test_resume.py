@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +14,7 @@ from typer.testing import CliRunner
 from mergekit_lite import engine, examples
 from mergekit_lite.checkpoint.safetensors_format import read_header
 from mergekit_lite.checkpoint.writer import JOURNAL, partial_dir
+from tests.forked_cli import ForkedMerge, forked_merge
 
 runner = CliRunner()
 
@@ -116,27 +113,31 @@ def medium_family(tmp_path_factory):
 
 
 def test_sigkill_at_random_points_never_leaves_a_broken_output(tmp_path, medium_family):
-    """A merge killed with SIGKILL leaves nothing or a complete output; --resume then finishes it exactly."""
+    """A merge killed with SIGKILL at a random moment of the merge itself (the commands are forked from a process
+    that has imported torch already) leaves nothing or a complete output; --resume then finishes it exactly."""
     recipe = recipe_for(tmp_path, medium_family)
-    command = [sys.executable, "-m", "mergekit_lite", "run", str(recipe)]
+    logs = tmp_path / "logs"
     reference = tmp_path / "reference"
+    assert forked_merge("--help", logs=logs)[0] == 0  # the fork server is up: the timing below is the merge's
     started = time.perf_counter()
-    subprocess.run(command + [str(reference), "--quiet"], check=True)
+    assert forked_merge("run", recipe, reference, "--quiet", logs=logs) == (0, "")
     duration = time.perf_counter() - started
     expected = (reference / "model.safetensors").read_bytes()
     rng = random.Random(5)
-    outcomes = {"nothing": 0, "complete": 0}
-    for trial in range(3):
+    outcomes = {"nothing": 0, "journal": 0, "complete": 0}
+    for trial in range(6):
         out = tmp_path / f"out{trial}"
-        proc = subprocess.Popen(command + [str(out), "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3, duration * 1.1))
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        command = ForkedMerge("run", recipe, out, "--quiet", logs=logs)
+        time.sleep(rng.uniform(0.0, duration * 1.1))
+        command.kill()
         if out.exists():
             assert (out / "model.safetensors").read_bytes() == expected
             outcomes["complete"] += 1
-        else:
-            outcomes["nothing"] += 1
-            subprocess.run(command + [str(out), "--resume", "--quiet"], check=True)
-            assert (out / "model.safetensors").read_bytes() == expected
-    assert outcomes["nothing"] >= 1  # at least one kill interrupted a merge, and --resume finished it
+            continue
+        outcomes["nothing"] += 1
+        journal = partial_dir(out) / JOURNAL
+        outcomes["journal"] += journal.is_file() and '"tensor"' in journal.read_text()  # tensors were written
+        assert forked_merge("run", recipe, out, "--resume", "--quiet", logs=logs)[0] == 0
+        assert (out / "model.safetensors").read_bytes() == expected
+    # at least one kill cut a merge short after it had journalled tensors, and --resume finished it
+    assert outcomes["journal"] >= 1, outcomes

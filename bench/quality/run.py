@@ -1,7 +1,7 @@
 """Merge quality on real data: train small models, merge them with `merge run`, score them, print tables.
 
     python bench/quality/run.py            # the full suite (cached under bench/out/quality), RESULTS.md + JSON
-    python bench/quality/run.py --quick    # a few minutes: two domains per modality, no grid, checks only
+    python bench/quality/run.py --quick    # about a minute: two domains per modality, no grid, checks only
 
 Trained checkpoints and every score are cached, so a rerun only does what is missing (`--fresh` clears).
 """
@@ -60,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="cache directory (default bench/out/quality[-quick])")
     parser.add_argument("--fresh", action="store_true", help="delete the cache first")
     parser.add_argument("--results", type=Path, default=None, help="markdown output (default: RESULTS.md here, full run)")
+    parser.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1),
+                        help="torch threads for training and scoring (default: one per CPU)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(max(1, args.threads))
     logging.getLogger("timm").setLevel(logging.ERROR)  # 1-channel inputs: timm notes it averages its RGB mean
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     plan = suite.Plan.fast() if args.quick else suite.Plan.full()

@@ -165,7 +165,8 @@ def method_rows(ws: Workspace, task: Task, paths: dict[str, Path], domains: tupl
     for method in methods:
         if method == "model_stock" and len(experts) < 2:
             continue
-        default = run_merge_scored(ws, task, "default", method, base, experts, DEFAULTS[method], ("val", "test"))
+        splits = ("val", "test") if grid else ("test",)  # the validation split only serves the grid search
+        default = run_merge_scored(ws, task, "default", method, base, experts, DEFAULTS[method], splits)
         rows.append({"method": method, "setting": "default", "params": DEFAULTS[method], **default})
         if not grid or not GRIDS[method]:
             continue
@@ -378,33 +379,34 @@ def _separate_heads(ws: Workspace, root: Path, save) -> list[dict]:
 def pleas_settings(ws: Workspace, root: Path) -> dict[str, dict]:
     """PLeaS rows: permutation only, PLeaS at several widths, and data-free PLeaS. Data: unlabeled training
     images of the clean digits (both tasks' inputs); data-free: generic images made by the tool (refined to the
-    models' batch-norm statistics, 200 steps by default), or digits from another domain (the noisy ones)."""
+    models' batch-norm statistics, 200 steps by default), or digits from another domain (the noisy ones).
+
+    The quick plan (CI) only shows that each path runs: PLeaS at 1.0x, with and without data, on few inputs and
+    steps (data-free merges on another domain's images are tested on their own, in tests/test_pleas.py)."""
     from safetensors.torch import save_file
 
     inputs = root / "pleas_inputs.safetensors"
     if not inputs.exists():
         save_file({"images": data.image_domain("clean", "train").images.contiguous()}, str(inputs))
-    # the CI check (quick plan) only shows that every path runs: few inputs and steps
     with_data = {"data": {"path": str(inputs), "key": "images"}, **({"samples": 200} if ws.plan.quick else {})}
     generic = {"data": {"kind": "generic", "shape": [1, data.IMAGE_SIZE, data.IMAGE_SIZE]}, "data_free": True}
-    short = {"data_free_steps": 10, "tune_steps": 20, "samples": 64} if ws.plan.quick else {}
-    generic.update(short)
     settings = {"permutation only (1.0x)": {**with_data, "least_squares": False, "target_width": 1.0}}
-    widths = (1.0,) if ws.plan.quick else (1.0, 1.25, 1.5, 2.0)
-    for width in widths:
+    if ws.plan.quick:
+        settings["PLeaS 1.0x"] = {**with_data, "target_width": 1.0}
+        settings["PLeaS data-free 1.0x (generic inputs)"] = {**generic, "target_width": 1.0, "data_free_steps": 10,
+                                                             "tune_steps": 20, "samples": 64}
+        return settings
+    for width in (1.0, 1.25, 1.5, 2.0):
         settings[f"PLeaS {width}x"] = {**with_data, "target_width": width}
-    if not ws.plan.quick:
-        settings["PLeaS 1.0x, tuned 300 steps"] = {**with_data, "target_width": 1.0, "tune_steps": 300}
+    settings["PLeaS 1.0x, tuned 300 steps"] = {**with_data, "target_width": 1.0, "tune_steps": 300}
     settings["PLeaS data-free 1.0x (generic inputs)"] = {**generic, "target_width": 1.0}
     other = root / "pleas_other_domain.safetensors"
     if not other.exists():
         save_file({"images": data.image_domain("noise", "train").images.contiguous()}, str(other))
     settings["PLeaS data-free 1.0x (noisy-digit inputs)"] = {"data": {"path": str(other), "key": "images"},
-                                                           "data_free": True, "target_width": 1.0, **short}
-    if not ws.plan.quick:
-        settings["PLeaS data-free 1.0x (generic inputs, not tuned)"] = {**generic, "target_width": 1.0,
-                                                                      "tune_steps": 0}
-        settings["PLeaS data-free 1.5x (generic inputs)"] = {**generic, "target_width": 1.5}
+                                                           "data_free": True, "target_width": 1.0}
+    settings["PLeaS data-free 1.0x (generic inputs, not tuned)"] = {**generic, "target_width": 1.0, "tune_steps": 0}
+    settings["PLeaS data-free 1.5x (generic inputs)"] = {**generic, "target_width": 1.5}
     return settings
 
 

@@ -150,20 +150,28 @@ def experiment_four(ws: Workspace, task: Task, paths: dict[str, Path], domains: 
     batch = 256 if task.higher_is_better else 32
     rows = []
     labels = QUICK if ws.plan.quick else tuple(SETTINGS)
+    merges: dict[str, tuple[Path, float, dict]] = {}  # rows that differ only at run time share one merge
+
+    def merged(params: dict) -> tuple[Path, float, dict]:
+        """The twin directory of `params` (built on first use), its merge time and its report."""
+        key = cache_key("twin-merge", task.name, str(paths["base"]), [str(paths[d]) for d in domains], params)
+        if key not in merges:
+            work = ws.root / "merges" / key
+            work.mkdir(parents=True, exist_ok=True)
+            recipe = write_twin_recipe(work / "recipe.yaml", paths["base"], {d: paths[d] for d in domains}, files, params)
+            seconds = merge_run(recipe, work / "out")
+            merges[key] = (work, seconds, json.loads((work / "out" / "merge_report.json").read_text()))
+        return merges[key]
+
     for label in labels:
         params, change = SETTINGS[label]
         whole = label == DEFAULT_SETTING and not ws.plan.quick  # the quick plan (CI) skips the slow whole-set timing
         key = cache_key("twin/18", task.name, str(paths["base"]), [str(paths[d]) for d in domains], params, change, batch)
 
         def compute(params=params, change=change, whole=whole) -> dict:
-            work = ws.root / "merges" / key
-            work.mkdir(parents=True, exist_ok=True)
-            recipe = write_twin_recipe(work / "recipe.yaml", paths["base"], {d: paths[d] for d in domains}, files, params)
-            seconds = merge_run(recipe, work / "out")
-            report = json.loads((work / "out" / "merge_report.json").read_text())
+            work, seconds, report = merged(params)
             result = evaluate(task, work / "out", domains, change, batch, whole_set_timing=whole,
                               timing_repeats=5 if ws.plan.quick else 25)
-            shutil.rmtree(work)
             twin = report["twin"]
             return {**result, "seconds": seconds, "storage_ratio": twin["storage"]["ratio"],
                     "stored_bytes": twin["storage"]["stored_bytes"], "router_val_accuracy": twin["router"]["accuracy_val"],
@@ -175,4 +183,6 @@ def experiment_four(ws: Workspace, task: Task, paths: dict[str, Path], domains: 
         row["normalised_average"] = mean(row["normalised"])
         row["average"] = mean(row["scores"])
         rows.append(row)
+    for work, _, _ in merges.values():
+        shutil.rmtree(work)
     return {"task": task.name, "domains": list(domains), "higher_is_better": task.higher_is_better, "rows": rows}
