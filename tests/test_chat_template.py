@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
+import transformers
 from typer.testing import CliRunner
 
 from mergekit_lite import merge
@@ -38,7 +38,7 @@ def with_template(source: Path, target: Path, template: str | None) -> Path:
 
 def test_a_named_template_is_what_the_output_tokenizer_renders(tmp_path, llama_family):
     merge(linear_recipe(llama_family, chat_template="chatml"), tmp_path / "out")
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     assert tokenizer.chat_template == NAMED_TEMPLATES["chatml"]
     text = tokenizer.apply_chat_template(CONVERSATION[1:2], tokenize=False, add_generation_prompt=True)
     assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
@@ -48,7 +48,7 @@ def test_a_named_template_is_what_the_output_tokenizer_renders(tmp_path, llama_f
 @pytest.mark.parametrize("name", sorted(NAMED_TEMPLATES))
 def test_every_named_template_renders_a_conversation(tmp_path, llama_family, name):
     merge(linear_recipe(llama_family, chat_template=name), tmp_path / "out")
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=name != "mistral")
     positions = [text.find(message["content"]) for message in CONVERSATION]
     assert all(p >= 0 for p in positions) and positions == sorted(positions), text
@@ -63,7 +63,7 @@ def test_auto_takes_the_template_most_inputs_carry(tmp_path, llama_family):
               "models": [{"model": str(first), "parameters": {"weight": 1.0}},
                          {"model": str(second), "parameters": {"weight": 1.0}}]}
     merge(recipe, tmp_path / "out")
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     assert tokenizer.chat_template == common
     assert "chat_template" not in json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
 

@@ -1,6 +1,7 @@
 """Hub ids in recipes, resolved through huggingface_hub: from a cache laid out exactly as huggingface_hub lays it
 out (blobs, snapshots, refs), offline, with revision pinning; and the refusals when a repository is neither
-cached nor reachable. Each merge runs in a subprocess, since huggingface_hub reads its environment at import."""
+cached nor reachable. Each merge runs in a process of its own (forked: tests/forked_cli.py), since huggingface_hub
+reads its environment when it is imported."""
 
 from __future__ import annotations
 
@@ -8,23 +9,20 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.fake_hub import cache_repo
+from tests.forked_cli import forked_merge
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _merge(tmp_path: Path, recipe_text: str, out: Path, cache: Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
     recipe = tmp_path / f"{out.name}.yaml"
     recipe.write_text(recipe_text)
-    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"),
-               PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "mergekit_lite", "run", str(recipe), str(out), "--quiet"],
-                          cwd=cwd or tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    return forked_merge("run", recipe, out, "--quiet", logs=tmp_path / "logs", cwd=cwd or tmp_path, env=env)
 
 
 @pytest.fixture
@@ -90,9 +88,8 @@ def _download(tmp_path: Path, recipe_text: str, out: Path, endpoint: str, cache:
     recipe.write_text(recipe_text)
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_ENDPOINT=endpoint, HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / "hf_home"),
-               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1", PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "mergekit_lite", "run", str(recipe), str(out), "--quiet", *flags],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
+    return forked_merge("run", recipe, out, "--quiet", *flags, logs=tmp_path / "logs", cwd=tmp_path, env=env)
 
 
 def test_a_real_download_from_a_hub_on_the_loopback_address(tmp_path, llama_family):

@@ -15,12 +15,12 @@ from typer.testing import CliRunner
 from mergekit_lite import examples, merge
 from mergekit_lite.cli import app
 
-peft = pytest.importorskip("peft")
 runner = CliRunner()
 
 
 def save_adapter(model: torch.nn.Module, directory: Path, seed: int, **settings) -> dict[str, torch.Tensor]:
     """A PEFT LoRA adapter with non-zero B (as after training), saved by PEFT; returns the merged state dict."""
+    peft = pytest.importorskip("peft")  # here, not at the top: importing it takes seconds that collection need not pay
     torch.manual_seed(seed)
     adapted = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**settings))
     for name, parameter in adapted.named_parameters():

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.forked_cli import ForkedMerge
+from tests.forked_cli import ForkedMerge, forked_merge
 
 # The cluster's nodes and drivers (this process too) share a token (Ray's token authentication), made for this
 # run; Ray reads it when it is imported.
@@ -122,9 +122,9 @@ def _recipe(tmp_path: Path, family: dict, method: str, extra: str = "") -> Path:
 
 def _run(recipe: Path, out: Path, *flags: str, timeout: int = 300, env: dict | None = None
          ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mergekit_lite", "run", str(recipe), str(out), "--quiet",
-                           "--shard-size", SHARD, *flags], capture_output=True, text=True, timeout=timeout,
-                          env=env or ENV)
+    """`merge run` in a driver process of its own (a new Ray job)."""
+    return forked_merge("run", recipe, out, "--quiet", "--shard-size", SHARD, *flags, logs=out.parent / "logs",
+                        env=env or ENV, timeout=timeout)
 
 
 def _merge_here(recipe: Path, out: Path) -> None:

@@ -118,9 +118,10 @@ def test_sigkill_at_random_points_never_leaves_a_broken_output(tmp_path, medium_
     recipe = recipe_for(tmp_path, medium_family)
     logs = tmp_path / "logs"
     reference = tmp_path / "reference"
-    assert forked_merge("--help", logs=logs)[0] == 0  # the fork server is up: the timing below is the merge's
+    assert forked_merge("--help", logs=logs).returncode == 0  # the fork server is up: the timing below is the run's
     started = time.perf_counter()
-    assert forked_merge("run", recipe, reference, "--quiet", logs=logs) == (0, "")
+    done = forked_merge("run", recipe, reference, "--quiet", logs=logs)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
     duration = time.perf_counter() - started
     expected = (reference / "model.safetensors").read_bytes()
     rng = random.Random(5)
@@ -137,7 +138,8 @@ def test_sigkill_at_random_points_never_leaves_a_broken_output(tmp_path, medium_
         outcomes["nothing"] += 1
         journal = partial_dir(out) / JOURNAL
         outcomes["journal"] += journal.is_file() and '"tensor"' in journal.read_text()  # tensors were written
-        assert forked_merge("run", recipe, out, "--resume", "--quiet", logs=logs)[0] == 0
+        resumed = forked_merge("run", recipe, out, "--resume", "--quiet", logs=logs)
+        assert resumed.returncode == 0, resumed.stderr
         assert (out / "model.safetensors").read_bytes() == expected
     # at least one kill cut a merge short after it had journalled tensors, and --resume finished it
     assert outcomes["journal"] >= 1, outcomes

@@ -32,6 +32,7 @@ class Plan:
     scratch_epochs: int = 15
     text_base_steps: int = 300
     text_expert_steps: int = 100
+    text_width: float = 1.0
     grid: bool = True
     expert_counts: tuple[int, ...] = (2, 4, 6, 8)
     widths: tuple[float, ...] = (0.5, 1.0, 2.0)
@@ -45,8 +46,8 @@ class Plan:
     @classmethod
     def fast(cls) -> "Plan":
         return cls(True, ("invert", "rotate"), ("prose", "unicode"), base_epochs=3, expert_epochs=2,
-                   scratch_epochs=2, text_base_steps=40, text_expert_steps=20, grid=False, expert_counts=(),
-                   widths=(), width_experts=0)
+                   scratch_epochs=2, text_base_steps=40, text_expert_steps=20, text_width=0.5, grid=False,
+                   expert_counts=(), widths=(), width_experts=0)
 
 
 @dataclass

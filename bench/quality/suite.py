@@ -95,12 +95,14 @@ def vision_models(ws: Workspace, width: float = 1.0) -> dict[str, Path]:
 
 def text_models(ws: Workspace) -> dict[str, Path]:
     """Base on a mix of prose and code; an expert fine-tuned on each domain; a multitask model on all."""
-    plan, root = ws.plan, ws.root / "text"
+    plan = ws.plan
+    root = ws.root / ("text" if plan.text_width == 1.0 else f"text_w{plan.text_width}")
     train = {d: data.text_domain(d, "train") for d in plan.text_domains}
     pretrain = [data.text_domain(d, "train") for d in ("prose", "code")]
 
     def base_model() -> torch.nn.Module:
-        return models.train_text(models.new_text_model(seed=0), pretrain, steps=plan.text_base_steps, lr=3e-3, seed=0)
+        return models.train_text(models.new_text_model(plan.text_width, seed=0), pretrain, steps=plan.text_base_steps,
+                                 lr=3e-3, seed=0)
 
     paths = {"base": trained(root / "base", base_model, models.save_text, ws.log)}
 
