@@ -30,8 +30,9 @@ demo: env
 	$(BIN)/merge run recipes/pleas.yaml $(DEMO)/pleas
 	$(BIN)/merge report $(DEMO)/pleas --top 3
 
-test: env   # in parallel over the cores (pytest-xdist); a module's shared fixtures stay on one worker
-	$(BIN)/python -m pytest -q -n auto --dist loadfile
+test: env   # in parallel over the cores (pytest-xdist); a module's shared fixtures stay on one worker, and
+            # files go out in the order tests/conftest.py gives them (the longest first)
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 bench: env
 	$(BIN)/python bench/writer_memory.py

@@ -15,6 +15,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # parallel workers share the cores in
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
+# With --dist loadfile --no-loadscope-reorder (`make test`), pytest-xdist hands whole files to the workers in
+# collection order: the longest go first, so that no long file is handed out last to keep one worker busy while
+# the other has nothing left to run. (Without the flag it hands out the files with the most tests first.)
+LONGEST_FIRST = ("test_quality_quick.py", "test_ray.py", "test_pleas.py", "test_hostile.py", "test_recipes_dir.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files and tests keep their order
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")
