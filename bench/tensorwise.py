@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mergekit_lite.checkpoint import CheckpointWriter, TensorSpec, open_checkpoint  # noqa: E402
+from mergekit_lite.cli import leave  # noqa: E402
 from mergekit_lite.examples import LLAMA_BENCH as SHAPES  # noqa: E402
 from mergekit_lite.examples import LLAMA_SMALL as SMALL  # noqa: E402
 from mergekit_lite.examples import llama_shaped_checkpoints as make_checkpoints  # noqa: E402
@@ -157,7 +158,7 @@ def main() -> None:
     if args.child_io_floor:
         *inputs, out = args.child_io_floor
         io_floor([Path(p) for p in inputs], Path(out))
-        return
+        leave(0)  # as `merge` leaves: without the interpreter's teardown of torch
 
     dims = SMALL if args.small else SHAPES
     workdir = args.workdir / ("small" if args.small else "full")

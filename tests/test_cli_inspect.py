@@ -128,11 +128,16 @@ def test_debug_flag_shows_traceback(tmp_path):
     assert "Traceback" in result.stderr
 
 
-def test_console_script_exit_code(tmp_path):
-    """The installed entry point, as a user runs it."""
+def test_console_script_exit_code(tmp_path, llama_family):
+    """The installed entry point, as a user runs it: it leaves without the interpreter's teardown, so its exit
+    status and everything it printed (to a pipe here) must still come through."""
     proc = subprocess.run(
         [sys.executable, "-m", "mergekit_lite", "inspect", str(tmp_path / "missing")],
         capture_output=True, text=True,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no such file or directory" in proc.stderr
+    shown = subprocess.run([sys.executable, "-m", "mergekit_lite", "inspect", str(llama_family["base"]), "--json"],
+                           capture_output=True, text=True)
+    assert shown.returncode == 0 and shown.stderr == ""
+    assert json.loads(shown.stdout) == json.loads(invoke("inspect", llama_family["base"], "--json").stdout)
