@@ -141,3 +141,13 @@ def test_console_script_exit_code(tmp_path, llama_family):
                            capture_output=True, text=True)
     assert shown.returncode == 0 and shown.stderr == ""
     assert json.loads(shown.stdout) == json.loads(invoke("inspect", llama_family["base"], "--json").stdout)
+
+
+def test_a_profiled_command_still_writes_its_profile(tmp_path):
+    """Under a profiler (or a debugger, or coverage) the command ends the usual way, so the tool's results are
+    written after it: the quick exit is only for plain runs."""
+    stats = tmp_path / "merge.prof"
+    proc = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(stats), "-m", "mergekit_lite", "--help"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0 and "run" in proc.stdout, proc.stderr
+    assert stats.stat().st_size > 0
