@@ -94,16 +94,16 @@ def cluster(node_hub):
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
     port = _free_port()
     common = ["--num-cpus=1", "--disable-usage-stats"]
-    nodes = []
+    nodes, logs = [], (temp / "head.log", temp / "second.log")
     try:  # the second node starts with the head: it waits for the head's services to answer
         nodes.append(_start_node("--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=false",
                                  f"--temp-dir={temp}", '--resources={"head_node": 1}', *common,
-                                 env=_node_env(hub, caches["head_node"]), log=temp / "head.log"))
+                                 env=_node_env(hub, caches["head_node"]), log=logs[0]))
         nodes.append(_start_node(f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
                                  '--resources={"second_node": 1}', *common, env=_node_env(hub, caches["second_node"]),
-                                 log=temp / "second.log"))
-        for node, log in zip(nodes, ("head.log", "second.log")):
-            _wait_until_up(node, temp / log)
+                                 log=logs[1]))
+        for node, log in zip(nodes, logs):
+            _wait_until_up(node, log)
         yield f"127.0.0.1:{port}"
     finally:
         for node in reversed(nodes):
@@ -236,15 +236,15 @@ def test_a_killed_driver_leaves_nothing_and_resume_finishes_it(tmp_path, llama_f
     recipe = _recipe(tmp_path, llama_family, "ties")
     _merge_here(recipe, tmp_path / "local")
     out = tmp_path / "ray"
-    killed = ForkedMerge("run", recipe, out, "--quiet", "--shard-size", SHARD, "--ray", cluster, logs=tmp_path / "logs",
+    doomed = ForkedMerge("run", recipe, out, "--quiet", "--shard-size", SHARD, "--ray", cluster, logs=tmp_path / "logs",
                          env=ENV)
     journal = tmp_path / ".ray.partial" / ".merge_journal.jsonl"
     deadline = time.monotonic() + 120
-    while not killed.ended() and time.monotonic() < deadline:
+    while not doomed.ended() and time.monotonic() < deadline:
         if journal.exists() and journal.read_text().count('"tensor"') >= 3:
             break
         time.sleep(0.01)
-    killed.kill()
+    doomed.kill()
     assert not out.exists()
     report = merge(recipe, out, shard_size=SHARD, ray=driver, resume=True)
     assert _shards(out) == _shards(tmp_path / "local")
