@@ -428,9 +428,12 @@ class ChunkReader:
         return raws
 
     def convert(self, tensor: TensorPlan, start: int, raws: list[torch.Tensor | None], buffers: dict | None) -> Chunk:
-        """float32 chunk from the raw rows; done in the main thread, where torch's own threads do the work."""
+        """float32 chunk from the raw rows; done in the main thread, where torch's own threads do the work. For a
+        method that reads rows as stored, bfloat16 rows stay as they are (see `keeps_stored`)."""
         if tensor.by_token is not None:
             return raws[0]
+        if buffers is not None and self.keeps_stored(tensor, raws):
+            return Chunk(start, raws[0], list(raws[1:]))
         base_source, sources = self.inputs_of(tensor)
         base = self._float(raws[0], *base_source, start, buffers, 0) if base_source is not None else None
         experts = []
@@ -450,6 +453,23 @@ class ChunkReader:
             else:
                 experts.append(self._float(raw, expert, name, start, buffers, index + 1))
         return Chunk(start, base, experts)
+
+    def keeps_stored(self, tensor: TensorPlan, raws: list[torch.Tensor | None]) -> bool:
+        """Whether a chunk goes to the method in bfloat16 as stored: the method's kernels widen it a block at a time
+        and round the result once, instead of a widened copy of every input and a narrowing pass over the output.
+        Only when every input and the output are bfloat16 and nothing is padded or aligned by token."""
+        return (self.plan.method.reads_stored and tensor.dtype == torch.bfloat16 and not tensor.row_aligned
+                and not tensor.missing_in and all(raw is not None and raw.dtype == torch.bfloat16
+                                                  and raw.is_contiguous() for raw in raws)
+                and kernels.library() is not None)
+
+    def refuse_stored_nonfinite(self, tensor: TensorPlan, start: int, stop: int) -> None:
+        """A method found NaN or Inf among a chunk's rows as stored: name the input that holds them. The rows are
+        read again, since the method has written its result over one of them."""
+        base, experts = self.inputs_of(tensor)
+        for ckpt, name in [source for source in (base, *experts) if source is not None]:
+            refuse_nonfinite(self.copy_rows(ckpt, name, start, stop).float(), ckpt, name, start)
+        raise UserError(f"tensor {tensor.name!r}: NaN or Inf among the inputs' rows from {start}; refusing to merge it")
 
     def inputs_of(self, tensor: TensorPlan) -> tuple[tuple[Checkpoint, str] | None, list[tuple[Checkpoint, str] | None]]:
         """(checkpoint, tensor name) of the base (None: no base) and of each expert (None: it lacks the tensor)."""
@@ -595,16 +615,16 @@ class TensorAccumulator:
     nonfinite: bool = False
 
     def add(self, result: ChunkResult, merged: torch.Tensor, base: torch.Tensor | None) -> None:
-        flat = merged.reshape(-1)
+        flat = lambda values: values.reshape(-1).float()  # noqa: E731 (a chunk merged as stored is bfloat16)
         if result.result_sq is not None and math.isfinite(result.result_sq):
             norm_sq, finite = result.result_sq, True  # a finite sum of squares: every entry is finite
         else:
-            norm_sq, finite = float(torch.dot(flat, flat)), False
+            norm_sq, finite = float(torch.dot(flat(merged), flat(merged))), False
         self.norm_sq += norm_sq
         if result.result_delta_sq is not None:
             self.delta_sq += result.result_delta_sq
         elif base is not None:
-            diff = flat - base.reshape(-1)
+            diff = flat(merged) - flat(base)
             self.delta_sq += float(torch.dot(diff, diff))
         self.expert_delta_sq = _sum_lists(self.expert_delta_sq, result.delta_sq)
         self.kept = _sum_lists(self.kept, result.kept)
@@ -801,9 +821,11 @@ def _merge_tensor(plan: MergePlan, tensor: TensorPlan, reader: ChunkReader, writ
     kept_from = None
     for chunk in chunks:
         result = method.merge_chunk(context, chunk, state)
+        if result.nonfinite_inputs:
+            reader.refuse_stored_nonfinite(tensor, chunk.start, chunk.start + _rows_in(result.tensor))
         if tensor.positive and not bool((result.tensor > 0).all()):  # NaN fails the test too
             reference, name = reader.reference_of(tensor)
-            stop = chunk.start + (result.tensor.shape[0] if result.tensor.dim() > 1 else 1)
+            stop = chunk.start + _rows_in(result.tensor)
             result = ChunkResult(reader.copy_rows(reference, name, chunk.start, stop).to(result.tensor))
             kept_from = str(reference.path)
         stats.add(result, result.tensor, chunk.base)
@@ -813,6 +835,11 @@ def _merge_tensor(plan: MergePlan, tensor: TensorPlan, reader: ChunkReader, writ
     if kept_from is not None:
         entry["kept_from"] = kept_from
     return entry
+
+
+def _rows_in(rows: torch.Tensor) -> int:
+    """How many rows a merged chunk holds (a 0-d or 1-d tensor is one chunk of one row)."""
+    return rows.shape[0] if rows.dim() > 1 else 1
 
 
 def _copy_tensor(plan: MergePlan, tensor: TensorPlan, reader: ChunkReader, writer: CheckpointWriter,

@@ -54,6 +54,14 @@ def _ties_both_ways(kernel_switch, base, experts, model_params, params):
     return results
 
 
+def _assert_norms_of(result, base: torch.Tensor) -> None:
+    """A fused kernel's squared norms of the result and of its change to the base, which the report uses instead of
+    another pass over the result, against the merged tensor itself."""
+    merged, base = result.tensor.double(), base.double()
+    assert result.result_sq == pytest.approx(float(merged.pow(2).sum()), rel=1e-5)
+    assert result.result_delta_sq == pytest.approx(float((merged - base).pow(2).sum()), rel=1e-4, abs=1e-9)
+
+
 @needs_kernels
 @pytest.mark.parametrize("weights, densities, normalize, lam", [
     ([1.0, 1.0, 1.0], [0.5, 0.5, 0.5], True, 1.0),
@@ -104,6 +112,7 @@ def test_fused_dare_equals_the_drop_then_merge_bit_for_bit(kernel_switch, method
     assert (fused.any_kept, fused.disagreed) == (reference.any_kept, reference.disagreed)
     assert fused.delta_sq == pytest.approx(reference.delta_sq, rel=1e-5)
     assert fused.result_delta_sq == pytest.approx(reference.result_delta_sq, rel=1e-5)
+    _assert_norms_of(fused, base)
 
 
 @needs_kernels
@@ -132,6 +141,7 @@ def test_fused_ram_equals_the_torch_path_bit_for_bit(kernel_switch, method, epsi
         assert state == expected_state
         assert torch.equal(result.tensor, expected.tensor) and torch.equal(result.tensor.signbit(), expected.tensor.signbit())
         assert result.delta_sq == pytest.approx(expected.delta_sq, rel=1e-5)
+        _assert_norms_of(result, base)
 
 
 @needs_kernels
@@ -154,6 +164,7 @@ def test_fused_sce_equals_the_torch_path_bit_for_bit(kernel_switch, select_topk,
     expected, fused = results
     assert torch.equal(fused.tensor, expected.tensor) and torch.equal(fused.tensor.signbit(), expected.tensor.signbit())
     assert fused.delta_sq == pytest.approx(expected.delta_sq, rel=1e-5)
+    _assert_norms_of(fused, base)
     assert torch.equal(expected.tensor, base) == (select_topk == 0.0)  # keeping nothing gives the base back
 
 
@@ -274,6 +285,42 @@ def test_widen_bfloat16_is_exact_and_counts_nonfinite(kernel_switch):
     assert torch.equal(out.view(torch.int32), raw.float().view(torch.int32))
 
 
+STORED_MERGES = {  # the kernels that also read bfloat16 rows as stored, each on one recipe's settings
+    "ram": lambda base, experts: kernels.ram_merge(base, experts, False, 1e-3, None),
+    "ramplus_tl": lambda base, experts: kernels.ram_merge(base, experts, False, 1e-3, [1.05, 1.1, 1.2]),
+    "dare_ties": lambda base, experts: kernels.dare_merge(base, experts, [1, 2, 3], [0.5, 0.3, 1.0], True,
+                                                          [1.0, 0.7, 1.2], True, True, 1.0),
+    "dare_linear": lambda base, experts: kernels.dare_merge(base, experts, [1, 2, 3], [0.5, 0.3, 1.0], True,
+                                                            [1.0, 0.7, 1.2], False, True, 0.8),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", sorted(STORED_MERGES))
+def test_kernels_on_bfloat16_rows_as_stored_equal_widening_first(kernel_switch, method):
+    """Kernels that read bfloat16 rows as stored and round their result once give the bits of widening every input,
+    merging in float32 and rounding as torch does (to nearest, ties to even), with the same counts and norms; and
+    they count the NaN and Inf that nothing checked before them."""
+    kernel_switch(True)
+    merge = STORED_MERGES[method]
+    base, experts = _data()
+    base16, experts16 = base.bfloat16(), [expert.bfloat16() for expert in experts]
+    wide, wide_stats = merge(base16.float(), [e.float() for e in experts16])
+    assert wide_stats["nonfinite_inputs"] == 0
+    halves = (wide.view(torch.int32) & 0xFFFF) == 0x8000
+    assert int(halves.sum()) > 0  # results exactly halfway between two bfloat16 values: the ties are exercised
+    stored, stats = merge(base16.clone(), [e.clone() for e in experts16])
+    assert stored.dtype == torch.bfloat16
+    assert torch.equal(stored.view(torch.int16), wide.bfloat16().view(torch.int16))
+    assert stats == wide_stats
+    if method == "ramplus_tl":
+        assert kernels.ram_counts(base16, experts16, False, 1e-3) == kernels.ram_counts(
+            base16.float(), [e.float() for e in experts16], False, 1e-3)
+    experts16[0][[5, 70_000]] = torch.tensor([float("nan"), float("-inf")], dtype=torch.bfloat16)
+    base16[199_999] = float("inf")
+    assert merge(base16, experts16)[1]["nonfinite_inputs"] == 3
+
+
 def _bfloat16_family(llama_family, tmp_path):
     family = {}
     for name in ("base", "expert1", "expert2", "expert3"):
@@ -288,19 +335,23 @@ def _bfloat16_family(llama_family, tmp_path):
     ("della_linear", {"epsilon": 0.05, "rescale": False}), ("ram", {}), ("ramplus_tl", {"r": 0.5, "alpha": 0.9}),
     ("sce", {"select_topk": 0.4}),
 ])
-def test_merge_run_gives_identical_bytes_with_and_without_kernels(tmp_path, llama_family, kernel_switch, method,
-                                                                   params):
+def test_merge_run_gives_identical_bytes_with_and_without_kernels(tmp_path, llama_family, kernel_switch, monkeypatch,
+                                                                   method, params):
+    widen = kernels.widen_bfloat16
     family = _bfloat16_family(llama_family, tmp_path)
     recipe = write_recipe(tmp_path / "r.yaml", method, family, params=params,
                           model_params=[{"density": 0.5, "weight": 1.0}, {"density": 0.3, "weight": 0.7},
                                         {"density": 0.8, "weight": 1.2}], extra="dtype: bfloat16\nseed: 7\n")
-    outputs = {}
+    outputs, widened = {}, []
+    monkeypatch.setattr(kernels, "widen_bfloat16", lambda raw, out: widened.append(raw.numel()) or widen(raw, out))
     for on in (True, False):
         kernel_switch(on)
         out = tmp_path / f"out_{on}"
         result = run_cli("run", recipe, out, "--quiet")
         assert result.exit_code == 0, result.output
         outputs[on] = load_dir(out)
+        if on:  # a method whose kernels read bfloat16 as stored gets its chunks unwidened
+            assert (not widened) == METHODS[method].reads_stored, widened
     assert outputs[True].keys() == outputs[False].keys()
     for name, tensor in outputs[True].items():
         assert torch.equal(tensor, outputs[False][name]), name
@@ -317,6 +368,24 @@ def test_nan_in_a_bfloat16_input_is_refused_on_the_kernel_path(tmp_path, llama_f
     family = copy_model(llama_family, "expert1", tmp_path, poison)
     expect_refusal(tmp_path, recipe_text(family, ("edited", "expert2")), "model.layers.0.self_attn.q_proj.weight",
                    "NaN or Inf", "from row 0", inputs=[family["edited"]])
+
+
+@needs_kernels
+@pytest.mark.parametrize("method, poisoned", [("ram", "expert1"), ("ram", "base"), ("dare_ties", "expert1")])
+def test_nan_in_rows_merged_as_stored_is_refused_naming_the_input(tmp_path, llama_family, kernel_switch, method,
+                                                                  poisoned):
+    """RAM and DARE merge bfloat16 rows as stored, which nothing checked before; their kernels count NaN and Inf,
+    and the input that holds them is named, the first expert included, whose rows the result has overwritten."""
+    kernel_switch(True)
+    family = _bfloat16_family(llama_family, tmp_path)
+
+    def poison(tensors):
+        tensors["model.layers.0.self_attn.q_proj.weight"][2, 3] = float("nan")
+
+    edited = copy_model(family, poisoned, tmp_path, poison)["edited"]
+    family[poisoned] = edited
+    expect_refusal(tmp_path, recipe_text(family, method=method, extra="dtype: bfloat16\n"),
+                   "model.layers.0.self_attn.q_proj.weight", "NaN or Inf", str(edited), "from row 0", inputs=[edited])
 
 
 def test_without_a_compiler_the_torch_path_merges(tmp_path, llama_family, kernel_switch, monkeypatch):

@@ -37,11 +37,11 @@ _SIGNATURES = {
     "count_bracket": [_ptr, _i64, _f32, _f32, _f32, _ptr],
     "widen_bfloat16": [_ptr, _ptr, _i64],
     "ties_merge": [_ptr, _ptr, _i32, _i64, _i32, _ptr, _ptr, _i32, _f32, _f32, _ptr, _ptr, _ptr, _ptr],
-    "dare_merge": [_ptr, _ptr, _i32, _i64, _i64, _ptr, _ptr, _i32, _ptr, _i32, _i32, _f32, _f32, _f32, _ptr, _ptr,
-                   _ptr, _ptr],
+    "dare_merge": [_ptr, _ptr, _i32, _i64, _i32, _i64, _ptr, _ptr, _i32, _ptr, _i32, _i32, _f32, _f32, _f32, _ptr,
+                   _ptr, _ptr, _ptr, _ptr],
     "rank_probabilities": [_ptr, _i64, _i64, _f32, _f32, _ptr],
-    "ram_counts": [_ptr, _ptr, _i32, _i64, _i32, _f32, _ptr, _ptr],
-    "ram_merge": [_ptr, _ptr, _i32, _i64, _i32, _f32, _ptr, _ptr, _ptr],
+    "ram_counts": [_ptr, _ptr, _i32, _i64, _i32, _i32, _f32, _ptr, _ptr],
+    "ram_merge": [_ptr, _ptr, _i32, _i64, _i32, _i32, _f32, _ptr, _ptr, _ptr, _ptr],
     "sce_merge": [_ptr, _ptr, _i32, _i64, _i32, _ptr, _f32, _i32, _ptr, _f32, _ptr, _ptr],
     "random_drop": [_ptr, _ptr, _i64, _i64, ctypes.c_uint64, _i64, _i32],
     "block_gram": [_ptr, _i32, _i64, _i64, _i64, _i64, _i64, _ptr],
@@ -105,6 +105,18 @@ def usable(*tensors: torch.Tensor | None) -> bool:
     """Whether the kernels can work on these tensors: CPU, float32, contiguous, and the library built."""
     for tensor in tensors:
         if tensor is None or tensor.device.type != "cpu" or tensor.dtype != torch.float32 or not tensor.is_contiguous():
+            return False
+    return library() is not None
+
+
+def usable_stored(*tensors: torch.Tensor | None) -> bool:
+    """Whether the kernels that also read rows as stored can work on these: CPU, contiguous, all float32 or all
+    bfloat16, and the library built."""
+    dtypes = {tensor.dtype for tensor in tensors if tensor is not None}
+    if len(dtypes) != 1 or not dtypes <= {torch.float32, torch.bfloat16}:
+        return False
+    for tensor in tensors:
+        if tensor is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
             return False
     return library() is not None
 
@@ -178,7 +190,7 @@ def count_bracket(values: torch.Tensor, lo: float, guess: float, hi: float) -> l
     return [sum(c[j] for c in counts) for j in range(4)]
 
 
-def _merge_stats(count: int, kept: list, tallies: list, sums: list) -> dict:
+def _merge_stats(count: int, kept: list, tallies: list, sums: list, nonfinite: list) -> dict:
     """The per-thread counters of ties_merge / dare_merge, added up."""
     total = lambda arrays, j: sum(a[j] for a in arrays)  # noqa: E731
     return {
@@ -188,6 +200,7 @@ def _merge_stats(count: int, kept: list, tallies: list, sums: list) -> dict:
         "delta_sq": [total(sums, t) for t in range(count)],
         "change_sq": total(sums, count),
         "result_sq": total(sums, count + 1),
+        "nonfinite_inputs": sum(found.value for found in nonfinite),
     }
 
 
@@ -204,16 +217,18 @@ def _run_failing(n: int, work: Callable[[int, int, int], int], what: str) -> Non
         raise MemoryError(f"{what}: no scratch memory")
 
 
-def _run_merge(n: int, count: int, call: Callable[..., int]) -> tuple[list, list, list]:
-    """Run a merge kernel over the threads' parts: call(start, stop, kept, tallies, sums) per part, each with its
-    own counters; a kernel short of scratch memory is a MemoryError."""
+def _run_merge(n: int, count: int, call: Callable[..., int]) -> tuple[list, list, list, list]:
+    """Run a merge kernel over the threads' parts: call(start, stop, kept, tallies, sums, nonfinite) per part, each
+    with its own counters; a kernel short of scratch memory is a MemoryError."""
     parts = _parts(n)
     kept = [(ctypes.c_int64 * count)() for _ in parts]
     tallies = [(ctypes.c_int64 * 2)() for _ in parts]
     sums = [(ctypes.c_double * (count + 2))() for _ in parts]
-    _run_failing(n, lambda start, stop, part: call(start, stop, kept[part], tallies[part], sums[part]),
+    nonfinite = [ctypes.c_int64(0) for _ in parts]
+    _run_failing(n, lambda start, stop, part: call(start, stop, kept[part], tallies[part], sums[part],
+                                                   ctypes.byref(nonfinite[part])),
                  f"merge kernel for {count} experts")
-    return kept, tallies, sums
+    return kept, tallies, sums, nonfinite
 
 
 def ties_merge(base: torch.Tensor, experts: list[torch.Tensor], are_deltas: bool, thresholds: list[float],
@@ -225,10 +240,10 @@ def ties_merge(base: torch.Tensor, experts: list[torch.Tensor], are_deltas: bool
     threshold_array = (ctypes.c_float * count)(*thresholds)
     weight_array = (ctypes.c_float * count)(*weights)
 
-    def call(start: int, stop: int, *counters) -> int:
+    def call(start: int, stop: int, *counters) -> int:  # float32 inputs: no count of NaN and Inf to make
         return lib.ties_merge(_address(base, start), _pointers(experts, start), count, stop - start, int(are_deltas),
                               threshold_array, weight_array, int(normalize), min(weights), scale,
-                              _address(out, start), *counters)
+                              _address(out, start), *counters[:3])
 
     return out, _merge_stats(count, *_run_merge(base.numel(), count, call))
 
@@ -239,7 +254,9 @@ def dare_merge(base: torch.Tensor, experts: list[torch.Tensor], seeds: list[int]
     """DARE's whole chunk in one pass: random drop of each task vector (draw i of stream seeds[t]; a density of
     1 or more keeps all), rescale, weights, then the TIES election (elect) or the sum (normalize: divided by the
     weights' sum, unless it is about 0), scale, base. The bits of the torch path (sparsify.random_keep, then
-    merge_task_vectors); written over experts[0], returned with the stats of ties_merge."""
+    merge_task_vectors). The inputs in float32, or all as stored in bfloat16 (as ram_merge). Written over
+    experts[0], returned with the stats of ties_merge (whose nonfinite_inputs counts NaN and Inf in bfloat16
+    inputs)."""
     lib = library()
     count, out = len(experts), experts[0]
     seed_array = (ctypes.c_uint64 * count)(*seeds)
@@ -247,9 +264,10 @@ def dare_merge(base: torch.Tensor, experts: list[torch.Tensor], seeds: list[int]
     weight_array = (ctypes.c_float * count)(*weights)
     weight_sum = float(sum(weights))
     divisor = weight_sum if normalize and not elect and abs(weight_sum) >= 1e-8 else 0.0
+    bf16 = int(base.dtype == torch.bfloat16)
 
     def call(start: int, stop: int, *counters) -> int:
-        return lib.dare_merge(_address(base, start), _pointers(experts, start), count, stop - start, start,
+        return lib.dare_merge(_address(base, start), _pointers(experts, start), count, stop - start, bf16, start,
                               seed_array, density_array, int(rescale), weight_array, int(elect), int(normalize),
                               min(weights), divisor, scale, _address(out, start), *counters)
 
@@ -258,49 +276,63 @@ def dare_merge(base: torch.Tensor, experts: list[torch.Tensor], seeds: list[int]
 
 def ram_counts(base: torch.Tensor, experts: list[torch.Tensor], are_deltas: bool, epsilon: float
                ) -> tuple[list[int], list[int]]:
-    """RAM+'s counts, per model: entries it changed (|task vector| > epsilon) along with another model, and alone."""
+    """RAM+'s counts, per model: entries it changed (|task vector| > epsilon) along with another model, and alone.
+    The inputs in float32, or all as stored in bfloat16."""
     lib = library()
     count = len(experts)
     parts = _parts(base.numel())
     shared = [(ctypes.c_int64 * count)() for _ in parts]
     unique = [(ctypes.c_int64 * count)() for _ in parts]
+    bf16 = int(base.dtype == torch.bfloat16)
     _run_failing(base.numel(), lambda start, stop, part: lib.ram_counts(
-        _address(base, start), _pointers(experts, start), count, stop - start, int(are_deltas), epsilon, shared[part],
-        unique[part]), "ram_counts")
+        _address(base, start), _pointers(experts, start), count, stop - start, bf16, int(are_deltas), epsilon,
+        shared[part], unique[part]), "ram_counts")
     return [sum(s[t] for s in shared) for t in range(count)], [sum(u[t] for u in unique) for t in range(count)]
 
 
+def _squared_norms(count: int, sums: list) -> dict:
+    """The per-thread sums of ram_merge / sce_merge, added up: delta_sq (per expert), change_sq and result_sq."""
+    total = [sum(s[j] for s in sums) for j in range(count + 2)]
+    return {"delta_sq": total[:count], "change_sq": total[count], "result_sq": total[count + 1]}
+
+
 def ram_merge(base: torch.Tensor, experts: list[torch.Tensor], are_deltas: bool, epsilon: float,
-              scales: list[float] | None) -> tuple[torch.Tensor, list[float]]:
+              scales: list[float] | None) -> tuple[torch.Tensor, dict]:
     """RAM (scales None) or RAM+ over a chunk in one pass, the bits of the torch path (methods/ram.py,
-    methods/ramplus_tl.py); written over experts[0], returned with each task vector's squared norm."""
+    methods/ramplus_tl.py). The inputs in float32, or all as stored in bfloat16: then they are widened a block at a
+    time, and the result is rounded to bfloat16 once, as the torch path's result would be when written. Written over
+    experts[0]; returned with the squared norms of each task vector (delta_sq), of the change to the base
+    (change_sq) and of the float32 result (result_sq), and how many bfloat16 inputs are NaN or Inf
+    (nonfinite_inputs)."""
     lib = library()
     count, out = len(experts), experts[0]
     parts = _parts(base.numel())
-    sums = [(ctypes.c_double * count)() for _ in parts]
+    sums = [(ctypes.c_double * (count + 2))() for _ in parts]
+    nonfinite = [ctypes.c_int64(0) for _ in parts]
     scale_array = (ctypes.c_float * count)(*scales) if scales is not None else None
+    bf16 = int(base.dtype == torch.bfloat16)
     _run_failing(base.numel(), lambda start, stop, part: lib.ram_merge(
-        _address(base, start), _pointers(experts, start), count, stop - start, int(are_deltas), epsilon, scale_array,
-        _address(out, start), sums[part]), "ram_merge")
-    return out, [sum(s[t] for s in sums) for t in range(count)]
+        _address(base, start), _pointers(experts, start), count, stop - start, bf16, int(are_deltas), epsilon,
+        scale_array, _address(out, start), sums[part], ctypes.byref(nonfinite[part])), "ram_merge")
+    return out, {**_squared_norms(count, sums), "nonfinite_inputs": sum(found.value for found in nonfinite)}
 
 
 def sce_merge(base: torch.Tensor, experts: list[torch.Tensor], are_deltas: bool, variances: torch.Tensor | None,
               threshold: float, none_kept: bool, weights: list[float], min_divisor: float
-              ) -> tuple[torch.Tensor, list[float]]:
+              ) -> tuple[torch.Tensor, dict]:
     """SCE's merge of a chunk in one pass (entries kept where `variances` >= threshold, all when it is None, none
-    with none_kept), the bits of the torch path (methods/sce.py); written over experts[0], returned with each task
-    vector's squared norm."""
+    with none_kept), the bits of the torch path (methods/sce.py); written over experts[0], returned with the squared
+    norms of ram_merge."""
     lib = library()
     count, out = len(experts), experts[0]
     parts = _parts(base.numel())
-    sums = [(ctypes.c_double * count)() for _ in parts]
+    sums = [(ctypes.c_double * (count + 2))() for _ in parts]
     weight_array = (ctypes.c_float * count)(*weights)
     _run_failing(base.numel(), lambda start, stop, part: lib.sce_merge(
         _address(base, start), _pointers(experts, start), count, stop - start, int(are_deltas),
         _address(variances, start) if variances is not None else None, threshold, int(none_kept), weight_array,
         min_divisor, _address(out, start), sums[part]), "sce_merge")
-    return out, [sum(s[t] for s in sums) for t in range(count)]
+    return out, _squared_norms(count, sums)
 
 
 def widen_bfloat16(raw: torch.Tensor, out: torch.Tensor) -> int:

@@ -71,6 +71,40 @@ void count_bracket(const float *values, int64_t n, float lo, float guess, float 
     counts[3] += reach_lo;
 }
 
+/* Rows as stored, one block at a time: a pointer into float32 rows, or bfloat16 rows (the high half of a float's
+ * bits, so exact) widened into scratch, their NaN and Inf counted into *nonfinite. */
+static inline const float *load_block(const void *rows, int32_t bf16, int64_t start, int len, float *restrict scratch,
+                               int64_t *nonfinite)
+{
+    if (!bf16) return (const float *)rows + start;
+    const uint16_t *restrict src = (const uint16_t *)rows + start;
+    uint16_t found = 0;  /* per block, so the count stays in narrow vector lanes */
+    for (int i = 0; i < len; i++) {
+        uint32_t bits = (uint32_t)src[i] << 16;
+        memcpy(scratch + i, &bits, sizeof bits);
+        found += (src[i] & 0x7f80u) == 0x7f80u;
+    }
+    *nonfinite += found;
+    return scratch;
+}
+
+/* A block of float32 results into out: as they are, or rounded to bfloat16 the way torch rounds (to nearest,
+ * ties to even; NaN as the quiet NaN 0x7fc0). */
+static inline void store_block(const float *restrict values, int len, void *out, int32_t bf16, int64_t start)
+{
+    if (!bf16) {
+        memcpy((float *)out + start, values, (size_t)len * sizeof(float));
+        return;
+    }
+    uint16_t *restrict dst = (uint16_t *)out + start;
+    for (int i = 0; i < len; i++) {
+        uint32_t bits;
+        memcpy(&bits, values + i, sizeof bits);
+        uint16_t rounded = (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+        dst[i] = values[i] != values[i] ? (uint16_t)0x7fc0u : rounded;
+    }
+}
+
 /* d = expert - base over a block (or a copy when the expert already holds its task vector). */
 static void block_delta(const float *restrict base, const float *restrict expert, int are_deltas, int len,
                         float *restrict d)
@@ -101,13 +135,13 @@ static int64_t trim_weight(const float *restrict d, float threshold, float weigh
  * total): the sign of
  * total per entry (+ where it is >= 0), the sum of the terms of that sign (normalize: divided by the agreeing
  * weights, at least min_weight when every weight is positive, else 1 where none agree), times scale, plus the
- * base, into o. tallies += [entries some expert kept, of those entries with a minority sign]; sums += [|result -
+ * base, into result. tallies += [entries some expert kept, of those entries with a minority sign]; sums += [|result -
  * base|^2, |result|^2]. */
 static inline void elect_block(const float *restrict terms, const float *restrict total, int32_t n_experts,
                                int len, const float *weights, int normalize, float min_weight, float scale,
-                               const float *restrict b, float *o, int64_t *tallies, double *sums)
+                               const float *restrict b, float *restrict result, int64_t *tallies, double *sums)
 {
-    float sign[BLOCK], agree[BLOCK], divisor[BLOCK], result[BLOCK];
+    float sign[BLOCK], agree[BLOCK], divisor[BLOCK];
     int positive_weights = min_weight > 0.0f;
     for (int i = 0; i < len; i++) {
         sign[i] = total[i] >= 0.0f ? 1.0f : -1.0f;
@@ -144,7 +178,6 @@ static inline void elect_block(const float *restrict terms, const float *restric
     tallies[1] += disagreed;
     sums[0] += sum_squares(agree, len);
     sums[1] += sum_squares(result, len);
-    for (int i = 0; i < len; i++) o[i] = result[i];
 }
 
 /* total = the terms (term t at terms + t * BLOCK) summed in order t = 0.. */
@@ -296,24 +329,25 @@ static inline int64_t drop_weight(const float *restrict d, uint64_t seed, uint64
 
 /* The body of ties_merge and dare_merge: per block, each expert's task vector (delta_sq += its squared norm),
  * sparsified as `how` says and weighted; then the TIES election (elect) or the sum in order t = 0.. (divided by
- * divisor unless it is 0, times scale), plus the base, into out (which may be experts[0]). kept[t] += entries kept;
- * tallies as elect_block; sums += [delta_sq of each expert..., |result - base|^2, |result|^2 (election only)].
- * Returns 0, or -1 when no scratch memory was to be had. */
+ * divisor unless it is 0, times scale), plus the base, into out (which may be experts[0]). Inputs and out in
+ * float32, or all in bfloat16 (bf16: read widened, results rounded once; *nonfinite += the NaN and Inf among the
+ * inputs). kept[t] += entries kept; tallies as elect_block; sums += [delta_sq of each expert..., |result - base|^2,
+ * |result|^2], of the float32 results. Returns 0, or -1 when no scratch memory was to be had. */
 PER_CPU
-static int32_t merge_blocks(const float *base, float *const *experts, int32_t n_experts, int64_t n,
+static int32_t merge_blocks(const void *base, const void *const *experts, int32_t n_experts, int64_t n, int32_t bf16,
                             int32_t are_deltas, const struct sparsify *how, const float *weights, int32_t elect,
-                            int32_t normalize, float min_weight, float divisor, float scale, float *out, int64_t *kept,
-                            int64_t *tallies, double *sums)
+                            int32_t normalize, float min_weight, float divisor, float scale, void *out, int64_t *kept,
+                            int64_t *tallies, double *sums, int64_t *nonfinite)
 {
-    float total[BLOCK], d[BLOCK], draws[BLOCK];
+    float total[BLOCK], d[BLOCK], draws[BLOCK], result[BLOCK], base_scratch[BLOCK], row_scratch[BLOCK];
     float *terms = term_scratch(n_experts);
     if (!terms) return -1;
     for (int64_t start = 0; start < n; start += BLOCK) {
         int len = n - start < BLOCK ? (int)(n - start) : BLOCK;
-        const float *b = base + start;
+        const float *b = load_block(base, bf16, start, len, base_scratch, nonfinite);
         for (int32_t t = 0; t < n_experts; t++) {
             float *term = terms + (size_t)t * BLOCK;
-            block_delta(b, experts[t] + start, are_deltas, len, d);
+            block_delta(b, load_block(experts[t], bf16, start, len, row_scratch, nonfinite), are_deltas, len, d);
             sums[t] += sum_squares(d, len);
             if (how->thresholds)
                 kept[t] += trim_weight(d, how->thresholds[t], weights[t], len, term);
@@ -323,19 +357,20 @@ static int32_t merge_blocks(const float *base, float *const *experts, int32_t n_
         }
         sum_terms(terms, n_experts, len, total);
         if (elect) {
-            elect_block(terms, total, n_experts, len, weights, normalize, min_weight, scale, b, out + start, tallies,
+            elect_block(terms, total, n_experts, len, weights, normalize, min_weight, scale, b, result, tallies,
                         sums + n_experts);
-            continue;
+        } else {
+            for (int i = 0; i < len; i++) {
+                float value = total[i];
+                if (divisor != 0.0f) value /= divisor;
+                if (scale != 1.0f) value *= scale;
+                total[i] = value;
+            }
+            sums[n_experts] += sum_squares(total, len);
+            for (int i = 0; i < len; i++) result[i] = total[i] + b[i];
+            sums[n_experts + 1] += sum_squares(result, len);
         }
-        for (int i = 0; i < len; i++) {
-            float value = total[i];
-            if (divisor != 0.0f) value /= divisor;
-            if (scale != 1.0f) value *= scale;
-            total[i] = value;
-        }
-        sums[n_experts] += sum_squares(total, len);
-        float *o = out + start;
-        for (int i = 0; i < len; i++) o[i] = total[i] + b[i];
+        store_block(result, len, out, bf16, start);
     }
     free(terms);
     return 0;
@@ -348,34 +383,35 @@ int32_t ties_merge(const float *base, float *const *experts, int32_t n_experts, 
                    float *out, int64_t *kept, int64_t *tallies, double *sums)
 {
     struct sparsify how = {thresholds, NULL, NULL, 0, 0};
-    return merge_blocks(base, experts, n_experts, n, are_deltas, &how, weights, 1, normalize, min_weight, 0.0f, scale,
-                        out, kept, tallies, sums);
+    int64_t nonfinite = 0;  /* float32 inputs, which the reader checked */
+    return merge_blocks(base, (const void *const *)experts, n_experts, n, 0, are_deltas, &how, weights, 1, normalize,
+                        min_weight, 0.0f, scale, out, kept, tallies, sums, &nonfinite);
 }
 
 /* DARE in one pass: each expert's task vector (expert - base) randomly dropped (draws first.. of stream seeds[t]),
  * rescaled, weighted; then the TIES election (elect) or the sum (divided by divisor unless 0), scale, base. The
- * torch path's operations in its order; counters as merge_blocks. */
-int32_t dare_merge(const float *base, float *const *experts, int32_t n_experts, int64_t n, int64_t first,
-                   const uint64_t *seeds, const float *densities, int32_t rescale, const float *weights,
-                   int32_t elect, int32_t normalize, float min_weight, float divisor, float scale, float *out,
-                   int64_t *kept, int64_t *tallies, double *sums)
+ * torch path's operations in its order; inputs and out in float32 or all in bfloat16, counters as merge_blocks. */
+int32_t dare_merge(const void *base, const void *const *experts, int32_t n_experts, int64_t n, int32_t bf16,
+                   int64_t first, const uint64_t *seeds, const float *densities, int32_t rescale,
+                   const float *weights, int32_t elect, int32_t normalize, float min_weight, float divisor,
+                   float scale, void *out, int64_t *kept, int64_t *tallies, double *sums, int64_t *nonfinite)
 {
     struct sparsify how = {NULL, seeds, densities, rescale, first};
-    return merge_blocks(base, experts, n_experts, n, 0, &how, weights, elect, normalize, min_weight, divisor, scale,
-                        out, kept, tallies, sums);
+    return merge_blocks(base, experts, n_experts, n, bf16, 0, &how, weights, elect, normalize, min_weight, divisor,
+                        scale, out, kept, tallies, sums, nonfinite);
 }
 
 /* RAM and RAM+ work on which models changed an entry: |d_t| > epsilon, d_t = expert - base (or the expert, when it
- * already holds its task vector); count = how many did. changed is 1 or 0 per model and entry, count their sum. */
-static void ram_changes(const float *restrict b, float *const *experts, int64_t start, int32_t n_experts,
-                        int32_t are_deltas, float epsilon, int len, float *restrict deltas, float *restrict changed,
-                        float *restrict count)
+ * already holds its task vector); count = how many did. changed is 1 or 0 per model and entry, count their sum. The
+ * base's and experts' rows of the block as float32 (rows[t] for expert t). */
+static void ram_changes(const float *restrict b, const float *const *rows, int32_t n_experts, int32_t are_deltas,
+                        float epsilon, int len, float *restrict deltas, float *restrict changed, float *restrict count)
 {
     for (int i = 0; i < len; i++) count[i] = 0.0f;
     for (int32_t t = 0; t < n_experts; t++) {
         float *restrict d = deltas + (size_t)t * BLOCK;
         float *restrict c = changed + (size_t)t * BLOCK;
-        block_delta(b, experts[t] + start, are_deltas, len, d);
+        block_delta(b, rows[t], are_deltas, len, d);
         for (int i = 0; i < len; i++) {
             c[i] = fabsf(d[i]) > epsilon ? 1.0f : 0.0f;
             count[i] += c[i];
@@ -383,20 +419,60 @@ static void ram_changes(const float *restrict b, float *const *experts, int64_t 
     }
 }
 
-/* RAM+'s first pass: shared[t] += entries model t changed along with another, unique[t] += those it alone changed.
- * Returns 0, or -1 when no scratch memory was to be had. */
-int32_t ram_counts(const float *base, float *const *experts, int32_t n_experts, int64_t n, int32_t are_deltas,
-                   float epsilon, int64_t *shared, int64_t *unique)
+/* One block of the base's and each expert's rows as float32 into base_row and rows[t] (expert t's widened into
+ * scratch + t * BLOCK when they are bfloat16). */
+static const float *load_inputs(const void *base, const void *const *experts, int32_t n_experts, int32_t bf16,
+                                int64_t start, int len, float *restrict base_scratch, float *restrict scratch,
+                                const float **rows, int64_t *nonfinite)
 {
-    float count[BLOCK];
-    float *deltas = term_scratch(2 * n_experts);
-    if (!deltas) return -1;
-    float *changed = deltas + (size_t)n_experts * BLOCK;
+    for (int32_t t = 0; t < n_experts; t++)
+        rows[t] = load_block(experts[t], bf16, start, len, scratch + (size_t)t * BLOCK, nonfinite);
+    return load_block(base, bf16, start, len, base_scratch, nonfinite);
+}
+
+/* Scratch of the RAM kernels: per expert one block of its task vector, of its changed flags and of its rows
+ * widened, and the pointers to its rows. */
+struct ram_scratch {
+    float *deltas, *changed, *widened;
+    const float **rows;
+};
+
+static int ram_scratch_alloc(struct ram_scratch *scratch, int32_t n_experts)
+{
+    scratch->deltas = term_scratch(3 * n_experts);
+    scratch->rows = malloc((size_t)(n_experts > 0 ? n_experts : 1) * sizeof *scratch->rows);
+    if (!scratch->deltas || !scratch->rows) {
+        free(scratch->deltas);
+        free(scratch->rows);
+        return -1;
+    }
+    scratch->changed = scratch->deltas + (size_t)n_experts * BLOCK;
+    scratch->widened = scratch->changed + (size_t)n_experts * BLOCK;
+    return 0;
+}
+
+static void ram_scratch_free(struct ram_scratch *scratch)
+{
+    free(scratch->rows);
+    free(scratch->deltas);
+}
+
+/* RAM+'s first pass: shared[t] += entries model t changed along with another, unique[t] += those it alone changed.
+ * Inputs in float32, or bfloat16 (bf16). Returns 0, or -1 when no scratch memory was to be had. */
+int32_t ram_counts(const void *base, const void *const *experts, int32_t n_experts, int64_t n, int32_t bf16,
+                   int32_t are_deltas, float epsilon, int64_t *shared, int64_t *unique)
+{
+    float count[BLOCK], base_scratch[BLOCK];
+    struct ram_scratch scratch;
+    if (ram_scratch_alloc(&scratch, n_experts) != 0) return -1;
+    int64_t nonfinite = 0;  /* the merge pass reports them */
     for (int64_t start = 0; start < n; start += BLOCK) {
         int len = n - start < BLOCK ? (int)(n - start) : BLOCK;
-        ram_changes(base + start, experts, start, n_experts, are_deltas, epsilon, len, deltas, changed, count);
+        const float *b = load_inputs(base, experts, n_experts, bf16, start, len, base_scratch, scratch.widened,
+                                     scratch.rows, &nonfinite);
+        ram_changes(b, scratch.rows, n_experts, are_deltas, epsilon, len, scratch.deltas, scratch.changed, count);
         for (int32_t t = 0; t < n_experts; t++) {
-            const float *restrict c = changed + (size_t)t * BLOCK;
+            const float *restrict c = scratch.changed + (size_t)t * BLOCK;
             int32_t with_others = 0, alone = 0;
             for (int i = 0; i < len; i++) {  /* & not &&: no branch, so it vectorizes */
                 with_others += (c[i] != 0.0f) & (count[i] > 1.0f);
@@ -406,30 +482,32 @@ int32_t ram_counts(const float *base, float *const *experts, int32_t n_experts, 
             unique[t] += alone;
         }
     }
-    free(deltas);
+    ram_scratch_free(&scratch);
     return 0;
 }
 
 /* RAM (scales NULL): the sum over t of k_t = d_t * changed_t, divided by max(count, 1). RAM+: the sum over t of
  * k_t * [count == 1] * scales[t] + k_t * [count > 1] / max(count, 1). Plus the base, into out (which may be
- * experts[0]); delta_sq[t] += |d_t|^2. The torch path's operations in its order. Returns 0, or -1 when no scratch
- * memory was to be had. */
-int32_t ram_merge(const float *base, float *const *experts, int32_t n_experts, int64_t n, int32_t are_deltas,
-                  float epsilon, const float *scales, float *out, double *delta_sq)
+ * experts[0]). Inputs and out in float32, or all in bfloat16 (bf16: read widened, results rounded once);
+ * sums += [|d_t|^2 for each t..., |result - base|^2, |result|^2], of the float32 results; *nonfinite += the NaN
+ * and Inf among bfloat16 inputs. The torch path's operations in its order. Returns 0, or -1 when no scratch memory
+ * was to be had. */
+int32_t ram_merge(const void *base, const void *const *experts, int32_t n_experts, int64_t n, int32_t bf16,
+                  int32_t are_deltas, float epsilon, const float *scales, void *out, double *sums, int64_t *nonfinite)
 {
-    float count[BLOCK], merged[BLOCK];
-    float *deltas = term_scratch(2 * n_experts);
-    if (!deltas) return -1;
-    float *changed = deltas + (size_t)n_experts * BLOCK;
+    float count[BLOCK], merged[BLOCK], base_scratch[BLOCK], result[BLOCK];
+    struct ram_scratch scratch;
+    if (ram_scratch_alloc(&scratch, n_experts) != 0) return -1;
     for (int64_t start = 0; start < n; start += BLOCK) {
         int len = n - start < BLOCK ? (int)(n - start) : BLOCK;
-        const float *b = base + start;
-        ram_changes(b, experts, start, n_experts, are_deltas, epsilon, len, deltas, changed, count);
+        const float *b = load_inputs(base, experts, n_experts, bf16, start, len, base_scratch, scratch.widened,
+                                     scratch.rows, nonfinite);
+        ram_changes(b, scratch.rows, n_experts, are_deltas, epsilon, len, scratch.deltas, scratch.changed, count);
         for (int i = 0; i < len; i++) merged[i] = 0.0f;
         for (int32_t t = 0; t < n_experts; t++) {
-            const float *restrict d = deltas + (size_t)t * BLOCK;
-            const float *restrict c = changed + (size_t)t * BLOCK;
-            delta_sq[t] += sum_squares(d, len);
+            const float *restrict d = scratch.deltas + (size_t)t * BLOCK;
+            const float *restrict c = scratch.changed + (size_t)t * BLOCK;
+            sums[t] += sum_squares(d, len);
             if (scales == NULL) {
                 for (int i = 0; i < len; i++) merged[i] += d[i] * c[i];
                 continue;
@@ -442,25 +520,26 @@ int32_t ram_merge(const float *base, float *const *experts, int32_t n_experts, i
                 merged[i] += kept * alone * scale + kept * with_others / divisor;
             }
         }
-        float *o = out + start;
         if (scales == NULL)
-            for (int i = 0; i < len; i++) o[i] = merged[i] / (count[i] < 1.0f ? 1.0f : count[i]) + b[i];
-        else
-            for (int i = 0; i < len; i++) o[i] = merged[i] + b[i];
+            for (int i = 0; i < len; i++) merged[i] = merged[i] / (count[i] < 1.0f ? 1.0f : count[i]);
+        sums[n_experts] += sum_squares(merged, len);
+        for (int i = 0; i < len; i++) result[i] = merged[i] + b[i];
+        sums[n_experts + 1] += sum_squares(result, len);
+        store_block(result, len, out, bf16, start);
     }
-    free(deltas);
+    ram_scratch_free(&scratch);
     return 0;
 }
 
-/* SCE's merge: each model's task vector d_t (expert - base, or the expert when it already is one; delta_sq[t] +=
- * |d_t|^2), kept where the entry's variance across the models is at or above threshold (variances NULL: all kept;
- * none_kept: none). The sign of their sum elects per entry; each model whose d_t has that sign counts with its
- * weight: the sum of the agreeing weighted d_t over the agreeing weights (at least min_divisor), plus the base,
- * into out (which may be experts[0]). The torch path's operations in its order. Returns 0, or -1 when no scratch
- * memory was to be had. */
+/* SCE's merge: each model's task vector d_t (expert - base, or the expert when it already is one), kept where the
+ * entry's variance across the models is at or above threshold (variances NULL: all kept; none_kept: none). The sign
+ * of their sum elects per entry; each model whose d_t has that sign counts with its weight: the sum of the agreeing
+ * weighted d_t over the agreeing weights (at least min_divisor), plus the base, into out (which may be experts[0]);
+ * sums as ram_merge's. The torch path's operations in its order. Returns 0, or -1 when no scratch memory was to be
+ * had. */
 int32_t sce_merge(const float *base, float *const *experts, int32_t n_experts, int64_t n, int32_t are_deltas,
                   const float *variances, float threshold, int32_t none_kept, const float *weights, float min_divisor,
-                  float *out, double *delta_sq)
+                  float *out, double *sums)
 {
     float total[BLOCK], majority[BLOCK], merged[BLOCK], divisor[BLOCK];
     float *deltas = term_scratch(n_experts);
@@ -472,7 +551,7 @@ int32_t sce_merge(const float *base, float *const *experts, int32_t n_experts, i
         for (int32_t t = 0; t < n_experts; t++) {
             float *restrict d = deltas + (size_t)t * BLOCK;
             block_delta(b, experts[t] + start, are_deltas, len, d);
-            delta_sq[t] += sum_squares(d, len);
+            sums[t] += sum_squares(d, len);
             if (none_kept)
                 for (int i = 0; i < len; i++) d[i] = 0.0f;
             else if (variances)
@@ -490,8 +569,11 @@ int32_t sce_merge(const float *base, float *const *experts, int32_t n_experts, i
                 divisor[i] += agrees;
             }
         }
+        for (int i = 0; i < len; i++) merged[i] = merged[i] / (divisor[i] < min_divisor ? min_divisor : divisor[i]);
+        sums[n_experts] += sum_squares(merged, len);
         float *o = out + start;
-        for (int i = 0; i < len; i++) o[i] = merged[i] / (divisor[i] < min_divisor ? min_divisor : divisor[i]) + b[i];
+        for (int i = 0; i < len; i++) o[i] = merged[i] + b[i];
+        sums[n_experts + 1] += sum_squares(o, len);
     }
     free(deltas);
     return 0;

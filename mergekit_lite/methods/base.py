@@ -42,7 +42,9 @@ class TensorContext:
 
 @dataclass
 class Chunk:
-    """Rows [start, start + rows) of one tensor, float32, for the base (if any) and every expert.
+    """Rows [start, start + rows) of one tensor, float32, for the base (if any) and every expert. For a method
+    with `reads_stored`, on the CPU with the kernels built, they may instead be bfloat16 rows as stored (all of
+    them, and the output bfloat16 too): its kernels widen them a block at a time.
 
     In `merge_chunk` the experts belong to the method, which may overwrite them (the base may not be
     changed: the engine measures the result against it). In `prepare` the only change allowed is turning
@@ -70,6 +72,7 @@ class ChunkResult:
     delta_sq: list[float] | None = None  # squared norm of each expert's task vector in this chunk
     result_delta_sq: float | None = None  # squared norm of (result - base), when the method has it at hand
     result_sq: float | None = None  # squared norm of the result, when the method has it at hand
+    nonfinite_inputs: int = 0  # NaN and Inf among the rows as stored of a chunk in bfloat16 (which were not checked)
 
 
 @dataclass
@@ -111,6 +114,7 @@ class MergeMethod:
     prepare_model: ModelPass | None = None  # optional first pass over the whole model
     needs_model_pass: Callable[[dict], bool] = field(default=lambda params: False)
     split_model_pass: SplitModelPass | None = None  # the same pass across workers, with the same result
+    reads_stored: bool = False  # merge_chunk and prepare take bfloat16 chunks as stored (see Chunk)
 
     def merge(self, context: TensorContext, base: torch.Tensor | None, experts: list[torch.Tensor]) -> MergeOutput:
         """Merge whole in-memory tensors as one chunk: the library entry for callers that hold tensors."""

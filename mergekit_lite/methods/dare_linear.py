@@ -28,9 +28,10 @@ def dare_drop(context: TensorContext, chunk: Chunk) -> tuple[list, list[float], 
 
 
 def merge_dare(context: TensorContext, chunk: Chunk, *, elect: bool) -> ChunkResult:
-    """DARE's drop, then the weighted sum or (elect) the TIES election; on the CPU in one fused pass, whose bits are
-    those of the drop and merge_task_vectors done one after the other."""
-    if chunk.delta_sq is None and kernels.usable(chunk.base, *chunk.experts):
+    """DARE's drop, then the weighted sum or (elect) the TIES election; on the CPU in one fused pass (on float32
+    chunks, or bfloat16 ones as stored), whose bits are those of the drop and merge_task_vectors done one after the
+    other."""
+    if chunk.delta_sq is None and kernels.usable_stored(chunk.base, *chunk.experts):
         seeds = [tensor_seed(context.seed, context.name, index, chunk.start) for index in range(len(chunk.experts))]
         merged, stats = kernels.dare_merge(
             chunk.base.reshape(-1), [expert.reshape(-1) for expert in chunk.experts], seeds,
@@ -40,7 +41,8 @@ def merge_dare(context: TensorContext, chunk: Chunk, *, elect: bool) -> ChunkRes
         return ChunkResult(merged.view(chunk.base.shape), kept=stats["kept"],
                            any_kept=stats["any_kept"] if elect else None,
                            disagreed=stats["disagreed"] if elect else None, delta_sq=stats["delta_sq"],
-                           result_delta_sq=stats["change_sq"], result_sq=stats["result_sq"] if elect else None)
+                           result_delta_sq=stats["change_sq"], result_sq=stats["result_sq"],
+                           nonfinite_inputs=stats["nonfinite_inputs"])
     deltas, delta_sq, kept = dare_drop(context, chunk)
     return merge_task_vectors(context, chunk, deltas, delta_sq, kept, elect=elect)
 
@@ -55,4 +57,5 @@ METHOD = MergeMethod(
     merge_chunk=merge_dare_linear,
     params=DARE_PARAMS,
     random=True,
+    reads_stored=True,
 )

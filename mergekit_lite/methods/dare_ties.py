@@ -16,4 +16,5 @@ METHOD = MergeMethod(
     merge_chunk=merge_dare_ties,
     params=DARE_PARAMS,
     random=True,
+    reads_stored=True,
 )

@@ -23,13 +23,14 @@ def contributions(deltas: list[torch.Tensor], epsilon: float) -> tuple[list[torc
 
 
 def fused_ram(context: TensorContext, chunk: Chunk, scales: list[float] | None) -> ChunkResult | None:
-    """RAM (scales None) or RAM+ in one pass of the C kernel, with the torch path's bits; None when the kernels
-    cannot take this chunk."""
-    if not kernels.usable(chunk.base, *chunk.experts):
+    """RAM (scales None) or RAM+ in one pass of the C kernel, with the torch path's bits, on float32 chunks or on
+    bfloat16 ones as stored; None when the kernels cannot take this chunk."""
+    if not kernels.usable_stored(chunk.base, *chunk.experts):
         return None
-    merged, delta_sq = kernels.ram_merge(chunk.base.reshape(-1), [expert.reshape(-1) for expert in chunk.experts],
-                                         chunk.delta_sq is not None, context.params["epsilon"], scales)
-    return ChunkResult(merged.view(chunk.base.shape), delta_sq=delta_sq)
+    merged, norms = kernels.ram_merge(chunk.base.reshape(-1), [expert.reshape(-1) for expert in chunk.experts],
+                                      chunk.delta_sq is not None, context.params["epsilon"], scales)
+    return ChunkResult(merged.view(chunk.base.shape), delta_sq=norms["delta_sq"], result_delta_sq=norms["change_sq"],
+                       result_sq=norms["result_sq"], nonfinite_inputs=norms["nonfinite_inputs"])
 
 
 def merge_ram(context: TensorContext, chunk: Chunk, _state: None) -> ChunkResult:
@@ -50,4 +51,5 @@ METHOD = MergeMethod(
     summary="entries one model changed keep its change; entries several changed take their mean change",
     merge_chunk=merge_ram,
     params=(RAM_EPSILON,),
+    reads_stored=True,
 )

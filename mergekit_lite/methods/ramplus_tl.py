@@ -20,7 +20,7 @@ def unique_scales(context: TensorContext, stream: ChunkStream) -> list[float]:
     epsilon = context.params["epsilon"]
     shared = unique = None
     for chunk in stream():
-        if kernels.usable(chunk.base, *chunk.experts):
+        if kernels.usable_stored(chunk.base, *chunk.experts):
             here_shared, here_unique = kernels.ram_counts(
                 chunk.base.reshape(-1), [expert.reshape(-1) for expert in chunk.experts], chunk.delta_sq is not None,
                 epsilon)
@@ -56,4 +56,5 @@ METHOD = MergeMethod(
     merge_chunk=merge_ramplus_tl,
     prepare=unique_scales,
     params=(RAM_EPSILON, R, ALPHA),
+    reads_stored=True,
 )

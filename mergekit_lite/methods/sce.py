@@ -66,10 +66,11 @@ def merge_sce(context: TensorContext, chunk: Chunk, state: Selection) -> ChunkRe
     threshold, weights, by_chunk = state
     variances = by_chunk.pop(chunk.start) if threshold not in (None, float("inf")) else None
     if kernels.usable(chunk.base, *chunk.experts) and (variances is None or kernels.usable(variances)):
-        merged, delta_sq = kernels.sce_merge(
+        merged, norms = kernels.sce_merge(
             chunk.base.reshape(-1), [expert.reshape(-1) for expert in chunk.experts], chunk.delta_sq is not None,
             variances, 0.0 if threshold is None else threshold, threshold == float("inf"), weights, MIN_DIVISOR)
-        return ChunkResult(merged.view(chunk.base.shape), delta_sq=delta_sq)
+        return ChunkResult(merged.view(chunk.base.shape), delta_sq=norms["delta_sq"],
+                           result_delta_sq=norms["change_sq"], result_sq=norms["result_sq"])
     deltas, delta_sq = task_vectors(chunk)
     if threshold == float("inf"):
         deltas = [d.zero_() for d in deltas]
