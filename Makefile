@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
 	$(BIN)/python -m pip install -q -e '.[test,vision]'
+	$(BIN)/python -c 'from mergekit_lite import kernels; kernels.library()'   # build the C kernels once, now
 	touch $@
 
 demo: env

@@ -171,7 +171,7 @@ def test_fused_sce_equals_the_torch_path_bit_for_bit(kernel_switch, select_topk,
 @needs_kernels
 def test_a_compiler_without_per_cpu_clones_gets_a_single_build_with_the_same_bits(tmp_path, kernel_switch,
                                                                                   monkeypatch):
-    """On a CPU with AVX-512 the loader picks the wide build of the merge kernels; a compiler that cannot make
+    """On a CPU with AVX-512 or AVX2 the loader picks a wide build of the kernels; a compiler that cannot make
     per-CPU clones gets the single build, which must agree with it bit for bit."""
     compiler = tmp_path / "cc"  # refuses what it cannot build: anything without MERGEKIT_NO_CLONES
     compiler.write_text(f'#!/bin/sh\ncase "$*" in *MERGEKIT_NO_CLONES*) exec {shutil.which(os.environ.get("CC", "cc"))} '
@@ -191,7 +191,14 @@ def test_a_compiler_without_per_cpu_clones_gets_a_single_build_with_the_same_bit
                                                   [1.0, 0.5, 2.0], True, True, 1.0)
         drop = experts[0] - base
         kept = kernels.random_drop(drop, 0.4, 9, True)
-        outputs.append((ties_out, ties_stats["kept"], dare_out, dare_stats["kept"], drop, kept))
+        stored = STORED_MERGES["ramplus_tl"](base.bfloat16(), [e.bfloat16() for e in experts])
+        sce = kernels.sce_merge(base, [e.clone() for e in experts], False, None, 0.0, False, [1.0, 0.5, 2.0], 1e-8)
+        deltas = [e.clone() for e in experts]
+        magnitudes = kernels.task_vector_magnitudes(base, deltas)
+        ranks = kernels.rank_probabilities(deltas[0][:90_000].view(300, 300), 0.2, 0.6)
+        gram = kernels.block_gram(deltas, 4096)
+        outputs.append((ties_out, ties_stats["kept"], dare_out, dare_stats["kept"], drop, kept, stored[0].view(
+            torch.int16), stored[1], sce[0], sce[1], *deltas, *magnitudes[0], magnitudes[1], ranks, gram))
     assert list((tmp_path / "cache").glob("kernels-*.so"))  # the fallback build is the one just compared
     for usual, single in zip(*outputs):
         assert torch.equal(usual, single) if isinstance(usual, torch.Tensor) else usual == single

@@ -12,19 +12,27 @@
 
 #define BLOCK 256
 
-/* The merge kernels are built twice on x86-64: for CPUs with AVX-512 (whose vectors multiply 64-bit integers, as the
- * random draws need) and for any other; the loader picks one per CPU. Both do the same float32 operations in the
- * same order (no contraction into fused multiply-adds), so they give the same bits. A compiler without
- * target_clones builds with MERGEKIT_NO_CLONES: one build. */
+/* The kernels are built three times on x86-64: for CPUs with AVX-512 (whose vectors also multiply 64-bit integers,
+ * as the random draws need), for CPUs with AVX2 (eight floats a vector instead of four) and for any other; the loader
+ * picks one per CPU. All do the same float32 operations in the same order (no contraction into fused multiply-adds,
+ * no reassociation), so they give the same bits. A compiler without target_clones builds with MERGEKIT_NO_CLONES:
+ * one build. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(MERGEKIT_NO_CLONES)
-#define PER_CPU __attribute__((target_clones("arch=x86-64-v4", "default")))
+#define PER_CPU __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define PER_CPU
 #endif
 
+/* Helpers of the per-CPU kernels are inlined into each build, so that they are compiled for its CPU too. */
+#if defined(__GNUC__)
+#define INLINE static inline __attribute__((always_inline))
+#else
+#define INLINE static inline
+#endif
+
 /* Sum of squares of at most BLOCK values, in eight float lanes (32 terms each at most: ample precision for
  * norms), so it vectorizes without reassociating the merge's own arithmetic. */
-static double sum_squares(const float *restrict values, int len)
+INLINE double sum_squares(const float *restrict values, int len)
 {
     float lanes[8] = {0};
     int i = 0;
@@ -38,6 +46,7 @@ static double sum_squares(const float *restrict values, int len)
 
 /* Experts become task vectors in place (expert -= base); magnitudes[t] = |task vector|; delta_sq[t] +=
  * its squared norm. */
+PER_CPU
 void task_vector_magnitudes(const float *base, float *const *experts, float *const *magnitudes, int32_t n_experts,
                             int64_t n, double *delta_sq)
 {
@@ -55,6 +64,7 @@ void task_vector_magnitudes(const float *base, float *const *experts, float *con
 }
 
 /* counts[0..3] += #values > hi, #values > guess, #values >= guess, #values >= lo. */
+PER_CPU
 void count_bracket(const float *values, int64_t n, float lo, float guess, float hi, int64_t *counts)
 {
     int64_t above_hi = 0, above_guess = 0, reach_guess = 0, reach_lo = 0;
@@ -73,7 +83,7 @@ void count_bracket(const float *values, int64_t n, float lo, float guess, float 
 
 /* Rows as stored, one block at a time: a pointer into float32 rows, or bfloat16 rows (the high half of a float's
  * bits, so exact) widened into scratch, their NaN and Inf counted into *nonfinite. */
-static inline const float *load_block(const void *rows, int32_t bf16, int64_t start, int len, float *restrict scratch,
+INLINE const float *load_block(const void *rows, int32_t bf16, int64_t start, int len, float *restrict scratch,
                                int64_t *nonfinite)
 {
     if (!bf16) return (const float *)rows + start;
@@ -90,7 +100,7 @@ static inline const float *load_block(const void *rows, int32_t bf16, int64_t st
 
 /* A block of float32 results into out: as they are, or rounded to bfloat16 the way torch rounds (to nearest,
  * ties to even; NaN as the quiet NaN 0x7fc0). */
-static inline void store_block(const float *restrict values, int len, void *out, int32_t bf16, int64_t start)
+INLINE void store_block(const float *restrict values, int len, void *out, int32_t bf16, int64_t start)
 {
     if (!bf16) {
         memcpy((float *)out + start, values, (size_t)len * sizeof(float));
@@ -106,7 +116,7 @@ static inline void store_block(const float *restrict values, int len, void *out,
 }
 
 /* d = expert - base over a block (or a copy when the expert already holds its task vector). */
-static void block_delta(const float *restrict base, const float *restrict expert, int are_deltas, int len,
+INLINE void block_delta(const float *restrict base, const float *restrict expert, int are_deltas, int len,
                         float *restrict d)
 {
     if (are_deltas)
@@ -116,7 +126,7 @@ static void block_delta(const float *restrict base, const float *restrict expert
 }
 
 /* out = weight * (|d| >= threshold ? d : 0); returns how many entries were kept. */
-static int64_t trim_weight(const float *restrict d, float threshold, float weight, int len, float *restrict out)
+INLINE int64_t trim_weight(const float *restrict d, float threshold, float weight, int len, float *restrict out)
 {
     int64_t kept = 0;
     if (threshold <= 0.0f) {
@@ -137,9 +147,9 @@ static int64_t trim_weight(const float *restrict d, float threshold, float weigh
  * weights, at least min_weight when every weight is positive, else 1 where none agree), times scale, plus the
  * base, into result. tallies += [entries some expert kept, of those entries with a minority sign]; sums += [|result -
  * base|^2, |result|^2]. */
-static inline void elect_block(const float *restrict terms, const float *restrict total, int32_t n_experts,
-                               int len, const float *weights, int normalize, float min_weight, float scale,
-                               const float *restrict b, float *restrict result, int64_t *tallies, double *sums)
+INLINE void elect_block(const float *restrict terms, const float *restrict total, int32_t n_experts,
+                        int len, const float *weights, int normalize, float min_weight, float scale,
+                        const float *restrict b, float *restrict result, int64_t *tallies, double *sums)
 {
     float sign[BLOCK], agree[BLOCK], divisor[BLOCK];
     int positive_weights = min_weight > 0.0f;
@@ -181,7 +191,7 @@ static inline void elect_block(const float *restrict terms, const float *restric
 }
 
 /* total = the terms (term t at terms + t * BLOCK) summed in order t = 0.. */
-static void sum_terms(const float *restrict terms, int32_t n_experts, int len, float *restrict total)
+INLINE void sum_terms(const float *restrict terms, int32_t n_experts, int len, float *restrict total)
 {
     for (int i = 0; i < len; i++) total[i] = terms[i];
     for (int32_t t = 1; t < n_experts; t++)
@@ -196,6 +206,7 @@ static float *term_scratch(int32_t n_experts)
 
 /* bfloat16 -> float32 (exact: the high half of the float's bits); returns how many values are NaN or Inf,
  * so the reader can refuse them without another pass. */
+PER_CPU
 int64_t widen_bfloat16(const uint16_t *restrict src, float *restrict dst, int64_t n)
 {
     int64_t nonfinite = 0;
@@ -219,6 +230,7 @@ int64_t widen_bfloat16(const uint16_t *restrict src, float *restrict dst, int64_
  * from an LSD radix sort of the magnitudes' bit patterns (for non-negative floats their order is the values'
  * order), four 8-bit digits counted in one pass, skipping a digit every entry of the row shares. Returns 0, or -1 when scratch memory
  * cannot be had. */
+PER_CPU
 int32_t rank_probabilities(const float *values, int64_t rows, int64_t width, float low, float span, float *out)
 {
     /* each entry as one 64-bit word: its magnitude's bits above its index, so one store moves both */
@@ -267,7 +279,7 @@ int32_t rank_probabilities(const float *values, int64_t rows, int64_t width, flo
 
 /* Uniform draw number `index` of the stream `seed`, in [0, 1) with 24 random bits: splitmix64 of
  * seed + (index + 1) * golden ratio (a counter-based generator: any draw can be made alone, by any thread). */
-static float uniform_draw(uint64_t seed, uint64_t index)
+INLINE float uniform_draw(uint64_t seed, uint64_t index)
 {
     uint64_t z = seed + (index + 1) * 0x9E3779B97F4A7C15ull;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -309,7 +321,7 @@ struct sparsify {
 
 /* One expert's weighted term over a block after DARE's drop, in the torch path's order: lt, mul, div, mul by the
  * weight. Returns the count kept. */
-static inline int64_t drop_weight(const float *restrict d, uint64_t seed, uint64_t index, float p, int rescale, float w,
+INLINE int64_t drop_weight(const float *restrict d, uint64_t seed, uint64_t index, float p, int rescale, float w,
                            int len, float *restrict draws, float *restrict term)
 {
     if (p >= 1.0f) {
@@ -404,7 +416,7 @@ int32_t dare_merge(const void *base, const void *const *experts, int32_t n_exper
 /* RAM and RAM+ work on which models changed an entry: |d_t| > epsilon, d_t = expert - base (or the expert, when it
  * already holds its task vector); count = how many did. changed is 1 or 0 per model and entry, count their sum. The
  * base's and experts' rows of the block as float32 (rows[t] for expert t). */
-static void ram_changes(const float *restrict b, const float *const *rows, int32_t n_experts, int32_t are_deltas,
+INLINE void ram_changes(const float *restrict b, const float *const *rows, int32_t n_experts, int32_t are_deltas,
                         float epsilon, int len, float *restrict deltas, float *restrict changed, float *restrict count)
 {
     for (int i = 0; i < len; i++) count[i] = 0.0f;
@@ -421,7 +433,7 @@ static void ram_changes(const float *restrict b, const float *const *rows, int32
 
 /* One block of the base's and each expert's rows as float32 into base_row and rows[t] (expert t's widened into
  * scratch + t * BLOCK when they are bfloat16). */
-static const float *load_inputs(const void *base, const void *const *experts, int32_t n_experts, int32_t bf16,
+INLINE const float *load_inputs(const void *base, const void *const *experts, int32_t n_experts, int32_t bf16,
                                 int64_t start, int len, float *restrict base_scratch, float *restrict scratch,
                                 const float **rows, int64_t *nonfinite)
 {
@@ -459,6 +471,7 @@ static void ram_scratch_free(struct ram_scratch *scratch)
 
 /* RAM+'s first pass: shared[t] += entries model t changed along with another, unique[t] += those it alone changed.
  * Inputs in float32, or bfloat16 (bf16). Returns 0, or -1 when no scratch memory was to be had. */
+PER_CPU
 int32_t ram_counts(const void *base, const void *const *experts, int32_t n_experts, int64_t n, int32_t bf16,
                    int32_t are_deltas, float epsilon, int64_t *shared, int64_t *unique)
 {
@@ -492,6 +505,7 @@ int32_t ram_counts(const void *base, const void *const *experts, int32_t n_exper
  * sums += [|d_t|^2 for each t..., |result - base|^2, |result|^2], of the float32 results; *nonfinite += the NaN
  * and Inf among bfloat16 inputs. The torch path's operations in its order. Returns 0, or -1 when no scratch memory
  * was to be had. */
+PER_CPU
 int32_t ram_merge(const void *base, const void *const *experts, int32_t n_experts, int64_t n, int32_t bf16,
                   int32_t are_deltas, float epsilon, const float *scales, void *out, double *sums, int64_t *nonfinite)
 {
@@ -537,6 +551,7 @@ int32_t ram_merge(const void *base, const void *const *experts, int32_t n_expert
  * weighted d_t over the agreeing weights (at least min_divisor), plus the base, into out (which may be experts[0]);
  * sums as ram_merge's. The torch path's operations in its order. Returns 0, or -1 when no scratch memory was to be
  * had. */
+PER_CPU
 int32_t sce_merge(const float *base, float *const *experts, int32_t n_experts, int64_t n, int32_t are_deltas,
                   const float *variances, float threshold, int32_t none_kept, const float *weights, float min_divisor,
                   float *out, double *sums)
@@ -585,8 +600,8 @@ int32_t sce_merge(const float *base, float *const *experts, int32_t n_experts, i
  * row-major order of the upper triangle) and block b of `block` entries, sums[p * total_blocks + b] is the sum,
  * from 0.0 and in index order, of (double)v_i * (double)v_j (exact products) over the block. Handles blocks
  * [first_block, last_block) of vectors of n entries; every pair's sum is its own chain, so the chains interleave. */
-static inline void gram_blocks(const float *const *vectors, int32_t k, int64_t n, int64_t block, int64_t first_block,
-                               int64_t last_block, int64_t total_blocks, double *sums)
+INLINE void gram_blocks(const float *const *vectors, int32_t k, int64_t n, int64_t block, int64_t first_block,
+                        int64_t last_block, int64_t total_blocks, double *sums)
 {
     int32_t pairs = k * (k + 1) / 2;
     for (int64_t b = first_block; b < last_block; b++) {
@@ -603,6 +618,7 @@ static inline void gram_blocks(const float *const *vectors, int32_t k, int64_t n
     }
 }
 
+PER_CPU
 void block_gram(const float *const *vectors, int32_t k, int64_t n, int64_t block, int64_t first_block,
                 int64_t last_block, int64_t total_blocks, double *sums)
 {
