@@ -169,6 +169,18 @@ def test_fused_sce_equals_the_torch_path_bit_for_bit(kernel_switch, select_topk,
 
 
 @needs_kernels
+def test_collect_bands_keeps_each_band_in_order(kernel_switch):
+    """Several bands in one pass, overlapping ones included, each end included or not, against boolean masks."""
+    kernel_switch(True)
+    values = torch.randint(0, 50, (300_001,), generator=torch.Generator().manual_seed(3)).float() / 7
+    bands = [(2.0, 4.0, True, False), (2.0, 4.0, False, True), (3.0, 6.0, True, True), (0.0, 0.5, False, False)]
+    for band, (lo, hi, include_lo, include_hi) in zip(kernels.collect_bands(values, bands), bands):
+        low = values >= lo if include_lo else values > lo
+        high = values <= hi if include_hi else values < hi
+        assert 0 < band.numel() < values.numel() and torch.equal(band, values[low & high])
+
+
+@needs_kernels
 def test_a_compiler_without_per_cpu_clones_gets_a_single_build_with_the_same_bits(tmp_path, kernel_switch,
                                                                                   monkeypatch):
     """On a CPU with AVX-512 or AVX2 the loader picks a wide build of the kernels; a compiler that cannot make
@@ -227,9 +239,10 @@ def test_task_vector_magnitudes_and_bracket_counts(kernel_switch):
         assert torch.equal(got, want) and torch.equal(magnitude, want.abs())
         assert square == pytest.approx(float(want.double().pow(2).sum()), rel=1e-6)
     values = magnitudes[2].numpy()
-    lo, guess, hi = (float(np.quantile(values, q)) for q in (0.3, 0.5, 0.7))
-    assert kernels.count_bracket(magnitudes[2], lo, guess, hi) == [
-        int((values > hi).sum()), int((values > guess).sum()), int((values >= guess).sum()), int((values >= lo).sum())]
+    brackets = [tuple(float(np.quantile(values, q)) for q in qs) for qs in ((0.3, 0.5, 0.7), (0.01, 0.02, 0.9))]
+    assert kernels.count_brackets(magnitudes[2], brackets) == [
+        [int((values > hi).sum()), int((values > guess).sum()), int((values >= guess).sum()),
+         int((values >= lo).sum())] for lo, guess, hi in brackets]
 
 
 @needs_kernels

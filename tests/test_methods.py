@@ -300,6 +300,22 @@ def test_streamed_kth_largest_is_exact_across_chunks(k):
     assert streamed_kth_largest(_chunked(values, 65_536), 500_000, [[k]]) == [[expected]]
 
 
+@pytest.mark.parametrize("chunk", [65_536, 300_000], ids=["chunks", "one chunk"])
+def test_streamed_kth_largest_finds_several_ranks_of_several_series_at_once(chunk):
+    """Continuous values (the sample's guess is never exact, so every rank is finished on its band), several ranks
+    of two series in the same passes, whether the tensor comes in chunks or in one."""
+    first = torch.randn(300_000, generator=torch.Generator().manual_seed(5)).abs()
+    second = torch.rand(300_000, generator=torch.Generator().manual_seed(6)) * 3
+    ks = [[1, 75_000, 150_000, 225_000, 300_000], [2, 150_001]]
+
+    def stream(stride=1):
+        return ([first[i:i + chunk][::stride], second[i:i + chunk][::stride]] for i in range(0, 300_000, chunk))
+
+    expected = [[float(torch.sort(values, descending=True).values[k - 1]) for k in wanted]
+                for values, wanted in zip((first, second), ks)]
+    assert streamed_kth_largest(stream, 300_000, ks) == expected
+
+
 def test_streamed_kth_largest_survives_an_unrepresentative_sample():
     """Values whose strided sample sees only zeros: the bracket misses and the radix fallback answers."""
     n = 400_000

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mergekit_lite.methods import METHODS, TensorContext
+from mergekit_lite.methods.arcee_fusion import importance
 
 
 def merged(method: str, base: torch.Tensor | None, models: list[torch.Tensor], params: dict | None = None,
@@ -165,6 +166,17 @@ def test_arcee_fusion_takes_changes_whose_importance_is_an_outlier(trio):
     torch.testing.assert_close(ours, expected)
     torch.testing.assert_close(ours[3], other[3])  # the changed row is taken whole
     assert not torch.allclose(ours, other)
+
+
+def test_arcee_fusion_importance_in_two_buffers_has_the_bits_of_the_plain_expression():
+    gen = torch.Generator().manual_seed(8)
+    base = torch.randn(300, 257, generator=gen)
+    other = base + 0.05 * torch.randn(300, 257, generator=gen)
+    p, q = torch.softmax(other, -1) + 1e-8, torch.softmax(base, -1) + 1e-8
+    plain = ((other - base).abs() * (p * torch.log(p / q)).sum(-1, keepdim=True)).reshape(-1)
+    out = torch.full((300 * 257,), float("nan"))
+    assert torch.equal(importance(base, other, 257), plain)
+    assert torch.equal(importance(base, other, 257, out), plain) and torch.equal(out, plain)
 
 
 def test_passthrough_scales_and_breadcrumbs_ties_elects(trio):

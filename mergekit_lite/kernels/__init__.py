@@ -34,7 +34,8 @@ _i64, _f32, _i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_int32
 _ptr = ctypes.c_void_p
 _SIGNATURES = {
     "task_vector_magnitudes": [_ptr, _ptr, _ptr, _i32, _i64, _ptr],
-    "count_bracket": [_ptr, _i64, _f32, _f32, _f32, _ptr],
+    "count_brackets": [_ptr, _i64, _ptr, _i32, _ptr],
+    "collect_bands": [_ptr, _i64, _ptr, _ptr, _i32, _ptr, _ptr],
     "widen_bfloat16": [_ptr, _ptr, _i64],
     "ties_merge": [_ptr, _ptr, _i32, _i64, _i32, _ptr, _ptr, _i32, _f32, _f32, _ptr, _ptr, _ptr, _ptr],
     "dare_merge": [_ptr, _ptr, _i32, _i64, _i32, _i64, _ptr, _ptr, _i32, _ptr, _i32, _i32, _f32, _f32, _f32, _ptr,
@@ -177,17 +178,39 @@ def _run_units(units: int, elements: int, work: Callable[[int, int], None]) -> N
         future.result()
 
 
-def count_bracket(values: torch.Tensor, lo: float, guess: float, hi: float) -> list[int]:
-    """[#values > hi, #values > guess, #values >= guess, #values >= lo] in one pass."""
+def count_brackets(values: torch.Tensor, brackets: list[tuple[float, float, float]]) -> list[list[int]]:
+    """Per bracket (lo, guess, hi): [#values > hi, #values > guess, #values >= guess, #values >= lo], all in one
+    pass."""
     lib = library()
-    n = values.numel()
-    counts = [(ctypes.c_int64 * 4)() for _ in _parts(n)]
+    n, count = values.numel(), len(brackets)
+    points = (ctypes.c_float * (3 * count))(*[point for bracket in brackets for point in bracket])
+    counts = [(ctypes.c_int64 * (4 * count))() for _ in _parts(n)]
 
     def work(start: int, stop: int, part: int) -> None:
-        lib.count_bracket(_address(values, start), stop - start, lo, guess, hi, counts[part])
+        lib.count_brackets(_address(values, start), stop - start, points, count, counts[part])
 
     _run_parts(n, work)
-    return [sum(c[j] for c in counts) for j in range(4)]
+    return [[sum(c[4 * j + i] for c in counts) for i in range(4)] for j in range(count)]
+
+
+def collect_bands(values: torch.Tensor, bands: list[tuple[float, float, bool, bool]]) -> list[torch.Tensor]:
+    """Per band (lo, hi, include_lo, include_hi): the entries of a flat float32 tensor in it, in order, as a new
+    tensor; all bands in one pass per thread's part."""
+    lib = library()
+    parts, count = _parts(values.numel()), len(bands)
+    bounds = (ctypes.c_float * (2 * count))(*[bound for band in bands for bound in band[:2]])
+    include = (ctypes.c_int32 * (2 * count))(*[int(flag) for band in bands for flag in band[2:]])
+    # room for every entry in every band; only the pages of what is kept are touched
+    scratch = [torch.empty(values.numel(), dtype=torch.float32) for _ in bands]
+    found = [(ctypes.c_int64 * count)() for _ in parts]
+
+    def work(start: int, stop: int, part: int) -> None:
+        outs = (ctypes.c_void_p * count)(*[_address(out, start) for out in scratch])
+        lib.collect_bands(_address(values, start), stop - start, bounds, include, count, outs, found[part])
+
+    _run_parts(values.numel(), work)
+    return [torch.cat([out[start:start + kept[j]] for (start, _), kept in zip(parts, found)])
+            for j, out in enumerate(scratch)]
 
 
 def _merge_stats(count: int, kept: list, tallies: list, sums: list, nonfinite: list) -> dict:

@@ -13,13 +13,17 @@ SOFTMAX_EPS = 1e-8  # added to both softmaxes before the KL divergence, as merge
 QUANTILES = (0.25, 0.5, 0.75)
 
 
-def importance(base: torch.Tensor, other: torch.Tensor, width: int) -> torch.Tensor:
-    """Per entry, |other - base| times the KL divergence of the rows' softmaxes (flattened, not in place)."""
+def importance(base: torch.Tensor, other: torch.Tensor, width: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per entry, |other - base| times the KL divergence of the rows' softmaxes, flattened (into `out` when given).
+    The steps of that expression done in two buffers of the chunk's size instead of nine, with the same bits: a
+    fresh buffer per step costs more here than the arithmetic."""
     b, o = base.reshape(-1, width), other.reshape(-1, width)
-    p = torch.softmax(o, dim=-1) + SOFTMAX_EPS
-    q = torch.softmax(b, dim=-1) + SOFTMAX_EPS
-    divergence = (p * torch.log(p / q)).sum(-1, keepdim=True)
-    return ((o - b).abs() * divergence).reshape(-1)
+    p = torch.softmax(o, dim=-1).add_(SOFTMAX_EPS)
+    q = torch.softmax(b, dim=-1).add_(SOFTMAX_EPS)
+    divergence = torch.div(p, q, out=q).log_().mul_(p).sum(-1, keepdim=True)  # p * log(p / q); products commute
+    change = torch.sub(o, b, out=p).abs_()
+    result = change.mul_(divergence) if out is None else torch.mul(change, divergence, out=out.view(-1, width))
+    return result.reshape(-1)
 
 
 def threshold(context: TensorContext, stream: ChunkStream) -> tuple[float, dict[int, torch.Tensor]]:
@@ -28,7 +32,7 @@ def threshold(context: TensorContext, stream: ChunkStream) -> tuple[float, dict[
     an exp and a log per entry, and the merge pass needs them again. They take one float per entry of this
     one tensor."""
     width, n = (context.shape[-1] if context.shape else 1), context.numel
-    values, by_chunk = per_entry_statistic(n, stream, lambda c: importance(c.base, c.experts[0], width))
+    values, by_chunk = per_entry_statistic(n, stream, lambda c, out: importance(c.base, c.experts[0], width, out))
     if float(values.min()) >= 0:  # the usual case: the fast exact selection, which takes magnitudes
         ranks = [n - int(q * (n - 1)) for q in QUANTILES]  # the k-th smallest as the (n - k + 1)-th largest
         parts = list(by_chunk.values())

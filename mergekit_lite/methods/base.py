@@ -153,19 +153,19 @@ def rescale_param(default: bool) -> ParamSpec:
 DOT_BLOCK = 4096
 
 
-def per_entry_statistic(numel: int, stream: ChunkStream, compute: Callable[[Chunk], torch.Tensor]
+def per_entry_statistic(numel: int, stream: ChunkStream, compute: Callable[[Chunk, torch.Tensor], Any]
                         ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """A per-entry statistic of a whole tensor (`compute` gives a chunk's, flattened), computed once into one
-    buffer of `numel` floats, and each chunk's part as a view of it by the chunk's first row: a method that
-    selects by the statistic and then merges by it does not compute it again."""
+    """A per-entry statistic of a whole tensor (`compute(chunk, out)` writes a chunk's, flattened, into `out`),
+    computed once into one float32 buffer of `numel` entries, and each chunk's part as a view of it by the chunk's
+    first row: a method that selects by the statistic and then merges by it does not compute it again."""
     values, by_chunk, filled = None, {}, 0
     for chunk in stream():
-        here = compute(chunk)
         if values is None:
-            values = torch.empty(numel, dtype=here.dtype, device=here.device)
-        by_chunk[chunk.start] = values[filled:filled + here.numel()]
-        by_chunk[chunk.start].copy_(here)
-        filled += here.numel()
+            values = torch.empty(numel, dtype=torch.float32, device=chunk.experts[0].device)
+        size = chunk.experts[0].numel()
+        by_chunk[chunk.start] = values[filled:filled + size]
+        compute(chunk, by_chunk[chunk.start])
+        filled += size
     return values, by_chunk
 
 

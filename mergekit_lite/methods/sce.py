@@ -43,7 +43,8 @@ def selection(context: TensorContext, stream: ChunkStream) -> Selection:
     if fraction <= 0:
         threshold = float("inf")
     elif fraction < 1:
-        values, by_chunk = per_entry_statistic(context.numel, stream, lambda c: variance(task_vectors(c)[0]))
+        values, by_chunk = per_entry_statistic(context.numel, stream,
+                                                lambda c, out: out.copy_(variance(task_vectors(c)[0])))
         k = keep_count(fraction, count_nonzero(values))
         parts = list(by_chunk.values())
         threshold = float("inf") if k == 0 else streamed_kth_largest(

@@ -27,15 +27,15 @@ def keep_count(density: float, numel: int) -> int:
     return int(density * numel)
 
 
-def _sample_bracket(sample: torch.Tensor, n: int, k: int) -> tuple[float, float, float]:
-    """(lo, guess, hi) from a random sample: the guess estimates the k-th largest of all n values, and
+def _sample_bracket(ordered: torch.Tensor, n: int, k: int) -> tuple[float, float, float]:
+    """(lo, guess, hi) from a random sample, sorted: the guess estimates the k-th largest of all n values, and
     [lo, hi] encloses it with high probability. Each is a sample value, so with many tied values (weights
     stored in 16 bits) the guess is often exactly the answer."""
-    size = sample.numel()
+    size = ordered.numel()
     below = 1 - k / n
     spread = 4 * math.sqrt(max(below * (1 - below), 1 / size) / size) + 2 / size
     rank = lambda fraction: min(size, max(1, int(fraction * size) + 1))  # noqa: E731
-    values = [float(torch.kthvalue(sample, rank(f)).values) for f in (below - spread, below, below + spread)]
+    values = [float(ordered[rank(f) - 1]) for f in (below - spread, below, below + spread)]
     return values[0], values[1], values[2]
 
 
@@ -55,25 +55,30 @@ def _count(values: torch.Tensor, point: float, strict: bool) -> int:
     return int(torch.count_nonzero(values > point if strict else values >= point))
 
 
-def _counts(values: torch.Tensor, points: tuple[float, float, float]) -> list[int]:
-    """[#>hi, #>guess, #>=guess, #>=lo] for (lo, guess, hi)."""
-    lo, guess, hi = points
+def _counts(values: torch.Tensor, brackets: list[tuple[float, float, float]]) -> list[list[int]]:
+    """Per bracket (lo, guess, hi): [#>hi, #>guess, #>=guess, #>=lo]."""
     if kernels.usable(values):
-        return kernels.count_bracket(values, lo, guess, hi)
-    return [_count(values, hi, True), _count(values, guess, True), _count(values, guess, False),
-            _count(values, lo, False)]
+        return kernels.count_brackets(values, brackets)
+    return [[_count(values, hi, True), _count(values, guess, True), _count(values, guess, False),
+             _count(values, lo, False)] for lo, guess, hi in brackets]
 
 
-def _between(values: torch.Tensor, lo: float, hi: float, include_lo: bool, include_hi: bool) -> torch.Tensor:
-    """The entries between lo and hi (each end included or not), as a new tensor."""
-    if values.device.type == "cpu":
-        array = values.numpy()
-        low = array >= lo if include_lo else array > lo
-        high = array <= hi if include_hi else array < hi
-        return torch.from_numpy(array[low & high])
-    low = values >= lo if include_lo else values > lo
-    high = values <= hi if include_hi else values < hi
-    return values[low & high]
+def _between(values: torch.Tensor, bands: list[tuple[float, float, bool, bool]]) -> list[torch.Tensor]:
+    """Per band (lo, hi, include_lo, include_hi): the entries in it, as a new tensor."""
+    if kernels.usable(values):
+        return kernels.collect_bands(values.reshape(-1), bands)
+    found = []
+    for lo, hi, include_lo, include_hi in bands:
+        if values.device.type == "cpu":
+            array = values.numpy()
+            low = array >= lo if include_lo else array > lo
+            high = array <= hi if include_hi else array < hi
+            found.append(torch.from_numpy(array[low & high]))
+            continue
+        low = values >= lo if include_lo else values > lo
+        high = values <= hi if include_hi else values < hi
+        found.append(values[low & high])
+    return found
 
 
 # Past this many candidates the exact finish uses the constant-memory radix select instead.
@@ -90,11 +95,19 @@ def _select(stream: Callable[[], Iterator[list[torch.Tensor]]], n: int,
     the bracket; a second pass collects just those values and kthvalue finishes on them. A bracket that
     misses, or holds too many values, falls back to the radix select.
     """
-    points = [_sample_bracket(sample, n, k) for _, k, sample in jobs]
+    ordered: dict[int, torch.Tensor] = {}  # each sample sorted once, however many ranks are wanted from it
+    for _, _, sample in jobs:
+        if id(sample) not in ordered:
+            ordered[id(sample)] = torch.sort(sample).values
+    points = [_sample_bracket(ordered[id(sample)], n, k) for _, k, sample in jobs]
+    by_series: dict[int, list[int]] = {}  # the jobs of each series, whose counts are taken in one pass
+    for job, (s, _, _) in enumerate(jobs):
+        by_series.setdefault(s, []).append(job)
     totals = [[0, 0, 0, 0] for _ in jobs]
     for series in stream():
-        for job, (s, _, _) in enumerate(jobs):
-            totals[job] = [a + b for a, b in zip(totals[job], _counts(series[s], points[job]))]
+        for s, members in by_series.items():
+            for job, counts in zip(members, _counts(series[s], [points[job] for job in members])):
+                totals[job] = [a + b for a, b in zip(totals[job], counts)]
     answers: list[float | None] = [None] * len(jobs)
     bands: dict[int, tuple[float, float, bool, bool, int]] = {}
     for job, ((s, k, _), (lo, guess, hi), (above_hi, above_guess, reach_guess, reach_lo)) in enumerate(
@@ -109,8 +122,11 @@ def _select(stream: Callable[[], Iterator[list[torch.Tensor]]], n: int,
     if bands:
         collected: dict[int, list[torch.Tensor]] = {job: [] for job in bands}
         for series in stream():
-            for job, (low, high, include_lo, include_hi, _) in bands.items():
-                collected[job].append(_between(series[jobs[job][0]], low, high, include_lo, include_hi))
+            for s, members in by_series.items():
+                members = [job for job in members if job in bands]
+                found = _between(series[s], [bands[job][:4] for job in members]) if members else []
+                for job, part in zip(members, found):
+                    collected[job].append(part)
         for job, parts in collected.items():
             band = torch.cat(parts).cpu()
             need = jobs[job][1] - bands[job][4]
@@ -130,7 +146,7 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     if n <= _SMALL:
         return torch.kthvalue(values, n - k + 1).values
     sample = values[:: max(1, n // _SAMPLE) | 1].cpu()
-    lo, guess, hi = _sample_bracket(sample, n, k)
+    lo, guess, hi = _sample_bracket(torch.sort(sample).values, n, k)
     if _count(values, guess, True) < k <= _count(values, guess, False):  # the usual case: two counts
         return torch.tensor(guess, dtype=values.dtype)
     return torch.tensor(_select(lambda: iter([[values]]), n, [(0, k, sample)])[0], dtype=values.dtype)
@@ -149,14 +165,17 @@ def streamed_kth_largest(stream: SeriesStream, n: int, ks: list[list[int]]) -> l
     """
     stride = max(1, n // _SAMPLE) | 1
     samples = [[values.clone() for values in series] for series in stream(stride)]
-    if len(samples) == 1:
+    chunks = lambda: stream(1)  # noqa: E731
+    if len(samples) == 1:  # one chunk: made once, and every rank of every series found in the same passes
         whole = next(iter(stream(1)))
-        return [[float(kth_largest(values, k)) for k in wanted] for values, wanted in zip(whole, ks)]
+        if n <= _SMALL:
+            return [[float(torch.kthvalue(values, n - k + 1).values) for k in wanted] for values, wanted in zip(whole, ks)]
+        chunks = lambda: iter([whole])  # noqa: E731
     jobs = []
     for s, wanted in enumerate(ks):
         sample = torch.cat([chunk[s] for chunk in samples]).cpu()
         jobs += [(s, k, sample) for k in wanted]
-    found = iter(_select(lambda: stream(1), n, jobs))
+    found = iter(_select(chunks, n, jobs))
     return [[next(found) for _ in wanted] for wanted in ks]
 
 
