@@ -458,9 +458,10 @@ class ChunkReader:
         """Whether a chunk goes to the method in bfloat16 as stored: the method's kernels widen it a block at a time
         and round the result once, instead of a widened copy of every input and a narrowing pass over the output.
         Only when every input and the output are bfloat16 and nothing is padded or aligned by token."""
+        present = [raw for raw in raws if raw is not None]  # the base's is None when there is no base
         return (self.plan.method.reads_stored and tensor.dtype == torch.bfloat16 and not tensor.row_aligned
-                and not tensor.missing_in and all(raw is not None and raw.dtype == torch.bfloat16
-                                                  and raw.is_contiguous() for raw in raws)
+                and not tensor.missing_in and None not in raws[1:]
+                and all(raw.dtype == torch.bfloat16 and raw.is_contiguous() for raw in present)
                 and kernels.library() is not None)
 
     def refuse_stored_nonfinite(self, tensor: TensorPlan, start: int, stop: int) -> None:

@@ -312,6 +312,9 @@ STORED_MERGES = {  # the kernels that also read bfloat16 rows as stored, each on
                                                           [1.0, 0.7, 1.2], True, True, 1.0),
     "dare_linear": lambda base, experts: kernels.dare_merge(base, experts, [1, 2, 3], [0.5, 0.3, 1.0], True,
                                                             [1.0, 0.7, 1.2], False, True, 0.8),
+    "task_arithmetic": lambda base, experts: kernels.dare_merge(base, experts, [0, 0, 0], [1.0, 1.0, 1.0], False,
+                                                                [1.0, 0.7, 1.2], False, False, 0.9),
+    "linear": lambda base, experts: kernels.weighted_sum([base, *experts], [0.4, 1.0, 0.7, 1.2], 3.3),
 }
 
 
@@ -353,7 +356,7 @@ def _bfloat16_family(llama_family, tmp_path):
 @pytest.mark.parametrize("method, params", [
     ("ties", {"normalize": True}), ("dare_ties", {}), ("dare_linear", {}), ("della", {"epsilon": 0.1}),
     ("della_linear", {"epsilon": 0.05, "rescale": False}), ("ram", {}), ("ramplus_tl", {"r": 0.5, "alpha": 0.9}),
-    ("sce", {"select_topk": 0.4}),
+    ("sce", {"select_topk": 0.4}), ("linear", {}), ("task_arithmetic", {"lambda": 0.9}),
 ])
 def test_merge_run_gives_identical_bytes_with_and_without_kernels(tmp_path, llama_family, kernel_switch, monkeypatch,
                                                                    method, params):
@@ -361,7 +364,8 @@ def test_merge_run_gives_identical_bytes_with_and_without_kernels(tmp_path, llam
     family = _bfloat16_family(llama_family, tmp_path)
     recipe = write_recipe(tmp_path / "r.yaml", method, family, params=params,
                           model_params=[{"density": 0.5, "weight": 1.0}, {"density": 0.3, "weight": 0.7},
-                                        {"density": 0.8, "weight": 1.2}], extra="dtype: bfloat16\nseed: 7\n")
+                                        {"density": 0.8, "weight": 1.2}], extra="dtype: bfloat16\nseed: 7\n",
+                          base=method != "linear")  # linear as usually written: no base model
     outputs, widened = {}, []
     monkeypatch.setattr(kernels, "widen_bfloat16", lambda raw, out: widened.append(raw.numel()) or widen(raw, out))
     for on in (True, False):

@@ -45,6 +45,7 @@ _SIGNATURES = {
     "ram_merge": [_ptr, _ptr, _i32, _i64, _i32, _i32, _f32, _ptr, _ptr, _ptr, _ptr],
     "sce_merge": [_ptr, _ptr, _i32, _i64, _i32, _ptr, _f32, _i32, _ptr, _f32, _ptr, _ptr],
     "random_drop": [_ptr, _ptr, _i64, _i64, ctypes.c_uint64, _i64, _i32],
+    "weighted_sum": [_ptr, _i32, _i64, _i32, _ptr, _f32, _ptr, _ptr, _ptr],
     "block_gram": [_ptr, _i32, _i64, _i64, _i64, _i64, _i64, _ptr],
 }
 
@@ -295,6 +296,26 @@ def dare_merge(base: torch.Tensor, experts: list[torch.Tensor], seeds: list[int]
                               min(weights), divisor, scale, _address(out, start), *counters)
 
     return out, _merge_stats(count, *_run_merge(base.numel(), count, call))
+
+
+def weighted_sum(models: list[torch.Tensor], weights: list[float], divisor: float) -> tuple[torch.Tensor, dict]:
+    """Linear's chunk in one pass: sum_t weights[t] * models[t] (products rounded, added in order), divided by
+    `divisor` unless it is 0; the bits of methods/linear.py's torch path. The models in float32, or all as stored
+    in bfloat16 (as ram_merge). Written over models[0]; returned with result_sq and nonfinite_inputs."""
+    lib = library()
+    count, out, n = len(models), models[0], models[0].numel()
+    weight_array = (ctypes.c_float * count)(*weights)
+    bf16 = int(out.dtype == torch.bfloat16)
+    parts = _parts(n)
+    sums = [ctypes.c_double(0.0) for _ in parts]
+    nonfinite = [ctypes.c_int64(0) for _ in parts]
+
+    def work(start: int, stop: int, part: int) -> None:
+        lib.weighted_sum(_pointers(models, start), count, stop - start, bf16, weight_array, divisor,
+                         _address(out, start), ctypes.byref(sums[part]), ctypes.byref(nonfinite[part]))
+
+    _run_parts(n, work)
+    return out, {"result_sq": sum(s.value for s in sums), "nonfinite_inputs": sum(f.value for f in nonfinite)}
 
 
 def ram_counts(base: torch.Tensor, experts: list[torch.Tensor], are_deltas: bool, epsilon: float

@@ -452,6 +452,31 @@ int32_t dare_merge(const void *base, const void *const *experts, int32_t n_exper
                         scale, out, kept, tallies, sums, nonfinite);
 }
 
+/* Linear: the sum, in order t = 0.., of weights[t] * models[t] (each product rounded, then added), divided by
+ * divisor unless it is 0, into out (which may be models[0]). Inputs and out in float32, or all in bfloat16 (read
+ * widened, results rounded once; *nonfinite += the NaN and Inf among the inputs). *result_sq += |result|^2, of the
+ * float32 results. The torch path's operations in its order. */
+PER_CPU
+void weighted_sum(const void *const *models, int32_t n_models, int64_t n, int32_t bf16, const float *weights,
+                  float divisor, void *out, double *result_sq, int64_t *nonfinite)
+{
+    float total[BLOCK], scratch[BLOCK];
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int len = n - start < BLOCK ? (int)(n - start) : BLOCK;
+        const float *x = load_block(models[0], bf16, start, len, scratch, nonfinite);
+        for (int i = 0; i < len; i++) total[i] = x[i] * weights[0];
+        for (int32_t t = 1; t < n_models; t++) {
+            x = load_block(models[t], bf16, start, len, scratch, nonfinite);
+            float w = weights[t];
+            for (int i = 0; i < len; i++) total[i] += x[i] * w;
+        }
+        if (divisor != 0.0f)
+            for (int i = 0; i < len; i++) total[i] /= divisor;
+        *result_sq += sum_squares(total, len);
+        store_block(total, len, out, bf16, start);
+    }
+}
+
 /* RAM and RAM+ work on which models changed an entry: |d_t| > epsilon, d_t = expert - base (or the expert, when it
  * already holds its task vector); count = how many did. changed is 1 or 0 per model and entry, count their sum. The
  * base's and experts' rows of the block as float32 (rows[t] for expert t). */
