@@ -2,26 +2,35 @@
 
 from __future__ import annotations
 
+import torch
+
 from mergekit_lite import kernels
 from mergekit_lite.methods.base import WEIGHT, Chunk, ChunkResult, MergeMethod, TensorContext, normalize_param
 
 
+def weighted_models(vectors: list[torch.Tensor], weights: list[float], divisor: float
+                    ) -> tuple[torch.Tensor, dict | None]:
+    """sum_t weights[t] * vectors[t] (each product rounded, then added in order, as mergekit sums its weighted
+    stack), divided by `divisor` unless it is 0; written over vectors[0]. On the CPU one pass of the C kernel
+    (float32, or bfloat16 as stored), returned with its result_sq and nonfinite_inputs; else torch ops in the same
+    order, with the same bits (None)."""
+    if kernels.usable_stored(*vectors):
+        merged, stats = kernels.weighted_sum([vector.reshape(-1) for vector in vectors], weights, divisor)
+        return merged.view(vectors[0].shape), stats
+    merged = vectors[0].mul_(weights[0])
+    for weight, vector in zip(weights[1:], vectors[1:]):
+        merged.add_(vector.mul_(weight))
+    return (merged.div_(divisor) if divisor else merged), None
+
+
 def merge_linear(context: TensorContext, chunk: Chunk, _state: None) -> ChunkResult:
-    """Each weighted model rounded, then summed in order (as mergekit sums its weighted stack), then divided; on
-    the CPU in one pass of the C kernel, with these bits, on float32 chunks or bfloat16 ones as stored."""
     weights = context.per_model("weight")
     total = sum(weights)
-    divisor = total if context.params["normalize"] and abs(total) >= 1e-8 else 0.0
-    if kernels.usable_stored(*chunk.experts):
-        merged, stats = kernels.weighted_sum([expert.reshape(-1) for expert in chunk.experts], weights, divisor)
-        return ChunkResult(merged.view(chunk.experts[0].shape), result_sq=stats["result_sq"],
-                           nonfinite_inputs=stats["nonfinite_inputs"])
-    merged = chunk.experts[0].mul_(weights[0])
-    for weight, expert in zip(weights[1:], chunk.experts[1:]):
-        merged.add_(expert.mul_(weight))
-    if divisor:
-        merged.div_(divisor)
-    return ChunkResult(merged)
+    merged, stats = weighted_models(chunk.experts, weights,
+                                    total if context.params["normalize"] and abs(total) >= 1e-8 else 0.0)
+    if stats is None:
+        return ChunkResult(merged)
+    return ChunkResult(merged, result_sq=stats["result_sq"], nonfinite_inputs=stats["nonfinite_inputs"])
 
 
 METHOD = MergeMethod(

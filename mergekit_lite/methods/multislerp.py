@@ -8,25 +8,21 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from mergekit_lite.errors import UserError
 from mergekit_lite.methods.base import (WEIGHT, Chunk, ChunkResult, ChunkStream, MergeMethod, ParamSpec,
                                         TensorContext, fixed_order_gram)
+from mergekit_lite.methods.linear import weighted_models
+from mergekit_lite.methods.sparsify import model_vectors
 
 NORMALIZE_WEIGHTS = ParamSpec("normalize_weights", bool, True, "divide the weights by their sum", scope="global")
 EPS = ParamSpec("eps", float, 1e-8, "added to norms before dividing by them", scope="global", minimum=0.0)
-
-
-def _vectors(chunk: Chunk) -> list[torch.Tensor]:
-    return [e if chunk.base is None else e - chunk.base for e in chunk.experts]
 
 
 def gram(stream: ChunkStream, count: int) -> list[list[float]]:
     """Dot products of every pair of models' vectors over the whole tensor."""
     products = [[0.0] * count for _ in range(count)]
     for chunk in stream():
-        here = fixed_order_gram(_vectors(chunk))
+        here = fixed_order_gram(model_vectors(chunk))
         products = [[a + b for a, b in zip(row, more)] for row, more in zip(products, here)]
     return products
 
@@ -57,11 +53,10 @@ def coefficients(context: TensorContext, stream: ChunkStream) -> list[float]:
 
 
 def merge_multislerp(context: TensorContext, chunk: Chunk, combination: list[float]) -> ChunkResult:
-    vectors = _vectors(chunk)
-    merged = vectors[0] * combination[0]
-    for vector, c in zip(vectors[1:], combination[1:]):
-        merged.add_(vector, alpha=c)
-    return ChunkResult(merged if chunk.base is None else merged.add_(chunk.base))
+    merged, stats = weighted_models(model_vectors(chunk), combination, 0.0)
+    if chunk.base is None:
+        return ChunkResult(merged, result_sq=stats["result_sq"] if stats else None)
+    return ChunkResult(merged.add_(chunk.base), result_delta_sq=stats["result_sq"] if stats else None)
 
 
 METHOD = MergeMethod(

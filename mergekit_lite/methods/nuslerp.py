@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from mergekit_lite.methods.base import WEIGHT, Chunk, ChunkResult, ChunkStream, MergeMethod, ParamSpec, TensorContext
+from mergekit_lite.methods.base import (WEIGHT, Chunk, ChunkResult, ChunkStream, MergeMethod, ParamSpec, TensorContext,
+                                        fixed_order_gram)
+from mergekit_lite.methods.sparsify import model_vectors
 
 ROW_WISE = ParamSpec("nuslerp_row_wise", bool, False, "interpolate each vector along the first axis", scope="global")
 FLATTEN = ParamSpec("nuslerp_flatten", bool, True, "interpolate the whole tensor as one vector", scope="global")
@@ -32,26 +34,21 @@ def arc_coefficients(t: float, sq0: torch.Tensor, sq1: torch.Tensor, dot: torch.
     return a, b
 
 
-def _pair(chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two vectors interpolated: the models, or their task vectors when there is a base (not in place)."""
-    v0, v1 = chunk.experts
-    if chunk.base is not None:
-        return v0 - chunk.base, v1 - chunk.base
-    return v0, v1
-
-
 def tensor_coefficients(context: TensorContext, stream: ChunkStream) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Whole-tensor (flatten) or per-first-axis-vector (row_wise) coefficients, from sums over the chunks; None
-    for per-row interpolation, which each chunk does alone."""
+    for per-row interpolation, which each chunk does alone. A whole tensor's sums are float64 dot products in a
+    fixed order (`fixed_order_gram`), the same on any machine."""
     flatten, row_wise = context.params["nuslerp_flatten"], context.params["nuslerp_row_wise"]
     if not flatten and not row_wise and len(context.shape) > 1:
         return None
     sums = None
     for chunk in stream():
-        v0, v1 = (v.double() for v in _pair(chunk))
         if flatten or len(context.shape) <= 1:
-            v0, v1 = v0.reshape(-1), v1.reshape(-1)
-        here = [(v0 * v0).sum(0), (v1 * v1).sum(0), (v0 * v1).sum(0)]
+            gram = fixed_order_gram(model_vectors(chunk))
+            here = [torch.tensor(value, dtype=torch.float64) for value in (gram[0][0], gram[1][1], gram[0][1])]
+        else:
+            v0, v1 = (v.double() for v in model_vectors(chunk))
+            here = [(v0 * v0).sum(0), (v1 * v1).sum(0), (v0 * v1).sum(0)]
         sums = here if sums is None else [a + b for a, b in zip(sums, here)]
     a, b = arc_coefficients(interpolation_t(context.per_model("weight")), *sums)
     return a.float(), b.float()
@@ -59,7 +56,7 @@ def tensor_coefficients(context: TensorContext, stream: ChunkStream) -> tuple[to
 
 def merge_nuslerp(context: TensorContext, chunk: Chunk, coefficients: tuple[torch.Tensor, torch.Tensor] | None
                   ) -> ChunkResult:
-    v0, v1 = _pair(chunk)
+    v0, v1 = model_vectors(chunk)
     if coefficients is None:  # per row of the last axis
         t = interpolation_t(context.per_model("weight"))
         w0, w1 = v0.double(), v1.double()
@@ -68,7 +65,7 @@ def merge_nuslerp(context: TensorContext, chunk: Chunk, coefficients: tuple[torc
         a, b = a.float(), b.float()
     else:
         a, b = coefficients
-    merged = v0 * a + v1 * b
+    merged = v0.mul_(a).add_(v1.mul_(b))  # v0 * a + v1 * b, in place
     return ChunkResult(merged if chunk.base is None else merged.add_(chunk.base))
 
 

@@ -390,6 +390,12 @@ def task_vectors(chunk: Chunk) -> tuple[list[torch.Tensor], list[float]]:
     return chunk.experts, chunk.delta_sq
 
 
+def model_vectors(chunk: Chunk) -> list[torch.Tensor]:
+    """What the spherical methods work on: the models, or their task vectors when there is a base (made in place,
+    once: a chunk the statistics pass saw comes back to the merge already holding them)."""
+    return task_vectors(chunk)[0] if chunk.base is not None else chunk.experts
+
+
 def merge_task_vectors(
     context: TensorContext, chunk: Chunk, deltas: list[torch.Tensor], delta_sq: list[float], kept: list[int] | None,
     *, elect: bool,
