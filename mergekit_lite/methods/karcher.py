@@ -10,6 +10,7 @@ import math
 import torch
 
 from mergekit_lite.methods.base import Chunk, ChunkResult, ChunkStream, MergeMethod, ParamSpec, TensorContext
+from mergekit_lite.methods.linear import weighted_models
 from mergekit_lite.methods.multislerp import gram
 
 MAX_ITER = ParamSpec("max_iter", int, 10, "fixed-point steps at most", scope="global", minimum=0)
@@ -63,11 +64,12 @@ def coefficients(context: TensorContext, stream: ChunkStream) -> list[float]:
 
 
 def merge_karcher(context: TensorContext, chunk: Chunk, combination: list[float]) -> ChunkResult:
-    merged = torch.zeros_like(chunk.experts[0])
-    for model, c in zip(chunk.experts, combination):
-        if c:
-            merged.add_(model, alpha=c)
-    return ChunkResult(merged)
+    """The mean is a fixed combination of the models (those of too small a norm left out): one weighted sum."""
+    used = [(model, c) for model, c in zip(chunk.experts, combination) if c]
+    if not used:
+        return ChunkResult(torch.zeros_like(chunk.experts[0]))
+    merged, stats = weighted_models([model for model, _ in used], [c for _, c in used], 0.0)
+    return ChunkResult(merged, result_sq=stats["result_sq"] if stats else None)
 
 
 METHOD = MergeMethod(
