@@ -15,6 +15,7 @@ import os
 import sysconfig
 import unicodedata
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -140,6 +141,7 @@ class ImageSet:
     labels: torch.Tensor  # (N,) int64
 
 
+@lru_cache(maxsize=None)  # the same on every call, and a run asks dozens of times
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits
 
@@ -174,12 +176,14 @@ def concat(sets: list[ImageSet]) -> ImageSet:
 
 # ---- text ----
 
+@lru_cache(maxsize=None)
 def _prose() -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
+@lru_cache(maxsize=None)
 def _python_source(limit: int = 1_500_000) -> str:
     """Standard-library modules in name order until `limit` characters (the same files on every run)."""
     stdlib = sysconfig.get_paths()["stdlib"]
@@ -196,6 +200,7 @@ def _python_source(limit: int = 1_500_000) -> str:
     return "\n\n".join(parts)
 
 
+@lru_cache(maxsize=None)
 def _unicode_names() -> str:
     lines = []
     for code in range(0x20, 0x30000):
