@@ -616,16 +616,15 @@ class TensorAccumulator:
     nonfinite: bool = False
 
     def add(self, result: ChunkResult, merged: torch.Tensor, base: torch.Tensor | None) -> None:
-        flat = lambda values: values.reshape(-1).float()  # noqa: E731 (a chunk merged as stored is bfloat16)
         if result.result_sq is not None and math.isfinite(result.result_sq):
             norm_sq, finite = result.result_sq, True  # a finite sum of squares: every entry is finite
         else:
-            norm_sq, finite = float(torch.dot(flat(merged), flat(merged))), False
+            norm_sq, finite = float(torch.dot(_flat_float(merged), _flat_float(merged))), False
         self.norm_sq += norm_sq
         if result.result_delta_sq is not None:
             self.delta_sq += result.result_delta_sq
         elif base is not None:
-            diff = flat(merged) - flat(base)
+            diff = _flat_float(merged) - _flat_float(base)
             self.delta_sq += float(torch.dot(diff, diff))
         self.expert_delta_sq = _sum_lists(self.expert_delta_sq, result.delta_sq)
         self.kept = _sum_lists(self.kept, result.kept)
@@ -649,6 +648,11 @@ class TensorAccumulator:
         if agreement is not None:
             entry["sign_agreement"] = agreement
         return entry
+
+
+def _flat_float(values: torch.Tensor) -> torch.Tensor:
+    """A chunk flattened, in float32 (a chunk merged as stored is bfloat16; a float32 one is not copied)."""
+    return values.reshape(-1).float()
 
 
 def _sum_lists(total, part):

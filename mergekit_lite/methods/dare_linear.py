@@ -33,20 +33,19 @@ def merge_dare(context: TensorContext, chunk: Chunk, *, elect: bool) -> ChunkRes
     other."""
     if chunk.delta_sq is None and kernels.usable_stored(chunk.base, *chunk.experts):
         seeds = [tensor_seed(context.seed, context.name, index, chunk.start) for index in range(len(chunk.experts))]
-        return fused_dare(context, chunk, seeds, context.per_model("density"), elect=elect)
+        return fused_dare(context, chunk, seeds, context.per_model("density"), context.params["rescale"], elect=elect)
     deltas, delta_sq, kept = dare_drop(context, chunk)
     return merge_task_vectors(context, chunk, deltas, delta_sq, kept, elect=elect)
 
 
-def fused_dare(context: TensorContext, chunk: Chunk, seeds: list[int], densities: list[float], *, elect: bool,
-               drops: bool = True) -> ChunkResult:
+def fused_dare(context: TensorContext, chunk: Chunk, seeds: list[int], densities: list[float], rescale: bool, *,
+               elect: bool, drops: bool = True) -> ChunkResult:
     """The DARE kernel over a chunk (float32, or bfloat16 as stored): the drop at these densities (1 keeps every
     entry: task arithmetic, which reports no kept counts: drops False), the weights, then the election or the sum,
     lambda and the base."""
     merged, stats = kernels.dare_merge(
-        chunk.base.reshape(-1), [expert.reshape(-1) for expert in chunk.experts], seeds, densities,
-        context.params.get("rescale", False), context.per_model("weight"), elect, context.params["normalize"],
-        context.params["lambda"],
+        chunk.base.reshape(-1), [expert.reshape(-1) for expert in chunk.experts], seeds, densities, rescale,
+        context.per_model("weight"), elect, context.params["normalize"], context.params["lambda"],
     )
     return ChunkResult(merged.view(chunk.base.shape), kept=stats["kept"] if drops else None,
                        any_kept=stats["any_kept"] if elect else None, disagreed=stats["disagreed"] if elect else None,

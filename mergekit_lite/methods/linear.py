@@ -13,7 +13,7 @@ def weighted_models(vectors: list[torch.Tensor], weights: list[float], divisor: 
     """sum_t weights[t] * vectors[t] (each product rounded, then added in order, as mergekit sums its weighted
     stack), divided by `divisor` unless it is 0; written over vectors[0]. On the CPU one pass of the C kernel
     (float32, or bfloat16 as stored), returned with its result_sq and nonfinite_inputs; else torch ops in the same
-    order, with the same bits (None)."""
+    order, with the same bits (None), which scale the other vectors in place too."""
     if kernels.usable_stored(*vectors):
         merged, stats = kernels.weighted_sum([vector.reshape(-1) for vector in vectors], weights, divisor)
         return merged.view(vectors[0].shape), stats

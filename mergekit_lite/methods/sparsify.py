@@ -67,17 +67,13 @@ def _between(values: torch.Tensor, bands: list[tuple[float, float, bool, bool]])
     """Per band (lo, hi, include_lo, include_hi): the entries in it, as a new tensor."""
     if kernels.usable(values):
         return kernels.collect_bands(values.reshape(-1), bands)
+    on_cpu = values.device.type == "cpu"  # numpy's compare-and-gather is several times faster than torch's there
+    array = values.numpy() if on_cpu else values
     found = []
     for lo, hi, include_lo, include_hi in bands:
-        if values.device.type == "cpu":
-            array = values.numpy()
-            low = array >= lo if include_lo else array > lo
-            high = array <= hi if include_hi else array < hi
-            found.append(torch.from_numpy(array[low & high]))
-            continue
-        low = values >= lo if include_lo else values > lo
-        high = values <= hi if include_hi else values < hi
-        found.append(values[low & high])
+        low = array >= lo if include_lo else array > lo
+        high = array <= hi if include_hi else array < hi
+        found.append(torch.from_numpy(array[low & high]) if on_cpu else array[low & high])
     return found
 
 
@@ -123,9 +119,9 @@ def _select(stream: Callable[[], Iterator[list[torch.Tensor]]], n: int,
         collected: dict[int, list[torch.Tensor]] = {job: [] for job in bands}
         for series in stream():
             for s, members in by_series.items():
-                members = [job for job in members if job in bands]
-                found = _between(series[s], [bands[job][:4] for job in members]) if members else []
-                for job, part in zip(members, found):
+                banded = [job for job in members if job in bands]
+                found = _between(series[s], [bands[job][:4] for job in banded]) if banded else []
+                for job, part in zip(banded, found):
                     collected[job].append(part)
         for job, parts in collected.items():
             band = torch.cat(parts).cpu()

@@ -13,7 +13,7 @@ def merge_task_arithmetic(context: TensorContext, chunk: Chunk, _state: None) ->
     float32 chunks or bfloat16 ones as stored."""
     if chunk.delta_sq is None and kernels.usable_stored(chunk.base, *chunk.experts):
         count = len(chunk.experts)
-        return fused_dare(context, chunk, [0] * count, [1.0] * count, elect=False, drops=False)
+        return fused_dare(context, chunk, [0] * count, [1.0] * count, False, elect=False, drops=False)
     deltas, delta_sq = task_vectors(chunk)
     return merge_task_vectors(context, chunk, deltas, delta_sq, None, elect=False)
 
