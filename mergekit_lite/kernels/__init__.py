@@ -46,6 +46,7 @@ _SIGNATURES = {
     "sce_merge": [_ptr, _ptr, _i32, _i64, _i32, _ptr, _f32, _i32, _ptr, _f32, _ptr, _ptr],
     "random_drop": [_ptr, _ptr, _i64, _i64, ctypes.c_uint64, _i64, _i32],
     "weighted_sum": [_ptr, _i32, _i64, _i32, _ptr, _f32, _ptr, _ptr, _ptr],
+    "nearswap_merge": [_ptr, _ptr, _i64, _i32, _f32, _ptr, _ptr, _ptr],
     "block_gram": [_ptr, _i32, _i64, _i64, _i64, _i64, _i64, _ptr],
 }
 
@@ -316,6 +317,25 @@ def weighted_sum(models: list[torch.Tensor], weights: list[float], divisor: floa
 
     _run_parts(n, work)
     return out, {"result_sq": sum(s.value for s in sums), "nonfinite_inputs": sum(f.value for f in nonfinite)}
+
+
+def nearswap_merge(base: torch.Tensor, other: torch.Tensor, t: float) -> tuple[torch.Tensor, dict]:
+    """NearSwap over a chunk in one pass, the bits of methods/nearswap.py's torch path; float32 or both bfloat16 as
+    stored (as ram_merge). Written over `other`; returned with change_sq, result_sq and nonfinite_inputs."""
+    lib = library()
+    n = base.numel()
+    bf16 = int(base.dtype == torch.bfloat16)
+    parts = _parts(n)
+    sums = [(ctypes.c_double * 2)() for _ in parts]
+    nonfinite = [ctypes.c_int64(0) for _ in parts]
+
+    def work(start: int, stop: int, part: int) -> None:
+        lib.nearswap_merge(_address(base, start), _address(other, start), stop - start, bf16, t,
+                           _address(other, start), sums[part], ctypes.byref(nonfinite[part]))
+
+    _run_parts(n, work)
+    return other, {"change_sq": sum(s[0] for s in sums), "result_sq": sum(s[1] for s in sums),
+                   "nonfinite_inputs": sum(f.value for f in nonfinite)}
 
 
 def ram_counts(base: torch.Tensor, experts: list[torch.Tensor], are_deltas: bool, epsilon: float

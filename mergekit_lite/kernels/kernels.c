@@ -477,6 +477,32 @@ void weighted_sum(const void *const *models, int32_t n_models, int64_t n, int32_
     }
 }
 
+/* NearSwap: w = clamp(t / max(|base - other|, 1e-6), 0, 1), result = (other - base) * w + base, entry by entry,
+ * into out (which may be other). t / x as torch computes a number over a tensor: its reciprocal times t. Inputs and
+ * out in float32, or all in bfloat16 (as weighted_sum); sums += [|result - base|^2, |result|^2]. */
+PER_CPU
+void nearswap_merge(const void *base, const void *other, int64_t n, int32_t bf16, float t, void *out, double *sums,
+                    int64_t *nonfinite)
+{
+    float change[BLOCK], result[BLOCK], base_scratch[BLOCK], other_scratch[BLOCK];
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int len = n - start < BLOCK ? (int)(n - start) : BLOCK;
+        const float *b = load_block(base, bf16, start, len, base_scratch, nonfinite);
+        const float *o = load_block(other, bf16, start, len, other_scratch, nonfinite);
+        for (int i = 0; i < len; i++) {
+            float distance = fabsf(b[i] - o[i]);
+            distance = distance < 1e-6f ? 1e-6f : distance;
+            float weight = (1.0f / distance) * t;
+            weight = weight < 0.0f ? 0.0f : (weight > 1.0f ? 1.0f : weight);
+            change[i] = (o[i] - b[i]) * weight;
+            result[i] = change[i] + b[i];
+        }
+        sums[0] += sum_squares(change, len);
+        sums[1] += sum_squares(result, len);
+        store_block(result, len, out, bf16, start);
+    }
+}
+
 /* RAM and RAM+ work on which models changed an entry: |d_t| > epsilon, d_t = expert - base (or the expert, when it
  * already holds its task vector); count = how many did. changed is 1 or 0 per model and entry, count their sum. The
  * base's and experts' rows of the block as float32 (rows[t] for expert t). */
