@@ -136,6 +136,20 @@ def _parts(n: int) -> list[tuple[int, int]]:
     return [(start, min(n, start + step)) for start in range(0, n, step)] or [(0, 0)]
 
 
+def _stored_bf16(tensor: torch.Tensor) -> int:
+    """The kernels' flag for rows as stored in bfloat16 (1) rather than float32 (0)."""
+    return int(tensor.dtype == torch.bfloat16)
+
+
+def _part_counters(parts: list) -> list[ctypes.c_int64]:
+    """One counter per thread's part (e.g. of NaN and Inf found), for a kernel to add to."""
+    return [ctypes.c_int64(0) for _ in parts]
+
+
+def _total(counters: list) -> int:
+    return sum(counter.value for counter in counters)
+
+
 def _address(tensor: torch.Tensor, offset: int) -> int:
     return tensor.data_ptr() + offset * tensor.element_size()
 
@@ -225,7 +239,7 @@ def _merge_stats(count: int, kept: list, tallies: list, sums: list, nonfinite: l
         "delta_sq": [total(sums, t) for t in range(count)],
         "change_sq": total(sums, count),
         "result_sq": total(sums, count + 1),
-        "nonfinite_inputs": sum(found.value for found in nonfinite),
+        "nonfinite_inputs": _total(nonfinite),
     }
 
 
@@ -249,7 +263,7 @@ def _run_merge(n: int, count: int, call: Callable[..., int]) -> tuple[list, list
     kept = [(ctypes.c_int64 * count)() for _ in parts]
     tallies = [(ctypes.c_int64 * 2)() for _ in parts]
     sums = [(ctypes.c_double * (count + 2))() for _ in parts]
-    nonfinite = [ctypes.c_int64(0) for _ in parts]
+    nonfinite = _part_counters(parts)
     _run_failing(n, lambda start, stop, part: call(start, stop, kept[part], tallies[part], sums[part],
                                                    ctypes.byref(nonfinite[part])),
                  f"merge kernel for {count} experts")
@@ -289,7 +303,7 @@ def dare_merge(base: torch.Tensor, experts: list[torch.Tensor], seeds: list[int]
     weight_array = (ctypes.c_float * count)(*weights)
     weight_sum = float(sum(weights))
     divisor = weight_sum if normalize and not elect and abs(weight_sum) >= 1e-8 else 0.0
-    bf16 = int(base.dtype == torch.bfloat16)
+    bf16 = _stored_bf16(base)
 
     def call(start: int, stop: int, *counters) -> int:
         return lib.dare_merge(_address(base, start), _pointers(experts, start), count, stop - start, bf16, start,
@@ -306,17 +320,17 @@ def weighted_sum(models: list[torch.Tensor], weights: list[float], divisor: floa
     lib = library()
     count, out, n = len(models), models[0], models[0].numel()
     weight_array = (ctypes.c_float * count)(*weights)
-    bf16 = int(out.dtype == torch.bfloat16)
+    bf16 = _stored_bf16(out)
     parts = _parts(n)
     sums = [ctypes.c_double(0.0) for _ in parts]
-    nonfinite = [ctypes.c_int64(0) for _ in parts]
+    nonfinite = _part_counters(parts)
 
     def work(start: int, stop: int, part: int) -> None:
         lib.weighted_sum(_pointers(models, start), count, stop - start, bf16, weight_array, divisor,
                          _address(out, start), ctypes.byref(sums[part]), ctypes.byref(nonfinite[part]))
 
     _run_parts(n, work)
-    return out, {"result_sq": sum(s.value for s in sums), "nonfinite_inputs": sum(f.value for f in nonfinite)}
+    return out, {"result_sq": sum(s.value for s in sums), "nonfinite_inputs": _total(nonfinite)}
 
 
 def nearswap_merge(base: torch.Tensor, other: torch.Tensor, t: float) -> tuple[torch.Tensor, dict]:
@@ -324,10 +338,10 @@ def nearswap_merge(base: torch.Tensor, other: torch.Tensor, t: float) -> tuple[t
     stored (as ram_merge). Written over `other`; returned with change_sq, result_sq and nonfinite_inputs."""
     lib = library()
     n = base.numel()
-    bf16 = int(base.dtype == torch.bfloat16)
+    bf16 = _stored_bf16(base)
     parts = _parts(n)
     sums = [(ctypes.c_double * 2)() for _ in parts]
-    nonfinite = [ctypes.c_int64(0) for _ in parts]
+    nonfinite = _part_counters(parts)
 
     def work(start: int, stop: int, part: int) -> None:
         lib.nearswap_merge(_address(base, start), _address(other, start), stop - start, bf16, t,
@@ -335,7 +349,7 @@ def nearswap_merge(base: torch.Tensor, other: torch.Tensor, t: float) -> tuple[t
 
     _run_parts(n, work)
     return other, {"change_sq": sum(s[0] for s in sums), "result_sq": sum(s[1] for s in sums),
-                   "nonfinite_inputs": sum(f.value for f in nonfinite)}
+                   "nonfinite_inputs": _total(nonfinite)}
 
 
 def ram_counts(base: torch.Tensor, experts: list[torch.Tensor], are_deltas: bool, epsilon: float
@@ -347,7 +361,7 @@ def ram_counts(base: torch.Tensor, experts: list[torch.Tensor], are_deltas: bool
     parts = _parts(base.numel())
     shared = [(ctypes.c_int64 * count)() for _ in parts]
     unique = [(ctypes.c_int64 * count)() for _ in parts]
-    bf16 = int(base.dtype == torch.bfloat16)
+    bf16 = _stored_bf16(base)
     _run_failing(base.numel(), lambda start, stop, part: lib.ram_counts(
         _address(base, start), _pointers(experts, start), count, stop - start, bf16, int(are_deltas), epsilon,
         shared[part], unique[part]), "ram_counts")
@@ -372,13 +386,13 @@ def ram_merge(base: torch.Tensor, experts: list[torch.Tensor], are_deltas: bool,
     count, out = len(experts), experts[0]
     parts = _parts(base.numel())
     sums = [(ctypes.c_double * (count + 2))() for _ in parts]
-    nonfinite = [ctypes.c_int64(0) for _ in parts]
+    nonfinite = _part_counters(parts)
     scale_array = (ctypes.c_float * count)(*scales) if scales is not None else None
-    bf16 = int(base.dtype == torch.bfloat16)
+    bf16 = _stored_bf16(base)
     _run_failing(base.numel(), lambda start, stop, part: lib.ram_merge(
         _address(base, start), _pointers(experts, start), count, stop - start, bf16, int(are_deltas), epsilon,
         scale_array, _address(out, start), sums[part], ctypes.byref(nonfinite[part])), "ram_merge")
-    return out, {**_squared_norms(count, sums), "nonfinite_inputs": sum(found.value for found in nonfinite)}
+    return out, {**_squared_norms(count, sums), "nonfinite_inputs": _total(nonfinite)}
 
 
 def sce_merge(base: torch.Tensor, experts: list[torch.Tensor], are_deltas: bool, variances: torch.Tensor | None,
